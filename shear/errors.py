@@ -1,0 +1,61 @@
+"""One small error hierarchy: every error shear raises derives from :class:`ShearError`.
+
+Each message names the thing that failed (module, node, pass, file) and the fix.
+
+Example:
+    >>> try:
+    ...     raise TraceError("module 'model.layers.0' could not be traced: ... Try ...")
+    ... except ShearError as e:
+    ...     print(type(e).__name__)
+    TraceError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShearError",
+    "TraceError",
+    "GraphError",
+    "VerifyError",
+    "PassError",
+    "PipelineError",
+    "DataError",
+    "CheckpointError",
+    "ModelLoadError",
+]
+
+
+class ShearError(Exception):
+    """Base class of every error raised by shear."""
+
+
+class TraceError(ShearError):
+    """The model could not be traced into the IR (names the failing module/op and what to try)."""
+
+
+class GraphError(ShearError):
+    """The IR is inconsistent, or asked for something it does not hold (no prunable structure, ...)."""
+
+
+class VerifyError(ShearError):
+    """The emitted small model differs from the masked original (names the max diff and first diverging node)."""
+
+
+class PassError(ShearError):
+    """A pass failed; names the pass and the passes that ran before it. The cause is chained."""
+
+
+class PipelineError(ShearError):
+    """A pipeline could not be built: unknown pass name, unknown or badly typed option, missing prerequisite."""
+
+
+class DataError(ShearError):
+    """Data is missing, empty, too short or malformed."""
+
+
+class CheckpointError(ShearError):
+    """A saved model or checkpoint directory is missing, corrupt, or does not match the architecture."""
+
+
+class ModelLoadError(ShearError):
+    """A model could not be loaded (missing package, hub id instead of a local path, ...)."""
