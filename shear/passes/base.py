@@ -24,13 +24,18 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from shear.errors import PipelineError
+
+if TYPE_CHECKING:
+    from shear.passes.progress import ProgressBar, ProgressSink
 
 __all__ = ["Pass", "PassResult", "Context", "PASS_REGISTRY", "register_pass"]
 
@@ -61,10 +66,27 @@ class Context:
     device: torch.device | None = None
     results: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    progress_sink: ProgressSink | None = None
+    """Where progress bars go (set by the pass manager / CLI); ``None`` renders nothing."""
 
     def warn(self, message: str) -> None:
         """Record a warning that ends up in the compile report."""
         self.warnings.append(message)
+
+    @contextmanager
+    def progress(self, total: int | None, description: str) -> Iterator[ProgressBar]:
+        """A progress bar for a long loop inside a pass; the CLI renders it with rich.
+
+        Example:
+            >>> ctx = Context(model=torch.nn.Linear(2, 2))
+            >>> with ctx.progress(total=10, description="lhspg") as bar:
+            ...     for step in range(10):
+            ...         bar.advance()
+        """
+        from shear.passes.progress import open_bar
+
+        with open_bar(self.progress_sink, total, description) as bar:
+            yield bar
 
 
 class Pass:
