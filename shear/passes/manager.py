@@ -1,0 +1,261 @@
+"""The pass manager: runs a pipeline over a context, with prerequisites, checks, timing and dumps.
+
+For every pass, in order, the manager
+
+1. runs any missing prerequisite first: when a pass ``requires`` a result that is not in
+   ``ctx.results`` and exactly the registered pass that ``ensures`` it can be built with default
+   options, that pass runs (recorded with ``auto=True``); otherwise a :class:`PipelineError` says
+   what is missing and which pass would provide it. The whole pipeline is checked before anything
+   runs, so a typo does not surface after an hour of training;
+2. times the pass and records a :class:`PassRecord`;
+3. checks that the pass stored what it ``ensures``, and, when checks are on, the IR invariants
+   (``ctx.results["graph"].check()``);
+4. writes the printed IR (and an SVG when graphviz ``dot`` is installed) to ``dump_dir``;
+5. calls the hooks (``shear.compile`` uses them for the report and the equivalence check).
+
+A failing pass becomes a :class:`PassError` naming it and the passes before it, with the original
+exception chained (``raise ... from e``), as in ``torch.fx.passes.infra.pass_manager``.
+
+Checks run when ``check=True``; by default (``check=None``) they run when the environment sets
+``SHEAR_DEBUG=1`` or under pytest (``PYTEST_CURRENT_TEST``), and ``SHEAR_DEBUG=0`` turns them off.
+
+Example:
+    >>> import torch
+    >>> from shear.passes.base import Context
+    >>> pm = PassManager(["discover-groups"])                           # doctest: +SKIP
+    >>> ctx = Context(model=model, example_inputs=inputs)               # doctest: +SKIP
+    >>> records = pm.run(ctx)                                           # doctest: +SKIP
+    >>> print(records[0].name, f"{records[0].seconds:.2f}s")            # doctest: +SKIP
+    discover-groups 0.41s
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shear.errors import PassError, PipelineError
+from shear.passes.base import Context, Pass, PassResult
+from shear.passes.options import build_pass, format_pass
+from shear.passes.pipeline import PipelineSpec, format_pipeline, resolve_pipeline
+from shear.passes.registry import registered_passes
+
+__all__ = ["PassManager", "PassRecord", "PassHook", "checks_enabled"]
+
+
+@dataclass
+class PassRecord:
+    """What one pass run did: its spelling, wall time, result, and whether the manager added it."""
+
+    name: str
+    spec: str
+    """The pass as a pipeline string, options included (``random{ratio=0.3}``)."""
+    seconds: float
+    changed: bool
+    message: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    auto: bool = False
+    """True when the manager ran it to provide a missing prerequisite."""
+
+
+class PassHook(Protocol):
+    """Observes a run: called before and after every pass (auto-inserted ones included)."""
+
+    def before_pass(self, p: Pass, ctx: Context) -> None: ...
+
+    def after_pass(self, p: Pass, record: PassRecord, ctx: Context) -> None: ...
+
+
+def checks_enabled(check: bool | None = None) -> bool:
+    """Whether IR invariants are checked after each pass: explicit flag, else ``SHEAR_DEBUG``, else pytest."""
+    if check is not None:
+        return check
+    env = os.environ.get("SHEAR_DEBUG", "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return "PYTEST_CURRENT_TEST" in os.environ
+
+
+def _graph_check(graph: Any) -> None:
+    for method in ("check", "lint"):
+        fn = getattr(graph, method, None)
+        if callable(fn):
+            fn()
+            return
+
+
+class PassManager:
+    """Runs a pipeline of passes over a :class:`Context`.
+
+    Args:
+        passes: anything :func:`~shear.passes.pipeline.resolve_pipeline` accepts (objects, a
+            string, a TOML/YAML path, a list of these; ``None`` is the default pipeline).
+        check: check IR invariants after every pass (default: under pytest or ``SHEAR_DEBUG=1``).
+        dump_dir: write the printed IR after every pass to ``NN-<pass>.txt`` (and ``.svg``).
+        auto_prerequisites: run a missing prerequisite's provider automatically, or raise.
+        hooks: observers called around every pass.
+    """
+
+    def __init__(
+        self,
+        passes: PipelineSpec = None,
+        *,
+        check: bool | None = None,
+        dump_dir: str | os.PathLike[str] | None = None,
+        auto_prerequisites: bool = True,
+        hooks: Sequence[PassHook] = (),
+    ) -> None:
+        self.passes: list[Pass] = resolve_pipeline(passes)
+        self.check = check
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.auto_prerequisites = auto_prerequisites
+        self.hooks = list(hooks)
+        self.records: list[PassRecord] = []
+
+    def __repr__(self) -> str:
+        return f"PassManager({format_pipeline(self.passes)!r})"
+
+    @property
+    def pipeline(self) -> str:
+        """The pipeline as a string that parses back into equal passes."""
+        return format_pipeline(self.passes)
+
+    # -- prerequisites -------------------------------------------------------------------------
+
+    def _provider(self, result: str, needed_by: Pass, chain: Sequence[str]) -> Pass:
+        providers = [cls for cls in registered_passes().values() if result in cls.ensures]
+        names = ", ".join(repr(c.name) for c in providers)
+        if not providers:
+            raise PipelineError(
+                f"pass {needed_by.name!r} requires result {result!r}, and no registered pass ensures it. "
+                f"Store ctx.results[{result!r}] before running it"
+            )
+        if not self.auto_prerequisites:
+            raise PipelineError(
+                f"pass {needed_by.name!r} requires result {result!r}; add a pass that ensures it "
+                f"({names}) before {needed_by.name!r}"
+            )
+        errors = []
+        for cls in sorted(providers, key=lambda c: c.name):
+            if cls.name in chain:
+                continue
+            try:
+                return build_pass(cls, {})
+            except PipelineError as e:
+                errors.append(str(e))
+        raise PipelineError(
+            f"pass {needed_by.name!r} requires result {result!r}; the passes that ensure it ({names}) "
+            f"cannot run with default options, add one explicitly. {' '.join(errors)}"
+        )
+
+    def plan(self, available: Iterable[str] = ()) -> list[tuple[Pass, bool]]:
+        """The passes that will run, ``(pass, auto)``, assuming results only accumulate.
+
+        Raises :class:`PipelineError` for a prerequisite nothing provides, for one that a later
+        pass of the pipeline provides (wrong order), or when auto-insertion is off.
+        """
+        have = set(available)
+        out: list[tuple[Pass, bool]] = []
+
+        def add(p: Pass, auto: bool, chain: tuple[str, ...], index: int) -> None:
+            for r in p.requires:
+                if r in have:
+                    continue
+                later = [q.name for q in self.passes[index + 1 :] if r in q.ensures]
+                if later and not auto:
+                    raise PipelineError(
+                        f"pass {p.name!r} requires result {r!r}, which {later[0]!r} ensures, but "
+                        f"{later[0]!r} runs after it: move {later[0]!r} before {p.name!r}"
+                    )
+                provider = self._provider(r, p, chain + (p.name,))
+                add(provider, True, chain + (p.name,), index)
+            out.append((p, auto))
+            have.update(p.ensures)
+
+        for i, p in enumerate(self.passes):
+            add(p, False, (), i)
+        return out
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, ctx: Context) -> list[PassRecord]:
+        """Run the pipeline on ``ctx``; returns (and keeps in ``self.records``) one record per pass."""
+        self.records = []
+        planned = self.plan(ctx.results)
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / "pipeline.txt").write_text(format_pipeline([p for p, _ in planned]) + "\n")
+        with ctx.progress(total=len(self.passes), description="passes") as bar:
+            for p in self.passes:
+                bar.set_description(f"pass {p.name}")
+                self._run_with_prerequisites(p, ctx, auto=False, chain=())
+                bar.advance()
+        return self.records
+
+    __call__ = run
+
+    def _run_with_prerequisites(self, p: Pass, ctx: Context, auto: bool, chain: tuple[str, ...]) -> None:
+        for r in p.requires:
+            if r not in ctx.results:
+                provider = self._provider(r, p, chain + (p.name,))
+                self._run_with_prerequisites(provider, ctx, auto=True, chain=chain + (p.name,))
+                if r not in ctx.results:
+                    raise self._error(p, f"prerequisite {r!r} is still missing after running {provider.name!r}")
+        self._run_one(p, ctx, auto)
+
+    def _error(self, p: Pass, what: str) -> PassError:
+        before = [r.name for r in self.records]
+        return PassError(f"pass {p.name!r} (after passes {before}) failed: {what}")
+
+    def _run_one(self, p: Pass, ctx: Context, auto: bool) -> None:
+        for hook in self.hooks:
+            hook.before_pass(p, ctx)
+        start = time.perf_counter()
+        try:
+            result = p.run(ctx)
+        except Exception as e:
+            raise self._error(p, f"{type(e).__name__}: {e}") from e
+        seconds = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise self._error(p, f"run() returned {type(result).__name__}, expected PassResult")
+        missing = [r for r in p.ensures if r not in ctx.results]
+        if missing:
+            raise self._error(p, f"it declares ensures={p.ensures} but did not store {missing} in ctx.results")
+        record = PassRecord(p.name, format_pass(p), seconds, result.changed, result.message, dict(result.stats), auto)
+        self.records.append(record)
+        if checks_enabled(self.check) and "graph" in ctx.results:
+            try:
+                _graph_check(ctx.results["graph"])
+            except Exception as e:
+                before = [r.name for r in self.records[:-1]]
+                raise PassError(
+                    f"IR invariants broken after pass {p.name!r} (after passes {before}): {type(e).__name__}: {e}"
+                ) from e
+        if self.dump_dir is not None:
+            self._dump(len(self.records), p, ctx)
+        for hook in self.hooks:
+            hook.after_pass(p, record, ctx)
+
+    def _dump(self, index: int, p: Pass, ctx: Context) -> None:
+        assert self.dump_dir is not None
+        stem = self.dump_dir / f"{index:02d}-{p.name}"
+        graph = ctx.results.get("graph")
+        n_params = sum(t.numel() for t in ctx.model.parameters())
+        header = f"# after pass {index}: {format_pass(p)}\n# parameters: {n_params}\n"
+        body = str(graph) if graph is not None else "# (no graph in ctx.results yet)"
+        stem.with_suffix(".txt").write_text(header + body + "\n")
+        if graph is None or shutil.which("dot") is None:
+            return
+        try:
+            from shear.graph import draw
+
+            draw(graph, stem.with_suffix(".svg"))
+        except Exception as e:  # noqa: BLE001 - a drawing failure must not fail the pipeline
+            ctx.warn(f"dump: could not draw the graph after {p.name!r}: {type(e).__name__}: {e}")

@@ -1,0 +1,314 @@
+"""Pass options: what a pass accepts (from its dataclass fields), typed conversion, and printing.
+
+Options are the dataclass fields of a pass. Values written in a pipeline string arrive as text
+and are converted by the field's annotation (``int``, ``float``, ``bool``, ``str``, ``Path``,
+``Literal[...]``, enums, ``X | None``, ``tuple[X, ...]``, ``list[X]``); values from a TOML/YAML
+file arrive typed and are checked the same way. The docstring under a field (xDSL style) is its
+help text.
+
+Example:
+    >>> from dataclasses import dataclass
+    >>> from shear.passes.base import Pass
+    >>> @dataclass(frozen=True)
+    ... class Prune(Pass):
+    ...     name = "prune-example"
+    ...     ratio: float = 0.5
+    ...     layers: tuple[int, ...] = ()
+    >>> build_pass(Prune, {"ratio": "0.25", "layers": ["1", "2"]})
+    Prune(ratio=0.25, layers=(1, 2))
+    >>> format_pass(Prune(ratio=0.25))
+    'prune-example{ratio=0.25}'
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import inspect
+import re
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from shear.errors import PipelineError
+from shear.passes.base import Pass
+
+__all__ = ["OptionInfo", "pass_options", "pass_doc", "build_pass", "convert_option", "format_pass", "format_value"]
+
+_MISSING = dataclasses.MISSING
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option of a pass: its name, type, default (``None`` means required) and help text."""
+
+    name: str
+    type: Any
+    """The resolved annotation of the field."""
+    default: Any
+    """The default value, or :data:`dataclasses.MISSING` when the option is required."""
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+def type_name(tp: Any) -> str:
+    """A short, readable spelling of a type annotation: ``int``, ``tuple[int, ...]``, ``'a' | 'b'``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        args = ", ".join("..." if a is Ellipsis else type_name(a) for a in typing.get_args(tp))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (read from source; empty when unavailable)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+            tree = ast.parse(source)
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            continue
+        node = tree.body[0] if tree.body else None
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for a, b in zip(node.body, node.body[1:], strict=False):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                docs[a.target.id] = inspect.cleandoc(b.value.value)
+    return docs
+
+
+def pass_doc(cls: type[Pass]) -> str:
+    """The pass's docstring (empty when the class has none of its own)."""
+    doc = cls.__doc__ or ""
+    if not doc or doc.startswith(f"{cls.__name__}(") or cls.__doc__ == Pass.__doc__:
+        return ""
+    return inspect.cleandoc(doc)
+
+
+def pass_options(cls: type[Pass]) -> tuple[OptionInfo, ...]:
+    """The options of a pass class, in declaration order (none when it is not a dataclass)."""
+    if not dataclasses.is_dataclass(cls):
+        return ()
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the raw strings
+        hints = {}
+    docs = _field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not _MISSING:
+            default = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = _MISSING
+        out.append(OptionInfo(f.name, hints.get(f.name, f.type), default, docs.get(f.name, "")))
+    return tuple(out)
+
+
+class _BadValue(Exception):
+    pass
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """Convert ``value`` (text from a pipeline string, or a typed value from a file) to ``tp``."""
+    if tp is Any or tp is object:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.ClassVar:
+        raise _BadValue
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in _NONE):
+            return None
+        raise _BadValue
+    if origin in (Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a)
+            except _BadValue:
+                continue
+        raise _BadValue
+    if origin is Literal:
+        for lit in args:
+            if value == lit and type(value) is type(lit):
+                return lit
+        for lit in args:
+            if isinstance(value, str) and not isinstance(lit, str):
+                try:
+                    if _convert(value, type(lit)) == lit:
+                        return lit
+                except _BadValue:
+                    continue
+        raise _BadValue
+    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                raise _BadValue
+            return tuple(_convert(v, a) for v, a in zip(items, args, strict=True))
+        item_tp = args[0] if args else Any
+        converted = [_convert(v, item_tp) for v in items]
+        return converted if origin is list or tp is list else tuple(converted)
+    if isinstance(tp, type):
+        if issubclass(tp, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
+            raise _BadValue
+        if issubclass(tp, enum.Enum):
+            for member in tp:
+                if value is member or value == member.value or value == member.name:
+                    return member
+                if isinstance(value, str) and value == str(member.value):
+                    return member
+            raise _BadValue
+        if issubclass(tp, int):
+            if isinstance(value, bool):
+                raise _BadValue
+            if isinstance(value, int):
+                return tp(value)
+            if isinstance(value, str):
+                try:
+                    return tp(value.strip())
+                except ValueError:
+                    raise _BadValue from None
+            raise _BadValue
+        if issubclass(tp, float):
+            if isinstance(value, bool):
+                raise _BadValue
+            if isinstance(value, (int, float)):
+                return tp(value)
+            if isinstance(value, str):
+                try:
+                    return tp(value.strip())
+                except ValueError:
+                    raise _BadValue from None
+            raise _BadValue
+        if issubclass(tp, str):
+            if isinstance(value, str):
+                return value
+            raise _BadValue
+        if issubclass(tp, Path):
+            if isinstance(value, (str, Path)):
+                return Path(value)
+            raise _BadValue
+        if isinstance(value, tp):
+            return value
+    raise _BadValue
+
+
+def convert_option(pass_name: str, option: OptionInfo, value: Any) -> Any:
+    """``value`` converted to the option's type, or a :class:`PipelineError` naming all three."""
+    try:
+        return _convert(value, option.type)
+    except _BadValue:
+        shown = value if not isinstance(value, str) else f"'{value}'"
+        raise PipelineError(
+            f"pass {pass_name!r}: option {option.name!r} expects {option.type_name}, "
+            f"got {shown} ({type(value).__name__})"
+        ) from None
+
+
+def build_pass(cls: type[Pass], options: Mapping[str, Any] | None = None) -> Pass:
+    """Instantiate ``cls`` from option values (text or typed), checking names and types.
+
+    Unknown options raise :class:`PipelineError` listing the valid ones, closest first; an error
+    raised by the pass's own validation (``__post_init__``) is wrapped likewise.
+    """
+    from shear.passes.registry import closest_first
+
+    options = dict(options or {})
+    infos = {o.name: o for o in pass_options(cls)}
+    unknown = [k for k in options if k not in infos]
+    if unknown:
+        valid = closest_first(unknown[0], list(infos))
+        listing = ", ".join(f"{n}: {infos[n].type_name}" for n in valid) or "(it takes no options)"
+        raise PipelineError(f"pass {cls.name!r} has no option {unknown[0]!r}. Valid options (closest first): {listing}")
+    missing = [n for n, o in infos.items() if o.required and n not in options]
+    if missing:
+        raise PipelineError(f"pass {cls.name!r}: missing required option(s) {', '.join(missing)}")
+    kwargs = {k: convert_option(cls.name, infos[k], v) for k, v in options.items()}
+    try:
+        return cls(**kwargs)
+    except PipelineError:
+        raise
+    except Exception as e:
+        raise PipelineError(f"pass {cls.name!r} rejected its options {kwargs}: {e}") from e
+
+
+_BARE = re.compile(r"^[A-Za-z0-9_.+\-/:@]+$")
+
+
+def format_value(value: Any) -> str:
+    """A value spelled so that :func:`~shear.passes.pipeline.parse_pipeline` reads it back."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return format_value(value.value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    text = str(value)
+    if _BARE.match(text) and text.lower() not in _TRUE | _FALSE | _NONE:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_pass(p: Pass) -> str:
+    """``name{opt=value,...}`` with the options that differ from their defaults."""
+    parts = []
+    for o in pass_options(type(p)):
+        value = getattr(p, o.name)
+        if o.required or not _same(value, o.default):
+            parts.append(f"{o.name}={format_value(value)}")
+    return f"{p.name}{{{','.join(parts)}}}" if parts else p.name
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - e.g. tensors; treat as different
+        return False
