@@ -1,0 +1,228 @@
+"""``shear.compile``: run a pruning pipeline on a model and return the (smaller) model.
+
+The module is named ``compiler`` rather than ``compile`` on purpose: a submodule
+``shear/compile.py`` would replace the function ``shear.compile`` with the module object the first
+time anything imported it.
+
+Example:
+    >>> import shear
+    >>> small = shear.compile(model, ["random{ratio=0.3,seed=0}", "erase"], example_inputs=x)  # doctest: +SKIP
+    >>> print(small.shear_report)          # per-pass time, per-group sizes and params  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from shear.errors import ShearError, VerifyError
+from shear.passes.base import Context, Pass
+from shear.passes.manager import PassManager, PassRecord
+from shear.passes.pipeline import PipelineSpec
+from shear.report import CompileReport, ReportBuilder
+
+__all__ = ["compile", "default_example_inputs", "call_model", "EquivalenceCheck"]
+
+
+def default_example_inputs(model: nn.Module, seq_len: int = 16) -> dict[str, torch.Tensor] | None:
+    """Deterministic token ids for a model with a ``config.vocab_size`` (a causal LM), else ``None``."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab <= 0:
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0:
+        seq_len = min(seq_len, limit)
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, vocab, (1, seq_len), generator=gen)}
+
+
+def _to_device(x: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Run ``model`` on example inputs (tuple, dict, or tensor) and return its main output tensor."""
+    if isinstance(inputs, Mapping):
+        kwargs = dict(inputs)
+        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+            kwargs.setdefault("use_cache", False)
+        out = model(**kwargs)
+    elif isinstance(inputs, (tuple, list)):
+        out = model(*inputs)
+    else:
+        out = model(inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise VerifyError(f"cannot find an output tensor in {type(out).__name__} to compare; pass verify=False")
+
+
+class EquivalenceCheck:
+    """A pass hook: a pass that changes parameter shapes must keep the model's function.
+
+    Before such a pass the model is the masked original (pruned structures are zero); after it,
+    the smaller model must give the same outputs on the example inputs, within ``tol`` (default
+    ``1e-5`` relative to the largest output for fp32, ``1e-2`` for 16-bit types).
+    """
+
+    def __init__(self, inputs: Any, tol: float | None = None) -> None:
+        self.inputs = inputs
+        self.tol = tol
+        self.max_diff: float | None = None
+        self._ref: torch.Tensor | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._disabled = False
+
+    def _forward(self, model: nn.Module) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return call_model(model, self.inputs).detach().float().cpu()
+        finally:
+            model.train(was_training)
+
+    @staticmethod
+    def _shape_map(model: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in model.named_parameters(remove_duplicate=False)}
+
+    def before_pass(self, p: Pass, ctx: Context) -> None:
+        if self._disabled:
+            return
+        self._shapes = self._shape_map(ctx.model)
+        if self._ref is None:
+            try:
+                self._ref = self._forward(ctx.model)
+            except Exception as e:  # noqa: BLE001 - reported as a warning: the check cannot run
+                self._disabled = True
+                ctx.warn(f"equivalence check skipped: the model does not run on the example inputs ({type(e).__name__}: {e})")
+
+    def after_pass(self, p: Pass, record: PassRecord, ctx: Context) -> None:
+        if self._disabled or self._ref is None:
+            return
+        if self._shape_map(ctx.model) == self._shapes:
+            if record.changed:
+                self._ref = None  # weights changed: take a new reference before the next pass
+            return
+        try:
+            out = self._forward(ctx.model)
+        except Exception as e:
+            raise VerifyError(f"the model no longer runs after pass {p.name!r}: {type(e).__name__}: {e}") from e
+        ref = self._ref
+        if out.shape != ref.shape:
+            raise VerifyError(f"pass {p.name!r} changed the output shape from {tuple(ref.shape)} to {tuple(out.shape)}")
+        scale = max(1.0, float(ref.abs().max()))
+        dtype = next((t.dtype for t in ctx.model.parameters()), torch.float32)
+        tol = self.tol if self.tol is not None else (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5) * scale
+        diff = float((out - ref).abs().max())
+        self.max_diff = max(diff, self.max_diff or 0.0)
+        record.stats["verify_max_diff"] = diff
+        if not diff <= tol:
+            raise VerifyError(
+                f"pass {p.name!r} changed the model's function: max |diff| {diff:.3g} > tolerance {tol:.3g} "
+                f"between the masked model before it and the smaller model after it on the example inputs"
+            )
+        self._ref = out
+
+
+def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.compile
+    model: nn.Module,
+    passes: PipelineSpec = None,
+    example_inputs: Any = None,
+    data: Any = None,
+    verify: bool | float = True,
+    inplace: bool = False,
+    device: str | torch.device | None = None,
+    debug: bool = False,
+    dump_dir: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Run a pruning pipeline on ``model`` and return the transformed model with its report.
+
+    Args:
+        model: the model to prune; copied first unless ``inplace=True``.
+        passes: pass objects, a pipeline string (``"random{ratio=0.3,seed=0},erase"``), a path
+            to a TOML/YAML pipeline, or a list of these; ``None`` runs ``DEFAULT_PIPELINE``.
+        example_inputs: what the model is called with (tuple, dict or tensor); for a causal LM
+            with a config, 16 deterministic token ids are used when omitted.
+        data: calibration / training data for passes that need it.
+        verify: check that every pass that changes parameter shapes keeps the function of the
+            masked model on ``example_inputs``; a float sets the absolute tolerance.
+        inplace: transform ``model`` itself instead of a deep copy.
+        device: move the model and inputs there first.
+        debug: check IR invariants after every pass (also on under pytest or ``SHEAR_DEBUG=1``).
+        dump_dir: write the printed IR (and SVG with graphviz) after every pass.
+        progress: render progress bars with rich on stderr.
+
+    Returns:
+        The transformed model, same class as the input where the passes keep it (codegen slices
+        the module tree in place), with a :class:`~shear.report.CompileReport` attached as
+        ``model.shear_report``.
+
+    Raises:
+        PipelineError: the pipeline is malformed (before anything runs).
+        PassError: a pass failed; names it and the passes before it.
+        VerifyError: a shape-changing pass changed the model's function.
+
+    Example:
+        >>> small = shear.compile(model, "random{ratio=0.3,seed=0},erase", example_inputs=x)  # doctest: +SKIP
+        >>> small.shear_report.params_after < small.shear_report.params_before              # doctest: +SKIP
+        True
+    """
+    from shear.passes.progress import RichSink
+
+    manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as e:
+            raise ShearError(
+                f"could not copy {type(model).__name__} (compile copies unless inplace=True): {e}. "
+                "Pass inplace=True to transform the model itself"
+            ) from e
+    dev = torch.device(device) if device is not None else None
+    if dev is not None:
+        model = model.to(dev)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    example_inputs = _to_device(example_inputs, dev)
+    ctx = Context(
+        model=model,
+        example_inputs=example_inputs,
+        data=data,
+        device=dev,
+        progress_sink=RichSink() if progress else None,
+    )
+    builder = ReportBuilder(model)
+    hooks: list[Any] = [builder]
+    check = None
+    if verify is not False and example_inputs is not None:
+        check = EquivalenceCheck(example_inputs, None if verify is True else float(verify))
+        hooks.append(check)
+    manager.hooks = hooks
+    records = manager.run(ctx)
+    report: CompileReport = builder.finish(ctx, records)
+    report.verify_max_diff = check.max_diff if check is not None else None
+    result = ctx.model
+    result.shear_report = report
+    return result
