@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from shear.errors import (
     CheckpointError,
     DataError,
@@ -22,6 +24,26 @@ from shear.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "compile": ("shear.compiler", "compile"),
+    "trace": ("shear.graph", "trace"),
+    "draw": ("shear.graph", "draw"),
+    "save": ("shear.runtime.checkpoint", "save"),
+    "load": ("shear.runtime.checkpoint", "load"),
+}
+"""Public functions imported on first use, so ``import shear`` stays light (torch loads later)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'shear' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
 __all__ = [
     "CheckpointError",
     "DataError",
@@ -33,4 +55,9 @@ __all__ = [
     "TraceError",
     "VerifyError",
     "__version__",
+    "compile",
+    "trace",
+    "draw",
+    "save",
+    "load",
 ]
