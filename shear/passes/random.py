@@ -1,0 +1,76 @@
+"""The ``random`` pass: zero a random fraction of the structures of every prunable group.
+
+The sanity baseline (any pruner should beat it) and the driver of the erasure fuzz tests: it
+zeroes the *primary* slices (producer rows, bias, lora_B rows) of ``round(ratio * size)``
+structures per group, chosen with a seeded generator; ``erase`` then removes exactly those.
+At least one structure of each group stays.
+
+Example:
+    >>> p = Random(ratio=0.3, seed=0)                      # or the pipeline string "random{ratio=0.3,seed=0}"
+    >>> p.name
+    'random'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from shear.errors import PipelineError
+from shear.graph.groups import PruningGroup
+from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.runtime.masks import TensorTable, zero_structures
+
+__all__ = ["Random", "choose_structures", "zero_random"]
+
+
+def choose_structures(group: PruningGroup, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Sorted indices of ``round(ratio * size)`` random structures of ``group`` (at most size - 1)."""
+    n = min(round(ratio * group.size), group.size - 1)
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.randperm(group.size, generator=generator)[:n].sort().values
+
+
+def zero_random(model: torch.nn.Module, groups: tuple[PruningGroup, ...], ratio: float, seed: int) -> dict[int, torch.Tensor]:
+    """Zero ``ratio`` of the structures of every prunable group of ``model`` in place; return the choice."""
+    if not 0.0 <= ratio < 1.0:
+        raise PipelineError(f"random: ratio must be in [0, 1), got {ratio}")
+    gen = torch.Generator().manual_seed(seed)
+    table = TensorTable(model)
+    chosen: dict[int, torch.Tensor] = {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        idx = choose_structures(g, ratio, gen)
+        zero_structures(table, g, idx)
+        chosen[g.id] = idx
+    return chosen
+
+
+@register_pass
+@dataclass(frozen=True)
+class Random(Pass):
+    """Zero a random ``ratio`` of the structures of every prunable pruning group."""
+
+    name: ClassVar[str] = "random"
+    requires: ClassVar[tuple[str, ...]] = ("graph",)
+    ensures: ClassVar[tuple[str, ...]] = ("random",)
+
+    ratio: float = 0.3
+    """Fraction of each group's structures to zero, in [0, 1)."""
+    seed: int = 0
+    """Seed of the generator that picks the structures."""
+
+    def run(self, ctx: Context) -> PassResult:
+        groups = ctx.results["graph"].pruning_groups
+        chosen = zero_random(ctx.model, groups, self.ratio, self.seed)
+        ctx.results["random"] = chosen
+        n = sum(int(v.numel()) for v in chosen.values())
+        return PassResult(
+            changed=n > 0,
+            message=f"zeroed {n} structures in {len(chosen)} prunable groups (ratio {self.ratio}, seed {self.seed})",
+            stats={"structures": n, "groups": len(chosen)},
+        )

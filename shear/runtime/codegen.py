@@ -1,0 +1,293 @@
+"""Codegen: turn zero structures into a smaller dense model that equals the masked original.
+
+LoRAShear §3.4 builds the compressed model by a two-pass traversal over the dependency graph:
+
+* **pass 1** removes the *primary* dimension of every zero structure: producer rows, biases,
+  lora_B rows (everything that had to be zero for the structure to be removable);
+* **pass 2** removes the *secondary* dimension of every consumer from the pruned status of its
+  incoming structures: consumer columns, lora_A columns, norm weights, embedding columns.
+
+Both passes only *collect* flat indices per (tensor, dim); tensors are sliced once afterwards, so a
+tensor dimension touched by several members or overlapping groups is erased once and consistently.
+Before the passes, :func:`plan_erasure` resolves overlaps like dead-code elimination resolves
+liveness (mark live until fixpoint, then sweep): an index owned by any structure that stays
+(a non-zero one, or one of an unprunable group) is live, and a zero structure that owns a live index
+stays as well.
+
+:func:`codegen` slices the module tree of a copy of the model (or the model itself with
+``inplace=True``), so the result keeps its class (``LlamaForCausalLM``, ``PeftModel``) and
+``generate()`` works; module attributes follow from :mod:`shear.runtime.module_rules`, RMS norms
+over a shrunk width are rescaled (weight × sqrt(d/d'), epsilon × d/d') so the result is exact, and
+the transformers config is refreshed (:mod:`shear.runtime.hf_config`).
+
+Example:
+    >>> import torch
+    >>> from shear.graph.groups import Member, PruningGroup, Role
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> rows = torch.arange(4).view(4, 1)
+    >>> g = PruningGroup(0, "0:out", (Member("0.weight", 0, Role.PRIMARY, rows),
+    ...                              Member("0.bias", 0, Role.PRIMARY, rows),
+    ...                              Member("2.weight", 1, Role.SECONDARY, rows)), 4)
+    >>> with torch.no_grad():
+    ...     net[0].weight[1] = 0; net[0].bias[1] = 0
+    >>> small, report = codegen(net, [g], example_inputs=torch.randn(5, 3))
+    >>> small[0].out_features, small[2].in_features, net[0].out_features
+    (3, 3, 4)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from shear.errors import GraphError
+from shear.graph.groups import Member, PruningGroup, Role
+from shear.runtime import verify as _verify
+from shear.runtime.hf_config import refresh_config
+from shear.runtime.masks import TensorTable, nonzero_structures
+from shear.runtime.module_rules import find_rms_norm, update_module_attributes
+
+__all__ = ["ErasurePlan", "ErasureReport", "plan_erasure", "apply_plan", "codegen"]
+
+
+@dataclass
+class ErasurePlan:
+    """What erasure removes: structures per group, and the resulting flat indices per tensor dim."""
+
+    removed: dict[int, torch.Tensor]
+    """Group id -> sorted indices of the structures that are erased."""
+    zero_kept: dict[int, torch.Tensor]
+    """Group id -> zero structures that stay (overlap with a live structure, or ``min_keep``)."""
+    cuts: dict[str, dict[int, torch.Tensor]]
+    """Canonical tensor name -> dim -> sorted unique flat indices removed along that dim."""
+    norms: dict[str, tuple[int, int]]
+    """RMS-norm module -> (width before, width after)."""
+    shapes: dict[str, tuple[int, ...]]
+    """Canonical tensor name -> shape before erasure."""
+    params: frozenset[str]
+    """Canonical names that are parameters (the rest are buffers)."""
+    group_names: dict[int, str] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing is erased."""
+        return not any(len(v) for v in self.removed.values())
+
+    def shape_after(self, name: str) -> tuple[int, ...]:
+        shape = list(self.shapes[name])
+        for dim, idx in self.cuts.get(name, {}).items():
+            shape[dim] -= int(idx.numel())
+        return tuple(shape)
+
+    def numel(self, after: bool = True) -> int:
+        """Parameter count of the model before or (predicted) after erasure; tied tensors count once."""
+        get = self.shape_after if after else self.shapes.__getitem__
+        return sum(math.prod(get(n)) for n in self.params)
+
+
+@dataclass
+class ErasureReport:
+    """What :func:`codegen` did."""
+
+    plan: ErasurePlan
+    params_before: int
+    params_after: int
+    max_diff: float | None = None
+    """Max |small - masked| on the example inputs when verified."""
+    from_pretrained_compatible: bool = False
+    """Whether the refreshed transformers config rebuilds exactly these shapes."""
+
+    def summary(self) -> str:
+        n = sum(int(v.numel()) for v in self.plan.removed.values())
+        groups = sum(1 for v in self.plan.removed.values() if v.numel())
+        ratio = 1 - self.params_after / max(self.params_before, 1)
+        msg = (
+            f"erased {n} structures in {groups} groups: {self.params_before:,} -> {self.params_after:,} "
+            f"parameters (-{ratio:.1%})"
+        )
+        if self.max_diff is not None:
+            msg += f"; verified, max |diff| {self.max_diff:.2g}"
+        return msg
+
+
+def _key(table: TensorTable, m: Member) -> tuple[str, int]:
+    return table.resolve(m.param), m.dim
+
+
+def _live_indices(table: TensorTable, groups: Sequence[PruningGroup], zero: dict[int, torch.Tensor]) -> dict:
+    """(tensor, dim) -> bool mask of indices owned by some structure that stays."""
+    live: dict[tuple[str, int], torch.Tensor] = {}
+    for g in groups:
+        stays = ~zero[g.id] if g.id in zero else torch.ones(g.size, dtype=torch.bool)
+        if not bool(stays.any()):
+            continue
+        for m in g.members:
+            key = _key(table, m)
+            if key not in live:
+                live[key] = torch.zeros(table.tensors[key[0]].shape[key[1]], dtype=torch.bool)
+            live[key][m.positions[stays].flatten()] = True
+    return live
+
+
+def plan_erasure(model: nn.Module, groups: Iterable[PruningGroup], *, min_keep: int = 1) -> ErasurePlan:
+    """Find the zero structures of prunable ``groups`` and what erasing them removes (nothing mutates).
+
+    A structure is removable iff every primary slice is exactly zero. ``min_keep`` structures of each
+    group stay even when all are zero (a zero-width attention cannot reshape to ``(-1, head_dim)``).
+    """
+    groups = tuple(groups)
+    table = TensorTable(model)
+    prunable = [g for g in groups if g.prunable]
+    messages: list[str] = []
+
+    zero: dict[int, torch.Tensor] = {g.id: ~nonzero_structures(table, g) for g in prunable}
+    found = {gid: z.clone() for gid, z in zero.items()}
+    for g in prunable:
+        z = zero[g.id]
+        surplus = min_keep - int((~z).sum())
+        if surplus > 0:
+            z[z.nonzero().flatten()[:surplus]] = False
+            messages.append(f"{g.name}: all {g.size} structures are zero; kept {min(surplus, g.size)} (min_keep)")
+
+    # Overlaps: mark live until fixpoint. Zero structures that own an index a staying structure owns, stay.
+    while True:
+        live = _live_indices(table, groups, zero)
+        demoted = False
+        for g in prunable:
+            z = zero[g.id]
+            if not bool(z.any()):
+                continue
+            clash = torch.zeros(g.size, dtype=torch.bool)
+            for m in g.members:
+                mask = live.get(_key(table, m))
+                if mask is not None:
+                    clash |= mask[m.positions].any(dim=1)
+            clash &= z
+            if bool(clash.any()):
+                z &= ~clash
+                demoted = True
+                messages.append(
+                    f"{g.name}: {int(clash.sum())} zero structures overlap structures that stay; kept"
+                )
+        if not demoted:
+            break
+
+    cuts: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def collect(role: Role) -> None:
+        for g in prunable:
+            idx = zero[g.id].nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            for m in g.members:
+                if m.role is role:
+                    cuts.setdefault(_key(table, m), []).append(m.positions[idx].flatten())
+
+    collect(Role.PRIMARY)  # pass 1: primary dims (producer rows, bias, lora_B rows) of zero structures
+    collect(Role.SECONDARY)  # pass 2: secondary dims of consumers, from the pruned status of their inputs
+
+    by_tensor: dict[str, dict[int, torch.Tensor]] = {}
+    for (name, dim), parts in cuts.items():
+        by_tensor.setdefault(name, {})[dim] = torch.unique(torch.cat(parts))
+
+    norms: dict[str, tuple[int, int]] = {}
+    for g in prunable:
+        n_removed = int(zero[g.id].sum())
+        for nr in g.norms:
+            module = _get_module(model, nr.module)
+            if find_rms_norm(module) is None:
+                raise GraphError(
+                    f"group {g.name}: norm {nr.module} ({type(module).__name__}) averages over this space but is "
+                    "not a known RMS norm, so erasing channels would change its statistics; register it with "
+                    "shear.runtime.module_rules.register_rms_norm or mark the space unprunable"
+                )
+            if nr.width % g.size:
+                raise GraphError(f"group {g.name}: norm width {nr.width} is not a multiple of {g.size} structures")
+            d, d_new = norms.get(nr.module, (nr.width, nr.width))
+            norms[nr.module] = (d, d_new - n_removed * (nr.width // g.size))
+
+    removed = {g.id: zero[g.id].nonzero().flatten() for g in prunable}
+    zero_kept = {g.id: (found[g.id] & ~zero[g.id]).nonzero().flatten() for g in prunable}
+    return ErasurePlan(
+        removed=removed,
+        zero_kept=zero_kept,
+        cuts=by_tensor,
+        norms=norms,
+        shapes={n: tuple(t.shape) for n, t in table.tensors.items()},
+        params=frozenset(n for n, p in table.is_param.items() if p),
+        group_names={g.id: g.name for g in groups},
+        messages=messages,
+    )
+
+
+def _get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise GraphError(f"pruning group names module {name!r}, which the model does not have") from None
+
+
+def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:
+    """Slice ``model`` in place as ``plan`` says, rescale norms, and update module attributes/config."""
+    table = TensorTable(model)
+    with torch.no_grad():
+        for name, dims in plan.cuts.items():
+            canon = table.resolve(name)
+            t = table.tensors[canon]
+            if tuple(t.shape) != plan.shapes[name]:
+                raise GraphError(f"tensor {name} has shape {tuple(t.shape)}, the plan expected {plan.shapes[name]}")
+            new = t.detach()
+            for dim, idx in sorted(dims.items()):
+                keep = torch.ones(new.shape[dim], dtype=torch.bool)
+                keep[idx] = False
+                new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
+            table.replace(canon, new)
+        for module_name, (d, d_new) in plan.norms.items():
+            module = _get_module(model, module_name)
+            spec = find_rms_norm(module)
+            assert spec is not None  # checked by plan_erasure
+            spec.rescale(module, d, d_new)
+    update_module_attributes(model)
+
+
+def codegen(
+    model: nn.Module,
+    groups: Iterable[PruningGroup],
+    *,
+    example_inputs: Any = None,
+    verify: bool = True,
+    inplace: bool = False,
+    min_keep: int = 1,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> tuple[nn.Module, ErasureReport]:
+    """Erase the zero structures of ``groups``; return the small model and a report.
+
+    With ``verify`` and ``example_inputs``, the masked model's outputs are recorded before slicing and
+    compared with the small model's (VerifyError on mismatch). The caller's ``model`` is untouched
+    unless ``inplace``.
+    """
+    plan = plan_erasure(model, groups, min_keep=min_keep)
+    params_before = plan.numel(after=False)
+    if plan.empty:
+        return model, ErasureReport(plan, params_before, params_before)
+    small = model if inplace else copy.deepcopy(model)
+    recording = _verify.record(small, example_inputs) if verify and example_inputs is not None else None
+    apply_plan(small, plan)
+    compatible = refresh_config(small)
+    report = ErasureReport(
+        plan,
+        params_before=params_before,
+        params_after=sum(p.numel() for p in small.parameters()),
+        from_pretrained_compatible=compatible,
+    )
+    if recording is not None:
+        report.max_diff = _verify.check(small, recording, example_inputs, atol=atol, rtol=rtol)
+    return small, report

@@ -1,0 +1,326 @@
+"""Per-module-type rules that bring a module's attributes back in line with its (sliced) tensors.
+
+Codegen slices parameters and buffers; modules also carry sizes as plain attributes
+(``nn.Linear.in_features``, GPT-2 ``Conv1D.nf``, a LLaMA attention's ``num_key_value_groups``,
+peft's ``LoraLayer.in_features``). A rule reads the module's *current* tensors (and its children,
+which are updated first: the walk is post-order) and rewrites those attributes. Rules live in a
+table keyed by module type and looked up along the MRO, so a new architecture is a new entry::
+
+    @register_module_rule(MyAttention)
+    def _my_attention(m: MyAttention) -> None:
+        m.num_heads = m.q.weight.shape[0] // m.head_dim
+
+A second table, :data:`RMS_NORMS`, says how to rescale an RMS-style norm whose width shrinks
+(which attribute holds epsilon, and whether the weight is stored with a ``+1`` offset as in Gemma).
+
+Example:
+    >>> import torch
+    >>> lin = torch.nn.Linear(4, 3)
+    >>> lin.weight = torch.nn.Parameter(lin.weight[:2])
+    >>> lin.bias = torch.nn.Parameter(lin.bias[:2])
+    >>> update_module_attributes(lin)
+    >>> lin.out_features
+    2
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from shear.errors import GraphError
+
+__all__ = [
+    "ModuleRule",
+    "MODULE_RULES",
+    "register_module_rule",
+    "find_rule",
+    "update_module_attributes",
+    "RmsNormSpec",
+    "RMS_NORMS",
+    "register_rms_norm",
+    "find_rms_norm",
+    "in_out_features",
+]
+
+ModuleRule = Callable[[nn.Module], None]
+"""Rewrites a module's size attributes from its current tensors, in place."""
+
+MODULE_RULES: dict[type, ModuleRule] = {}
+"""Module type -> attribute rule. Looked up along the MRO (most specific first)."""
+
+_M = TypeVar("_M", bound=ModuleRule)
+
+
+def register_module_rule(*types: type) -> Callable[[_M], _M]:
+    """Decorator: register ``fn`` as the attribute rule of each of ``types``."""
+
+    def deco(fn: _M) -> _M:
+        for t in types:
+            MODULE_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def _register_optional(module: str, names: tuple[str, ...], fn: ModuleRule) -> None:
+    """Register ``fn`` for classes that exist in the installed version of an optional package."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    for name in names:
+        cls = getattr(mod, name, None)
+        if isinstance(cls, type):
+            MODULE_RULES[cls] = fn
+
+
+def find_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule for ``module``'s type, or of its nearest registered base class."""
+    for klass in type(module).__mro__:
+        rule = MODULE_RULES.get(klass)
+        if rule is not None:
+            return rule
+    return None
+
+
+def update_module_attributes(model: nn.Module) -> None:
+    """Run the rule of every module of ``model``, children before parents."""
+    for child in model.children():
+        update_module_attributes(child)
+    rule = find_rule(model)
+    if rule is not None:
+        rule(model)
+
+
+# --- torch.nn ------------------------------------------------------------------------------------
+
+
+@register_module_rule(nn.Linear)
+def _linear(m: nn.Module) -> None:
+    m.out_features, m.in_features = (int(s) for s in m.weight.shape)
+
+
+@register_module_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv(m: nn.Module) -> None:
+    out_c, in_per_group = int(m.weight.shape[0]), int(m.weight.shape[1])
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels and in_per_group == 1
+    if depthwise:
+        m.groups = out_c
+    if out_c % m.groups != 0:
+        raise GraphError(
+            f"Conv {m!r}: {out_c} output channels do not split into {m.groups} groups after erasure; "
+            "grouped-conv channels must be pruned in whole groups (mark the space unprunable)"
+        )
+    m.out_channels = out_c
+    m.in_channels = in_per_group * m.groups
+
+
+@register_module_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _conv_transpose(m: nn.Module) -> None:
+    m.in_channels = int(m.weight.shape[0])
+    m.out_channels = int(m.weight.shape[1]) * m.groups
+
+
+def _first_tensor(m: nn.Module, *names: str) -> torch.Tensor | None:
+    for name in names:
+        t = getattr(m, name, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+@register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d)
+def _batchnorm(m: nn.Module) -> None:
+    t = _first_tensor(m, "weight", "running_mean")
+    if t is not None:
+        m.num_features = int(t.shape[0])
+
+
+@register_module_rule(nn.LayerNorm, nn.RMSNorm)
+def _layernorm(m: nn.Module) -> None:
+    t = m.weight if m.weight is not None else None
+    if t is not None:
+        m.normalized_shape = tuple(int(s) for s in t.shape)
+
+
+@register_module_rule(nn.GroupNorm)
+def _groupnorm(m: nn.Module) -> None:
+    if m.weight is not None:
+        m.num_channels = int(m.weight.shape[0])
+
+
+@register_module_rule(nn.Embedding)
+def _embedding(m: nn.Module) -> None:
+    m.num_embeddings, m.embedding_dim = (int(s) for s in m.weight.shape)
+
+
+@register_module_rule(nn.MultiheadAttention)
+def _mha(m: nn.Module) -> None:
+    # in_proj_weight is [3 * embed_dim, embed_dim]; torch derives head_dim from embed_dim // num_heads,
+    # so only residual-width changes with whole heads kept are representable.
+    if m.in_proj_weight is not None:
+        m.embed_dim = int(m.in_proj_weight.shape[1])
+        m.kdim = m.vdim = m.embed_dim
+        m.head_dim = m.embed_dim // m.num_heads
+
+
+# --- transformers --------------------------------------------------------------------------------
+
+
+def in_out_features(m: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like module, looking through peft wrappers."""
+    base = m
+    while hasattr(base, "base_layer"):
+        base = base.base_layer
+    w = base.weight
+    if type(base).__name__ == "Conv1D":  # transformers' GPT-2 linear stores [in, out]
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[1]), int(w.shape[0])
+
+
+def _conv1d(m: nn.Module) -> None:
+    m.nx, m.nf = (int(s) for s in m.weight.shape)
+
+
+def _heads(m: nn.Module, proj: str, head_dim: int) -> int:
+    out = in_out_features(getattr(m, proj))[1]
+    if out % head_dim:
+        raise GraphError(
+            f"{type(m).__name__}.{proj}: {out} output features are not whole heads of {head_dim}; "
+            "attention must be pruned by whole heads"
+        )
+    return out // head_dim
+
+
+def _llama_attention(m: nn.Module) -> None:
+    n_q = _heads(m, "q_proj", m.head_dim)
+    n_kv = _heads(m, "k_proj", m.head_dim)
+    if n_kv == 0 or n_q % n_kv:
+        raise GraphError(
+            f"{type(m).__name__}: {n_q} query heads do not split evenly over {n_kv} kv heads after erasure; "
+            "prune GQA by kv-head families (a kv head with its query heads)"
+        )
+    m.num_key_value_groups = n_q // n_kv
+    for attr, value in (("num_heads", n_q), ("num_key_value_heads", n_kv)):
+        if hasattr(m, attr):
+            setattr(m, attr, value)
+
+
+def _llama_mlp(m: nn.Module) -> None:
+    hidden, inter = in_out_features(m.gate_proj)
+    m.hidden_size, m.intermediate_size = hidden, inter
+
+
+def _gpt2_attention(m: nn.Module) -> None:
+    fused = 2 if getattr(m, "is_cross_attention", False) else 3
+    out = in_out_features(m.c_attn)[1]
+    if out % (fused * m.head_dim):
+        raise GraphError(f"GPT2Attention: c_attn width {out} is not {fused} x whole heads of {m.head_dim}")
+    m.num_heads = out // (fused * m.head_dim)
+    m.split_size = m.num_heads * m.head_dim
+    m.embed_dim = in_out_features(m.c_proj)[1]
+
+
+def _opt_attention(m: nn.Module) -> None:
+    m.num_heads = _heads(m, "q_proj", m.head_dim)
+    m.embed_dim = in_out_features(m.out_proj)[1]
+
+
+def _bert_self_attention(m: nn.Module) -> None:
+    m.num_attention_heads = _heads(m, "query", m.attention_head_size)
+    m.all_head_size = m.num_attention_heads * m.attention_head_size
+
+
+def _peft_lora_layer(m: nn.Module) -> None:
+    m.in_features, m.out_features = in_out_features(m)
+
+
+_LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "gemma", "gemma2", "olmo", "olmo2")
+for _family in _LLAMA_LIKE:
+    _cap = {"qwen2": "Qwen2", "qwen3": "Qwen3", "olmo": "Olmo", "olmo2": "Olmo2"}.get(
+        _family, _family.capitalize()
+    )
+    _register_optional(f"transformers.models.{_family}.modeling_{_family}", (f"{_cap}Attention",), _llama_attention)
+    _register_optional(f"transformers.models.{_family}.modeling_{_family}", (f"{_cap}MLP",), _llama_mlp)
+_register_optional("transformers.pytorch_utils", ("Conv1D",), _conv1d)
+_register_optional("transformers.models.gpt2.modeling_gpt2", ("GPT2Attention",), _gpt2_attention)
+_register_optional("transformers.models.opt.modeling_opt", ("OPTAttention",), _opt_attention)
+_register_optional(
+    "transformers.models.bert.modeling_bert", ("BertSelfAttention", "BertSdpaSelfAttention"), _bert_self_attention
+)
+_register_optional("peft.tuners.lora.layer", ("LoraLayer",), _peft_lora_layer)
+
+
+# --- RMS-style norms -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RmsNormSpec:
+    """How to rescale one RMS-norm type: where epsilon lives and how the weight is stored."""
+
+    eps_attr: str
+    """Attribute holding epsilon (``variance_epsilon`` for LLaMA, ``eps`` for ``nn.RMSNorm``)."""
+    weight_offset: float = 0.0
+    """The norm multiplies by ``weight + weight_offset`` (Gemma stores ``weight`` around 0, offset 1)."""
+
+    def rescale(self, module: nn.Module, d: int, d_new: int) -> None:
+        """Make ``module`` over ``d_new`` channels equal the same norm over ``d`` with zeros added.
+
+        ``x / sqrt(S/d + eps) == sqrt(d/d') x / sqrt(S/d' + eps d/d')``: multiply the effective weight
+        by ``sqrt(d/d')`` and epsilon by ``d/d'``.
+        """
+        if d_new == d:
+            return
+        ratio = d / d_new
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise GraphError(
+                f"norm {type(module).__name__} has no weight to absorb the width change {d} -> {d_new}; "
+                "mark its space unprunable"
+            )
+        with torch.no_grad():
+            w.add_(self.weight_offset).mul_(ratio**0.5).sub_(self.weight_offset)
+        eps = getattr(module, self.eps_attr)
+        if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
+            eps = torch.finfo(w.dtype).eps
+        setattr(module, self.eps_attr, float(eps) * ratio)
+
+
+RMS_NORMS: dict[type, RmsNormSpec] = {nn.RMSNorm: RmsNormSpec("eps")}
+"""RMS-norm type -> rescale spec. A mean-centring norm (LayerNorm) is deliberately absent."""
+
+
+def register_rms_norm(cls: type, spec: RmsNormSpec) -> None:
+    """Teach erasure how to rescale a new RMS-norm type."""
+    RMS_NORMS[cls] = spec
+
+
+def find_rms_norm(module: nn.Module) -> RmsNormSpec | None:
+    """The rescale spec for ``module``'s type (MRO lookup), or None if it is not a known RMS norm."""
+    for klass in type(module).__mro__:
+        spec = RMS_NORMS.get(klass)
+        if spec is not None:
+            return spec
+    return None
+
+
+def _register_rms(module: str, name: str, spec: RmsNormSpec) -> None:
+    try:
+        cls: Any = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return
+    if isinstance(cls, type):
+        RMS_NORMS[cls] = spec
+
+
+for _family, _cap in (("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"),
+                      ("mixtral", "Mixtral"), ("phi3", "Phi3"), ("olmo2", "Olmo2")):
+    _register_rms(f"transformers.models.{_family}.modeling_{_family}", f"{_cap}RMSNorm", RmsNormSpec("variance_epsilon"))
+_register_rms("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", RmsNormSpec("eps", weight_offset=1.0))
+_register_rms("transformers.models.t5.modeling_t5", "T5LayerNorm", RmsNormSpec("variance_epsilon"))

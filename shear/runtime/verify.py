@@ -1,0 +1,182 @@
+"""Numerical equivalence of the emitted small model and the masked original.
+
+:func:`record` runs the masked model once on the example inputs and keeps its final outputs and
+(up to a memory budget) every module's output, in completion order. After codegen sliced the model,
+:func:`check` runs the small model with forward hooks, compares each module output whose shape did
+not change against the recording, and raises :class:`~shear.errors.VerifyError` naming the max
+difference and the first diverging module. One forward pass each: cheap enough to leave on.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+    >>> x = torch.randn(2, 3)
+    >>> rec = record(net, x)
+    >>> check(net, rec, x) <= 1e-6
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from shear.errors import VerifyError
+
+__all__ = ["call_model", "flatten_tensors", "Recording", "record", "check", "tolerance"]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with example inputs: a tuple is positional, a dict keyword, anything else one arg."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every floating/integer tensor in a (nested) output: tensors, tuples, lists, dicts, ModelOutputs."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):  # transformers ModelOutput is an OrderedDict
+        return [t for v in obj.values() for t in flatten_tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in flatten_tensors(v)]
+    return []
+
+
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """Default ``(atol, rtol)`` for comparing outputs of ``dtype``: max|a-b| <= atol + rtol * max|ref|."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 1e-2, 1e-2
+    return 1e-5, 1e-4
+
+
+@dataclass
+class Recording:
+    """Outputs of the masked model: the final ones, and per-module ones keyed by (module, call index)."""
+
+    final: list[torch.Tensor]
+    modules: dict[tuple[str, int], list[torch.Tensor]] = field(default_factory=dict)
+    complete: bool = True
+    """False when the memory budget cut the per-module recording short."""
+
+
+@contextmanager
+def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextmanager
+def _hooks(model: nn.Module, fn: Any) -> Iterator[None]:
+    calls: dict[str, int] = {}
+    handles = []
+
+    def make(name: str) -> Any:
+        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+            i = calls.get(name, 0)
+            calls[name] = i + 1
+            fn(name, i, out)
+
+        return hook
+
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_hook(make(name)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record(model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20) -> Recording:
+    """Run the (masked) ``model`` once and keep copies of its outputs for :func:`check`."""
+    rec = Recording(final=[])
+    used = 0
+
+    def keep(name: str, i: int, out: Any) -> None:
+        nonlocal used
+        ts = flatten_tensors(out)
+        size = sum(t.numel() * t.element_size() for t in ts)
+        if used + size > budget_bytes:
+            rec.complete = False
+            return
+        used += size
+        rec.modules[(name, i)] = [t.detach().clone() for t in ts]  # clone: later in-place ops (ReLU) mutate
+
+    with _eval_no_grad(model), _hooks(model, keep):
+        out = call_model(model, inputs)
+    rec.final = [t.detach().clone() for t in flatten_tensors(out)]
+    return rec
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float, bool]:
+    """(max |a - b|, max |b|) over pairs of equal shape; and whether any pair was comparable."""
+    diff, scale, compared = 0.0, 0.0, False
+    for x, y in zip(a, b, strict=False):
+        if x.shape != y.shape or not (x.is_floating_point() or x.is_complex()):
+            if x.shape == y.shape and not torch.equal(x, y):
+                return float("inf"), 0.0, True
+            continue
+        compared = True
+        if x.numel():
+            diff = max(diff, float((x.float() - y.float()).abs().max()))
+            scale = max(scale, float(y.float().abs().max()))
+    return diff, scale, compared
+
+
+def check(
+    model: nn.Module, recording: Recording, inputs: Any, *, atol: float | None = None, rtol: float | None = None
+) -> float:
+    """Run the small ``model``; return the max |small - masked| over comparable final outputs.
+
+    Raises VerifyError when a final output differs beyond ``atol + rtol * max|masked|``, naming the
+    first module (in completion order) whose same-shaped output already diverged.
+    """
+    dtype = next((t.dtype for t in recording.final if t.is_floating_point()), torch.float32)
+    d_atol, d_rtol = tolerance(dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    first: list[tuple[str, float]] = []
+
+    def compare(name: str, i: int, out: Any) -> None:
+        if first:
+            return
+        ref = recording.modules.get((name, i))
+        if ref is None:
+            return
+        diff, scale, compared = _max_diff(flatten_tensors(out), ref)
+        if compared and diff > atol + rtol * scale:
+            first.append((f"{name}" + (f" (call {i})" if i else ""), diff))
+
+    with _eval_no_grad(model), _hooks(model, compare):
+        out = call_model(model, inputs)
+    diff, scale, compared = _max_diff(flatten_tensors(out), recording.final)
+    if not compared:
+        raise VerifyError(
+            "verify: no final output of the small model has the masked model's shape "
+            f"({[tuple(t.shape) for t in recording.final]}); verify on a model whose outputs keep their "
+            "shape (e.g. with its head) or pass verify=False"
+        )
+    if diff > atol + rtol * scale:
+        where = f"first diverging module: {first[0][0]} (max diff {first[0][1]:.3g})" if first else (
+            "no recorded module output diverged first" + ("" if recording.complete else " (recording was cut by its memory budget)")
+        )
+        raise VerifyError(
+            f"verify: small model differs from the masked original: max |diff| = {diff:.3g} "
+            f"(tolerance {atol:.1g} + {rtol:.1g} * {scale:.3g}); {where}"
+        )
+    return diff
