@@ -1,1 +1,35 @@
-"""shear.graph."""
+"""The IR: tracing, channel spaces, op registry, node groups, LoRA composites and pruning groups.
+
+Example:
+    >>> import torch, shear.graph as sg
+    >>> g = sg.trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)),
+    ...              torch.randn(1, 4))
+    >>> g.prunable_groups[0].size
+    8
+"""
+
+from shear.graph.analysis import Diagnostic, DimAnalysis
+from shear.graph.groups import Member, NormRescale, PruningGroup, Role, Slice
+from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
+from shear.graph.modules import register_norm_rescale
+from shear.graph.registry import OP_RULES, register_op
+from shear.graph.trace import trace
+
+__all__ = [
+    "Diagnostic",
+    "DimAnalysis",
+    "Graph",
+    "IRNode",
+    "LoraComposite",
+    "Member",
+    "NodeGroup",
+    "NormRescale",
+    "OP_RULES",
+    "Overlap",
+    "PruningGroup",
+    "Role",
+    "Slice",
+    "register_norm_rescale",
+    "register_op",
+    "trace",
+]
