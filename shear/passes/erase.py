@@ -1,0 +1,76 @@
+"""The ``erase`` pass: turn zero structures into a smaller dense model (LoRAShear §3.4).
+
+Every structure of every prunable pruning group whose primary slices (producer rows, bias, lora_B
+rows) are all exactly zero is removed, and nothing else, no matter how the zeros were made (LHSPG,
+a baseline, your own code). The two-pass traversal and the slicing live in
+:mod:`shear.runtime.codegen`; this pass runs it on ``ctx.model`` in place (the pass manager works
+on its own copy unless ``compile(inplace=True)``), verifies the small model against the masked one on
+``ctx.example_inputs``, and stores an :class:`~shear.runtime.codegen.ErasureReport` in
+``ctx.results["erase"]``. The traced graph no longer describes the model afterwards, so it moves
+from ``ctx.results["graph"]`` to ``ctx.results["graph-before-erase"]``.
+
+Example:
+    >>> Erase().name, Erase(verify=False).verify       # pipeline string: "erase{verify=false}"
+    ('erase', False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.runtime.codegen import codegen
+
+__all__ = ["Erase"]
+
+
+@register_pass
+@dataclass(frozen=True)
+class Erase(Pass):
+    """Remove every all-zero structure of the prunable groups; emit the smaller model."""
+
+    name: ClassVar[str] = "erase"
+    requires: ClassVar[tuple[str, ...]] = ("graph",)
+    ensures: ClassVar[tuple[str, ...]] = ("erase",)
+
+    verify: bool = True
+    """Compare the small model with the masked one on the example inputs (also off when
+    ``ctx.results["verify"]`` is False, which ``shear.compile(verify=False)`` may set)."""
+    min_keep: int = 1
+    """Structures each group keeps even when all are zero (a head-less attention cannot reshape)."""
+
+    def run(self, ctx: Context) -> PassResult:
+        graph = ctx.results["graph"]
+        verify = self.verify and ctx.results.get("verify", True) is not False
+        small, report = codegen(
+            ctx.model,
+            graph.pruning_groups,
+            example_inputs=ctx.example_inputs,
+            verify=verify,
+            inplace=True,
+            min_keep=self.min_keep,
+        )
+        ctx.results["erase"] = report
+        for msg in report.plan.messages:
+            ctx.warn(f"erase: {msg}")
+        if report.plan.empty:
+            n = sum(1 for g in graph.pruning_groups if g.prunable)
+            message = f"no zero structures in {n} prunable groups; nothing erased (run a pruning pass first)"
+            ctx.warn(f"erase: {message}")
+            return PassResult(changed=False, message=message, stats={"structures": 0})
+        ctx.model = small
+        ctx.results["graph-before-erase"] = ctx.results.pop("graph")
+        removed = {g: int(v.numel()) for g, v in report.plan.removed.items() if v.numel()}
+        return PassResult(
+            changed=True,
+            message=report.summary(),
+            stats={
+                "structures": sum(removed.values()),
+                "groups": len(removed),
+                "params_before": report.params_before,
+                "params_after": report.params_after,
+                "max_diff": report.max_diff,
+                "from_pretrained_compatible": report.from_pretrained_compatible,
+            },
+        )
