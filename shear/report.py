@@ -133,10 +133,14 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def zero_structures(group: PruningGroup, tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
     """Indices of the structures whose primary slices are all exactly zero.
 
-    ``None`` when a primary tensor is missing or no longer has the group's original size.
+    ``None`` when the group has no primary parameter, or one is missing or no longer has the
+    group's original size.
     """
+    primary = [m for m in group.primary if not m.is_buffer]
+    if not primary:
+        return None
     zero = torch.ones(group.size, dtype=torch.bool)
-    for m in group.primary:
+    for m in primary:
         t = tensors.get(m.param)
         if t is None or t.dim() <= m.dim or t.device.type == "meta":
             return None

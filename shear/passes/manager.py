@@ -3,8 +3,8 @@
 For every pass, in order, the manager
 
 1. runs any missing prerequisite first: when a pass ``requires`` a result that is not in
-   ``ctx.results`` and exactly the registered pass that ``ensures`` it can be built with default
-   options, that pass runs (recorded with ``auto=True``); otherwise a :class:`PipelineError` says
+   ``ctx.results``, a registered pass that ``ensures`` it and builds with default options runs
+   first (shear's own passes preferred, then by name; recorded with ``auto=True``); otherwise a :class:`PipelineError` says
    what is missing and which pass would provide it. The whole pipeline is checked before anything
    runs, so a typo does not surface after an hour of training;
 2. times the pass and records a :class:`PassRecord`;
@@ -143,7 +143,7 @@ class PassManager:
                 f"({names}) before {needed_by.name!r}"
             )
         errors = []
-        for cls in sorted(providers, key=lambda c: c.name):
+        for cls in sorted(providers, key=lambda c: (not c.__module__.startswith("shear."), c.name)):
             if cls.name in chain:
                 continue
             try:

@@ -79,7 +79,7 @@ def lookup_pass(name: str) -> type[Pass]:
         return passes[name]
     valid = closest_first(name, list(passes))
     hint = f"; did you mean {valid[0]!r}?" if valid and difflib.SequenceMatcher(None, name, valid[0]).ratio() > 0.6 else ""
-    msg = f"unknown pass {name!r}{hint} Valid passes (closest first): {', '.join(valid) or '(none registered)'}"
+    msg = f"unknown pass {name!r}{hint or '.'} Valid passes (closest first): {', '.join(valid) or '(none registered)'}"
     if _IMPORT_ERRORS:
         broken = "; ".join(f"{m} ({err})" for m, err in sorted(_IMPORT_ERRORS.items()))
         msg += f". These pass modules failed to import: {broken}"

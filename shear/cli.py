@@ -1,0 +1,247 @@
+"""The ``shear`` command line: inspect, draw and prune local models, and list the passes.
+
+MODEL is always a local directory: a Hugging Face ``save_pretrained`` directory or a model saved
+with ``shear.save``. shear never downloads; a hub id gives a "download it first" error.
+
+Example (shell)::
+
+    shear passes                                   # every registered pass, its options and docs
+    shear inspect ./tiny-llama                     # the pruning groups as a table
+    shear draw ./tiny-llama -o groups.svg          # node groups, composites, overlaps
+    shear prune ./tiny-llama --passes "random{ratio=0.3,seed=0},erase" -o ./tiny-llama-pruned
+    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out
+
+Exit status: 0 on success, 1 on a shear error (message on stderr), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shear.errors import ModelLoadError, ShearError
+
+__all__ = ["main", "load_model", "build_parser"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(file=stream, width=None if stream.isatty() else 160, highlight=False)
+
+
+def load_model(spec: str) -> Any:
+    """Load a model from a local directory (HF or ``shear.save``); never from the network.
+
+    Raises :class:`ModelLoadError` for a hub id, a missing or non-directory path, or a directory
+    that neither loader understands (with both reasons).
+    """
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _HUB_ID.match(spec) and not spec.startswith("."):
+            local = spec.rsplit("/", 1)[-1]
+            raise ModelLoadError(
+                f"{spec!r} is not a local path; it looks like a Hugging Face hub id. shear never downloads "
+                f"models: download it first (e.g. `huggingface-cli download {spec} --local-dir ./{local}`) "
+                f"and pass the directory (`./{local}`)"
+            )
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model path {spec!r} is a file; expected a directory written by save_pretrained or shear.save"
+        )
+    errors: list[str] = []
+    try:
+        from shear.runtime import checkpoint
+    except ImportError:
+        checkpoint = None  # type: ignore[assignment]
+    if checkpoint is not None and hasattr(checkpoint, "load"):
+        try:
+            return checkpoint.load(path)
+        except ShearError as e:
+            errors.append(f"shear.load: {e}")
+    if not (path / "config.json").is_file():
+        errors.append("no config.json (not a Hugging Face model directory)")
+        raise ModelLoadError(f"cannot load a model from {spec!r}: " + "; ".join(errors))
+    try:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one actionable error
+        errors.append(f"transformers: {type(e).__name__}: {e}")
+        raise ModelLoadError(f"cannot load a model from {spec!r}: " + "; ".join(errors)) from e
+
+
+def _example_inputs(model: Any, seq_len: int) -> Any:
+    from shear.compiler import default_example_inputs
+
+    inputs = default_example_inputs(model, seq_len)
+    if inputs is None:
+        raise ModelLoadError(f"{type(model).__name__} has no config.vocab_size; the CLI only builds inputs for language models")
+    return inputs
+
+
+def _trace(model: Any, seq_len: int) -> Any:
+    from shear.passes import Context, PassManager, registered_passes
+
+    inputs = _example_inputs(model, seq_len)
+    if "discover-groups" not in registered_passes():
+        from shear.graph import trace
+
+        return trace(model, inputs)
+    ctx = Context(model=model, example_inputs=inputs)
+    PassManager(["discover-groups"]).run(ctx)
+    return ctx.results["graph"]
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    model = load_model(args.model)
+    graph = _trace(model, args.seq_len)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    table = Table(title=f"{type(model).__name__}: pruning groups", title_justify="left")
+    for col in ("id", "group", "kind", "structures", "params", "status"):
+        table.add_column(col, justify="right" if col in ("id", "structures", "params") else "left")
+    groups = graph.pruning_groups if args.all else graph.prunable_groups
+    for g in groups:
+        try:
+            params = f"{g.structure_numel(shapes) * g.size:,}"
+        except KeyError:
+            params = "?"
+        status = "prunable" if g.prunable else "pinned: " + "; ".join(g.reasons)
+        table.add_row(str(g.id), g.name, g.kind, str(g.size), params, status)
+    out = _console()
+    out.print(table)
+    hidden = len(graph.pruning_groups) - len(groups)
+    total = sum(p.numel() for p in model.parameters())
+    out.print(
+        f"{len(graph.prunable_groups)} prunable of {len(graph.pruning_groups)} groups; {total:,} parameters"
+        + (f" ({hidden} unprunable groups hidden; --all shows them)" if hidden else "")
+    )
+    for d in getattr(graph, "diagnostics", ()):
+        out.print(f"[yellow]{getattr(d, 'kind', 'note')}:[/yellow] {getattr(d, 'message', d)}")
+    return 0
+
+
+def cmd_draw(args: argparse.Namespace) -> int:
+    from shear.graph import draw
+
+    model = load_model(args.model)
+    graph = _trace(model, args.seq_len)
+    result = draw(graph, args.output)
+    _console().print(f"wrote {result if result is not None else args.output}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import shear
+    from shear.passes import resolve_pipeline
+
+    if args.passes and args.pipeline:
+        raise ShearError("give either --passes or --pipeline, not both")
+    passes = resolve_pipeline(args.pipeline or args.passes)  # fail on a typo before loading the model
+    model = load_model(args.model)
+    small = shear.compile(
+        model,
+        passes,
+        example_inputs=_example_inputs(model, args.seq_len),
+        verify=not args.no_verify,
+        inplace=True,
+        device=args.device,
+        debug=args.debug,
+        dump_dir=args.dump_dir,
+        progress=True,
+    )
+    out = _console()
+    out.print(small.shear_report)
+    shear.save(small, args.output)
+    out.print(f"saved to {args.output}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from shear.passes import import_errors, lookup_pass, pass_doc, pass_options, registered_passes
+    from shear.passes.options import format_value
+
+    out = _console()
+    classes = [lookup_pass(args.name)] if args.name else list(registered_passes().values())
+    for cls in classes:
+        doc = pass_doc(cls)
+        out.print(f"[bold]{cls.name}[/bold]  [dim]{cls.__module__}.{cls.__qualname__}[/dim]")
+        if doc:
+            out.print("  " + (doc if args.name else doc.split("\n\n")[0]).replace("\n", "\n  "))
+        deps = [f"requires {', '.join(cls.requires)}" if cls.requires else "", f"ensures {', '.join(cls.ensures)}" if cls.ensures else ""]
+        if any(deps):
+            out.print("  [dim]" + "; ".join(d for d in deps if d) + "[/dim]")
+        options = pass_options(cls)
+        if options:
+            table = Table(show_header=True, box=None, padding=(0, 2))
+            for col in ("option", "type", "default", "doc"):
+                table.add_column(col)
+            for o in options:
+                default = "(required)" if o.required else format_value(o.default)
+                table.add_row(o.name, o.type_name, default, o.doc.split("\n")[0])
+            out.print(table)
+        out.print()
+    for module, err in import_errors().items():
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] pass module {module} failed to import: {err}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (one sub-command per action)."""
+    parser = argparse.ArgumentParser(prog="shear", description="Structured pruning of PyTorch LLMs as a compiler.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,passes}")
+
+    def model_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("model", help="local model directory (save_pretrained or shear.save); never a hub id")
+        p.add_argument("--seq-len", type=int, default=16, help="length of the example token sequence (default 16)")
+        return p
+
+    p = model_command("inspect", "print the pruning groups of a model")
+    p.add_argument("--all", action="store_true", help="also list unprunable groups and why")
+    p.set_defaults(func=cmd_inspect)
+
+    p = model_command("draw", "draw node groups, LoRA composites and overlaps with graphviz")
+    p.add_argument("-o", "--output", required=True, help="output file (.svg, .png, .pdf or .dot)")
+    p.set_defaults(func=cmd_draw)
+
+    p = model_command("prune", "run a pipeline and save the pruned model")
+    p.add_argument("--passes", help='pipeline string, e.g. "random{ratio=0.3,seed=0},erase" (default: the LoRAShear pipeline)')
+    p.add_argument("--pipeline", help="pipeline file (.toml, or .yaml with PyYAML)")
+    p.add_argument("-o", "--output", required=True, help="directory to save the pruned model to")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
+    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check of erased models")
+    p.add_argument("--debug", action="store_true", help="check IR invariants after every pass")
+    p.add_argument("--dump-dir", default=None, help="write the IR after every pass to this directory")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("passes", help="list the registered passes, their options and docs")
+    p.add_argument("name", nargs="?", help="show one pass in full")
+    p.set_defaults(func=cmd_passes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shear`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ShearError as e:
+        print(f"shear {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
