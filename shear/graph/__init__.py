@@ -9,9 +9,10 @@ Example:
 """
 
 from shear.graph.analysis import Diagnostic, DimAnalysis
+from shear.graph.draw import draw, to_dot
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role, Slice
 from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
-from shear.graph.modules import register_norm_rescale
+from shear.graph.modules import register_norm_rescale, register_zero_preserving_module
 from shear.graph.registry import OP_RULES, register_op
 from shear.graph.trace import trace
 
@@ -32,4 +33,7 @@ __all__ = [
     "register_norm_rescale",
     "register_op",
     "trace",
+    "draw",
+    "to_dot",
+    "register_zero_preserving_module",
 ]

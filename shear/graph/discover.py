@@ -219,6 +219,8 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
                       *(f"{c.module}.lora_B.{k}" for k in c.adapters)), (c.module,), touched)
         )
         for g in groups:
+            if not g.prunable:
+                continue
             for side, role in (("output", Role.PRIMARY), ("input", Role.SECONDARY)):
                 sl = tuple(
                     f"{m.param}[{m.dim}]" for m in g.members if m.role is role and m.param.startswith(c.module + ".")
