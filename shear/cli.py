@@ -40,8 +40,9 @@ def _console(stderr: bool = False) -> Any:
 def load_model(spec: str) -> Any:
     """Load a model from a local directory (HF or ``shear.save``); never from the network.
 
-    Raises :class:`ModelLoadError` for a hub id, a missing or non-directory path, or a directory
-    that neither loader understands (with both reasons).
+    A directory with ``shear.json`` loads with ``shear.load``, one with ``config.json`` with
+    ``AutoModelForCausalLM.from_pretrained(local_files_only=True)``. Raises :class:`ModelLoadError`
+    for a hub id, a missing or non-directory path, or a directory neither understands.
     """
     path = Path(spec).expanduser()
     if not path.exists():
@@ -57,26 +58,21 @@ def load_model(spec: str) -> Any:
         raise ModelLoadError(
             f"model path {spec!r} is a file; expected a directory written by save_pretrained or shear.save"
         )
-    errors: list[str] = []
-    try:
-        from shear.runtime import checkpoint
-    except ImportError:
-        checkpoint = None  # type: ignore[assignment]
-    if checkpoint is not None and hasattr(checkpoint, "load"):
-        try:
-            return checkpoint.load(path)
-        except ShearError as e:
-            errors.append(f"shear.load: {e}")
+    if (path / "shear.json").is_file():
+        from shear.runtime.checkpoint import load
+
+        return load(path)
     if not (path / "config.json").is_file():
-        errors.append("no config.json (not a Hugging Face model directory)")
-        raise ModelLoadError(f"cannot load a model from {spec!r}: " + "; ".join(errors))
+        raise ModelLoadError(
+            f"cannot load a model from {spec!r}: no config.json (a Hugging Face model directory) "
+            "and no shear.json (a model saved with shear.save)"
+        )
     try:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one actionable error
-        errors.append(f"transformers: {type(e).__name__}: {e}")
-        raise ModelLoadError(f"cannot load a model from {spec!r}: " + "; ".join(errors)) from e
+        raise ModelLoadError(f"cannot load a model from {spec!r}: transformers: {type(e).__name__}: {e}") from e
 
 
 def _example_inputs(model: Any, seq_len: int) -> Any:

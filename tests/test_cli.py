@@ -1,0 +1,134 @@
+"""The ``shear`` command line, run as a subprocess on a saved tiny LLaMA directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shear.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", NO_COLOR="1")
+    return subprocess.run(
+        [sys.executable, "-m", "shear.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_passes_lists_registered_passes_with_options() -> None:
+    r = run_cli("passes")
+    assert r.returncode == 0, r.stderr
+    assert "discover-groups" in r.stdout and "random" in r.stdout and "erase" in r.stdout
+    assert "ratio" in r.stdout and "float" in r.stdout
+
+
+def test_passes_one_and_unknown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["passes", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "seed" in out and "discover-groups" not in out
+    assert main(["passes", "randon"]) == 1
+    assert "unknown pass 'randon'; did you mean 'random'?" in capsys.readouterr().err
+
+
+def test_inspect_prints_the_groups_table(tiny_dir: Path) -> None:
+    r = run_cli("inspect", str(tiny_dir), "--all")
+    assert r.returncode == 0, r.stderr
+    assert "model.layers.0.mlp/channel" in r.stdout and "prunable" in r.stdout and "pinned:" in r.stdout
+    assert "prunable of" in r.stdout
+
+
+def test_draw(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dot = run_cli("draw", str(tiny_dir), "-o", str(tmp_path / "groups.dot"))
+    assert dot.returncode == 0, dot.stderr
+    assert (tmp_path / "groups.dot").read_text().lstrip().startswith(("digraph", "graph", "strict"))
+    code = main(["draw", str(tiny_dir), "-o", str(tmp_path / "groups.svg")])
+    if shutil.which("dot"):
+        assert code == 0 and (tmp_path / "groups.svg").is_file()
+    else:
+        assert code == 1 and "install graphviz" in capsys.readouterr().err.lower()
+
+
+def test_prune_saves_a_smaller_model(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pruned"
+    r = run_cli("prune", str(tiny_dir), "--passes", "random{ratio=0.3,seed=0},erase", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "equivalence max |diff|" in r.stdout and f"saved to {out}" in r.stdout
+    assert "pass erase" in r.stderr  # the rich progress bar renders on stderr
+
+    import shear
+
+    small = shear.load(out)
+    original = sum(p.numel() for p in shear.load(tiny_dir).parameters()) if (tiny_dir / "shear.json").exists() else None
+    assert original is None or sum(p.numel() for p in small.parameters()) < original
+    assert main(["inspect", str(out)]) == 0  # a shear.save directory loads too
+    assert "prunable of" in capsys.readouterr().out
+
+
+def test_prune_with_a_pipeline_file_and_a_bad_one(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "p.toml"
+    good.write_text('[[passes]]\nname = "random"\nratio = 0.3\n\n[[passes]]\nname = "erase"\n')
+    assert main(["prune", str(tiny_dir), "--pipeline", str(good), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "shear.json").is_file()
+    assert main(["prune", str(tiny_dir), "--passes", "random{ratio=lots}", "-o", str(tmp_path / "x")]) == 1
+    assert "option 'ratio' expects float, got 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_hub_id_says_download_it_first() -> None:
+    r = run_cli("inspect", "meta-llama/Llama-2-7b-hf")
+    assert r.returncode == 1
+    assert "looks like a Hugging Face hub id" in r.stderr and "download it first" in r.stderr
+    assert "huggingface-cli download meta-llama/Llama-2-7b-hf" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty-dir", "corrupt"])
+def test_broken_model_paths(kind: str, tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "model"
+    if kind == "file":
+        path.write_text("not a model")
+    elif kind == "empty-dir":
+        path.mkdir()
+    elif kind == "corrupt":
+        shutil.copytree(tiny_dir, path)
+        (path / "config.json").write_text("{ not json")
+    if kind == "corrupt":  # loads transformers: in-process is much cheaper than a fresh interpreter
+        assert main(["inspect", str(path)]) == 1
+        stderr = capsys.readouterr().err
+    else:
+        r = run_cli("inspect", str(path))
+        assert r.returncode == 1
+        stderr = r.stderr
+    expected = {
+        "missing": "does not exist",
+        "file": "is a file; expected a directory",
+        "empty-dir": "no config.json",
+        "corrupt": "cannot load a model from",
+    }[kind]
+    assert expected in stderr and "Traceback" not in stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    r = run_cli("prune", "somewhere")
+    assert r.returncode == 2 and "-o/--output" in r.stderr
