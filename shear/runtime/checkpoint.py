@@ -115,6 +115,37 @@ def _module_attrs(model: nn.Module) -> dict[str, dict[str, float]]:
     return out
 
 
+def _none_modules(model: nn.Module, hf: nn.Module | None) -> list[str]:
+    """Submodule slots that are None in the saved model but built by its config's skeleton.
+
+    E.g. ``BertModel(config, add_pooling_layer=False)`` sets ``pooler = None``, which the config alone
+    does not say; :func:`load` sets those slots to None again.
+    """
+    if hf is None:
+        return []
+    base = _base_module(model)
+    have = {n for n, _ in base.named_modules()}
+    have |= {b for b in (_base_name(n + ".") for n in have) if b is not None}
+    have = {n.rstrip(".") for n in have}
+    try:
+        with torch.device("meta"):
+            skel = type(hf)._from_config(hf.config)
+    except Exception:  # the config cannot build a skeleton; load will say so
+        return []
+    out = []
+    for name, _ in skel.named_modules():
+        if not name or name in have:
+            continue
+        parent, _, attr = name.rpartition(".")
+        try:
+            owner = base.get_submodule(parent)
+        except AttributeError:
+            continue
+        if getattr(owner, attr, "missing") is None:
+            out.append(name)
+    return out
+
+
 @contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` (rename), else it is removed."""
@@ -161,6 +192,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "aliases": aliases,
         "requires_grad": sorted(k for k, v in grads.items() if v),
         "module_attrs": _module_attrs(model),
+        "none_modules": _none_modules(model, hf),
         "peft": None,
         "files": {},
     }
@@ -261,6 +293,14 @@ def load(
     manifest = _read_manifest(path)
     _check_files(path, manifest, integrity)
     base = _skeleton(path, manifest) if model is None else model
+    for slot in manifest.get("none_modules", []):
+        parent, _, attr = slot.rpartition(".")
+        try:
+            owner = base.get_submodule(parent)
+        except AttributeError:
+            continue
+        if getattr(owner, attr, None) is not None:
+            setattr(owner, attr, None)
     table = TensorTable(base)
     shapes: dict[str, list[int]] = manifest["shapes"]
     expected = set(shapes) | set(manifest["aliases"])
