@@ -1,0 +1,96 @@
+"""Multiple-choice tasks built from held-out corpus text, for log-likelihood scoring.
+
+- :func:`next_line_task`: a line (verse, verse line, sentence) of a document, the true next
+  line and distractor lines from other documents of the same source;
+- :func:`define_word_task`: a WordNet definition and four candidate words.
+
+Built deterministically from the committed splits (same seed, same questions), so scores of a
+model and of its pruned self are comparable.
+
+Example:
+    >>> items = next_line_task("kjv", "test", n=5)
+    >>> len(items), len(items[0].options)
+    (5, 4)
+    >>> items[0].options[items[0].answer] != items[0].options[(items[0].answer + 1) % 4]
+    True
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import NamedTuple
+
+from shear.data.corpus import load_documents
+from shear.errors import DataError
+
+__all__ = ["MultipleChoice", "next_line_task", "define_word_task"]
+
+
+class MultipleChoice(NamedTuple):
+    """A question: score ``context + option`` for each option; ``answer`` indexes the right one."""
+
+    context: str
+    options: tuple[str, ...]
+    answer: int
+    task: str
+
+
+def _lines(text: str) -> list[str]:
+    body = text.split("\n\n", 1)[-1] if "\n\n" in text else text
+    return [
+        ln.strip()
+        for ln in body.split("\n")
+        if 20 <= len(ln.strip()) <= 200 and not ln.strip().startswith("[")
+    ]
+
+
+def next_line_task(
+    source: str, split: str = "test", *, n: int = 50, n_options: int = 4, seed: int = 0
+) -> list[MultipleChoice]:
+    """Pick the true next line among ``n_options`` (others: lines of other documents of ``source``)."""
+    rng = random.Random(f"{source}:{split}:{seed}")
+    docs = [d for d in load_documents(source, split) if len(_lines(d.text)) >= 3]
+    pool = [(i, ln) for i, d in enumerate(docs) for ln in _lines(d.text)]
+    if len(docs) < 2 or len(pool) < n_options:
+        raise DataError(
+            f"{source}/{split}: too few multi-line documents for a next-line task; use kjv or shakespeare."
+        )
+    candidates = [(i, j) for i, d in enumerate(docs) for j in range(len(_lines(d.text)) - 1)]
+    rng.shuffle(candidates)
+    items = []
+    for i, j in candidates[:n]:
+        lines = _lines(docs[i].text)
+        context = "\n".join(lines[max(0, j - 2) : j + 1]) + "\n"
+        others = [ln for k, ln in pool if k != i]
+        options = [lines[j + 1], *rng.sample(others, n_options - 1)]
+        rng.shuffle(options)
+        items.append(
+            MultipleChoice(context, tuple(options), options.index(lines[j + 1]), f"next-line-{source}")
+        )
+    return items
+
+
+def define_word_task(
+    split: str = "test", *, n: int = 50, n_options: int = 4, seed: int = 0
+) -> list[MultipleChoice]:
+    """Which word does this WordNet definition define? Distractors are words of other synsets."""
+    rng = random.Random(f"wordnet:{split}:{seed}")
+    entries = []
+    for d in load_documents("wordnet", split):
+        m = re.match(r"^(.*?) \((noun|verb|adjective|adverb)\): (.*?)\.?(\nExample:.*)?$", d.text, re.S)
+        if m:
+            entries.append((m.group(1).split(", ")[0], m.group(2), m.group(3)))
+    if len(entries) < n_options:
+        raise DataError(f"wordnet/{split}: too few synsets for a define-word task.")
+    rng.shuffle(entries)
+    items = []
+    for word, pos, definition in entries[:n]:
+        others = rng.sample([w for w, _, _ in entries if w != word], n_options - 1)
+        options = [word, *others]
+        rng.shuffle(options)
+        context = f"Definition: {definition}.\nThe {pos} defined here is:"
+        items.append(
+            MultipleChoice(context, tuple(" " + o for o in options), options.index(word), "define-word")
+        )
+    return items

@@ -1,0 +1,37 @@
+"""Evaluation: sliding-window perplexity per source, multiple-choice scoring, greedy generation,
+and lm-eval-harness when installed.
+
+Example:
+    >>> from shear.data import load_corpus                                   # doctest: +SKIP
+    >>> from shear.runtime.evaluation import evaluate_perplexity             # doctest: +SKIP
+    >>> print(evaluate_perplexity(model, tok, load_corpus("validation")).table())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from shear.runtime.evaluation.choice import ChoiceResult, option_logprobs, score_choices
+from shear.runtime.evaluation.generation import greedy_generate
+from shear.runtime.evaluation.harness import lm_eval_available, lm_eval_harness
+from shear.runtime.evaluation.perplexity import (
+    PerplexityReport,
+    PerplexityResult,
+    evaluate_perplexity,
+    forward_tokens,
+    perplexity,
+    sliding_windows,
+)
+
+__all__ = [
+    "ChoiceResult",
+    "PerplexityReport",
+    "PerplexityResult",
+    "evaluate_perplexity",
+    "forward_tokens",
+    "greedy_generate",
+    "lm_eval_available",
+    "lm_eval_harness",
+    "option_logprobs",
+    "perplexity",
+    "score_choices",
+    "sliding_windows",
+]
