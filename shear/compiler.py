@@ -224,5 +224,5 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     report: CompileReport = builder.finish(ctx, records)
     report.verify_max_diff = check.max_diff if check is not None else None
     result = ctx.model
-    result.shear_report = report
+    object.__setattr__(result, "shear_report", report)  # a plain attribute, not a submodule or buffer
     return result

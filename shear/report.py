@@ -124,8 +124,8 @@ def _param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = dict(model.named_parameters(remove_duplicate=False))
-    out.update(dict(model.named_buffers(remove_duplicate=False)))
+    out: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
     return out
 
 
