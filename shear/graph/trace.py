@@ -186,8 +186,13 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Graph:
     t0 = time.perf_counter()
     ep = export_model(model, example_inputs)
     t1 = time.perf_counter()
-    analysis = run_analysis(ep, model)
-    graph = discover(model, ep, analysis)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny index ops: thread hand-offs cost more than they save
+    try:
+        analysis = run_analysis(ep, model)
+        graph = discover(model, ep, analysis)
+    finally:
+        torch.set_num_threads(threads)
     graph.trace_seconds = t1 - t0
     graph.group_seconds = time.perf_counter() - t1
     return graph
