@@ -7,8 +7,10 @@ the kebab name without dashes, or the class's own name).
 
 Example:
     >>> import shear.passes as sp
-    >>> sp.parse_pipeline("random{ratio=0.3,seed=0},erase") == [sp.Random(ratio=0.3, seed=0), sp.Erase()]  # doctest: +SKIP
+    >>> sp.parse_pipeline("random{ratio=0.3,seed=0},erase") == [sp.Random(ratio=0.3, seed=0), sp.Erase()]
     True
+    >>> sp.format_pipeline([sp.Random(ratio=0.5)])
+    'random{ratio=0.5}'
 """
 
 from __future__ import annotations
