@@ -329,6 +329,8 @@ def load(
         if t is None or list(t.shape) != shape or t.dtype != _dtype(manifest["dtypes"][name]):
             got = None if t is None else (list(t.shape), str(t.dtype))
             raise CheckpointError(f"{path}: tensor {name} is {got} in the weights, the manifest says {shape}: mismatched files")
+        if t.data_ptr() % 64:  # safetensors may hand out unaligned views: SIMD paths (and results) would differ
+            t = t.clone()
         table.replace(canon, t)
         if table.is_param[canon]:
             table.tensors[canon].requires_grad_(name in grads)

@@ -80,7 +80,7 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _hooks(model: nn.Module, fn: Any) -> Iterator[None]:
+def _hooks(model: nn.Module, fn: Any, pre: Any = None) -> Iterator[None]:
     calls: dict[str, int] = {}
     handles = []
 
@@ -95,6 +95,8 @@ def _hooks(model: nn.Module, fn: Any) -> Iterator[None]:
     for name, mod in model.named_modules():
         if name:
             handles.append(mod.register_forward_hook(make(name)))
+            if pre is not None:
+                handles.append(mod.register_forward_pre_hook(lambda _m, _a, n=name: pre(n)))
     try:
         yield
     finally:
@@ -162,8 +164,26 @@ def check(
         if compared and diff > atol + rtol * scale:
             first.append((f"{name}" + (f" (call {i})" if i else ""), diff))
 
-    with _eval_no_grad(model), _hooks(model, compare):
-        out = call_model(model, inputs)
+    running: list[str] = []
+
+    def enter(name: str) -> None:
+        running.append(name)
+
+    def leave(name: str, i: int, out: Any) -> None:
+        if running and running[-1] == name:
+            running.pop()
+        compare(name, i, out)
+
+    with _eval_no_grad(model), _hooks(model, leave, enter):
+        try:
+            out = call_model(model, inputs)
+        except Exception as e:
+            where = running[-1] if running else type(model).__name__
+            raise VerifyError(
+                f"verify: the small model fails to run in module {where}: {type(e).__name__}: {e}. A module "
+                "probably hard-codes a pruned size: teach codegen with "
+                "shear.runtime.module_rules.register_module_rule, or mark that space unprunable"
+            ) from e
     diff, scale, compared = _max_diff(flatten_tensors(out), recording.final)
     if not compared:
         raise VerifyError(
