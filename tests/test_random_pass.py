@@ -61,3 +61,12 @@ def test_error_ratio_out_of_range(ratio: float) -> None:
     model = tiny_llama()
     with pytest.raises(PipelineError, match=r"random: ratio must be in \[0, 1\)"):
         zero_random(model, tuple(llama_groups(model)), ratio, seed=0)
+
+
+def test_round_to_keeps_multiples() -> None:
+    model = tiny_llama()
+    groups = tuple(llama_groups(model))
+    chosen = zero_random(model, groups, 0.3, seed=0, round_to=8)
+    for g in groups:
+        kept = g.size - chosen[g.id].numel()
+        assert kept % 8 == 0 or g.size < 8

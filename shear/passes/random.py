@@ -26,15 +26,24 @@ from shear.runtime.masks import TensorTable, zero_structures
 __all__ = ["Random", "choose_structures", "zero_random"]
 
 
-def choose_structures(group: PruningGroup, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Sorted indices of ``round(ratio * size)`` random structures of ``group`` (at most size - 1)."""
+def choose_structures(group: PruningGroup, ratio: float, generator: torch.Generator, round_to: int = 1) -> torch.Tensor:
+    """Sorted indices of ``round(ratio * size)`` random structures of ``group`` (at most size - 1).
+
+    With ``round_to > 1`` the number of structures *kept* is rounded to a multiple of it (when the
+    group has at least that many), so that pruned widths stay friendly to vectorised kernels.
+    """
     n = min(round(ratio * group.size), group.size - 1)
+    if round_to > 1 and group.size >= round_to:
+        keep = max(round_to, round((group.size - n) / round_to) * round_to)
+        n = group.size - min(keep, group.size)
     if n <= 0:
         return torch.zeros(0, dtype=torch.long)
     return torch.randperm(group.size, generator=generator)[:n].sort().values
 
 
-def zero_random(model: torch.nn.Module, groups: tuple[PruningGroup, ...], ratio: float, seed: int) -> dict[int, torch.Tensor]:
+def zero_random(
+    model: torch.nn.Module, groups: tuple[PruningGroup, ...], ratio: float, seed: int, round_to: int = 1
+) -> dict[int, torch.Tensor]:
     """Zero ``ratio`` of the structures of every prunable group of ``model`` in place; return the choice."""
     if not 0.0 <= ratio < 1.0:
         raise PipelineError(f"random: ratio must be in [0, 1), got {ratio}")
@@ -44,7 +53,7 @@ def zero_random(model: torch.nn.Module, groups: tuple[PruningGroup, ...], ratio:
     for g in groups:
         if not g.prunable:
             continue
-        idx = choose_structures(g, ratio, gen)
+        idx = choose_structures(g, ratio, gen, round_to)
         zero_structures(table, g, idx)
         chosen[g.id] = idx
     return chosen
@@ -63,10 +72,12 @@ class Random(Pass):
     """Fraction of each group's structures to zero, in [0, 1)."""
     seed: int = 0
     """Seed of the generator that picks the structures."""
+    round_to: int = 1
+    """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
 
     def run(self, ctx: Context) -> PassResult:
         groups = ctx.results["graph"].pruning_groups
-        chosen = zero_random(ctx.model, groups, self.ratio, self.seed)
+        chosen = zero_random(ctx.model, groups, self.ratio, self.seed, self.round_to)
         ctx.results["random"] = chosen
         n = sum(int(v.numel()) for v in chosen.values())
         return PassResult(

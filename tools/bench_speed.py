@@ -1,0 +1,130 @@
+"""Dense vs pruned LLaMA latency on CPU: does erasure deliver the speed its parameter count promises?
+
+For a LLaMA shape that fits in CPU memory (default hidden 1024, 8 layers, 16 query / 4 kv heads,
+intermediate 2816), prune uniformly at random (``random`` pass over every prunable group: MLP
+channels, kv-head families, residual width) to about 20% and 50% fewer parameters, erase, and time
+prefill (batch 1 and 8) and per-token decode with a KV cache (batch 1 and 8). Efficiency =
+(dense latency / pruned latency) / (dense params / pruned params): 1.0 is ideal, the goal is >= 0.9.
+``--round-to 8`` keeps every pruned width a multiple of 8.
+
+Timings are medians of ``--repeats`` runs; the load average is printed first because two-thread
+OpenMP degrades badly when another process shares the cores.
+
+Usage:
+    python tools/bench_speed.py                       # full shape, ~2-4 minutes on 2 cores
+    python tools/bench_speed.py --hidden 256 --layers 2 --repeats 2   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from shear.graph import trace
+from shear.passes.random import zero_random
+from shear.runtime.codegen import codegen, plan_erasure
+
+__all__ = ["main"]
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _latencies(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, float]:
+    out: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(0)
+    for batch in (1, 8):
+        ids = torch.randint(0, args.vocab, (batch, args.seq), generator=gen)
+        with torch.no_grad():
+            out[f"prefill b{batch}"] = _median_time(lambda ids=ids: model(input_ids=ids, use_cache=False), args.repeats)
+            short = ids[:, :8]
+            total = _median_time(
+                lambda short=short: model.generate(short, attention_mask=torch.ones_like(short), pad_token_id=0,
+                                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                   do_sample=False),
+                args.repeats,
+            )
+            one = _median_time(
+                lambda short=short: model.generate(short, attention_mask=torch.ones_like(short), pad_token_id=0,
+                                                   max_new_tokens=1, min_new_tokens=1, do_sample=False),
+                args.repeats,
+            )
+            out[f"decode b{batch}"] = (total - one) / (args.new_tokens - 1)
+    return out
+
+
+def _prune(model: LlamaForCausalLM, target: float, round_to: int, example: torch.Tensor) -> LlamaForCausalLM:
+    """Bisect the random ratio so the erased model has ~``target`` fewer parameters."""
+    graph = trace(model, (example,))
+    dense = sum(p.numel() for p in model.parameters())
+    lo, hi = 0.0, 0.9
+    best = None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        masked = copy.deepcopy(model)
+        zero_random(masked, graph.pruning_groups, mid, seed=0, round_to=round_to)
+        got = 1 - plan_erasure(masked, graph.pruning_groups).numel() / dense
+        best = (mid, masked)
+        if abs(got - target) < 0.01:
+            break
+        lo, hi = (mid, hi) if got < target else (lo, mid)
+    assert best is not None
+    small, report = codegen(best[1], graph.pruning_groups, example_inputs=(example,), inplace=True)
+    print(f"  {target:.0%} target: ratio {best[0]:.3f}, {report.summary()}")
+    return small
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--round-to", type=int, nargs="*", default=[1, 8])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()}, {args.threads} threads, torch {torch.__version__}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
+                      vocab_size=args.vocab, max_position_embeddings=512, head_dim=args.hidden // args.heads)
+    dense = LlamaForCausalLM(cfg).eval()
+    example = torch.randint(0, args.vocab, (1, 16))
+    rows = [("dense", 1, dense)]
+    for round_to in args.round_to:
+        for target in (0.2, 0.5):
+            rows.append((f"-{target:.0%} round_to={round_to}", round_to, _prune(dense, target, round_to, example)))
+    n_dense = sum(p.numel() for p in dense.parameters())
+    base = _latencies(dense, args)
+    cols = list(base)
+    print(f"\n{'model':<22}{'params':>12}{'ideal x':>9}" + "".join(f"{c + ' ms':>15}{'eff':>6}" for c in cols))
+    for name, _r, model in rows:
+        lat = base if model is dense else _latencies(model, args)
+        n = sum(p.numel() for p in model.parameters())
+        ideal = n_dense / n
+        cells = "".join(f"{lat[c] * 1e3:>15.1f}{(base[c] / lat[c]) / ideal:>6.2f}" for c in cols)
+        print(f"{name:<22}{n:>12,}{ideal:>9.2f}{cells}")
+
+
+if __name__ == "__main__":
+    main()
