@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,16 @@ def test_llama_default_pipeline_changes_nothing() -> None:
     r = small.shear_report
     assert r.passes[0].name == "discover-groups" and r.params_after == r.params_before
     assert any(g.prunable for g in r.groups)
+
+
+@pytest.mark.needs_dot
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs the graphviz `dot` binary")
+def test_dump_dir_draws_svg_after_each_pass_with_dot(tmp_path: Path) -> None:
+    _have("discover-groups", "random")
+    shear.compile(tiny_llama(), "random{ratio=0.3}", dump_dir=tmp_path)
+    assert (tmp_path / "01-discover-groups.svg").is_file() and (tmp_path / "02-random.svg").is_file()
+
+
+def test_progress_bars_render_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    shear.compile(mlp(), "test-mlp-groups,test-mlp-mask", example_inputs=(X,), progress=True)
+    assert "pass test-mlp-mask" in capsys.readouterr().err
