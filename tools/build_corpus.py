@@ -121,6 +121,8 @@ def split(source: str, docs: list[parsers.Document]) -> dict[str, list[parsers.D
     the original document order.
     """
     order = {doc_id: i for i, (doc_id, _) in enumerate(docs)}
+    if len(order) != len(docs):
+        raise ValueError(f"{source}: document ids are not unique")
     ranked = sorted(docs, key=lambda d: rank(source, d[0]))
     parts: dict[str, list[parsers.Document]] = {s: [] for s in SPLITS}
     budgets = {"test": HELD_OUT_CHARS, "validation": HELD_OUT_CHARS, "train": TRAIN_CHARS}
@@ -209,14 +211,18 @@ def check(committed: Path, built: dict[str, object]) -> list[str]:
         if was is None:
             problems.append(f"{rel}: not committed")
         elif was["content_sha256"] != entry["content_sha256"]:
-            problems.append(f"{rel}: content differs ({was['content_sha256'][:12]} != {entry['content_sha256'][:12]})")
+            problems.append(
+                f"{rel}: content differs ({was['content_sha256'][:12]} != {entry['content_sha256'][:12]})"
+            )
         elif was["sha256"] != entry["sha256"]:
             problems.append(f"{rel}: same content, different xz bytes (another liblzma?)")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=HERE.parent / "shear" / "data")
     parser.add_argument("--work", type=Path, default=None, help="download/unpack folder (default: temp)")
     parser.add_argument("--check", action="store_true", help="build into a temp dir and compare with --out")

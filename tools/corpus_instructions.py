@@ -31,7 +31,9 @@ def rank(*key: str) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(key).encode()).digest()[:8], "big")
 
 
-def _record(task: str, source: str, doc_id: str, instruction: str, input_: str, output: str) -> dict[str, str]:
+def _record(
+    task: str, source: str, doc_id: str, instruction: str, input_: str, output: str
+) -> dict[str, str]:
     return {
         "instruction": instruction,
         "input": input_,
@@ -58,8 +60,12 @@ def instructions_for(source: str, doc_id: str, text: str) -> list[dict[str, str]
         if first and word.lower() in first.lower():
             out.append(
                 _record(
-                    "use-in-sentence", source, doc_id,
-                    "Use the following word in a short phrase or sentence.", word, first,
+                    "use-in-sentence",
+                    source,
+                    doc_id,
+                    "Use the following word in a short phrase or sentence.",
+                    word,
+                    first,
                 )  # fmt: skip
             )
     elif source == "kjv":
@@ -68,9 +74,12 @@ def instructions_for(source: str, doc_id: str, text: str) -> list[dict[str, str]
         for i in range(len(verses) - 1):
             out.append(
                 _record(
-                    "next-verse", source, f"{doc_id}:{i + 1}",
+                    "next-verse",
+                    source,
+                    f"{doc_id}:{i + 1}",
                     f"Continue this passage from the King James Bible ({title}) with the verse that follows.",
-                    verses[i], verses[i + 1],
+                    verses[i],
+                    verses[i + 1],
                 )  # fmt: skip
             )
     elif source == "shakespeare":
@@ -79,9 +88,12 @@ def instructions_for(source: str, doc_id: str, text: str) -> list[dict[str, str]
             if 40 <= len(paras[i]) <= 800 and 40 <= len(paras[i + 1]) <= 800:
                 out.append(
                     _record(
-                        "continue-speech", source, f"{doc_id}:{i}",
+                        "continue-speech",
+                        source,
+                        f"{doc_id}:{i}",
                         "Continue this passage from Shakespeare with the speech or stanza that follows.",
-                        paras[i], paras[i + 1],
+                        paras[i],
+                        paras[i + 1],
                     )  # fmt: skip
                 )
     elif source == "jargon":
@@ -92,8 +104,12 @@ def instructions_for(source: str, doc_id: str, text: str) -> list[dict[str, str]
         if 40 <= len(first) <= 1200:
             out.append(
                 _record(
-                    "explain-jargon", source, doc_id,
-                    "Explain what this term means in hacker jargon.", term, first,
+                    "explain-jargon",
+                    source,
+                    doc_id,
+                    "Explain what this term means in hacker jargon.",
+                    term,
+                    first,
                 )  # fmt: skip
             )
     elif source == "pydocs":
@@ -102,9 +118,12 @@ def instructions_for(source: str, doc_id: str, text: str) -> list[dict[str, str]
         if paras and 3 <= len(title) <= 80:
             out.append(
                 _record(
-                    "title-section", source, doc_id,
+                    "title-section",
+                    source,
+                    doc_id,
                     "Give the heading of the section of the Python documentation this paragraph comes from.",
-                    paras[0].replace("\n", " "), title,
+                    paras[0].replace("\n", " "),
+                    title,
                 )  # fmt: skip
             )
     return out

