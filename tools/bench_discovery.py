@@ -25,31 +25,17 @@ def measure(hidden: int, layers: int) -> dict[str, float]:
     import shear
 
     heads = hidden // 128
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 2.6875),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        vocab_size=32000,
-    )
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     t0 = time.perf_counter()
     g = shear.trace(model, {"input_ids": torch.zeros(1, 16, dtype=torch.long)})
     total = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "hidden": hidden,
-        "layers": layers,
-        "heads": heads,
-        "export_s": g.trace_seconds,
-        "group_s": g.group_seconds,
-        "total_s": total,
-        "rss_mb": rss_mb,
-        "groups": len(g.prunable_groups),
-        "structures": g.num_structures(),
-    }
+    return {"hidden": hidden, "layers": layers, "heads": heads, "export_s": g.trace_seconds,
+            "group_s": g.group_seconds, "total_s": total, "rss_mb": rss_mb,
+            "groups": len(g.prunable_groups), "structures": g.num_structures()}
 
 
 def main() -> None:
@@ -60,27 +46,19 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(*args.one)))
         return
-    shapes = (
-        [(1024, 2), (2048, 2)] if args.quick else [(h, n) for h in (1024, 2048, 4096) for n in (2, 8, 32)]
-    )
+    shapes = [(1024, 2), (2048, 2)] if args.quick else [(h, n) for h in (1024, 2048, 4096) for n in (2, 8, 32)]
     rows = []
     for h, n in shapes:
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", str(h), str(n)], capture_output=True, text=True
-        )
+        out = subprocess.run([sys.executable, __file__, "--one", str(h), str(n)], capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(
-        "| hidden | layers | heads | export s | grouping s | total s | peak RSS MB | prunable groups | structures |"
-    )
+    print("| hidden | layers | heads | export s | grouping s | total s | peak RSS MB | prunable groups | structures |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(
-            f"| {r['hidden']} | {r['layers']} | {r['heads']} | {r['export_s']:.2f} | {r['group_s']:.2f} | "
-            f"{r['total_s']:.2f} | {r['rss_mb']:.0f} | {r['groups']} | {r['structures']} |"
-        )
+        print(f"| {r['hidden']} | {r['layers']} | {r['heads']} | {r['export_s']:.2f} | {r['group_s']:.2f} | "
+              f"{r['total_s']:.2f} | {r['rss_mb']:.0f} | {r['groups']} | {r['structures']} |")
 
 
 if __name__ == "__main__":

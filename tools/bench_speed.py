@@ -50,30 +50,17 @@ def _latencies(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, f
     for batch in (1, 8):
         ids = torch.randint(0, args.vocab, (batch, args.seq), generator=gen)
         with torch.no_grad():
-            out[f"prefill b{batch}"] = _median_time(
-                lambda ids=ids: model(input_ids=ids, use_cache=False), args.repeats
-            )
+            out[f"prefill b{batch}"] = _median_time(lambda ids=ids: model(input_ids=ids, use_cache=False), args.repeats)
             short = ids[:, :8]
             total = _median_time(
-                lambda short=short: model.generate(
-                    short,
-                    attention_mask=torch.ones_like(short),
-                    pad_token_id=0,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                ),
+                lambda short=short: model.generate(short, attention_mask=torch.ones_like(short), pad_token_id=0,
+                                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                   do_sample=False),
                 args.repeats,
             )
             one = _median_time(
-                lambda short=short: model.generate(
-                    short,
-                    attention_mask=torch.ones_like(short),
-                    pad_token_id=0,
-                    max_new_tokens=1,
-                    min_new_tokens=1,
-                    do_sample=False,
-                ),
+                lambda short=short: model.generate(short, attention_mask=torch.ones_like(short), pad_token_id=0,
+                                                   max_new_tokens=1, min_new_tokens=1, do_sample=False),
                 args.repeats,
             )
             out[f"decode b{batch}"] = (total - one) / (args.new_tokens - 1)
@@ -118,30 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}, {args.threads} threads, torch {torch.__version__}")
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate,
-        vocab_size=args.vocab,
-        max_position_embeddings=512,
-        head_dim=args.hidden // args.heads,
-    )
+    cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
+                      vocab_size=args.vocab, max_position_embeddings=512, head_dim=args.hidden // args.heads)
     dense = LlamaForCausalLM(cfg).eval()
     example = torch.randint(0, args.vocab, (1, 16))
     rows = [("dense", 1, dense)]
     for round_to in args.round_to:
         for target in (0.2, 0.5):
-            rows.append(
-                (f"-{target:.0%} round_to={round_to}", round_to, _prune(dense, target, round_to, example))
-            )
+            rows.append((f"-{target:.0%} round_to={round_to}", round_to, _prune(dense, target, round_to, example)))
     n_dense = sum(p.numel() for p in dense.parameters())
     base = _latencies(dense, args)
     cols = list(base)
-    print(
-        f"\n{'model':<22}{'params':>12}{'ideal x':>9}" + "".join(f"{c + ' ms':>15}{'eff':>6}" for c in cols)
-    )
+    print(f"\n{'model':<22}{'params':>12}{'ideal x':>9}" + "".join(f"{c + ' ms':>15}{'eff':>6}" for c in cols))
     for name, _r, model in rows:
         lat = base if model is dense else _latencies(model, args)
         n = sum(p.numel() for p in model.parameters())

