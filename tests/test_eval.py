@@ -167,7 +167,8 @@ def test_smollm2_beats_chance_on_define_word(tmp_path_factory: pytest.TempPathFa
     (model, tokenizer, _, _), _, _ = load_smollm2_once(tmp_path_factory)
     result = score_choices(model, tokenizer, define_word_task("validation", n=20))
     assert result.n == 20 and result.chance == 0.25
-    assert result.accuracy >= 0.5, result  # measured 0.75 (chance 0.25)
+    # measured 0.55 raw / 0.65 length-normalised (chance 0.25); margins allow a couple of flips
+    assert result.accuracy >= 0.35 and result.accuracy_norm >= 0.45, result
 
 
 @pytest.mark.models

@@ -31,7 +31,7 @@ def greedy_generate(
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             input_ids=ids.to(device),
             attention_mask=torch.ones_like(ids).to(device),
             max_new_tokens=max_new_tokens,
