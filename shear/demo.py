@@ -113,18 +113,24 @@ def choose_pipeline(ratio: float, override: str | None = None) -> tuple[str | No
 
         if not hasattr(shear, "compile"):
             return None, "shear.compile does not exist yet"
-        from shear.passes import import_errors, registered_passes
+        from shear.passes import import_errors
     except Exception as e:  # noqa: BLE001 - the pruning API is under construction; say why and go on
         return None, f"the pruning API does not import yet ({type(e).__name__}: {e})"
-    names = set(registered_passes())
+    from shear.passes import parse_pipeline
+
+    skipped = []
     for template, what in PIPELINES:
         pipeline = template.format(ratio=ratio)
-        wanted = {part.split("{")[0] for part in pipeline.split("},")}
-        wanted = {w.rstrip("}") for w in wanted}
-        if wanted <= names:
-            return pipeline, what
+        try:
+            parse_pipeline(pipeline)  # unknown pass or option -> PipelineError
+        except Exception as e:  # noqa: BLE001 - a pass under construction may fail in other ways too
+            skipped.append(f"{pipeline}: {e}")
+            continue
+        return pipeline, what
     broken = "; ".join(f"{m}: {e}" for m, e in import_errors().items())
-    return None, "no pruning pass is registered yet" + (f" ({broken})" if broken else "")
+    return None, "no pruning pipeline is available yet (" + "; ".join(
+        skipped + ([broken] if broken else [])
+    ) + ")"
 
 
 def _params(model: Any) -> int:

@@ -134,7 +134,7 @@ def test_smollm2_perplexity_on_validation_text_in_band(tmp_path_factory: pytest.
 
 @pytest.mark.models
 def test_smollm2_cache_reloads_bit_identical(tmp_path_factory: pytest.TempPathFactory) -> None:
-    (first, _, _, _), _, cache = load_smollm2_once(tmp_path_factory)
+    (first, first_tokenizer, _, _), _, cache = load_smollm2_once(tmp_path_factory)
     start = time.perf_counter()
     again, tokenizer, _, _ = load_smollm2(cache)
     seconds = time.perf_counter() - start
@@ -145,6 +145,9 @@ def test_smollm2_cache_reloads_bit_identical(tmp_path_factory: pytest.TempPathFa
     config_a, config_b = first.config.to_dict(), again.config.to_dict()
     config_a.pop("_name_or_path"), config_b.pop("_name_or_path")
     assert config_a == config_b
+    sample = "Thou shalt not kill.\n\nimport torch  # naïve café"
+    assert tokenizer(sample)["input_ids"] == first_tokenizer(sample)["input_ids"]
+    assert tokenizer.chat_template == first_tokenizer.chat_template
     assert seconds < 30, f"reloading the cached conversion took {seconds:.1f}s"
 
 
