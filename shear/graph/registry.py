@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from shear.graph.analysis import DimAnalysis, Dims
+from shear.graph.analysis import DimAnalysis
 
-__all__ = ["Rule", "OP_RULES", "register_op", "lookup_rule", "unknown_rule", "op_name"]
+__all__ = ["Rule", "OP_RULES", "register_op", "lookup_rule", "unknown_rule", "op_name", "fresh_like", "norm_dim"]
 
 Rule = Callable[[DimAnalysis, torch.fx.Node], Any]
 
@@ -90,5 +90,6 @@ def fresh_like(a: DimAnalysis, val: Any, label: str, pin: str | None) -> Any:
     return []
 
 
-def dims_of(a: DimAnalysis, arg: Any) -> Dims:
-    return a.dims(arg)
+def norm_dim(dim: int, rank: int) -> int:
+    """A dimension index made non-negative (graphs carry -1 for the last dim)."""
+    return dim % rank if rank else 0

@@ -24,14 +24,11 @@ import torch.fx
 from shear.graph.analysis import DimAnalysis, Dims
 from shear.graph.groups import Role
 from shear.graph.registry import fresh_like, op_name, register_op
+from shear.graph.registry import norm_dim as _norm
 
 __all__ = ["linear_rule", "ZERO_PRESERVING", "NON_ZERO_PRESERVING"]
 
 aten = torch.ops.aten
-
-
-def _norm(dim: int, rank: int) -> int:
-    return dim % rank if rank else 0
 
 
 def _set_roles(a: DimAnalysis, arg: Any, role: Role) -> None:

@@ -22,14 +22,11 @@ import torch.fx
 
 from shear.graph.analysis import DimAnalysis, Dims
 from shear.graph.registry import fresh_like, register_op
+from shear.graph.registry import norm_dim as _norm
 
 __all__ = ["reshape_rule", "reshape_dims", "cut_dim"]
 
 aten = torch.ops.aten
-
-
-def _norm(dim: int, rank: int) -> int:
-    return dim % rank if rank else 0
 
 
 def reshape_dims(a: DimAnalysis, dims: Dims, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> Dims:

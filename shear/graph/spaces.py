@@ -198,7 +198,6 @@ class SpaceTable:
         if kind == "prod" and any(b % a for a, b in zip(merged, merged[1:])):
             return None
         fine: list[int] = []
-        prev = _identity(kind)
         for child, lo_hi in zip(ref.children, _spans(kind, have)):
             lo, hi = lo_hi
             inner = [b for b in merged if lo < b < hi]
