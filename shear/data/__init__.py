@@ -25,6 +25,7 @@ from shear.data.instructions import (
 from shear.data.layout import DATA_ENV, corpus_file, data_root, instructions_file, manifest_file
 from shear.data.sources import SOURCE_NAMES, SOURCES, SPLITS, SourceInfo
 from shear.data.tasks import MultipleChoice, define_word_task, next_line_task
+from shear.data.text import TextData, require_text_data, window_perplexity
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -38,6 +39,7 @@ __all__ = [
     "SOURCE_NAMES",
     "SPLITS",
     "SourceInfo",
+    "TextData",
     "corpus_file",
     "data_root",
     "define_word_task",
@@ -52,6 +54,8 @@ __all__ = [
     "read_bytes",
     "read_jsonl",
     "read_text",
+    "require_text_data",
     "tokenize_instruction",
     "verify_data",
+    "window_perplexity",
 ]
