@@ -1,0 +1,280 @@
+"""The ``ebft`` pass: block-wise reconstruction fine-tuning of a sparse or pruned decoder LLM (EBFT).
+
+After pruning (unstructured, N:M, or structured and erased), each decoder block of the student is
+tuned in order to reproduce the dense teacher's block output on calibration windows, with its
+input taken from the already tuned student blocks before it (errors are corrected progressively).
+Masks stay fixed: weights that were exactly zero when the pass started stay exactly zero (or the
+keep masks of ``ctx.results["masks"].masks`` when a sparsity pass left them), and erased
+structures stay erased, since they are gone. The engine is :mod:`shear.runtime.blockwise`.
+
+The dense teacher is ``ctx.results["dense-model"]`` (the option ``teacher`` names another key):
+``shear.compile`` stores the caller's untouched model there (it works on a copy unless
+``inplace=True``); with ``inplace=True``, or when calling passes yourself, put a ``keep-dense``
+pass before the pruning passes, or store the dense model under that key yourself. Block outputs
+are compared on the residual stream, so a structurally pruned student (narrower MLPs, fewer heads)
+is fine; a pruned residual width is not (PipelineError).
+
+Data: ``ctx.data`` is a :class:`shear.data.TextData` (``nsamples`` windows of ``seq_len`` tokens are
+drawn with ``seed``), or a ``[n, seq_len]`` long tensor of calibration ids used as is.
+
+Example:
+    >>> p = EBFT(nsamples=32, seq_len=256, lr=2e-4, epochs=5)   # "ebft{nsamples=32,lr=0.0002,epochs=5}"
+    >>> p.name, p.train
+    ('ebft', 'weights')
+    >>> small = shear.compile(model, ["magnitude{sparsity=0.5}", "ebft"], data=data)  # doctest: +SKIP
+    >>> small.shear_report                      # per-block MSE before/after in the ebft record  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from shear.errors import DataError, PipelineError
+from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.runtime.blockwise import (
+    BlockInputs,
+    block_reconstruct,
+    capture_block_inputs,
+    decoder_blocks,
+    infer_masks,
+    run_block,
+    trainable_parameters,
+    unwrap_model,
+)
+
+__all__ = ["EBFT", "KeepDense", "EBFTReport", "BlockRecord", "calibration_ids", "dense_teacher", "explicit_masks"]
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One block's reconstruction error (MSE vs the teacher's block output) before and after tuning."""
+
+    index: int
+    mse_before: float
+    mse_after: float
+    steps: int
+    restored: bool
+    """Tuning made it worse, so the block's weights were put back."""
+
+
+@dataclass
+class EBFTReport:
+    """What ``ebft`` did: per-block records and the error of the last block's output.
+
+    ``output_mse_before`` is the last block's output error of the untuned student (each block fed
+    by the untuned blocks before it), ``output_mse_after`` the same for the tuned student.
+    """
+
+    blocks: list[BlockRecord] = field(default_factory=list)
+    output_mse_before: float = float("nan")
+    output_mse_after: float = float("nan")
+    samples: int = 0
+    seq_len: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"tuned {len(self.blocks)} blocks on {self.samples}x{self.seq_len} tokens: output MSE "
+            f"{self.output_mse_before:.4g} -> {self.output_mse_after:.4g}"
+        )
+
+
+def dense_teacher(ctx: Context, key: str = "dense-model") -> nn.Module:
+    """The dense teacher in ``ctx.results[key]``, or a PipelineError that says how to provide one."""
+    teacher = ctx.results.get(key)
+    if teacher is None:
+        raise PipelineError(
+            f"ebft needs the dense model as its teacher in ctx.results[{key!r}]: shear.compile stores the "
+            "caller's model there unless inplace=True; otherwise put 'keep-dense' before the pruning passes "
+            f"(e.g. 'keep-dense,magnitude,ebft') or set ctx.results[{key!r}] = dense_model"
+        )
+    if not isinstance(teacher, nn.Module):
+        raise PipelineError(f"ctx.results[{key!r}] must be the dense nn.Module, got {type(teacher).__name__}")
+    if teacher is ctx.model or unwrap_model(teacher) is unwrap_model(ctx.model):
+        raise PipelineError(
+            f"ctx.results[{key!r}] is the model being tuned, not a dense copy of it; store the model from "
+            "before pruning (e.g. with 'keep-dense' first in the pipeline)"
+        )
+    return teacher
+
+
+def calibration_ids(ctx: Context, nsamples: int, seq_len: int, seed: int, pass_name: str = "ebft") -> torch.Tensor:
+    """``[n, seq_len]`` calibration ids from ``ctx.data`` (a TextData, or ids given directly)."""
+    data = ctx.data
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype != torch.long or data.shape[0] == 0:
+            raise DataError(
+                f"pass {pass_name!r}: calibration ids given as a tensor must be [n, seq_len] long, got "
+                f"{tuple(data.shape)} {data.dtype}"
+            )
+        return data
+    from shear.data.text import require_text_data
+
+    return require_text_data(ctx, pass_name).calibration(nsamples, seq_len, seed=seed)
+
+
+def explicit_masks(ctx: Context) -> Mapping[str, torch.Tensor] | None:
+    """Keep masks a sparsity pass left in ``ctx.results["masks"]`` (anything with a ``.masks`` dict)."""
+    masks = getattr(ctx.results.get("masks"), "masks", None)
+    return masks if isinstance(masks, Mapping) else None
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def _advance(block: nn.Module, xs: list[torch.Tensor], inputs: BlockInputs, i: int) -> list[torch.Tensor]:
+    was_training = block.training
+    block.eval()
+    try:
+        return [run_block(block, x, inputs.args[i][c], inputs.kwargs[i][c]).detach() for c, x in enumerate(xs)]
+    finally:
+        block.train(was_training)
+
+
+def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    total = sum(float(((x.float() - y.to(x.device).float()) ** 2).sum()) for x, y in zip(a, b, strict=True))
+    return total / max(sum(y.numel() for y in b), 1)
+
+
+@register_pass
+@dataclass(frozen=True)
+class EBFT(Pass):
+    """Tune every decoder block to reproduce the dense teacher's block output (masks fixed)."""
+
+    name: ClassVar[str] = "ebft"
+    ensures: ClassVar[tuple[str, ...]] = ("ebft",)
+
+    nsamples: int = 32
+    """Calibration windows (ignored when ``ctx.data`` is a tensor of ids)."""
+    seq_len: int = 256
+    """Tokens per calibration window."""
+    seed: int = 0
+    """Seed of the window choice and of the chunk order."""
+    lr: float = 2e-4
+    """Adam learning rate."""
+    epochs: int = 5
+    """Passes over the calibration windows per block."""
+    batch_size: int = 4
+    """Windows per optimisation step (and per forward chunk when capturing)."""
+    train: Literal["weights", "lora"] = "weights"
+    """Tune all of a block's weights, or only its LoRA adapters (base weights frozen)."""
+    teacher: str = "dense-model"
+    """Key of ``ctx.results`` holding the dense teacher model."""
+
+    def __post_init__(self) -> None:
+        for opt in ("nsamples", "seq_len", "epochs", "batch_size"):
+            if getattr(self, opt) <= 0:
+                raise PipelineError(f"ebft: {opt} must be positive, got {getattr(self, opt)}")
+        if not self.lr > 0:
+            raise PipelineError(f"ebft: lr must be positive, got {self.lr}")
+        if self.train not in ("weights", "lora"):
+            raise PipelineError(f"ebft: train must be 'weights' or 'lora', got {self.train!r}")
+
+    def run(self, ctx: Context) -> PassResult:
+        student = ctx.model
+        s_blocks = decoder_blocks(student)
+        teacher = dense_teacher(ctx, self.teacher)
+        t_blocks = decoder_blocks(teacher)
+        if len(s_blocks) != len(t_blocks):
+            raise PipelineError(
+                f"ebft: the student has {len(s_blocks)} decoder blocks and the dense teacher {len(t_blocks)}; "
+                "block-wise reconstruction pairs them one to one (was a whole block removed?)"
+            )
+        for b in s_blocks:
+            trainable_parameters(b, self.train)  # fails early, naming the problem, for train='lora'
+        ids = calibration_ids(ctx, self.nsamples, self.seq_len, self.seed)
+        xs = capture_block_inputs(student, ids, batch_size=self.batch_size, blocks=s_blocks)
+        xt = capture_block_inputs(teacher, ids, batch_size=self.batch_size, blocks=t_blocks)
+        if xs.width != xt.width:
+            raise PipelineError(
+                f"ebft: the pruned model's residual width is {xs.width} and the dense model's {xt.width}; "
+                "block outputs can only be compared when the residual stream (hidden size) was not pruned"
+            )
+        explicit = explicit_masks(ctx)
+        names = {id(p): n for n, p in student.named_parameters()}
+        dev = _device(student)
+        report = EBFTReport(samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+        x_s, x_t, x_u = xs.hidden, xt.hidden, xs.hidden
+        revived_warned = False
+        with ctx.progress(total=len(s_blocks), description="ebft") as bar:
+            for i, (sb, tb) in enumerate(zip(s_blocks, t_blocks, strict=True)):
+                x_t = _advance(tb, x_t, xt, i)
+                targets = [y.to(dev) for y in x_t]
+                x_u = _advance(sb, x_u, xs, i)
+                masks = infer_masks(sb, explicit, names=names)
+                if self.train == "lora" and not revived_warned and any(
+                    m is not None and "lora_" not in n for n, m in masks.items()
+                ):
+                    ctx.warn(
+                        "ebft: train='lora' leaves the sparse base weights untouched, but the LoRA update is "
+                        "dense: merging it revives pruned weights; use train='weights' to keep the sparsity"
+                    )
+                    revived_warned = True
+                r = block_reconstruct(
+                    sb,
+                    targets,
+                    x_s,
+                    masks,
+                    args=xs.args[i],
+                    kwargs=xs.kwargs[i],
+                    train=self.train,
+                    lr=self.lr,
+                    epochs=self.epochs,
+                    seed=self.seed + i,
+                )
+                report.blocks.append(BlockRecord(i, r.mse_before, r.mse_after, r.steps, r.restored))
+                x_s = _advance(sb, x_s, xs, i)
+                bar.set_description(f"ebft block {i}: mse {r.mse_before:.3g} -> {r.mse_after:.3g}")
+                bar.advance()
+        report.output_mse_before = _mse(x_u, [y.to(dev) for y in x_t])
+        report.output_mse_after = _mse(x_s, [y.to(dev) for y in x_t])
+        ctx.results["ebft"] = report
+        restored = [b.index for b in report.blocks if b.restored]
+        if restored:
+            ctx.warn(f"ebft: tuning made blocks {restored} worse (lr {self.lr} too large?); their weights were kept")
+        return PassResult(
+            changed=any(not b.restored for b in report.blocks),
+            message=report.summary(),
+            stats={
+                "blocks": [
+                    {"block": b.index, "mse_before": b.mse_before, "mse_after": b.mse_after, "restored": b.restored}
+                    for b in report.blocks
+                ],
+                "mse_before": sum(b.mse_before for b in report.blocks),
+                "mse_after": sum(b.mse_after for b in report.blocks),
+                "output_mse_before": report.output_mse_before,
+                "output_mse_after": report.output_mse_after,
+                "steps": sum(b.steps for b in report.blocks),
+                "samples": report.samples,
+                "seq_len": report.seq_len,
+            },
+        )
+
+
+@register_pass
+@dataclass(frozen=True)
+class KeepDense(Pass):
+    """Keep a copy of the model as it is now in ``ctx.results["dense-model"]``: ``ebft``'s teacher.
+
+    Put it before the pruning passes when ``shear.compile(inplace=True)`` or a hand-run pass manager
+    did not store the dense model; an entry already there (``shear.compile``'s) is kept.
+    """
+
+    name: ClassVar[str] = "keep-dense"
+    ensures: ClassVar[tuple[str, ...]] = ("dense-model",)
+
+    def run(self, ctx: Context) -> PassResult:
+        if ctx.results.get("dense-model") is not None:
+            return PassResult(changed=False, message="ctx.results['dense-model'] already holds the dense model")
+        ctx.results["dense-model"] = copy.deepcopy(ctx.model)
+        n = sum(p.numel() for p in ctx.model.parameters())
+        return PassResult(changed=False, message=f"kept a dense copy ({n} parameters) as 'dense-model'")
