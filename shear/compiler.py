@@ -192,6 +192,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     from shear.passes.progress import RichSink
 
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
+    original = model
     if not inplace:
         try:
             model = copy.deepcopy(model)
@@ -212,6 +213,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         data=data,
         device=dev,
         progress_sink=RichSink() if progress else None,
+        # the caller's untouched model: the dense teacher of passes such as ebft
+        results={} if inplace else {"dense-model": original},
     )
     builder = ReportBuilder(model)
     hooks: list[Any] = [builder]
