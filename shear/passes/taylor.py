@@ -1,0 +1,112 @@
+"""The ``taylor`` pass: LLM-Pruner's first-order structured baseline.
+
+On calibration windows from ``ctx.data`` it takes the gradient of the next-token loss w.r.t. the
+effective weights (LoRA folded in), scores each structure by ``Σ |W ⊙ G|`` over each member's
+slices combined across members by ``aggregate`` (LLM-Pruner's element-wise first-order importance,
+summed per group), and zeroes the lowest ``ratio`` of the structures of every prunable group (at
+least one stays; ``round_to`` as in ``random``). ``erase`` then removes them. The scores go to
+``ctx.results["taylor"]`` (group id -> float ``[size]``) and the choice to
+``ctx.results["taylor-pruned"]`` (group id -> sorted indices).
+
+Example:
+    >>> Taylor(ratio=0.3).name                  # pipeline string: "taylor{ratio=0.3}"
+    'taylor'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from shear.errors import PipelineError
+from shear.graph.groups import PruningGroup
+from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.saliency import calibration_ids
+from shear.runtime.masks import TensorTable, zero_structures
+from shear.runtime.saliency import taylor_importance
+
+__all__ = ["Taylor", "prune_count", "zero_lowest"]
+
+
+def prune_count(group: PruningGroup, ratio: float, round_to: int = 1) -> int:
+    """How many structures of ``group`` a ratio removes: ``round(ratio * size)``, at most ``size - 1``,
+    with the kept count rounded to a multiple of ``round_to`` when the group is that large."""
+    n = min(round(ratio * group.size), group.size - 1)
+    if round_to > 1 and group.size >= round_to:
+        keep = max(round_to, round((group.size - n) / round_to) * round_to)
+        n = group.size - min(keep, group.size)
+    return max(n, 0)
+
+
+def zero_lowest(
+    model: torch.nn.Module,
+    groups: tuple[PruningGroup, ...],
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    round_to: int = 1,
+) -> dict[int, torch.Tensor]:
+    """Zero the lowest-scoring ``ratio`` of the structures of every scored prunable group; return the choice."""
+    if not 0.0 <= ratio < 1.0:
+        raise PipelineError(f"taylor: ratio must be in [0, 1), got {ratio}")
+    table = TensorTable(model)
+    chosen: dict[int, torch.Tensor] = {}
+    for g in groups:
+        if not g.prunable or g.id not in scores:
+            continue
+        n = prune_count(g, ratio, round_to)
+        idx = torch.sort(torch.argsort(scores[g.id], stable=True)[:n]).values
+        zero_structures(table, g, idx)
+        chosen[g.id] = idx
+    return chosen
+
+
+@register_pass
+@dataclass(frozen=True)
+class Taylor(Pass):
+    """Zero the structures with the lowest first-order Taylor importance (LLM-Pruner), per group."""
+
+    name: ClassVar[str] = "taylor"
+    requires: ClassVar[tuple[str, ...]] = ("graph",)
+    ensures: ClassVar[tuple[str, ...]] = ("taylor",)
+
+    ratio: float = 0.3
+    """Fraction of each prunable group's structures to zero, in [0, 1)."""
+    aggregate: Literal["sum", "mean", "max"] = "sum"
+    """How the per-member importances of a structure combine."""
+    samples: int = 16
+    """Calibration windows."""
+    seq_len: int = 128
+    """Tokens per calibration window."""
+    seed: int = 0
+    """Seed of the calibration window choice."""
+    batch_size: int = 4
+    """Windows per forward/backward pass."""
+    round_to: int = 1
+    """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise PipelineError(f"taylor: ratio must be in [0, 1), got {self.ratio}")
+
+    def run(self, ctx: Context) -> PassResult:
+        graph = ctx.results["graph"]
+        ids = calibration_ids(ctx, self.name, self.samples, self.seq_len, self.seed)
+        scores = taylor_importance(
+            ctx.model,
+            graph.pruning_groups,
+            ids,
+            composites=graph.composites,
+            aggregate=self.aggregate,
+            batch_size=self.batch_size,
+        )
+        chosen = zero_lowest(ctx.model, graph.pruning_groups, scores, self.ratio, self.round_to)
+        ctx.results["taylor"] = scores
+        ctx.results["taylor-pruned"] = chosen
+        n = sum(int(v.numel()) for v in chosen.values())
+        return PassResult(
+            changed=n > 0,
+            message=f"zeroed {n} structures in {len(chosen)} prunable groups by first-order Taylor (ratio {self.ratio})",
+            stats={"structures": n, "groups": len(chosen)},
+        )
