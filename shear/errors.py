@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "CheckpointError",
     "ModelLoadError",
+    "TrainingError",
 ]
 
 
@@ -59,3 +60,7 @@ class CheckpointError(ShearError):
 
 class ModelLoadError(ShearError):
     """A model could not be loaded (missing package, hub id instead of a local path, ...)."""
+
+
+class TrainingError(ShearError):
+    """A training run cannot start or go on (nothing trainable, non-finite loss, ...); names the fix."""

@@ -1,0 +1,365 @@
+"""The one LoRA training loop shared by LHSPG, recovery fine-tuning and EBFT.
+
+:func:`train` runs ``config.steps`` AdamW steps over the trainable parameters (for a peft model:
+the LoRA adapters only) on micro-batches from a :class:`~shear.runtime.training.batches.BatchStream`:
+
+1. check what trains (non-LoRA params are frozen when LoRA exists; nothing trainable is an error);
+2. seed everything, or resume from the newest checkpoint in ``config.checkpoint_dir``;
+3. per step: ``grad_accum`` micro-batches, loss summed over target tokens and divided by the step's
+   total (over all ranks), backward (gradient sync on the last micro-batch only), clip,
+   ``optimizer.step()``, ``zero_grad()``, ``scheduler.step()``, then ``after_optimizer_step`` hooks;
+4. every ``checkpoint_every`` steps (and at the last) rank 0 writes ``step-<n>/`` atomically.
+
+A killed run re-run with the same config continues from its last checkpoint to bit-identical
+weights (CPU fp32; on GPU up to the determinism of its kernels). Under ``torchrun`` or
+``accelerate launch`` the same call trains data-parallel: pass the ``Accelerator`` or initialise
+``torch.distributed``; the batch stream is sharded by rank.
+
+Example:
+    >>> from shear.runtime.training import TrainConfig, TokenBatches, ensure_lora, train   # doctest: +SKIP
+    >>> model, msg = ensure_lora(model)                                                    # doctest: +SKIP
+    >>> cfg = TrainConfig(steps=200, batch_size=4, seq_len=256, checkpoint_dir="ckpt", checkpoint_every=50)
+    >>> batches = TokenBatches.from_config({"web": web_ids, "code": code_ids}, cfg)         # doctest: +SKIP
+    >>> result = train(model, batches, cfg)                                                # doctest: +SKIP
+    >>> result.losses[-1] < result.losses[0]                                               # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shear.errors import CheckpointError, PipelineError, TrainingError
+from shear.runtime.training.batches import BatchStream
+from shear.runtime.training.checkpoints import (
+    TrainCheckpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from shear.runtime.training.config import TrainConfig
+from shear.runtime.training.distributed import Parallel, detect_parallel
+from shear.runtime.training.hooks import TrainHook, TrainState
+from shear.runtime.training.lora import is_lora_param
+from shear.runtime.training.loss import causal_lm_loss_sum, count_targets, logits_of
+from shear.runtime.training.memory import PeakMemory
+from shear.runtime.training.optim import build_optimizer, build_scheduler
+from shear.runtime.training.result import StepLog, TrainResult
+from shear.runtime.training.rng import capture_rng, restore_rng, seed_everything
+
+__all__ = ["train", "select_trainable", "resolve_bf16", "LossFn", "Progress"]
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+"""A custom loss: ``(model, micro-batch) -> mean loss``; steps average it over micro-batches."""
+
+Progress = Any
+"""A bar with ``advance()`` (and optionally ``set_description(str)``, e.g. ``ctx.progress(...)``'s),
+a callable taking a :class:`~shear.runtime.training.result.StepLog`, or ``True`` for a rich bar."""
+
+
+def select_trainable(model: nn.Module, warnings: list[str]) -> list[nn.Parameter]:
+    """The parameters :func:`train` optimises; freezes non-LoRA ones when LoRA adapters exist.
+
+    Raises :class:`TrainingError` when nothing would train.
+    """
+    named = list(model.named_parameters())
+    lora = [(n, p) for n, p in named if is_lora_param(n)]
+    if lora:
+        extra = [n for n, p in named if p.requires_grad and not is_lora_param(n)]
+        for n, p in named:
+            if n in extra:
+                p.requires_grad_(False)
+        if extra:
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            warnings.append(
+                f"froze {len(extra)} non-LoRA parameters that required grad ({', '.join(extra[:3])}{more}); "
+                "only the LoRA adapters train"
+            )
+        if not any(p.requires_grad for _, p in lora):
+            raise TrainingError(
+                f"the LoRA adapters of {type(model).__name__} are all frozen; make them trainable "
+                "(PeftModel.from_pretrained(..., is_trainable=True), or requires_grad_(True) on the lora_ params)"
+            )
+    params = [p for _, p in named if p.requires_grad]
+    if not params:
+        raise TrainingError(
+            f"no parameter of {type(model).__name__} requires grad, so there is nothing to train; add LoRA "
+            "adapters first: model, msg = shear.runtime.training.ensure_lora(model)"
+        )
+    return params
+
+
+def resolve_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """Whether to autocast to bf16: ``config.bf16``, or (``None``) on CUDA devices that support it."""
+    if config.bf16 is None:
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PipelineError(f"TrainConfig.bf16=True but {torch.cuda.get_device_name(device)} has no bf16; use bf16=None")
+    return config.bf16
+
+
+def _check_stream(batches: BatchStream, config: TrainConfig, par: Parallel) -> BatchStream:
+    size = getattr(batches, "batch_size", config.batch_size)
+    if size != config.batch_size:
+        raise PipelineError(
+            f"the batch stream yields {size} rows per micro-batch but config.batch_size={config.batch_size}; "
+            "build it with TokenBatches.from_config(tokens, config) or make the two equal"
+        )
+    seq = getattr(batches, "seq_len", config.seq_len)
+    if seq != config.seq_len:
+        raise PipelineError(
+            f"the batch stream yields rows of {seq} tokens but config.seq_len={config.seq_len}; make the two equal"
+        )
+    world = getattr(batches, "world_size", 1)
+    if world == par.world_size:
+        return batches
+    if world == 1:
+        return batches.shard(par.rank, par.world_size)
+    raise PipelineError(
+        f"the batch stream is sharded for {world} processes but {par.world_size} take part; "
+        "pass an unsharded stream and let train() shard it"
+    )
+
+
+def _device_of(model: nn.Module, par: Parallel) -> torch.device:
+    if par.device is not None:
+        return par.device
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _enable_checkpointing(model: nn.Module, warnings: list[str]) -> Callable[[], None]:
+    """Turn on non-reentrant gradient checkpointing; returns the undo."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable):
+        warnings.append(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); trained without gradient checkpointing"
+        )
+        return lambda: None
+    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    disable = getattr(model, "gradient_checkpointing_disable", None)
+    if was_on or not callable(disable):
+        return lambda: None
+    return disable
+
+
+@contextmanager
+def _progress(progress: Progress, total: int, is_main: bool) -> Iterator[Any]:
+    if progress is None or progress is False or not is_main:
+        yield None
+        return
+    if progress is True:
+        from shear.passes.progress import RichSink, open_bar
+
+        with open_bar(RichSink(), total, "train") as bar:
+            yield bar
+        return
+    yield progress
+
+
+def _report(progress: Any, log: StepLog | None, steps: int) -> None:
+    if progress is None:
+        return
+    if hasattr(progress, "advance"):
+        progress.advance(steps)
+        if log is not None and hasattr(progress, "set_description"):
+            progress.set_description(f"train {log.describe()}")
+    elif log is not None:
+        progress(log)
+
+
+def _restore(ckpt: TrainCheckpoint, state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig) -> None:
+    mismatch = config.resume_mismatch(ckpt.info.get("config", {}))
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} was written with another config ({'; '.join(mismatch)}); resume with the "
+            "same config, or start over with resume=False or a new checkpoint_dir"
+        )
+    saved_hooks = ckpt.state["hooks"]
+    if len(saved_hooks) != len(hooks):
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds the state of {len(saved_hooks)} hooks, this run has {len(hooks)}; "
+            "resume with the same hooks, or start over with resume=False"
+        )
+    try:
+        state.model.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit {type(state.model).__name__} ({e}); resume the same model "
+            "(same LoRA adapters), or start over with resume=False"
+        ) from e
+    state.optimizer.load_state_dict(ckpt.state["optimizer"])
+    state.scheduler.load_state_dict(ckpt.state["scheduler"])
+    state.batches.load_state_dict(ckpt.state["batches"])
+    for hook, saved in zip(hooks, saved_hooks):
+        hook.load_state_dict(saved)
+    state.step = ckpt.step
+    state.losses = [float(x) for x in ckpt.info["losses"]]
+    state.tokens = int(ckpt.info["tokens"])
+
+
+def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig) -> None:
+    rng_tensors, rng_plain = capture_rng()
+    extra = {
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "batches": state.batches.state_dict(),
+        "hooks": [h.state_dict() for h in hooks],
+        "rng": rng_tensors,
+    }
+    info = {
+        "losses": state.losses, "tokens": state.tokens, "config": config.to_dict(), "rng": rng_plain,
+        "world_size": state.world_size,
+    }
+    assert config.checkpoint_dir is not None
+    save_checkpoint(config.checkpoint_dir, state.step, model=state.model, extra=extra, info=info)
+
+
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _forward_kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _input_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def train(
+    model: nn.Module,
+    batches: BatchStream,
+    config: TrainConfig,
+    *,
+    hooks: Sequence[TrainHook] = (),
+    progress: Progress = None,
+    accelerator: Any = None,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters for ``config.steps`` steps; see the module doc.
+
+    ``hooks`` see a :class:`TrainState` after every optimizer step; ``progress`` gets a report every
+    ``config.log_every`` steps; ``accelerator`` (an ``accelerate.Accelerator``) makes the run
+    data-parallel (also detected from an initialised ``torch.distributed``); ``loss_fn`` replaces
+    the token-summed causal-LM loss. The model is left in the train/eval mode it came in.
+    """
+    warnings: list[str] = []
+    hooks = list(hooks)
+    par = detect_parallel(accelerator)
+    params = select_trainable(model, warnings)
+    batches = _check_stream(batches, config, par)
+    device = _device_of(model, par)
+    bf16 = resolve_bf16(config, device)
+    optimizer = build_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = build_scheduler(optimizer, config.scheduler, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    state = TrainState(
+        model=model, optimizer=optimizer, scheduler=scheduler, config=config, rank=par.rank,
+        world_size=par.world_size, accelerator=accelerator, batches=batches,
+    )
+    ckpt: TrainCheckpoint | None = None
+    if config.checkpoint_dir is not None:
+        if par.is_main:
+            remove_stale_temporaries(config.checkpoint_dir)
+        par.barrier()
+        latest = latest_checkpoint(config.checkpoint_dir) if config.resume else None
+        if latest is not None:
+            ckpt = load_checkpoint(latest)
+            _restore(ckpt, state, hooks, config)
+    if ckpt is None:
+        seed_everything(config.seed)
+
+    was_training = model.training
+    undo_checkpointing = _enable_checkpointing(model, warnings) if config.gradient_checkpointing else (lambda: None)
+    model.train()
+    run_model, run_optimizer = par.prepare(model, optimizer)
+    for hook in hooks:
+        hook.on_train_start(state)
+    if ckpt is not None:  # after on_train_start, so its random draws do not shift the resumed stream
+        restore_rng(ckpt.state["rng"], ckpt.info["rng"])
+        del ckpt.model_state
+
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    start_step, start_tokens = state.step, state.tokens
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        meter = stack.enter_context(PeakMemory(device))
+        bar = stack.enter_context(_progress(progress, config.steps, par.is_main))
+        if bar is not None and start_step and hasattr(bar, "advance"):
+            bar.advance(start_step)
+        while state.step < config.steps:
+            micro = [_to(next(batches), device) for _ in range(config.grad_accum)]
+            local = torch.tensor(
+                [sum(count_targets(b["labels"]) for b in micro), sum(_input_tokens(b) for b in micro)],
+                dtype=torch.float64, device=device,
+            )
+            targets, tokens = (int(x) for x in par.sum(local).tolist())
+            if loss_fn is None and targets == 0:
+                raise TrainingError(f"step {state.step + 1} has no target tokens (all labels are -100); check the data")
+            loss_total = torch.zeros((), dtype=torch.float64, device=device)
+            for i, batch in enumerate(micro):
+                with par.no_sync(run_model, skip=i < len(micro) - 1):
+                    with autocast():
+                        if loss_fn is None:
+                            summed = causal_lm_loss_sum(logits_of(run_model(**_forward_kwargs(model, batch))), batch["labels"])
+                            loss = summed * (par.world_size / targets)
+                            loss_total += summed.detach().double()
+                        else:
+                            loss = loss_fn(run_model, batch) / len(micro)
+                            loss_total += loss.detach().double()
+                    par.backward(loss)
+            if config.max_grad_norm is not None:
+                par.clip(params, config.max_grad_norm)
+            run_optimizer.step()
+            run_optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+            step_loss = float(par.sum(loss_total)) / (targets if loss_fn is None else par.world_size)
+            if step_loss != step_loss or step_loss in (float("inf"), float("-inf")):
+                raise TrainingError(
+                    f"the loss is {step_loss} at step {state.step}; lower config.lr, keep max_grad_norm set, "
+                    "or use bf16=False"
+                )
+            state.losses.append(step_loss)
+            state.tokens += tokens
+            for hook in hooks:
+                hook.after_optimizer_step(state)
+            log = None
+            if state.step % config.log_every == 0 or state.step == config.steps:
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                log = StepLog(state.step, config.steps, step_loss, scheduler.get_last_lr()[0],
+                              (state.tokens - start_tokens) / elapsed)
+            _report(bar, log, 1)
+            if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
+                if par.is_main:
+                    _save(state, hooks, config)
+                par.barrier()
+        wall = time.perf_counter() - t0
+    for hook in hooks:
+        hook.on_train_end(state)
+    undo_checkpointing()
+    model.train(was_training)
+    stats = meter.stats
+    return TrainResult(
+        steps=state.step, losses=list(state.losses), tokens=state.tokens, wall_s=wall,
+        tokens_per_s=(state.tokens - start_tokens) / wall if wall > 0 else 0.0,
+        peak_memory_bytes=stats.peak_bytes, memory=stats, warnings=warnings,
+        resumed_from=Path(ckpt.path) if ckpt is not None else None,
+        resumed_step=start_step,
+    )

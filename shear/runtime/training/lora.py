@@ -1,0 +1,142 @@
+"""LoRA adapters for training: add them once, list them, fold them into the base weights.
+
+:func:`ensure_lora` wraps a model with peft LoRA on every ``nn.Linear`` of its blocks (not the LM
+head, classifier or embeddings) unless it already has LoRA adapters. :func:`merge_and_reset_lora`
+folds ``B @ A * scaling`` into each base weight and restarts the adapters (A Kaiming-uniform as peft
+initialises it, B zero), which LHSPG does at the end of every pruning period.
+
+Example:
+    >>> import transformers                                        # doctest: +SKIP
+    >>> model = transformers.LlamaForCausalLM(cfg)                 # doctest: +SKIP
+    >>> model, msg = ensure_lora(model, r=8)                       # doctest: +SKIP
+    >>> msg                                                        # doctest: +SKIP
+    'added LoRA adapters (r=8) to 14 linear layers'
+    >>> ensure_lora(model)[1] is None                              # doctest: +SKIP
+    True
+    >>> merge_and_reset_lora(model)                                # doctest: +SKIP
+    14
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from shear.errors import TrainingError
+
+__all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param", "lora_target_names"]
+
+_HEAD_NAMES = ("lm_head", "classifier", "score", "embed_out", "output_projection", "qa_outputs")
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(module name, peft LoraLayer)`` for every LoRA-adapted layer of ``model``, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def is_lora_param(name: str) -> bool:
+    """Whether a parameter name (from ``named_parameters``) belongs to a LoRA adapter."""
+    return "lora_" in name
+
+
+def lora_target_names(model: nn.Module) -> list[str]:
+    """Full names of the ``nn.Linear`` modules :func:`ensure_lora` adapts.
+
+    Every Linear except output heads (``lm_head``, ``classifier``, ``score``, ... and whatever
+    ``get_output_embeddings()`` returns) and anything inside an embedding module.
+    """
+    heads: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module):
+            heads.add(id(out))
+    embed_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.Embedding) and n]
+    names = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or id(m) in heads:
+            continue
+        if name.rsplit(".", 1)[-1] in _HEAD_NAMES or any(name.startswith(p) for p in embed_prefixes):
+            continue
+        names.append(name)
+    return names
+
+
+def ensure_lora(
+    model: nn.Module,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] | None = None,
+) -> tuple[nn.Module, str | None]:
+    """``model`` with LoRA adapters, and a message saying what was added (``None``: it had them).
+
+    Without ``target_modules`` every Linear of the transformer blocks is adapted (see
+    :func:`lora_target_names`); the base weights come back frozen, the adapters trainable. The result
+    is a peft ``PeftModel`` around ``model`` (which is modified: peft injects layers in place).
+    """
+    if lora_layers(model):
+        return model, None
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(target_modules) if target_modules is not None else lora_target_names(model)
+    if not targets:
+        raise TrainingError(
+            f"{type(model).__name__} has no nn.Linear layers outside its head and embeddings to adapt; "
+            "pass target_modules=[...] naming the layers to train"
+        )
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    peft_model = get_peft_model(model, config)
+    n = len(lora_layers(peft_model))
+    return peft_model, f"added LoRA adapters (r={r}) to {n} linear layers"
+
+
+@torch.no_grad()
+def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None = None) -> int:
+    """Fold every active LoRA adapter into its base weight, then re-initialise the adapter.
+
+    ``W += B @ A * scaling`` is computed in fp32 and cast back to the base weight's dtype; A is reset
+    Kaiming-uniform (a=sqrt(5), as peft does, drawing from ``generator`` or the global RNG) and B to
+    zero, in place, so optimizer references stay valid (reset their state yourself if wanted, see
+    :func:`~shear.runtime.training.optim.reset_optimizer_state`). The model's function is unchanged up
+    to rounding. Returns the number of adapters merged.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise TrainingError(
+            f"{type(model).__name__} has no LoRA adapters to merge; add them with ensure_lora(model) first"
+        )
+    merged = 0
+    for name, layer in layers:
+        base = layer.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if weight is None or not hasattr(layer, "lora_A"):
+            raise TrainingError(f"LoRA layer {name!r} wraps {type(base).__name__} without a weight; cannot merge it")
+        for adapter in layer.active_adapters:
+            if adapter not in layer.lora_A:
+                continue
+            if getattr(layer, "use_dora", {}).get(adapter, False):
+                raise TrainingError(f"LoRA layer {name!r} uses DoRA, which merge_and_reset_lora does not fold; use plain LoRA")
+            a = layer.lora_A[adapter].weight
+            b = layer.lora_B[adapter].weight
+            delta = (b.float() @ a.float()) * float(layer.scaling[adapter])
+            if getattr(layer, "fan_in_fan_out", False):
+                delta = delta.T
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            bias = getattr(layer.lora_B[adapter], "bias", None)
+            if bias is not None and getattr(base, "bias", None) is not None:
+                base.bias.copy_((base.bias.float() + bias.float() * float(layer.scaling[adapter])).to(base.bias.dtype))
+                bias.zero_()
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            b.zero_()
+            merged += 1
+    return merged
