@@ -1,0 +1,85 @@
+"""Figures of analysis results, drawn with matplotlib's Agg backend (no display needed).
+
+:func:`plot_deviation` draws LoRAShear's Figure 4: the perplexity deviation caused by pruning each
+node group, in network order, with the node groups marked unprunable highlighted.
+
+Example:
+    >>> paths = plot_deviation(["embed", "layers.0.mlp"], [0.5, 12.0], [False, True], "/tmp/kd")  # doctest: +SKIP
+    >>> [p.suffix for p in paths]                                                              # doctest: +SKIP
+    ['.png', '.svg']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from shear.errors import ShearError
+
+__all__ = ["plot_deviation"]
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ShearError("plotting needs matplotlib: pip install 'matplotlib>=3.8'") from e
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_deviation(
+    labels: Sequence[str],
+    deviations: Sequence[float],
+    highlight: Sequence[bool],
+    stem: str | os.PathLike[str],
+    *,
+    title: str = "Knowledge distribution: perplexity deviation per node group",
+    ylabel: str = "perplexity deviation",
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Bar plot of ``deviations`` (one bar per label, in the given order); highlighted bars in red.
+
+    Writes ``<stem>.<fmt>`` for every format and returns the paths. The y axis turns symmetric-log
+    when the bars span more than three orders of magnitude, so small deviations stay visible next
+    to a collapse.
+    """
+    if not (len(labels) == len(deviations) == len(highlight)):
+        raise ShearError(f"plot_deviation: {len(labels)} labels, {len(deviations)} values, {len(highlight)} flags")
+    plt = _pyplot()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2.0), 4.2))
+    try:
+        colours = ["#d62728" if h else "#7f9fbf" for h in highlight]
+        ax.bar(range(n), list(deviations), color=colours, edgecolor="none")
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(list(labels), rotation=90, fontsize=6 if n > 30 else 8)
+        ax.set_xlim(-0.6, n - 0.4)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("node group (network order)")
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        mags = [abs(d) for d in deviations if d != 0 and d == d]
+        if mags and max(mags) / min(mags) > 1e3:
+            ax.set_yscale("symlog", linthresh=min(mags))
+        from matplotlib.patches import Patch
+
+        ax.legend(
+            handles=[Patch(color="#d62728", label="unprunable"), Patch(color="#7f9fbf", label="prunable")],
+            fontsize=8,
+            loc="upper right",
+        )
+        fig.tight_layout()
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for fmt in formats:
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            fig.savefig(path, format=fmt, dpi=150)
+            paths.append(path)
+        return paths
+    finally:
+        plt.close(fig)
