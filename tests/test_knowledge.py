@@ -1,0 +1,159 @@
+"""knowledge-distribution (Algorithm 3): a planted critical node group ranks first; weights come back bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from models import VOCAB, build
+
+from shear.data import TextData
+from shear.errors import PassError, PipelineError
+from shear.passes import Context, PassManager
+from shear.passes.knowledge import KnowledgeDistribution, KnowledgeDistributionAnalysis, pooled_perplexity
+
+PLANTED = "model.layers.1.mlp/channel"
+
+
+def _language(n: int, seed: int) -> torch.Tensor:
+    """A noisy deterministic bigram language: next = perm[current] with probability 0.9."""
+    perm = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(123))
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, generator=g) < 0.1
+    rnd = torch.randint(0, VOCAB, (n,), generator=g)
+    ids = torch.empty(n, dtype=torch.long)
+    ids[0] = 0
+    for i in range(1, n):
+        ids[i] = rnd[i] if noise[i] else perm[ids[i - 1]]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[torch.nn.Module, TextData]:
+    """A tiny LLaMA trained on the bigram language, with a planted critical MLP in layer 1.
+
+    The MLP's channels come in pairs (2i, 2i+1) with equal gate rows, opposite up rows and equal,
+    large down columns along one direction: each pair's output cancels exactly, so the model is
+    unchanged, but zeroing half of the channels at random breaks pairs and floods the residual
+    stream. Pruning that node group must dominate every other one.
+    """
+    torch.manual_seed(0)
+    model, _ = build("llama")
+    data = TextData(None, {"bigram": _language(12_000, 0)}, {"bigram": _language(2_048, 1)})
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(120):
+        batch = data.calibration(16, 32, seed=step)
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    mlp = model.model.layers[1].mlp
+    width = mlp.gate_proj.weight.shape[0]
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    u = u / u.norm()
+    with torch.no_grad():
+        for i in range(0, width, 2):
+            mlp.gate_proj.weight[i + 1] = mlp.gate_proj.weight[i]
+            mlp.up_proj.weight[i + 1] = -mlp.up_proj.weight[i]
+            mlp.down_proj.weight[:, i] = 300 * (1 + i / width) * u
+            mlp.down_proj.weight[:, i + 1] = 300 * (1 + i / width) * u
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, data
+
+
+def _run(model: torch.nn.Module, data: TextData | None, spec: str) -> Context:
+    ctx = Context(model=model, example_inputs={"input_ids": torch.zeros(1, 8, dtype=torch.long)}, data=data)
+    PassManager(["discover-groups", spec]).run(ctx)
+    return ctx
+
+
+def test_planted_node_group_ranks_first_and_weights_are_restored(
+    planted: tuple[torch.nn.Module, TextData], tmp_path: Path
+) -> None:
+    model, data = planted
+    base = data.perplexity(model, seq_len=32, max_windows=8)["bigram"]
+    assert base < 3.0  # the model learned the language, so perplexity is meaningful
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = _run(model, data, f"knowledge-distribution{{proxy=random,seq_len=32,max_windows=8,out_dir='{tmp_path}'}}")
+    kd: KnowledgeDistribution = ctx.results["knowledge-distribution"]
+    graph = ctx.results["graph"]
+    planted_ng = next(ng for ng in graph.node_groups if ng.name == PLANTED)
+    assert kd.ranking[0] == planted_ng.id
+    top, second = kd.entry(kd.ranking[0]), kd.entry(kd.ranking[1])
+    assert top.deviation > 10 * max(second.deviation, 0.1)
+    assert kd.unprunable_node_groups == {planted_ng.id}  # gamma 0.1 of 5 node groups -> 1
+    assert kd.unprunable_groups == frozenset(planted_ng.pruning_groups)
+    assert kd.base_ppl == pytest.approx(base, rel=1e-6)
+    # every weight is back, bit for bit
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # one entry per node group that owns prunable structures, in network order
+    assert {e.node_group for e in kd.entries} == {ng.id for ng in graph.node_groups if ng.pruning_groups
+                                                   and graph.pruning_groups[ng.pruning_groups[0]].prunable}
+    names = [e.name for e in kd.entries]
+    assert names.index("model.layers.0.mlp/channel") < names.index(PLANTED)
+    assert names.index("model.layers.0.self_attn/head") < names.index("model.layers.1.self_attn/head")
+    # figure and table
+    assert sorted(p.suffix for p in kd.figures) == [".png", ".svg"]
+    assert all(p.exists() and p.stat().st_size > 1000 for p in kd.figures)
+    table = kd.table()
+    assert "| rank | node group |" in table and f"| 1 | {PLANTED} | basic |" in table
+
+
+def test_gamma_bounds_and_magnitude_proxy(planted: tuple[torch.nn.Module, TextData]) -> None:
+    model, data = planted
+    none = _run(model, data, "knowledge-distribution{gamma=0,seq_len=32,max_windows=2}")
+    kd = none.results["knowledge-distribution"]
+    assert kd.unprunable_groups == frozenset() and kd.proxy == "magnitude" and not kd.figures
+    every = _run(model, data, "knowledge-distribution{gamma=1,seq_len=32,max_windows=2}")
+    kd1 = every.results["knowledge-distribution"]
+    assert kd1.unprunable_groups == {g.id for g in every.results["graph"].prunable_groups}
+    assert all(math.isfinite(e.ppl) for e in kd1.entries)
+
+
+def test_lora_composed_node_groups_mark_their_output_side() -> None:
+    model, x = build("llama", lora=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = TextData(None, {"a": torch.randint(0, VOCAB, (400,), generator=g)}, {"a": torch.randint(0, VOCAB, (64,), generator=g)})
+    ctx = _run(model, data, "knowledge-distribution{seq_len=16,max_windows=1,gamma=1}")
+    kd = ctx.results["knowledge-distribution"]
+    graph = ctx.results["graph"]
+    groups = {pg.id: pg for pg in graph.pruning_groups}
+    composed = [e for e in kd.entries if e.kind == "composed"]
+    assert len(composed) == len(graph.composites) == 14
+    for e in composed:
+        module = e.name.rsplit(".", 1)[-1]
+        produced = {groups[i].kind for i in e.pruning_groups}
+        # o_proj / down_proj write the residual stream; q/k/v write heads; gate/up the MLP channels
+        expected = {"o_proj": {"residual"}, "down_proj": {"residual"}, "q_proj": {"head"}, "k_proj": {"head"},
+                     "v_proj": {"head"}, "gate_proj": {"channel"}, "up_proj": {"channel"}}[module]
+        assert produced == expected, e.name
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_errors() -> None:
+    model, _ = build("llama")
+    with pytest.raises(PassError, match="needs text data"):
+        _run(model, None, "knowledge-distribution")
+    with pytest.raises(PipelineError, match=r"ratio must be in \(0, 1\)"):
+        KnowledgeDistributionAnalysis(ratio=0.0)
+    with pytest.raises(PipelineError, match=r"gamma must be in \[0, 1\]"):
+        KnowledgeDistributionAnalysis(gamma=1.5)
+    assert pooled_perplexity({"a": 4.0, "b": 9.0}) == pytest.approx(6.0)
+    assert pooled_perplexity({"a": float("inf")}) == math.inf
+
+
+def test_result_is_independent_of_model_copy(planted: tuple[torch.nn.Module, TextData]) -> None:
+    model, data = planted
+    a = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=random,seq_len=32,max_windows=2,seed=3}")
+    b = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=random,seq_len=32,max_windows=2,seed=3}")
+    ka, kb = a.results["knowledge-distribution"], b.results["knowledge-distribution"]
+    assert ka.ranking == kb.ranking and [e.ppl for e in ka.entries] == [e.ppl for e in kb.entries]
