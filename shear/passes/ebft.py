@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -130,6 +130,19 @@ def _device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _to(obj: Any, dev: torch.device) -> Any:
+    """``obj`` with every tensor inside (lists, tuples, dicts) moved to ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
+        return type(obj)(*(_to(v, dev) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, dev) for v in obj)
+    return obj
+
+
 @torch.no_grad()
 def _advance(block: nn.Module, xs: list[torch.Tensor], inputs: BlockInputs, i: int) -> list[torch.Tensor]:
     was_training = block.training
@@ -194,6 +207,9 @@ class EBFT(Pass):
         ids = calibration_ids(ctx, self.nsamples, self.seq_len, self.seed)
         xs = capture_block_inputs(student, ids, batch_size=self.batch_size, blocks=s_blocks)
         xt = capture_block_inputs(teacher, ids, batch_size=self.batch_size, blocks=t_blocks)
+        dev = _device(student)
+        if _device(teacher) != dev:  # the caller's model stays where it is; its blocks visit as copies
+            xt = BlockInputs(_to(xt.hidden, dev), _to(xt.args, dev), _to(xt.kwargs, dev))
         if xs.width != xt.width:
             raise PipelineError(
                 f"ebft: the pruned model's residual width is {xs.width} and the dense model's {xt.width}; "
@@ -201,14 +217,13 @@ class EBFT(Pass):
             )
         explicit = explicit_masks(ctx)
         names = {id(p): n for n, p in student.named_parameters()}
-        dev = _device(student)
         report = EBFTReport(samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
         x_s, x_t, x_u = xs.hidden, xt.hidden, xs.hidden
         revived_warned = False
         with ctx.progress(total=len(s_blocks), description="ebft") as bar:
             for i, (sb, tb) in enumerate(zip(s_blocks, t_blocks, strict=True)):
-                x_t = _advance(tb, x_t, xt, i)
-                targets = [y.to(dev) for y in x_t]
+                x_t = _advance(tb if _device(tb) == dev else copy.deepcopy(tb).to(dev), x_t, xt, i)
+                targets = x_t
                 x_u = _advance(sb, x_u, xs, i)
                 masks = infer_masks(sb, explicit, names=names)
                 if self.train == "lora" and not revived_warned and any(
@@ -235,8 +250,8 @@ class EBFT(Pass):
                 x_s = _advance(sb, x_s, xs, i)
                 bar.set_description(f"ebft block {i}: mse {r.mse_before:.3g} -> {r.mse_after:.3g}")
                 bar.advance()
-        report.output_mse_before = _mse(x_u, [y.to(dev) for y in x_t])
-        report.output_mse_after = _mse(x_s, [y.to(dev) for y in x_t])
+        report.output_mse_before = _mse(x_u, x_t)
+        report.output_mse_after = _mse(x_s, x_t)
         ctx.results["ebft"] = report
         restored = [b.index for b in report.blocks if b.restored]
         if restored:
