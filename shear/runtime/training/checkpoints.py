@@ -212,5 +212,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
     try:
         state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a damaged pickle/zip
-        raise _corrupt(path, f"{_STATE} cannot be read ({type(e).__name__}: {e})") from e
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise _corrupt(path, f"{_STATE} cannot be read ({type(e).__name__}: {first})") from e
     return TrainCheckpoint(path=path, step=int(info["step"]), model_state=model_state, state=_clone_tree(state), info=info)

@@ -343,7 +343,7 @@ def train(
             log = None
             if state.step % config.log_every == 0 or state.step == config.steps:
                 elapsed = max(time.perf_counter() - t0, 1e-9)
-                log = StepLog(state.step, config.steps, step_loss, scheduler.get_last_lr()[0],
+                log = StepLog(state.step, config.steps, step_loss, float(scheduler.get_last_lr()[0]),
                               (state.tokens - start_tokens) / elapsed)
             _report(bar, log, 1)
             if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ __all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param"
 _HEAD_NAMES = ("lm_head", "classifier", "score", "embed_out", "output_projection", "qa_outputs")
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
     """``(module name, peft LoraLayer)`` for every LoRA-adapted layer of ``model``, in module order."""
     from peft.tuners.lora import LoraLayer
 
