@@ -150,7 +150,7 @@ class Magnitude(Pass):
         if self.round_to < 1:
             raise PipelineError(f"{self.name}: round_to must be >= 1, got {self.round_to}")
 
-    @property  # type: ignore[misc]
+    @property
     def requires(self) -> tuple[str, ...]:  # type: ignore[override]
         """Structured mode needs the pruning groups; the others only the model."""
         return ("graph",) if self.mode == "structured" else ()
@@ -159,7 +159,7 @@ class Magnitude(Pass):
         if self.mode == "structured":
             return self._structured(ctx)
         layers = target_linears(ctx.model)
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         with ctx.progress(len(layers), f"magnitude {self.mode}") as bar:
             for name, layer in layers.items():
                 out.update(magnitude_masks({name: layer}, self.mode, self.ratio, self.n, self.m, self.per_row))

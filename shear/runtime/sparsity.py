@@ -187,7 +187,7 @@ class WeightMasks(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self.masks)
 
-    def __or__(self, other: Mapping[str, torch.Tensor]) -> WeightMasks:  # type: ignore[override]
+    def __or__(self, other: Mapping[str, torch.Tensor]) -> WeightMasks:
         """Both tables; where a name is in both, a weight is kept only if both keep it."""
         table = dict(self.masks)
         for name, mask in other.items():
