@@ -273,7 +273,8 @@ def _input_dim(module: nn.Module) -> int | None:
     """Which dim of ``module.weight`` indexes input features (1 for Linear, 0 for transformers Conv1D)."""
     if isinstance(module, nn.Linear):
         return 1
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
         return 0
     return None
 
@@ -404,8 +405,12 @@ def compute_saliency(
     for ms in members.values():
         for canon, m in ms:
             needed.setdefault(canon, set()).add(m.dim)
-    grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size) if mode == "loss" else {}
-    xnorms = input_norms(model, needed, calibration_ids, batch_size=batch_size) if "activation" in active else {}
+    grads: dict[str, torch.Tensor] = {}
+    xnorms: dict[str, tuple[torch.Tensor, int]] = {}
+    if mode == "loss" and calibration_ids is not None:
+        grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
+    if "activation" in active and calibration_ids is not None:
+        xnorms = input_norms(model, needed, calibration_ids, batch_size=batch_size)
 
     rows: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     notes: list[str] = []
