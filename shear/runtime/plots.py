@@ -44,8 +44,8 @@ def plot_deviation(
     """Bar plot of ``deviations`` (one bar per label, in the given order); highlighted bars in red.
 
     Writes ``<stem>.<fmt>`` for every format and returns the paths. The y axis turns symmetric-log
-    when the bars span more than three orders of magnitude, so small deviations stay visible next
-    to a collapse.
+    when the bars span more than three orders of magnitude (linear within a thousandth of the
+    largest bar), so small deviations stay visible next to a collapse.
     """
     if not (len(labels) == len(deviations) == len(highlight)):
         raise ShearError(f"plot_deviation: {len(labels)} labels, {len(deviations)} values, {len(highlight)} flags")
@@ -64,13 +64,15 @@ def plot_deviation(
         ax.axhline(0.0, color="black", linewidth=0.6)
         mags = [abs(d) for d in deviations if d != 0 and d == d]
         if mags and max(mags) / min(mags) > 1e3:
-            ax.set_yscale("symlog", linthresh=min(mags))
+            ax.set_yscale("symlog", linthresh=max(mags) / 1e3)
+            low = min([d for d in deviations if d == d] + [0.0])
+            ax.set_ylim(bottom=1.5 * low, top=3.0 * max(max(deviations), 0.0) or None)
         from matplotlib.patches import Patch
 
         ax.legend(
             handles=[Patch(color="#d62728", label="unprunable"), Patch(color="#7f9fbf", label="prunable")],
             fontsize=8,
-            loc="upper right",
+            loc="best",
         )
         fig.tight_layout()
         stem = Path(stem)
