@@ -145,7 +145,8 @@ def _enable_checkpointing(model: nn.Module, warnings: list[str]) -> Callable[[],
             f"{type(model).__name__} has no gradient_checkpointing_enable(); trained without gradient checkpointing"
         )
         return lambda: None
-    was_on = bool(getattr(model, "is_gradient_checkpointing", False))
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    was_on = bool(getattr(model, flag, False))
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     disable = getattr(model, "gradient_checkpointing_disable", None)
     if was_on or not callable(disable):
