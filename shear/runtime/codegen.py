@@ -122,7 +122,13 @@ def _key(table: TensorTable, m: Member) -> tuple[str, int]:
 
 
 def _live_indices(table: TensorTable, groups: Sequence[PruningGroup], zero: dict[int, torch.Tensor]) -> dict:
-    """(tensor, dim) -> bool mask of indices owned by some structure that stays."""
+    """(tensor, dim) -> bool mask of indices owned by a structure of ``groups`` that stays.
+
+    Called with the prunable groups only: an unprunable group over the same indices is another
+    factor of that space (head_dim inside a kv-head family, RoPE frequencies) or a pin on it, so
+    removing a whole structure of the prunable group removes a slice of each of its structures,
+    never one whole, and does not conflict with it.
+    """
     live: dict[tuple[str, int], torch.Tensor] = {}
     for g in groups:
         stays = ~zero[g.id] if g.id in zero else torch.ones(g.size, dtype=torch.bool)
@@ -158,7 +164,7 @@ def plan_erasure(model: nn.Module, groups: Iterable[PruningGroup], *, min_keep: 
 
     # Overlaps: mark live until fixpoint. Zero structures that own an index a staying structure owns, stay.
     while True:
-        live = _live_indices(table, groups, zero)
+        live = _live_indices(table, prunable, zero)
         demoted = False
         for g in prunable:
             z = zero[g.id]
