@@ -2,12 +2,14 @@
 
 ``python tests/_train_worker.py resume CKPT_DIR OUT [KILL_AT]`` trains the resume model (and is
 SIGKILLed by its own hook after step KILL_AT); ``torchrun --nproc_per_node 2 --standalone
-tests/_train_worker.py ddp OUT_DIR`` trains data-parallel on gloo through accelerate. The test
+tests/_train_worker.py ddp OUT_DIR`` trains data-parallel on gloo through accelerate (``ddp-raw``:
+through a plain ``torch.distributed`` process group). The test
 imports the same builders to run the reference in process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -117,19 +119,26 @@ def main(argv: list[str]) -> None:
         kill_at = int(argv[3]) if len(argv) > 3 else None
         model, _, _ = resume_run(ckpt, kill_at)
         save_file({n: p.detach().contiguous() for n, p in model.state_dict().items()}, out)
-    elif mode == "ddp":
-        from accelerate import Accelerator
-
+    elif mode in ("ddp", "ddp-raw"):
         torch.set_num_threads(1)
-        accelerator = Accelerator(cpu=True)
-        model = ddp_model()
-        cfg = ddp_config(batch_size=2)
-        result = train(model, TokenBatches.from_config(ddp_tokens(), cfg), cfg, accelerator=accelerator)
         out = Path(argv[1])
-        rank = accelerator.process_index
+        model = ddp_model()
+        cfg = dataclasses.replace(ddp_config(batch_size=2), checkpoint_dir=str(out / "ckpt"), checkpoint_every=2)
+        batches = TokenBatches.from_config(ddp_tokens(), cfg)
+        if mode == "ddp":  # through accelerate
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=True)
+            result = train(model, batches, cfg, accelerator=accelerator)
+            rank = accelerator.process_index
+        else:  # plain torch.distributed: train() wraps the model in DDP itself
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo")
+            result = train(model, batches, cfg)
+            rank = dist.get_rank()
         save_file(_lora_state(model), str(out / f"rank{rank}.safetensors"))
         (out / f"losses{rank}.txt").write_text(" ".join(repr(x) for x in result.losses))
-        accelerator.wait_for_everyone()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

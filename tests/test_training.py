@@ -385,14 +385,17 @@ def test_merge_and_reset_lora_keeps_the_function() -> None:
 
 # --- data parallel --------------------------------------------------------------------------------
 
-def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("ddp-raw", marks=pytest.mark.slow)])
+def test_ddp_two_processes_gloo(tmp_path: Path, mode: str) -> None:
+    """2 ranks on gloo (accelerate, or plain torch.distributed with --slow) vs one process on 2x the rows."""
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--standalone", str(REPO / "tests" / "_train_worker.py"), "ddp",
+        [str(torchrun), "--nproc_per_node", "2", "--standalone", str(REPO / "tests" / "_train_worker.py"), mode,
          str(tmp_path)],
         env=_env(), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "ckpt")] == [2, 4]  # written once, by rank 0
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     losses = [[float(x) for x in (tmp_path / f"losses{r}.txt").read_text().split()] for r in range(2)]

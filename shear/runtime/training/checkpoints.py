@@ -130,6 +130,9 @@ def save_checkpoint(
     final = root / f"step-{step}"
     tensors, aliases = _dedup(model.state_dict())
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     try:
         save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
         torch.save(extra, tmp / _STATE)
