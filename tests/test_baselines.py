@@ -110,8 +110,8 @@ def test_nm_exact_for_every_pass(pass_name: str, n: int, m: int) -> None:
 @pytest.mark.parametrize(
     ("spec", "per_row"),
     [
-        ("magnitude{ratio=0.3}", False),
-        ("magnitude{ratio=0.3,per_row=true}", True),
+        ("magnitude{ratio=0.3,mode=unstructured}", False),
+        ("magnitude{ratio=0.3,mode=unstructured,per_row=true}", True),
         ("wanda{ratio=0.3,nsamples=4,seq_len=16}", True),
         ("wanda{ratio=0.3,per_row=false,nsamples=4,seq_len=16}", False),
         ("sparsegpt{ratio=0.3,nsamples=4,seq_len=16,blocksize=24}", False),
@@ -253,7 +253,7 @@ def test_structured_masks_and_lora() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["magnitude{ratio=0.5}", "wanda{ratio=0.5,nsamples=4,seq_len=16}", "sparsegpt{ratio=0.5,nsamples=4,seq_len=16}"],
+    ["magnitude{ratio=0.5,mode=unstructured}", "wanda{ratio=0.5,nsamples=4,seq_len=16}", "sparsegpt{ratio=0.5,nsamples=4,seq_len=16}"],
 )
 def test_passes_on_peft_lora_prune_base_only(spec: str) -> None:
     model, inputs = build("llama", lora=True)
@@ -398,8 +398,8 @@ def test_no_decoder_blocks_named_in_the_error() -> None:
 
 
 def test_structured_mode_requires_graph() -> None:
-    assert Magnitude(mode="structured").requires == ("graph",)
-    assert Magnitude().requires == ()
+    assert Magnitude(mode="structured").requires == Magnitude().requires == Magnitude.requires == ("graph",)
+    assert Magnitude(mode="unstructured").requires == Magnitude(mode="nm").requires == ()
     model, inputs = build("llama")
-    small = shear.compile(model, "magnitude{ratio=0.25,mode=structured},erase", example_inputs=inputs)
+    small = shear.compile(model, "magnitude{ratio=0.25},erase", example_inputs=inputs)  # structured by default
     assert [p.name for p in small.shear_report.passes][:2] == ["discover-groups", "magnitude"]

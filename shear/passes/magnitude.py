@@ -2,14 +2,14 @@
 
 The simplest baseline, in three modes at one budget ``ratio``:
 
+- ``structured`` (the default): in every prunable pruning group of ``ctx.results["graph"]``, score
+  each structure by the L2 norm of all its slices (primary and secondary: producer rows, consumer
+  columns, norm weights, LoRA slices) and zero the primary slices of the lowest ``ratio`` (at
+  least one structure stays), so that ``erase`` removes them;
 - ``unstructured``: zero the ``ratio`` of each decoder linear's weights with the smallest ``|W|``
   (over the whole matrix, or per output row with ``per_row=true``);
 - ``nm``: zero the ``n`` smallest ``|W|`` of every ``m`` consecutive input weights of each row
-  (2:4 by default; ``ratio`` is then ``n/m`` and ignored);
-- ``structured``: in every prunable pruning group of ``ctx.results["graph"]``, score each
-  structure by the L2 norm of all its slices (primary and secondary: producer rows, consumer
-  columns, norm weights, LoRA slices) and zero the primary slices of the lowest ``ratio``
-  (at least one structure stays), so that ``erase`` removes them.
+  (2:4 by default; ``ratio`` is then ``n/m`` and ignored).
 
 Unstructured and N:M keep their :class:`~shear.runtime.sparsity.WeightMasks` in
 ``ctx.results["masks"]``; the layers are those of :func:`shear.runtime.calibration.target_linears`
@@ -17,8 +17,11 @@ Unstructured and N:M keep their :class:`~shear.runtime.sparsity.WeightMasks` in
 
 Example:
     >>> Magnitude(ratio=0.5).mode, Magnitude(mode="nm").n        # "magnitude{ratio=0.5}", "magnitude{mode=nm}"
-    ('unstructured', 2)
-    >>> small = shear.compile(model, "discover-groups,magnitude{ratio=0.3,mode=structured},erase")  # doctest: +SKIP
+    ('structured', 2)
+    >>> Magnitude.requires, Magnitude(mode="unstructured").requires
+    (('graph',), ())
+    >>> small = shear.compile(model, "magnitude{ratio=0.3},erase")   # structured; discover-groups runs first  # doctest: +SKIP
+    >>> sparse = shear.compile(model, "magnitude{ratio=0.5,mode=unstructured}")   # masks in the report  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -120,18 +123,28 @@ def magnitude_masks(
     return WeightMasks(out)
 
 
+class _RequiresGraphWhenStructured:
+    """``requires`` of :class:`Magnitude`: ``("graph",)`` in structured mode (and on the class, whose
+    default mode is structured), nothing in the unstructured / N:M modes."""
+
+    def __get__(self, obj: Magnitude | None, owner: type) -> tuple[str, ...]:
+        return ("graph",) if obj is None or obj.mode == "structured" else ()
+
+
 @register_pass
 @dataclass(frozen=True)
 class Magnitude(Pass):
     """Zero the smallest-magnitude weights (unstructured / N:M) or structures (structured)."""
 
     name: ClassVar[str] = "magnitude"
+    requires: ClassVar[tuple[str, ...]] = _RequiresGraphWhenStructured()  # type: ignore[assignment]
     ensures: ClassVar[tuple[str, ...]] = ("masks", "magnitude")
 
     ratio: float = 0.5
     """Fraction to prune, in (0, 1): of each layer's weights, or of each group's structures."""
-    mode: Literal["unstructured", "nm", "structured"] = "unstructured"
-    """``unstructured`` (single weights), ``nm`` (n of every m consecutive inputs), ``structured`` (groups)."""
+    mode: Literal["structured", "unstructured", "nm"] = "structured"
+    """``structured`` (whole structures of the pruning groups, for ``erase``), ``unstructured`` (single
+    weights), ``nm`` (n of every m consecutive inputs of each row)."""
     n: int = 2
     """N:M: weights zeroed in each group of ``m`` consecutive input weights of a row."""
     m: int = 4
@@ -149,11 +162,6 @@ class Magnitude(Pass):
             check_ratio(self.name, self.ratio)
         if self.round_to < 1:
             raise PipelineError(f"{self.name}: round_to must be >= 1, got {self.round_to}")
-
-    @property
-    def requires(self) -> tuple[str, ...]:  # type: ignore[override]
-        """Structured mode needs the pruning groups; the others only the model."""
-        return ("graph",) if self.mode == "structured" else ()
 
     def run(self, ctx: Context) -> PassResult:
         if self.mode == "structured":
