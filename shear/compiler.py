@@ -104,7 +104,15 @@ class EquivalenceCheck:
 
     @staticmethod
     def _shape_map(model: nn.Module) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(t.shape) for n, t in model.named_parameters(remove_duplicate=False)}
+        """Shapes of the model's own weights: LoRA adapters and peft's renaming do not count, so
+        adding or merging adapters is not a shape change (erasing structures is)."""
+        from shear.runtime.budget import is_adapter_param
+
+        return {
+            n.removeprefix("base_model.model.").replace(".base_layer.", "."): tuple(t.shape)
+            for n, t in model.named_parameters(remove_duplicate=False)
+            if not is_adapter_param(n)
+        }
 
     def before_pass(self, p: Pass, ctx: Context) -> None:
         if self._disabled:

@@ -1,0 +1,82 @@
+"""The ``lora`` and ``merge-lora`` passes: add peft LoRA adapters before pruning, fold them away after.
+
+LoRAShear prunes and recovers through LoRA. ``lora`` wraps a model that has no adapters with peft
+LoRA on every Linear of its blocks (a no-op, with a note, when it has them already), so that
+``discover-groups`` sees the composed LoRA operators. ``merge-lora`` folds ``B @ A`` into the base
+weights and unwraps the peft model, giving back a plain model of the original class; with
+``only_added=true`` it only unwraps adapters that ``lora`` added (a user's own adapters stay).
+
+Example:
+    >>> AddLora(r=8).name, MergeLora().name          # "lora{r=8}", "merge-lora"
+    ('lora', 'merge-lora')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from shear.errors import PipelineError
+from shear.passes.base import Context, Pass, PassResult, register_pass
+
+__all__ = ["AddLora", "MergeLora"]
+
+
+@register_pass
+@dataclass(frozen=True)
+class AddLora(Pass):
+    """Wrap the model with peft LoRA adapters on every block Linear, unless it has adapters."""
+
+    name: ClassVar[str] = "lora"
+    ensures: ClassVar[tuple[str, ...]] = ("lora",)
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha (scaling = alpha / r)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha <= 0:
+            raise PipelineError(f"lora: r must be >= 1 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+
+    def run(self, ctx: Context) -> PassResult:
+        from shear.runtime.training import ensure_lora, lora_layers
+
+        ctx.model, message = ensure_lora(ctx.model, r=self.r, alpha=self.alpha)
+        ctx.results["lora"] = {"added": message is not None, "r": self.r}
+        if message is None:
+            return PassResult(False, f"the model has {len(lora_layers(ctx.model))} LoRA layers already; kept them")
+        ctx.warn(f"lora: {message}")
+        return PassResult(True, message, {"layers": len(lora_layers(ctx.model))})
+
+
+@register_pass
+@dataclass(frozen=True)
+class MergeLora(Pass):
+    """Fold every LoRA adapter into its base weight and unwrap the peft model."""
+
+    name: ClassVar[str] = "merge-lora"
+
+    only_added: bool = False
+    """Only unwrap adapters the ``lora`` pass added; leave a user's own adapters in place."""
+
+    def run(self, ctx: Context) -> PassResult:
+        from shear.runtime.training import lora_layers
+
+        added = bool(ctx.results.get("lora", {}).get("added", False))
+        if self.only_added and not added:
+            return PassResult(False, "the adapters are the user's own; kept them (only_added=true)")
+        n = len(lora_layers(ctx.model))
+        if n == 0:
+            return PassResult(False, "no LoRA adapters to merge")
+        merge = getattr(ctx.model, "merge_and_unload", None)
+        if merge is None:
+            raise PipelineError(
+                f"merge-lora: {type(ctx.model).__name__} has LoRA layers but is not a peft model; "
+                "merge them with peft's merge_and_unload on the PeftModel that made them"
+            )
+        ctx.model = merge()
+        for key in ("graph",):
+            if key in ctx.results:
+                ctx.results[f"{key}-before-merge"] = ctx.results.pop(key)
+        return PassResult(True, f"merged {n} LoRA layers into their base weights; {type(ctx.model).__name__} again")

@@ -1,0 +1,204 @@
+"""Parameter budgets: how many structures of each group to remove to cut a given share of parameters.
+
+Erasing ``n_g`` structures of group ``g`` removes ``n_g * k`` indices along every (tensor, dim) the
+group runs through; prunable groups never share an index, so the parameter count after erasure
+depends only on the counts, not on which structures go:
+
+    numel_after(T) = prod_d (shape_d(T) - sum_{members m on (T, d)} n_{g(m)} * k_m)
+
+:class:`ParamBudget` evaluates that exactly (tied tensors counted once, LoRA adapters and buffers
+not counted) and :meth:`ParamBudget.counts` finds per-group counts that hit a target reduction:
+the same fraction in every group (``uniform``), topped up by the lowest-scored structures of the
+finest groups, or a global ranking of scores normalised per group kind (``global``).
+
+Example:
+    >>> budget = ParamBudget(model, graph.prunable_groups)                     # doctest: +SKIP
+    >>> counts = budget.counts(0.2, scores)                                      # doctest: +SKIP
+    >>> abs(budget.reduction(counts) - 0.2) < 0.01                               # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shear.errors import PipelineError
+from shear.graph.groups import PruningGroup
+from shear.runtime.masks import TensorTable
+
+__all__ = ["ParamBudget", "is_adapter_param"]
+
+_ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
+
+
+def is_adapter_param(name: str) -> bool:
+    """True for peft adapter tensors (LoRA A/B, DoRA magnitudes), which budgets do not count."""
+    return any(m in f".{name}" for m in _ADAPTER_MARKERS)
+
+
+@dataclass(frozen=True)
+class _Cut:
+    tensor: str
+    dim: int
+    per_structure: int
+
+
+class ParamBudget:
+    """Exact parameter count after erasing ``n_g`` structures of each group, and target search."""
+
+    def __init__(self, model: nn.Module, groups: Iterable[PruningGroup]) -> None:
+        table = TensorTable(model)
+        self.groups: dict[int, PruningGroup] = {g.id: g for g in groups if g.prunable}
+        self.shapes: dict[str, tuple[int, ...]] = {
+            name: tuple(t.shape)
+            for name, t in table.tensors.items()
+            if table.is_param[name] and not is_adapter_param(name)
+        }
+        self.total: int = sum(math.prod(s) for s in self.shapes.values())
+        """Parameters counted (tied once; no LoRA adapters, no buffers)."""
+        self.cuts: dict[int, list[_Cut]] = {}
+        for g in self.groups.values():
+            cuts = []
+            for m in g.members:
+                name = table.resolve(m.param)
+                if name in self.shapes:
+                    cuts.append(_Cut(name, m.dim, m.k))
+            self.cuts[g.id] = cuts
+
+    def params_after(self, counts: Mapping[int, int]) -> int:
+        """Parameters left after erasing ``counts[g]`` structures of each group ``g``."""
+        removed: dict[tuple[str, int], int] = {}
+        for gid, n in counts.items():
+            for c in self.cuts.get(gid, ()):
+                removed[(c.tensor, c.dim)] = removed.get((c.tensor, c.dim), 0) + n * c.per_structure
+        total = self.total
+        touched: dict[str, list[int]] = {}
+        for (name, dim), r in removed.items():
+            touched.setdefault(name, list(self.shapes[name]))[dim] -= r
+        for name, shape in touched.items():
+            total += math.prod(max(s, 0) for s in shape) - math.prod(self.shapes[name])
+        return total
+
+    def reduction(self, counts: Mapping[int, int]) -> float:
+        """Fraction of the counted parameters that erasing ``counts`` removes."""
+        return 1.0 - self.params_after(counts) / self.total
+
+    def max_reduction(self, eligible: Iterable[int] | None = None) -> float:
+        """The most this budget can remove when every eligible group keeps one structure."""
+        ids = self.groups if eligible is None else eligible
+        return self.reduction({g: self.groups[g].size - 1 for g in ids})
+
+    def counts(
+        self,
+        target: float,
+        scores: Mapping[int, torch.Tensor],
+        *,
+        eligible: Iterable[int] | None = None,
+        selection: str = "uniform",
+        round_to: int = 1,
+        tolerance: float = 0.005,
+    ) -> dict[int, int]:
+        """Structures to remove per eligible group so the reduction is ``target`` (± ``tolerance``).
+
+        ``uniform`` removes the same fraction of every group (bisection on the fraction; group
+        sizes quantise it, so the lowest-scored structures of the finest groups top it up);
+        ``global`` ranks all structures by score divided by the mean score of their group kind,
+        cheapest first. ``round_to`` keeps multiples of it in groups at least that large.
+        Raises PipelineError when the target is out of reach.
+        """
+        if not 0.0 < target < 1.0:
+            raise PipelineError(f"target ratio must be in (0, 1), got {target}")
+        ids = sorted(self.groups if eligible is None else set(eligible) & set(self.groups))
+        if not ids:
+            raise PipelineError("no prunable groups are eligible (all unprunable?); nothing can reach the target")
+        most = self.max_reduction(ids)
+        if most < target - tolerance:
+            raise PipelineError(
+                f"the eligible groups can remove at most {most:.1%} of {self.total:,} parameters, less than the "
+                f"target {target:.1%}; lower the ratio, allow more group kinds, or mark fewer groups unprunable"
+            )
+        if selection == "uniform":
+            counts = self._uniform(target, ids, round_to)
+        elif selection == "global":
+            counts = self._global(target, ids, scores)
+        else:
+            raise PipelineError(f"selection must be 'uniform' or 'global', got {selection!r}")
+        if self.reduction(counts) < target - tolerance:
+            counts = self._top_up(counts, target, ids, scores, round_to, tolerance)
+        return counts
+
+    def _fraction_counts(self, r: float, ids: list[int], round_to: int) -> dict[int, int]:
+        out = {}
+        for gid in ids:
+            size = self.groups[gid].size
+            n = min(round(r * size), size - 1)
+            if round_to > 1 and size >= round_to:
+                keep = max(round_to, round((size - n) / round_to) * round_to)
+                n = size - min(keep, size)
+            out[gid] = max(n, 0)
+        return out
+
+    def _uniform(self, target: float, ids: list[int], round_to: int) -> dict[int, int]:
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if self.reduction(self._fraction_counts(mid, ids, round_to)) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return self._fraction_counts(lo, ids, round_to)
+
+    def _global(self, target: float, ids: list[int], scores: Mapping[int, torch.Tensor]) -> dict[int, int]:
+        by_kind: dict[str, list[float]] = {}
+        for gid in ids:
+            by_kind.setdefault(self.groups[gid].kind, []).extend(self._score(gid, scores).tolist())
+        mean = {k: (sum(v) / len(v)) or 1.0 for k, v in by_kind.items()}
+        ranked = []
+        for gid in ids:
+            s = self._score(gid, scores).sort().values / mean[self.groups[gid].kind]
+            ranked.extend((float(v), gid) for v in s[: self.groups[gid].size - 1])
+        ranked.sort()
+        counts = {gid: 0 for gid in ids}
+        for _, gid in ranked:
+            counts[gid] += 1
+            if self.reduction(counts) >= target:
+                break
+        return counts
+
+    def _top_up(
+        self,
+        counts: dict[int, int],
+        target: float,
+        ids: list[int],
+        scores: Mapping[int, torch.Tensor],
+        round_to: int,
+        tolerance: float,
+    ) -> dict[int, int]:
+        counts = dict(counts)
+        step = {gid: round_to if round_to > 1 and self.groups[gid].size >= round_to else 1 for gid in ids}
+        # cheapest increments first: the finest groups (most structures), lowest next score
+        while self.reduction(counts) < target - tolerance:
+            best, best_key = None, None
+            for gid in ids:
+                size = self.groups[gid].size
+                if counts[gid] + step[gid] > size - 1:
+                    continue
+                s = self._score(gid, scores).sort().values
+                key = (-size, float(s[counts[gid]]) if counts[gid] < len(s) else 0.0)
+                if best_key is None or key < best_key:
+                    best, best_key = gid, key
+            if best is None:
+                break
+            counts[best] += step[best]
+        return counts
+
+    def _score(self, gid: int, scores: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        s = scores.get(gid)
+        if s is None:
+            return torch.zeros(self.groups[gid].size)
+        return s.detach().float().cpu()

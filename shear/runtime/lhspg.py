@@ -1,0 +1,197 @@
+"""LHSPG's weight arithmetic: LoRA-aware views of structures, decay with half-space projection, merges.
+
+A structure of a pruning group is *removable* when its primary slices (producer rows, biases,
+lora_B rows) are exactly zero. Under LoRA the function of a producer row ``r`` of a base weight
+``W`` is the effective row ``W[r] + s * B[r] @ A``; :class:`StructureViews` reads and writes those
+effective primary slices for a set of structures.
+
+One LHSPG step on the structures moving to the redundant set during a period of ``Tp`` steps
+(after the optimizer updated A and B), at period step ``t``:
+
+    x_g  <- (1 - lambda_t) * (x_g + s * (B A)_g),   lambda_t = 1 / (Tp - t),   B_g <- 0
+
+so the LoRA update is first merged into the structure (its knowledge reaches the loss for one more
+step) and the structure then decays linearly: ``prod (1 - lambda)`` telescopes to
+``(Tp - t - 1) / Tp``, and the last step (``lambda = 1``) makes it exactly zero. Half-space
+projection: when ``<x_new, x_g> < eps * ||x_g||^2`` (the update turned the structure around), it is
+zeroed at once and stays zero. Structures already zero are held at zero (``B_g <- 0``, their Adam
+moments cleared) so LoRA cannot rebuild them. Important structures are never touched between
+merges.
+
+Example:
+    >>> views = StructureViews(model, graph.prunable_groups, graph.composites)       # doctest: +SKIP
+    >>> views.decay({gid: torch.tensor([3, 7])}, lam=0.25, eps=0.0)                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shear.errors import PipelineError
+from shear.graph.groups import PruningGroup
+from shear.graph.ir import LoraComposite
+from shear.runtime.masks import TensorTable
+
+__all__ = ["StructureViews", "LoraLink"]
+
+
+@dataclass(frozen=True)
+class LoraLink:
+    """The adapter of a LoRA'd base weight: effective weight ``W + scaling * B @ A``."""
+
+    a: str
+    b: str
+    scaling: float
+
+
+@dataclass(frozen=True)
+class _View:
+    """One primary member of a group: tensor, dim, index table, and its LoRA link if any."""
+
+    tensor: str
+    dim: int
+    positions: torch.Tensor
+    lora: LoraLink | None
+
+
+class StructureViews:
+    """Effective primary slices of the prunable groups of a (LoRA) model, by structure."""
+
+    def __init__(
+        self, model: nn.Module, groups: Iterable[PruningGroup], composites: Iterable[LoraComposite] = ()
+    ) -> None:
+        self.table = TensorTable(model)
+        links: dict[str, LoraLink] = {}
+        b_names: set[str] = set()
+        for c in composites:
+            if len(c.adapters) != 1:
+                raise PipelineError(
+                    f"{c.module}: lhspg needs one active LoRA adapter per layer, found {list(c.adapters)}; "
+                    "merge or delete the others first"
+                )
+            base = self.table.resolve(f"{c.base}.weight")
+            a, b = self.table.resolve(c.lora_a[0]), self.table.resolve(c.lora_b[0])
+            if self.table.tensors[base].dim() != 2:
+                raise PipelineError(f"{c.module}: lhspg supports LoRA on Linear layers; this base weight is not 2-D")
+            links[base] = LoraLink(a, b, float(c.scaling[0]))
+            b_names.add(b)
+        self.links = links
+        self.groups: dict[int, PruningGroup] = {g.id: g for g in groups if g.prunable}
+        self.views: dict[int, list[_View]] = {}
+        self.b_rows: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for g in self.groups.values():
+            views, brows = [], []
+            for m in g.primary:
+                name = self.table.resolve(m.param)
+                if name in b_names:
+                    if m.dim != 0:
+                        raise PipelineError(f"group {g.name}: lora_B member {name} on dim {m.dim}, expected 0")
+                    brows.append((name, m.positions))
+                    continue
+                link = links.get(name) if m.dim == 0 else None
+                views.append(_View(name, m.dim, m.positions, link))
+            self.views[g.id] = views
+            self.b_rows[g.id] = brows
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _slice(self, v: _View, idx: torch.Tensor, *, with_lora: bool = True) -> torch.Tensor:
+        """``[n, numel]`` slices of structures ``idx`` for view ``v``: W (+ s * B @ A on LoRA rows)."""
+        t = self.table.tensors[v.tensor].detach()
+        flat = v.positions[idx].flatten().to(t.device)
+        x = t.index_select(v.dim, flat).movedim(v.dim, 0).float()
+        if with_lora and v.lora is not None:
+            a = self.table.tensors[v.lora.a].detach().float()
+            b = self.table.tensors[v.lora.b].detach().float()
+            x = x + v.lora.scaling * (b.index_select(0, flat) @ a)
+        return x.reshape(len(idx), -1)
+
+    def effective(self, gid: int, idx: torch.Tensor) -> torch.Tensor:
+        """``[n, numel]``: the concatenated effective primary slices of structures ``idx`` of ``gid``."""
+        return torch.cat([self._slice(v, idx) for v in self.views[gid]], dim=1)
+
+    def norms(self, gid: int) -> torch.Tensor:
+        """``[size]`` L2 norms of the effective primary slices of every structure of ``gid``."""
+        idx = torch.arange(self.groups[gid].size)
+        return self.effective(gid, idx).norm(dim=1)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def _write(self, v: _View, idx: torch.Tensor, values: torch.Tensor) -> None:
+        t = self.table.tensors[v.tensor]
+        flat = v.positions[idx].flatten().to(t.device)
+        shape = list(t.shape)
+        shape[v.dim] = flat.numel()
+        moved = [shape[v.dim]] + [s for d, s in enumerate(shape) if d != v.dim]
+        with torch.no_grad():
+            t.index_copy_(v.dim, flat, values.reshape(moved).movedim(0, v.dim).to(t.dtype))
+
+    def _zero_b(self, gid: int, idx: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        for v in self.views[gid]:
+            if v.lora is not None:
+                self._zero_rows(v.lora.b, v.positions[idx].flatten(), optimizer)
+        for name, positions in self.b_rows[gid]:
+            self._zero_rows(name, positions[idx].flatten(), optimizer)
+
+    def _zero_rows(self, name: str, rows: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        t = self.table.tensors[name]
+        rows = rows.to(t.device)
+        with torch.no_grad():
+            t.index_fill_(0, rows, 0)
+        if optimizer is not None:
+            for value in optimizer.state.get(t, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == t.shape:
+                    value.index_fill_(0, rows, 0)
+
+    def decay(
+        self,
+        idx_by_group: Mapping[int, torch.Tensor],
+        lam: float,
+        *,
+        eps: float = 0.0,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """One LHSPG step on decaying structures; returns, per group, the ones the projection zeroed.
+
+        The half-space test compares the new slice with the base slice ``W_g``, which is the
+        structure's effective value before the optimizer step (``B_g`` was reset after the last one).
+        """
+        if not 0.0 <= lam <= 1.0:
+            raise PipelineError(f"decay factor lambda must be in [0, 1], got {lam}")
+        projected: dict[int, torch.Tensor] = {}
+        for gid, idx in idx_by_group.items():
+            if idx.numel() == 0:
+                continue
+            slices = [self._slice(v, idx) for v in self.views[gid]]
+            old = [self._slice(v, idx, with_lora=False) for v in self.views[gid]]
+            new = [(1.0 - lam) * s for s in slices]
+            inner = sum((n * o).sum(dim=1) for n, o in zip(new, old))
+            norm2 = sum((o * o).sum(dim=1) for o in old)
+            flip = (inner < eps * norm2) & (norm2 > 0) if lam < 1.0 else torch.ones(len(idx), dtype=torch.bool)
+            for v, n in zip(self.views[gid], new):
+                n[flip.to(n.device)] = 0
+                self._write(v, idx, n)
+            self._zero_b(gid, idx, optimizer)
+            if lam < 1.0 and bool(flip.any()):
+                projected[gid] = idx[flip.cpu()]
+        return projected
+
+    def hold_zero(self, idx_by_group: Mapping[int, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Keep structures at exactly zero: zero their primary slices and lora_B rows (and moments)."""
+        for gid, idx in idx_by_group.items():
+            if idx.numel() == 0:
+                continue
+            for v in self.views[gid]:
+                t = self.table.tensors[v.tensor]
+                with torch.no_grad():
+                    t.index_fill_(v.dim, v.positions[idx].flatten().to(t.device), 0)
+            self._zero_b(gid, idx, optimizer)
+
+    def is_zero(self, gid: int) -> torch.Tensor:
+        """Bool ``[size]``: structures whose effective primary slices are exactly zero."""
+        idx = torch.arange(self.groups[gid].size)
+        return ~(self.effective(gid, idx) != 0).any(dim=1)

@@ -1,0 +1,183 @@
+"""LHSPG (without recovery) vs one-shot magnitude pruning vs dense, side by side, in one run.
+
+On the reference trained LLaMA (SmolLM2-135M; ``--quick`` uses shear's tiny trained LLaMA) and at
+each ``--ratios`` share of parameters removed, it runs
+
+* **dense**: the model as loaded;
+* **magnitude (one-shot)**: the same per-group structure counts as LHSPG's parameter budget, the
+  structures with the smallest L2 norm zeroed at once, erased, no training;
+* **LHSPG**: ``lora -> discover-groups -> [knowledge-distribution ->] lhspg -> erase -> merge-lora``
+  through ``shear.compile`` (the LoRAShear pipeline without recovery),
+
+and prints one table: parameters, perplexity per corpus source on held-out validation text
+(non-overlapping windows of ``--seq-len`` tokens), their mean, wall time and peak memory (peak RSS
+above the start of each method, Linux VmHWM). The table is also written as Markdown to ``--out``.
+
+Usage:
+    python tools/bench_lorashear.py --quick                       # tiny LLaMA, ~2 min
+    python tools/bench_lorashear.py                               # SmolLM2 at 20% and 50%
+    python tools/bench_lorashear.py --ratios 0.2 --kd             # with knowledge distribution
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main"]
+
+
+def _params(model: torch.nn.Module) -> int:
+    from shear.runtime.budget import is_adapter_param
+
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) not in seen and not is_adapter_param(name):
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _measure(fn: Any, *args: Any) -> tuple[Any, float, int]:
+    from shear.runtime.training.memory import PeakMemory
+
+    start = time.perf_counter()
+    with PeakMemory(torch.device("cpu")) as meter:
+        out = fn(*args)
+    return out, time.perf_counter() - start, meter.stats.added_bytes
+
+
+def _one_shot_magnitude(model: torch.nn.Module, ratio: float, args: argparse.Namespace) -> torch.nn.Module:
+    import shear
+    from shear.graph.trace import trace
+    from shear.runtime.budget import ParamBudget
+    from shear.runtime.lhspg import StructureViews
+    from shear.runtime.masks import TensorTable, zero_structures
+
+    model = copy.deepcopy(model)
+    ids = {"input_ids": torch.arange(16).view(1, 16)}
+    graph = trace(model, ids)
+    groups = [g for g in graph.prunable_groups if g.kind in ("channel", "head")]
+    views = StructureViews(model, groups)
+    scores = {g.id: views.norms(g.id) for g in groups}
+    counts = ParamBudget(model, groups).counts(ratio, scores, selection=args.selection)
+    table = TensorTable(model)
+    for g in groups:
+        zero_structures(table, g, scores[g.id].argsort()[: counts[g.id]])
+    return shear.compile(model, "erase", example_inputs=ids, inplace=True, verify=args.verify_tol)
+
+
+def _lhspg(model: torch.nn.Module, ratio: float, data: Any, args: argparse.Namespace) -> torch.nn.Module:
+    import shear
+
+    kd = f"knowledge-distribution{{ratio=0.5,gamma={args.gamma},max_windows=1}}," if args.kd else ""
+    pipeline = (
+        f"lora{{r={args.lora_r}}},discover-groups,{kd}"
+        f"lhspg{{ratio={ratio},periods={args.periods},steps_per_period={args.steps_per_period},"
+        f"warmup={args.warmup},lr={args.lr},batch_size={args.batch},seq_len={args.seq_len},"
+        f"selection={args.selection},saliency=\"{args.saliency}\"}},erase,merge-lora"
+    )
+    ids = {"input_ids": torch.arange(16).view(1, 16)}
+    return shear.compile(model, pipeline, example_inputs=ids, data=data, verify=args.verify_tol)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny trained LLaMA, few steps")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--periods", type=int, default=None)
+    parser.add_argument("--steps-per-period", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--selection", default="uniform", choices=["uniform", "global"])
+    parser.add_argument("--saliency", default="magnitude=1")
+    parser.add_argument("--kd", action="store_true", help="run knowledge-distribution before lhspg")
+    parser.add_argument("--gamma", type=float, default=0.1, help="share of node groups KD keeps unprunable")
+    parser.add_argument("--eval-windows", type=int, default=None, help="validation windows per source")
+    parser.add_argument("--verify-tol", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench_lorashear.md"))
+    args = parser.parse_args(argv)
+    q = args.quick
+    args.periods = args.periods or (3 if q else 4)
+    args.steps_per_period = args.steps_per_period or (10 if q else 15)
+    args.warmup = args.warmup if args.warmup is not None else (5 if q else 10)
+    args.lr = args.lr or (2e-3 if q else 5e-4)
+    args.seq_len = args.seq_len or (128 if q else 256)
+    if args.eval_windows is None:
+        args.eval_windows = 8 if q else 12
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from shear.data import TextData
+    from shear.zoo import load_smollm2, load_tiny_llama
+
+    loaded = load_tiny_llama() if q else load_smollm2()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data = TextData.from_corpus(tokenizer, max_train_chars=200_000 if q else 400_000)
+    sources = list(data.validation)
+    load = os.getloadavg()[0]
+    print(f"model {loaded.name}: {_params(model):,} parameters; load average {load:.2f}; threads {torch.get_num_threads()}")
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return data.perplexity(m, seq_len=args.seq_len, max_windows=args.eval_windows)
+
+    rows: list[dict[str, Any]] = []
+    dense_ppl, t_eval, _ = _measure(evaluate, model)
+    rows.append({"method": "dense", "ratio": 0.0, "params": _params(model), "ppl": dense_ppl, "wall_s": 0.0, "peak_mb": 0.0})
+    print(f"dense evaluated in {t_eval:.0f}s")
+    for ratio in args.ratios:
+        small, wall, peak = _measure(_one_shot_magnitude, model, ratio, args)
+        rows.append({"method": "magnitude (one-shot)", "ratio": ratio, "params": _params(small),
+                     "ppl": evaluate(small), "wall_s": wall, "peak_mb": peak / 2**20})
+        print(_row_text(rows[-1], sources), flush=True)
+        small, wall, peak = _measure(_lhspg, model, ratio, data, args)
+        rows.append({"method": "LHSPG (no recovery)", "ratio": ratio, "params": _params(small),
+                     "ppl": evaluate(small), "wall_s": wall, "peak_mb": peak / 2**20,
+                     "steps": args.warmup + args.periods * args.steps_per_period})
+        print(_row_text(rows[-1], sources), flush=True)
+    table = _table(rows, sources, loaded.name, args, load)
+    print(table)
+    args.out.write_text(table + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _row_text(r: dict[str, Any], sources: list[str]) -> str:
+    return f"{r['method']} @ {r['ratio']:.0%}: mean ppl {statistics.mean(r['ppl'].values()):.2f}, {r['wall_s']:.0f}s"
+
+
+def _table(rows: list[dict[str, Any]], sources: list[str], name: str, args: argparse.Namespace, load: float) -> str:
+    head = ["method", "removed", "params"] + sources + ["mean ppl", "wall s", "peak MB"]
+    lines = [
+        f"### LHSPG vs one-shot magnitude on {name}",
+        "",
+        f"Perplexity on held-out validation text ({args.eval_windows} windows x {args.seq_len} tokens per source). "
+        f"LHSPG: {args.warmup} warm-up + {args.periods} x {args.steps_per_period} steps, batch {args.batch}, "
+        f"lr {args.lr}, LoRA r {args.lora_r}, selection {args.selection}, saliency {args.saliency}"
+        f"{', knowledge distribution gamma ' + str(args.gamma) if args.kd else ''}. Load average at start {load:.2f}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    base = rows[0]["params"]
+    for r in rows:
+        cells = [r["method"], f"{1 - r['params'] / base:.1%}", f"{r['params']:,}"]
+        cells += [f"{r['ppl'][s]:.2f}" for s in sources]
+        cells += [f"{statistics.mean(r['ppl'].values()):.2f}", f"{r['wall_s']:.0f}", f"{r['peak_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
