@@ -170,7 +170,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     Args:
         model: the model to prune; copied first unless ``inplace=True``.
         passes: pass objects, a pipeline string (``"random{ratio=0.3,seed=0},erase"``), a path
-            to a TOML/YAML pipeline, or a list of these; ``None`` runs ``DEFAULT_PIPELINE``.
+            to a TOML/YAML pipeline, or a list of these; ``None`` runs the LoRAShear pipeline
+            (``LORASHEAR_PIPELINE``) on a causal LM and ``DEFAULT_PIPELINE`` on other models.
         example_inputs: what the model is called with (tuple, dict or tensor); for a causal LM
             with a config, 16 deterministic token ids are used when omitted.
         data: calibration / training data for passes that need it.
@@ -199,6 +200,9 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     """
     from shear.passes.progress import RichSink
 
+    notes: list[str] = []
+    if passes is None:
+        passes, notes = _default_passes(model)
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
     original = model
     if not inplace:
@@ -224,6 +228,10 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         # the caller's untouched model: the dense teacher of passes such as ebft
         results={} if inplace else {"dense-model": original},
     )
+    if dump_dir is not None:
+        ctx.results["dump_dir"] = str(dump_dir)
+    for note in notes:
+        ctx.warn(note)
     builder = ReportBuilder(model)
     hooks: list[Any] = [builder]
     check = None
@@ -237,3 +245,22 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     result = ctx.model
     object.__setattr__(result, "shear_report", report)  # a plain attribute, not a submodule or buffer
     return result
+
+
+def _default_passes(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The default pipeline for ``model``, without passes that are not registered (and why)."""
+    from shear.passes.pipeline import default_pipeline
+    from shear.passes.registry import import_errors, registered_passes
+
+    names = list(default_pipeline(model))
+    known = registered_passes()
+    missing = [n for n in names if n not in known]
+    notes = []
+    if missing:
+        broken = import_errors()
+        notes.append(
+            f"default pipeline: left out {', '.join(missing)} (not registered"
+            + (f"; import errors: {broken}" if broken else "")
+            + ")"
+        )
+    return [n for n in names if n in known], notes

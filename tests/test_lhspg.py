@@ -280,3 +280,13 @@ def test_lhspg_bad_input(tiny):
 def test_context_data_error_message():
     with pytest.raises(DataError, match="TextData.from_corpus"):
         LHSPG().run(Context(model=torch.nn.Linear(2, 2), results={"graph": None}))
+
+
+def test_default_pipeline_is_lorashear_for_causal_lms(tiny):
+    from shear.passes.pipeline import DEFAULT_PIPELINE, LORASHEAR_PIPELINE, default_pipeline
+
+    assert default_pipeline(tiny[0]) == LORASHEAR_PIPELINE
+    assert default_pipeline(ensure_lora(copy.deepcopy(tiny[0]), r=4)[0]) == LORASHEAR_PIPELINE
+    assert default_pipeline(torch.nn.Linear(2, 2)) == DEFAULT_PIPELINE
+    assert LORASHEAR_PIPELINE.index("knowledge-distribution") < LORASHEAR_PIPELINE.index("lhspg")
+    assert LORASHEAR_PIPELINE.index("lhspg") < LORASHEAR_PIPELINE.index("erase")

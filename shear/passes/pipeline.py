@@ -47,6 +47,8 @@ from shear.passes.registry import lookup_pass
 
 __all__ = [
     "DEFAULT_PIPELINE",
+    "LORASHEAR_PIPELINE",
+    "default_pipeline",
     "PipelineSpec",
     "parse_pipeline",
     "load_pipeline",
@@ -55,11 +57,39 @@ __all__ = [
 ]
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("discover-groups",)
-"""What ``shear.compile(model)`` runs when no passes are given.
+"""What ``shear.compile(model)`` runs on a model that is not a language model: build the IR."""
 
-Will become the LoRAShear pipeline (discover-groups, saliency, knowledge-distribution, lhspg,
-erase, recover-dynamic) as those passes land; update it here, in one place.
-"""
+LORASHEAR_PIPELINE: tuple[str, ...] = (
+    "lora",
+    "discover-groups",
+    "knowledge-distribution",
+    "lhspg",
+    "erase",
+    "recover-dynamic",
+    "merge-lora",
+)
+"""What ``shear.compile(model, data=...)`` runs on a causal language model (LoRAShear, Algorithm 1):
+add LoRA adapters (kept when the model has them), discover the minimally removable structures,
+mark the most knowledge-bearing node groups unprunable, prune progressively with LHSPG, erase the
+zero structures, recover knowledge from the pretraining sources and instructions, fold LoRA away.
+Passes that are not registered (an optional module that failed to import) are left out with a
+warning, never silently."""
+
+
+def default_pipeline(model: object) -> tuple[str, ...]:
+    """:data:`LORASHEAR_PIPELINE` for causal language models, :data:`DEFAULT_PIPELINE` otherwise.
+
+    Example:
+        >>> import torch
+        >>> default_pipeline(torch.nn.Linear(2, 2))
+        ('discover-groups',)
+    """
+    inner = getattr(model, "get_base_model", lambda: model)()
+    name = type(inner).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return LORASHEAR_PIPELINE
+    return DEFAULT_PIPELINE
+
 
 PipelineSpec = Union[str, "os.PathLike[str]", Pass, type[Pass], Sequence[Union[str, Pass, type[Pass]]], None]  # noqa: UP007
 """Anything :func:`resolve_pipeline` accepts."""
