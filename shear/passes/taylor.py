@@ -24,6 +24,7 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.passes.saliency import calibration_ids
+from shear.runtime.budget import zero_to_budget
 from shear.runtime.masks import TensorTable, zero_structures
 from shear.runtime.saliency import taylor_importance
 
@@ -85,10 +86,15 @@ class Taylor(Pass):
     """Windows per forward/backward pass."""
     round_to: int = 1
     """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
+    params: float = 0.0
+    """When > 0: remove this share of the model's parameters instead (kv-head families and channels,
+    counted as ``lhspg`` counts them), the same number of structures per group LHSPG would remove."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise PipelineError(f"taylor: ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.params < 1.0:
+            raise PipelineError(f"taylor: params must be in [0, 1), got {self.params}; e.g. params=0.2")
 
     def run(self, ctx: Context) -> PassResult:
         graph = ctx.results["graph"]
@@ -101,12 +107,16 @@ class Taylor(Pass):
             aggregate=self.aggregate,
             batch_size=self.batch_size,
         )
-        chosen = zero_lowest(ctx.model, graph.pruning_groups, scores, self.ratio, self.round_to)
+        if self.params > 0:
+            chosen = zero_to_budget(ctx.model, graph.pruning_groups, scores, self.params, round_to=self.round_to)
+        else:
+            chosen = zero_lowest(ctx.model, graph.pruning_groups, scores, self.ratio, self.round_to)
         ctx.results["taylor"] = scores
         ctx.results["taylor-pruned"] = chosen
         n = sum(int(v.numel()) for v in chosen.values())
+        target = f"{self.params:.0%} of parameters" if self.params else f"ratio {self.ratio}"
         return PassResult(
             changed=n > 0,
-            message=f"zeroed {n} structures in {len(chosen)} prunable groups by first-order Taylor (ratio {self.ratio})",
+            message=f"zeroed {n} structures in {len(chosen)} prunable groups by first-order Taylor ({target})",
             stats={"structures": n, "groups": len(chosen)},
         )

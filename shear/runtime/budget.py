@@ -31,7 +31,7 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.runtime.masks import TensorTable
 
-__all__ = ["ParamBudget", "is_adapter_param"]
+__all__ = ["ParamBudget", "is_adapter_param", "zero_to_budget"]
 
 _ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 
@@ -202,3 +202,39 @@ class ParamBudget:
         if s is None:
             return torch.zeros(self.groups[gid].size)
         return s.detach().float().cpu()
+
+
+def zero_to_budget(
+    model: nn.Module,
+    groups: Iterable[PruningGroup],
+    scores: Mapping[int, torch.Tensor],
+    target: float,
+    *,
+    kinds: tuple[str, ...] = ("channel", "head"),
+    selection: str = "uniform",
+    round_to: int = 1,
+    tolerance: float = 0.005,
+) -> dict[int, torch.Tensor]:
+    """One-shot pruning to a parameter budget: zero the lowest-scored structures, ``target`` of params.
+
+    The counts per group come from :meth:`ParamBudget.counts` (the budget LHSPG uses), so one-shot
+    baselines and LHSPG remove the same number of parameters. Returns the zeroed indices per group.
+
+    Example:
+        >>> chosen = zero_to_budget(model, graph.pruning_groups, scores, 0.2)   # doctest: +SKIP
+    """
+    from shear.runtime.masks import TensorTable, zero_structures
+
+    eligible = [g for g in groups if g.prunable and g.kind in kinds]
+    budget = ParamBudget(model, eligible)
+    counts = budget.counts(target, scores, selection=selection, round_to=round_to, tolerance=tolerance)
+    table = TensorTable(model)
+    chosen: dict[int, torch.Tensor] = {}
+    for g in eligible:
+        n = counts.get(g.id, 0)
+        if n == 0:
+            continue
+        s = scores[g.id].detach().float().cpu()
+        chosen[g.id] = s.argsort()[:n].sort().values
+        zero_structures(table, g, chosen[g.id])
+    return chosen
