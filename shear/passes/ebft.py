@@ -12,7 +12,9 @@ The dense teacher is ``ctx.results["dense-model"]`` (the option ``teacher`` name
 ``inplace=True``); with ``inplace=True``, or when calling passes yourself, put a ``keep-dense``
 pass before the pruning passes, or store the dense model under that key yourself. Block outputs
 are compared on the residual stream, so a structurally pruned student (narrower MLPs, fewer heads)
-is fine; a pruned residual width is not (PipelineError).
+is fine; when ``erase`` also narrowed the residual stream, outputs compare on the residual channels
+it kept (read from ``ctx.results["erase"]``; without that report a narrower residual is a
+PipelineError).
 
 Data: ``ctx.data`` is a :class:`shear.data.TextData` (``nsamples`` windows of ``seq_len`` tokens are
 drawn with ``seed``), or a ``[n, seq_len]`` long tensor of calibration ids used as is.
@@ -48,7 +50,16 @@ from shear.runtime.blockwise import (
     unwrap_model,
 )
 
-__all__ = ["EBFT", "KeepDense", "EBFTReport", "BlockRecord", "calibration_ids", "dense_teacher", "explicit_masks"]
+__all__ = [
+    "EBFT",
+    "KeepDense",
+    "EBFTReport",
+    "BlockRecord",
+    "calibration_ids",
+    "dense_teacher",
+    "explicit_masks",
+    "kept_residual_channels",
+]
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,30 @@ def explicit_masks(ctx: Context) -> Mapping[str, torch.Tensor] | None:
     """Keep masks a sparsity pass left in ``ctx.results["masks"]`` (anything with a ``.masks`` dict)."""
     masks = getattr(ctx.results.get("masks"), "masks", None)
     return masks if isinstance(masks, Mapping) else None
+
+
+def kept_residual_channels(ctx: Context, teacher_width: int, student_width: int) -> torch.Tensor:
+    """Residual channels the erased student kept, from the ``erase`` report, as teacher indices.
+
+    When structured pruning narrowed the residual stream, the small model's residual equals the
+    masked model's on the kept channels (erasure rescales the norms), so block outputs compare on
+    those channels. Raises PipelineError when ``ctx.results`` cannot say which channels were kept.
+    """
+    graph = ctx.results.get("graph-before-erase")
+    plan = getattr(ctx.results.get("erase"), "plan", None)
+    removed = getattr(plan, "removed", None)
+    groups = [g for g in getattr(graph, "pruning_groups", ()) if g.kind == "residual" and g.size == teacher_width]
+    if isinstance(removed, Mapping) and len(groups) == 1:
+        gone = removed.get(groups[0].id, torch.zeros(0, dtype=torch.long))
+        keep = torch.ones(teacher_width, dtype=torch.bool)
+        keep[gone] = False
+        if int(keep.sum()) == student_width:
+            return keep.nonzero().flatten()
+    raise PipelineError(
+        f"ebft: the pruned model's residual width is {student_width} and the dense model's {teacher_width}, "
+        "and ctx.results holds no erase report that says which residual channels were kept (run ebft in the "
+        "same pipeline as 'erase'), so block outputs cannot be compared; or keep the residual stream unpruned"
+    )
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -210,20 +245,17 @@ class EBFT(Pass):
         dev = _device(student)
         if _device(teacher) != dev:  # the caller's model stays where it is; its blocks visit as copies
             xt = BlockInputs(_to(xt.hidden, dev), _to(xt.args, dev), _to(xt.kwargs, dev))
-        if xs.width != xt.width:
-            raise PipelineError(
-                f"ebft: the pruned model's residual width is {xs.width} and the dense model's {xt.width}; "
-                "block outputs can only be compared when the residual stream (hidden size) was not pruned"
-            )
+        kept = None if xs.width == xt.width else kept_residual_channels(ctx, xt.width, xs.width)
         explicit = explicit_masks(ctx)
         names = {id(p): n for n, p in student.named_parameters()}
         report = EBFTReport(samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
         x_s, x_t, x_u = xs.hidden, xt.hidden, xs.hidden
+        targets: list[torch.Tensor] = []
         revived_warned = False
         with ctx.progress(total=len(s_blocks), description="ebft") as bar:
             for i, (sb, tb) in enumerate(zip(s_blocks, t_blocks, strict=True)):
                 x_t = _advance(tb if _device(tb) == dev else copy.deepcopy(tb).to(dev), x_t, xt, i)
-                targets = x_t
+                targets = x_t if kept is None else [y.index_select(-1, kept.to(y.device)) for y in x_t]
                 x_u = _advance(sb, x_u, xs, i)
                 masks = infer_masks(sb, explicit, names=names)
                 if self.train == "lora" and not revived_warned and any(
@@ -250,8 +282,8 @@ class EBFT(Pass):
                 x_s = _advance(sb, x_s, xs, i)
                 bar.set_description(f"ebft block {i}: mse {r.mse_before:.3g} -> {r.mse_after:.3g}")
                 bar.advance()
-        report.output_mse_before = _mse(x_u, x_t)
-        report.output_mse_after = _mse(x_s, x_t)
+        report.output_mse_before = _mse(x_u, targets)
+        report.output_mse_after = _mse(x_s, targets)
         ctx.results["ebft"] = report
         restored = [b.index for b in report.blocks if b.restored]
         if restored:
