@@ -206,7 +206,8 @@ class RecoverDynamic(Pass):
     ensures: ClassVar[tuple[str, ...]] = ("recover-dynamic",)
 
     stages: Literal["pretrain,instruct", "pretrain", "instruct"] = "pretrain,instruct"
-    """Which datasets to recover on, in order; ``instruct`` alone is the paper's instruction-only ablation."""
+    """Which datasets to recover on, in order; ``instruct`` alone is the paper's instruction-only ablation
+    (quote it in a pipeline string: ``recover-dynamic{stages="pretrain,instruct"}``)."""
     instructions: bool = True
     """Run the instruction stage when ``stages`` names it and the data has instructions."""
     max_rounds: int = 5

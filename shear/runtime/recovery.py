@@ -240,7 +240,7 @@ def plot_recovery(
         ax_w.set_ylim(0, 1)
         ax_w.set_ylabel("share of training samples")
         ax_w.set_title("Source mixture per round", fontsize=10)
-        ax_w.legend(fontsize=7, loc="upper right")
+        ax_w.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         xs = list(range(n))
         for s in sources:
             ys = [float(r[2].get(s, math.nan)) for r in rounds]
@@ -252,7 +252,7 @@ def plot_recovery(
         ax_p.set_yscale("log")
         ax_p.set_ylabel("validation perplexity (dashed: dense)")
         ax_p.set_title("Per-source perplexity after each round", fontsize=10)
-        ax_p.legend(fontsize=7, loc="upper right")
+        ax_p.legend(fontsize=7, loc="best")
         fig.tight_layout()
         stem = Path(stem)
         stem.parent.mkdir(parents=True, exist_ok=True)
