@@ -28,12 +28,35 @@ from typing import Any
 
 __all__ = ["PIPELINES", "choose_pipeline", "parse_args", "run_demo", "main", "DemoResult"]
 
+_KD = 'knowledge-distribution{{max_windows=1,seq_len={kd_len},out_dir="{out}"}}'
 PIPELINES: tuple[tuple[str, str], ...] = (
+    (
+        "lora,discover-groups," + _KD + ",lhspg{{ratio={ratio},{lhspg}}},erase,recover-dynamic{{{recover}}},merge-lora",
+        "LoRAShear: knowledge distribution, LHSPG, erase, dynamic recovery",
+    ),
+    (
+        "lora,discover-groups," + _KD + ",lhspg{{ratio={ratio},{lhspg}}},erase,merge-lora",
+        "LoRAShear without recovery: knowledge distribution, LHSPG, erase",
+    ),
     ("magnitude{{ratio={ratio}}},erase", "structured magnitude pruning + erase"),
     ("random{{ratio={ratio},seed=0}},erase", "random structured pruning + erase (baseline)"),
 )
-"""Pipelines from strongest to weakest; the demo runs the first whose passes are all registered.
-The LoRAShear pipeline (``lhspg`` with its quick profile) goes first once it exists."""
+"""Pipelines from strongest to weakest; the demo runs the first whose passes are all registered
+(with the ``--quick`` or the default training budget filled in)."""
+
+BUDGETS: dict[bool, dict[str, str]] = {
+    False: {
+        "lhspg": "periods=3,steps_per_period=8,warmup=4,batch_size=4,seq_len=128,lr=0.0005",
+        "recover": "max_rounds=2,steps_per_round=8,batch_size=4,seq_len=128,eval_windows=2,lr=0.0003",
+        "kd_len": "128",
+    },
+    True: {
+        "lhspg": "periods=1,steps_per_period=2,warmup=1,batch_size=1,seq_len=32,lr=0.0005",
+        "recover": "max_rounds=1,steps_per_round=2,batch_size=1,seq_len=32,eval_windows=1,lr=0.0003",
+        "kd_len": "32",
+    },
+}
+"""Training budgets of the LoRAShear pipelines: the default run and ``--quick`` (CI)."""
 
 PROMPTS: tuple[tuple[str, bool], ...] = (
     ("What is the capital of France?", True),
@@ -64,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--quick`` shrinks every budget)."""
     p = argparse.ArgumentParser(prog="python -m shear.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
-    p.add_argument("--ratio", type=float, default=0.2, help="fraction of each prunable group to remove (0.2)")
+    p.add_argument("--ratio", type=float, default=0.2, help="share of parameters LHSPG removes, or of each group for the baselines (0.2)")
     p.add_argument(
         "--pipeline", default=None, help="pipeline string to run instead of the strongest available"
     )
@@ -99,7 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def choose_pipeline(ratio: float, override: str | None = None) -> tuple[str | None, str]:
+def choose_pipeline(
+    ratio: float, override: str | None = None, quick: bool = False, out: Path = Path("out/demo")
+) -> tuple[str | None, str]:
     """The pipeline string to run and why; ``(None, reason)`` when pruning is not available yet.
 
     Example:
@@ -120,7 +145,7 @@ def choose_pipeline(ratio: float, override: str | None = None) -> tuple[str | No
 
     skipped = []
     for template, what in PIPELINES:
-        pipeline = template.format(ratio=ratio)
+        pipeline = template.format(ratio=ratio, out=out, **BUDGETS[quick])
         try:
             parse_pipeline(pipeline)  # unknown pass or option -> PipelineError
         except Exception as e:  # noqa: BLE001 - a pass under construction may fail in other ways too
@@ -272,7 +297,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
     ]
     result.seconds["generation before"] = time.perf_counter() - t
 
-    pipeline, why = choose_pipeline(args.ratio, args.pipeline)
+    pipeline, why = choose_pipeline(args.ratio, args.pipeline, args.quick, args.out)
     result.pipeline = pipeline
     example = {"input_ids": tokenizer(texts["kjv"][:400], return_tensors="pt")["input_ids"][:, :32]}
     if pipeline is None:
@@ -283,8 +308,14 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
 
         console.print(f"pruning {args.ratio:.0%} with [bold]{pipeline}[/] ({why})")
         t = time.perf_counter()
+        from shear.data import TextData
+
+        data = TextData.from_corpus(
+            tokenizer, max_train_chars=20_000 if args.quick else 200_000, max_val_chars=4_000 if args.quick else None,
+            instructions=16 if args.quick else 256,
+        )
         small = shear.compile(
-            model, passes=pipeline, example_inputs=example, verify=args.verify_tol, progress=True
+            model, passes=pipeline, example_inputs=example, data=data, verify=args.verify_tol, progress=True
         )
         result.seconds["prune"] = time.perf_counter() - t
         result.pruning = why

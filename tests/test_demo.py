@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from model_fixtures import SMOLLM2_SKIP, require_packages, shared_cache_dir
 
-from shear.demo import PIPELINES, DemoResult, choose_pipeline, parse_args, write_report
+from shear.demo import BUDGETS, PIPELINES, DemoResult, choose_pipeline, parse_args, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +30,9 @@ def test_pipeline_override_and_preference_order() -> None:
     )
     pipeline, why = choose_pipeline(0.2)
     if pipeline is not None:  # the strongest registered pipeline, formatted with the ratio
-        formatted = [t.format(ratio=0.2) for t, _ in PIPELINES]
+        formatted = [t.format(ratio=0.2, out=Path("out/demo"), **BUDGETS[False]) for t, _ in PIPELINES]
         assert pipeline in formatted and "ratio=0.2" in pipeline
+        assert pipeline == formatted[0], "every pass of the LoRAShear pipeline is registered"
     else:
         assert "yet" in why
 
