@@ -245,3 +245,6 @@ def test_errors(tiny):
     # a list value in a pipeline string is quoted
     (p,) = shear.passes.parse_pipeline('recover-dynamic{stages="pretrain,instruct",max_rounds=2}')
     assert p == RecoverDynamic(stages="pretrain,instruct", max_rounds=2)
+    (p,) = shear.passes.parse_pipeline("recover-dynamic{stages=pretrain+instruct}")
+    assert p.stage_list == ("pretrain", "instruct") == RecoverDynamic().stage_list
+    assert RecoverDynamic(stages="instruct").stage_list == ("instruct",)

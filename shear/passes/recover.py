@@ -205,9 +205,9 @@ class RecoverDynamic(Pass):
     name: ClassVar[str] = "recover-dynamic"
     ensures: ClassVar[tuple[str, ...]] = ("recover-dynamic",)
 
-    stages: Literal["pretrain,instruct", "pretrain", "instruct"] = "pretrain,instruct"
+    stages: Literal["pretrain,instruct", "pretrain+instruct", "pretrain", "instruct"] = "pretrain,instruct"
     """Which datasets to recover on, in order; ``instruct`` alone is the paper's instruction-only ablation
-    (quote it in a pipeline string: ``recover-dynamic{stages="pretrain,instruct"}``)."""
+    (in a pipeline string quote it, ``recover-dynamic{stages="pretrain,instruct"}``, or write ``pretrain+instruct``)."""
     instructions: bool = True
     """Run the instruction stage when ``stages`` names it and the data has instructions."""
     max_rounds: int = 5
@@ -249,9 +249,10 @@ class RecoverDynamic(Pass):
     """Where the figure goes (PNG and SVG); default ``ctx.results['dump_dir']``, else no figure."""
 
     def __post_init__(self) -> None:
-        if self.stages not in ("pretrain,instruct", "pretrain", "instruct"):
+        if self.stages not in ("pretrain,instruct", "pretrain+instruct", "pretrain", "instruct"):
             raise PipelineError(
-                f"recover-dynamic: stages must be 'pretrain,instruct', 'pretrain' or 'instruct', got {self.stages!r}"
+                "recover-dynamic: stages must be 'pretrain,instruct' (or 'pretrain+instruct'), 'pretrain' or "
+                f"'instruct', got {self.stages!r}"
             )
         for opt in ("max_rounds", "steps_per_round", "batch_size", "grad_accum", "eval_batch_size", "lora_r"):
             value = getattr(self, opt)
@@ -280,7 +281,8 @@ class RecoverDynamic(Pass):
 
     @property
     def stage_list(self) -> tuple[Stage, ...]:
-        return tuple(s for s in ("pretrain", "instruct") if s in self.stages.split(","))  # type: ignore[misc]
+        named = self.stages.replace("+", ",").split(",")
+        return tuple(s for s in ("pretrain", "instruct") if s in named)  # type: ignore[misc]
 
     # -- the pass ---------------------------------------------------------------------------------
 
