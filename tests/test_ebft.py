@@ -296,6 +296,19 @@ def test_lora_mode_tunes_only_the_adapters() -> None:
     assert any("revives pruned weights" in w for w in ctx.warnings)
 
 
+def test_bf16_model_trains_through_fp32_masters() -> None:
+    dense, _ = build("llama")
+    student = _magnitude(copy.deepcopy(dense)).to(torch.bfloat16)
+    zeros = _zeros(student)
+    _, report, result = _ebft(student, dense.to(torch.bfloat16))
+    _assert_improves(report, result.stats)
+    assert result.stats["output_mse_after"] < 0.5 * result.stats["output_mse_before"]
+    for name, p in student.named_parameters():
+        assert p.dtype == torch.bfloat16
+        if name in zeros:
+            assert bool((p[zeros[name]] == 0).all()), name
+
+
 def test_too_large_lr_restores_the_block() -> None:
     dense, _ = build("llama")
     student = _magnitude(copy.deepcopy(dense))

@@ -294,6 +294,7 @@ def infer_masks(
     return masks
 
 
+_HALF = (torch.float16, torch.bfloat16)
 _LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
@@ -347,7 +348,8 @@ def block_reconstruct(
     """Tune ``student_block`` so that ``student_block(inputs[c]) ≈ teacher_outputs[c]`` for every chunk.
 
     Adam over :func:`trainable_parameters` (everything else in the block is frozen for the
-    duration), one step per chunk, chunks visited in a seeded random order each epoch. Entries
+    duration), one step per chunk, chunks visited in a seeded random order each epoch; 16-bit
+    weights are updated through fp32 master copies. Entries
     that ``masks`` marks as pruned get zero gradient and are re-zeroed after every step, so they
     stay exactly zero. The block's MSE is measured before and after on the same chunks; if tuning
     made it worse (a too large ``lr``), the original weights are restored, so the result is never
@@ -377,25 +379,33 @@ def block_reconstruct(
     try:
         for n, p in all_params.items():
             p.requires_grad_(n in params)
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        # 16-bit weights train through fp32 master copies (Adam's small steps vanish in bf16)
+        master = {n: p.detach().float().clone() if p.dtype in _HALF else p for n, p in params.items()}
+        opt = torch.optim.Adam(list(master.values()), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
             total = 0.0
             for c in torch.randperm(len(inputs), generator=gen).tolist():
                 opt.zero_grad(set_to_none=True)
+                for p in params.values():
+                    p.grad = None
                 out = run_block(student_block, inputs[c], _chunk_args(args, c), _chunk_kwargs(kwargs, c))
                 loss = torch.nn.functional.mse_loss(out.float(), teacher_outputs[c].to(out.device).float())
                 loss.backward()
                 for n, p in params.items():
-                    m = keep[n]
-                    if m is not None and p.grad is not None:
-                        p.grad.mul_(m)
+                    m, w = keep[n], master[n]
+                    if w is not p and p.grad is not None:
+                        w.grad = p.grad.float()
+                    if m is not None and w.grad is not None:
+                        w.grad.mul_(m)
                 opt.step()
                 with torch.no_grad():
                     for n, p in params.items():
-                        m = keep[n]
+                        m, w = keep[n], master[n]
                         if m is not None:
-                            p.mul_(m)
+                            w.mul_(m)
+                        if w is not p:
+                            p.copy_(w)
                 total += float(loss.detach())
                 steps += 1
             losses.append(total / len(inputs))
