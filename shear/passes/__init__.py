@@ -22,6 +22,8 @@ from shear.passes.manager import PassHook, PassManager, PassRecord
 from shear.passes.options import OptionInfo, build_pass, format_pass, pass_doc, pass_options
 from shear.passes.pipeline import (
     DEFAULT_PIPELINE,
+    LORASHEAR_PIPELINE,
+    default_pipeline,
     format_pipeline,
     load_pipeline,
     parse_pipeline,
@@ -44,6 +46,8 @@ __all__ = [
     "build_pass",
     "format_pass",
     "DEFAULT_PIPELINE",
+    "LORASHEAR_PIPELINE",
+    "default_pipeline",
     "parse_pipeline",
     "load_pipeline",
     "resolve_pipeline",
