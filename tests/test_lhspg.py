@@ -290,3 +290,13 @@ def test_default_pipeline_is_lorashear_for_causal_lms(tiny):
     assert default_pipeline(torch.nn.Linear(2, 2)) == DEFAULT_PIPELINE
     assert LORASHEAR_PIPELINE.index("knowledge-distribution") < LORASHEAR_PIPELINE.index("lhspg")
     assert LORASHEAR_PIPELINE.index("lhspg") < LORASHEAR_PIPELINE.index("erase")
+
+
+@pytest.mark.parametrize("prune", ["magnitude{{mode=structured,params={r}}}", "taylor{{params={r},samples=4,seq_len=32}}"])
+def test_one_shot_baselines_prune_to_the_same_parameter_budget(tiny, prune):
+    model, _, data = tiny
+    ids = {"input_ids": torch.arange(16).view(1, 16)}
+    small = shear.compile(model, f"discover-groups,{prune.format(r=0.3)},erase", example_inputs=ids, data=data)
+    assert abs(1 - _base_params(small) / _base_params(model) - 0.3) <= 0.01
+    with pytest.raises(PipelineError, match="params must be in"):
+        shear.compile(model, "discover-groups,magnitude{mode=unstructured,params=0.3}", example_inputs=ids)

@@ -49,7 +49,7 @@ from shear.errors import PassError, PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph, NodeGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.passes.taylor import prune_count
+from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable
 from shear.runtime.saliency import SaliencyScores, compute_saliency
 
@@ -200,7 +200,7 @@ def _perturbations(
                 members = [m for m in g.primary if m.param.startswith(prefix)]
             else:
                 members = list(g.primary)
-            n = prune_count(g, ratio)
+            n = structure_count(g.size, ratio)
             if not members or n == 0:
                 continue
             idx = choose(g, n, ng.id)

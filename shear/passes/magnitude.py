@@ -35,6 +35,7 @@ from torch import nn
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.runtime.budget import structure_count, zero_to_budget
 from shear.runtime.calibration import target_linears
 from shear.runtime.masks import TensorTable, zero_structures
 from shear.runtime.sparsity import (
@@ -46,7 +47,7 @@ from shear.runtime.sparsity import (
     store_masks,
 )
 
-__all__ = ["Magnitude", "structure_norms", "structure_count", "prune_lowest_norm", "structure_masks", "magnitude_masks"]
+__all__ = ["Magnitude", "structure_norms", "prune_lowest_norm", "structure_masks", "magnitude_masks"]
 
 
 def structure_norms(model: nn.Module | TensorTable, group: PruningGroup) -> torch.Tensor:
@@ -60,16 +61,6 @@ def structure_norms(model: nn.Module | TensorTable, group: PruningGroup) -> torc
         picked = t.index_select(m.dim, m.positions.flatten().to(t.device))
         sq += picked.movedim(m.dim, 0).reshape(group.size, -1).double().pow(2).sum(dim=1).cpu()
     return sq.sqrt()
-
-
-def structure_count(size: int, ratio: float, round_to: int = 1) -> int:
-    """Structures to zero in a group of ``size``: ``round(ratio * size)``, at most ``size - 1``; with
-    ``round_to > 1`` the kept count is rounded to a multiple of it (when ``size >= round_to``)."""
-    n = min(round(ratio * size), size - 1)
-    if round_to > 1 and size >= round_to:
-        keep = max(round_to, round((size - n) / round_to) * round_to)
-        n = size - min(keep, size)
-    return max(n, 0)
 
 
 def prune_lowest_norm(
@@ -153,6 +144,9 @@ class Magnitude(Pass):
     """Unstructured: compare weights within each output row instead of the whole matrix."""
     round_to: int = 1
     """Structured: round each group's kept count to a multiple of this; 1 = exact ratio."""
+    params: float = 0.0
+    """Structured: when > 0, remove this share of the model's parameters instead of ``ratio`` of every
+    group (kv-head families and channels, the parameter budget ``lhspg`` uses)."""
 
     def __post_init__(self) -> None:
         check_mode(self.name, self.mode, ("unstructured", "nm", "structured"))
@@ -162,6 +156,11 @@ class Magnitude(Pass):
             check_ratio(self.name, self.ratio)
         if self.round_to < 1:
             raise PipelineError(f"{self.name}: round_to must be >= 1, got {self.round_to}")
+        if not 0.0 <= self.params < 1.0 or (self.params and self.mode != "structured"):
+            raise PipelineError(
+                f"{self.name}: params must be in [0, 1) and only with mode=structured, got params={self.params} "
+                f"with mode={self.mode}; e.g. magnitude{{mode=structured,params=0.2}}"
+            )
 
     def run(self, ctx: Context) -> PassResult:
         if self.mode == "structured":
@@ -186,12 +185,18 @@ class Magnitude(Pass):
     def _structured(self, ctx: Context) -> PassResult:
         groups = ctx.results["graph"].pruning_groups
         with ctx.progress(None, "magnitude structured"):
-            chosen = prune_lowest_norm(ctx.model, groups, self.ratio, self.round_to)
+            if self.params > 0:
+                table = TensorTable(ctx.model)
+                scores = {g.id: structure_norms(table, g) for g in groups if g.prunable}
+                chosen = zero_to_budget(ctx.model, groups, scores, self.params, round_to=self.round_to)
+            else:
+                chosen = prune_lowest_norm(ctx.model, groups, self.ratio, self.round_to)
         ctx.results["magnitude"] = chosen
         store_masks(ctx.results, structure_masks(ctx.model, groups, chosen))
         n = sum(int(v.numel()) for v in chosen.values())
         return PassResult(
             changed=n > 0,
-            message=f"zeroed the {n} lowest-norm structures in {len(chosen)} prunable groups (ratio {self.ratio})",
+            message=f"zeroed the {n} lowest-norm structures in {len(chosen)} prunable groups ("
+            + (f"{self.params:.0%} of parameters)" if self.params else f"ratio {self.ratio})"),
             stats={"structures": n, "groups": len(chosen)},
         )

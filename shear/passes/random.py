@@ -21,6 +21,7 @@ import torch
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable, zero_structures
 
 __all__ = ["Random", "choose_structures", "zero_random"]
@@ -32,10 +33,7 @@ def choose_structures(group: PruningGroup, ratio: float, generator: torch.Genera
     With ``round_to > 1`` the number of structures *kept* is rounded to a multiple of it (when the
     group has at least that many), so that pruned widths stay friendly to vectorised kernels.
     """
-    n = min(round(ratio * group.size), group.size - 1)
-    if round_to > 1 and group.size >= round_to:
-        keep = max(round_to, round((group.size - n) / round_to) * round_to)
-        n = group.size - min(keep, group.size)
+    n = structure_count(group.size, ratio, round_to)
     if n <= 0:
         return torch.zeros(0, dtype=torch.long)
     return torch.randperm(group.size, generator=generator)[:n].sort().values

@@ -24,21 +24,11 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.passes.saliency import calibration_ids
-from shear.runtime.budget import zero_to_budget
+from shear.runtime.budget import structure_count, zero_to_budget
 from shear.runtime.masks import TensorTable, zero_structures
 from shear.runtime.saliency import taylor_importance
 
-__all__ = ["Taylor", "prune_count", "zero_lowest"]
-
-
-def prune_count(group: PruningGroup, ratio: float, round_to: int = 1) -> int:
-    """How many structures of ``group`` a ratio removes: ``round(ratio * size)``, at most ``size - 1``,
-    with the kept count rounded to a multiple of ``round_to`` when the group is that large."""
-    n = min(round(ratio * group.size), group.size - 1)
-    if round_to > 1 and group.size >= round_to:
-        keep = max(round_to, round((group.size - n) / round_to) * round_to)
-        n = group.size - min(keep, group.size)
-    return max(n, 0)
+__all__ = ["Taylor", "zero_lowest"]
 
 
 def zero_lowest(
@@ -56,7 +46,7 @@ def zero_lowest(
     for g in groups:
         if not g.prunable or g.id not in scores:
             continue
-        n = prune_count(g, ratio, round_to)
+        n = structure_count(g.size, ratio, round_to)
         idx = torch.sort(torch.argsort(scores[g.id], stable=True)[:n]).values
         zero_structures(table, g, idx)
         chosen[g.id] = idx

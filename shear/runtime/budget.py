@@ -31,7 +31,7 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.runtime.masks import TensorTable
 
-__all__ = ["ParamBudget", "is_adapter_param", "zero_to_budget"]
+__all__ = ["ParamBudget", "is_adapter_param", "structure_count", "zero_to_budget"]
 
 _ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 
@@ -39,6 +39,22 @@ _ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embeddi
 def is_adapter_param(name: str) -> bool:
     """True for peft adapter tensors (LoRA A/B, DoRA magnitudes), which budgets do not count."""
     return any(m in f".{name}" for m in _ADAPTER_MARKERS)
+
+
+def structure_count(size: int, ratio: float, round_to: int = 1) -> int:
+    """Structures a per-group ``ratio`` removes from a group of ``size``: ``round(ratio * size)``, at
+    most ``size - 1``; with ``round_to > 1`` the *kept* count is rounded to a multiple of it (when the
+    group has at least that many), so pruned widths stay friendly to vectorised kernels.
+
+    Example:
+        >>> structure_count(10, 0.3), structure_count(10, 1.0), structure_count(64, 0.3, round_to=8)
+        (3, 9, 16)
+    """
+    n = min(round(ratio * size), size - 1)
+    if round_to > 1 and size >= round_to:
+        keep = max(round_to, round((size - n) / round_to) * round_to)
+        n = size - min(keep, size)
+    return max(n, 0)
 
 
 @dataclass(frozen=True)
@@ -133,15 +149,7 @@ class ParamBudget:
         return counts
 
     def _fraction_counts(self, r: float, ids: list[int], round_to: int) -> dict[int, int]:
-        out = {}
-        for gid in ids:
-            size = self.groups[gid].size
-            n = min(round(r * size), size - 1)
-            if round_to > 1 and size >= round_to:
-                keep = max(round_to, round((size - n) / round_to) * round_to)
-                n = size - min(keep, size)
-            out[gid] = max(n, 0)
-        return out
+        return {gid: structure_count(self.groups[gid].size, r, round_to) for gid in ids}
 
     def _uniform(self, target: float, ids: list[int], round_to: int) -> dict[int, int]:
         lo, hi = 0.0, 1.0
