@@ -23,7 +23,7 @@ Example:
     >>> p = EBFT(nsamples=32, seq_len=256, lr=2e-4, epochs=5)   # "ebft{nsamples=32,lr=0.0002,epochs=5}"
     >>> p.name, p.train
     ('ebft', 'weights')
-    >>> small = shear.compile(model, ["magnitude{sparsity=0.5}", "ebft"], data=data)  # doctest: +SKIP
+    >>> small = shear.compile(model, ["magnitude{mode=unstructured,ratio=0.5}", "ebft"], data=data)  # doctest: +SKIP
     >>> small.shear_report                      # per-block MSE before/after in the ebft record  # doctest: +SKIP
 """
 
