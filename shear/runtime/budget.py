@@ -166,7 +166,7 @@ class ParamBudget:
         for gid in ids:
             by_kind.setdefault(self.groups[gid].kind, []).extend(self._score(gid, scores).tolist())
         mean = {k: (sum(v) / len(v)) or 1.0 for k, v in by_kind.items()}
-        ranked = []
+        ranked: list[tuple[float, int]] = []
         for gid in ids:
             s = self._score(gid, scores).sort().values / mean[self.groups[gid].kind]
             ranked.extend((float(v), gid) for v in s[: self.groups[gid].size - 1])

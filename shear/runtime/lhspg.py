@@ -169,9 +169,11 @@ class StructureViews:
             slices = [self._slice(v, idx) for v in self.views[gid]]
             old = [self._slice(v, idx, with_lora=False) for v in self.views[gid]]
             new = [(1.0 - lam) * s for s in slices]
-            inner = sum((n * o).sum(dim=1) for n, o in zip(new, old))
-            norm2 = sum((o * o).sum(dim=1) for o in old)
-            flip = (inner < eps * norm2) & (norm2 > 0) if lam < 1.0 else torch.ones(len(idx), dtype=torch.bool)
+            inner = torch.stack([(n * o).sum(dim=1) for n, o in zip(new, old)]).sum(dim=0)
+            norm2 = torch.stack([(o * o).sum(dim=1) for o in old]).sum(dim=0)
+            flip: torch.Tensor = (
+                (inner < eps * norm2) & (norm2 > 0) if lam < 1.0 else torch.ones(len(idx), dtype=torch.bool)
+            )
             for v, n in zip(self.views[gid], new):
                 n[flip.to(n.device)] = 0
                 self._write(v, idx, n)
