@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--selection", default="uniform", choices=["uniform", "global"])
-    parser.add_argument("--saliency", default="magnitude=1")
+    parser.add_argument("--saliency", default="activation=1,taylor1=1")
     parser.add_argument("--kd", action="store_true", help="run knowledge-distribution before lhspg")
     parser.add_argument("--gamma", type=float, default=0.1, help="share of node groups KD keeps unprunable")
     parser.add_argument("--eval-windows", type=int, default=None, help="validation windows per source")
