@@ -143,14 +143,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if args.passes and args.pipeline:
         raise ShearError("give either --passes or --pipeline, not both")
-    passes = resolve_pipeline(args.pipeline or args.passes)  # fail on a typo before loading the model
+    spec = args.pipeline or args.passes
+    passes = resolve_pipeline(spec) if spec else None  # fail on a typo before loading the model
     model = load_model(args.model)
     small = shear.compile(
         model,
         passes,
         example_inputs=_example_inputs(model, args.seq_len),
+        data=_text_data(args.model, args.data),
         verify=not args.no_verify,
-        inplace=True,
+        inplace=False,  # the untouched model is the dense reference of recovery and EBFT
         device=args.device,
         debug=args.debug,
         dump_dir=args.dump_dir,
@@ -161,6 +163,40 @@ def cmd_prune(args: argparse.Namespace) -> int:
     shear.save(small, args.output)
     out.print(f"saved to {args.output}")
     return 0
+
+
+def _text_data(model_dir: str, spec: str) -> object | None:
+    """``--data``: ``corpus`` (shear's committed corpus and instructions), ``none``, ``auto`` (the
+    corpus when the model folder has a tokenizer, else none), or a folder of ``<source>.txt`` files
+    (``<source>.validation.txt`` held out), tokenized with the model's tokenizer."""
+    from pathlib import Path
+
+    from shear.data import TextData
+
+    if spec == "none":
+        return None
+    if spec == "auto":
+        has_tokenizer = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        if not has_tokenizer:
+            return None
+        spec = "corpus"
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ShearError(
+            f"--data {spec}: no tokenizer in {model_dir} to tokenize the text ({e}); save the tokenizer next to "
+            "the model (tokenizer.save_pretrained) or pass --data none for passes that need no data"
+        ) from e
+    if spec == "corpus":
+        return TextData.from_corpus(tokenizer, instructions=512)
+    folder = Path(spec)
+    train = {f.stem: f.read_text() for f in sorted(folder.glob("*.txt")) if ".validation" not in f.name}
+    held = {f.name.split(".")[0]: f.read_text() for f in sorted(folder.glob("*.validation.txt"))}
+    if not train:
+        raise ShearError(f"--data {spec}: no <source>.txt files there; give a folder of text files, 'corpus' or 'none'")
+    return TextData.from_texts(tokenizer, train, held)
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -214,8 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_draw)
 
     p = model_command("prune", "run a pipeline and save the pruned model")
-    p.add_argument("--passes", help='pipeline string, e.g. "random{ratio=0.3,seed=0},erase" (default: the LoRAShear pipeline)')
+    p.add_argument("--passes", help='pipeline string, e.g. "random{ratio=0.3,seed=0},erase" (default: the LoRAShear pipeline for causal LMs)')
     p.add_argument("--pipeline", help="pipeline file (.toml, or .yaml with PyYAML)")
+    p.add_argument(
+        "--data",
+        default="auto",
+        help="text for passes that calibrate or train: 'corpus' (shear's committed corpus), 'none', 'auto' "
+        "(corpus when the model folder has a tokenizer; default), or a folder of <source>.txt files with "
+        "optional <source>.validation.txt",
+    )
     p.add_argument("-o", "--output", required=True, help="directory to save the pruned model to")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check of erased models")

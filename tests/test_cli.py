@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import shear
+import shear.zoo
 from shear.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,3 +134,15 @@ def test_broken_model_paths(kind: str, tmp_path: Path, tiny_dir: Path, capsys: p
 def test_usage_errors_exit_2() -> None:
     r = run_cli("prune", "somewhere")
     assert r.returncode == 2 and "-o/--output" in r.stderr
+
+
+def test_prune_with_lhspg_on_the_tiny_trained_llama_and_corpus_data(tmp_path: Path) -> None:
+    from shear.zoo import TINY_LLAMA_DIR
+
+    out = tmp_path / "pruned"
+    passes = "lora,discover-groups,lhspg{ratio=0.2,periods=1,steps_per_period=2,warmup=0,batch_size=1,seq_len=32},erase,merge-lora"
+    r = run_cli("prune", str(TINY_LLAMA_DIR), "--passes", passes, "--data", "corpus", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    small = shear.load(out)
+    full = sum(p.numel() for p in shear.zoo.load_tiny_llama().model.parameters())
+    assert abs(1 - sum(p.numel() for p in small.parameters()) / full - 0.2) <= 0.01
