@@ -93,9 +93,12 @@ def test_planted_node_group_ranks_first_and_weights_are_restored(
     # every weight is back, bit for bit
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # one entry per node group that owns prunable structures, in network order
-    assert {e.node_group for e in kd.entries} == {ng.id for ng in graph.node_groups if ng.pruning_groups
-                                                   and graph.pruning_groups[ng.pruning_groups[0]].prunable}
+    # one entry per node group that owns prunable heads or channels (not the residual), in network order
+    assert {e.node_group for e in kd.entries} == {
+        ng.id for ng in graph.node_groups
+        if any(graph.pruning_groups[g].prunable and graph.pruning_groups[g].kind in ("channel", "head")
+               for g in ng.pruning_groups)
+    }
     names = [e.name for e in kd.entries]
     assert names.index("model.layers.0.mlp/channel") < names.index(PLANTED)
     assert names.index("model.layers.0.self_attn/head") < names.index("model.layers.1.self_attn/head")
@@ -113,7 +116,9 @@ def test_gamma_bounds_and_magnitude_proxy(planted: tuple[torch.nn.Module, TextDa
     assert kd.unprunable_groups == frozenset() and kd.proxy == "magnitude" and not kd.figures
     every = _run(model, data, "knowledge-distribution{gamma=1,seq_len=32,max_windows=2}")
     kd1 = every.results["knowledge-distribution"]
-    assert kd1.unprunable_groups == {g.id for g in every.results["graph"].prunable_groups}
+    assert kd1.unprunable_groups == {
+        g.id for g in every.results["graph"].prunable_groups if g.kind in ("channel", "head")
+    }
     assert all(math.isfinite(e.ppl) for e in kd1.entries)
 
 
@@ -122,7 +127,7 @@ def test_lora_composed_node_groups_mark_their_output_side() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     data = TextData(None, {"a": torch.randint(0, VOCAB, (400,), generator=g)}, {"a": torch.randint(0, VOCAB, (64,), generator=g)})
-    ctx = _run(model, data, "knowledge-distribution{seq_len=16,max_windows=1,gamma=1}")
+    ctx = _run(model, data, "knowledge-distribution{seq_len=16,max_windows=1,gamma=1,kinds=[channel,head,residual]}")
     kd = ctx.results["knowledge-distribution"]
     graph = ctx.results["graph"]
     groups = {pg.id: pg for pg in graph.pruning_groups}

@@ -179,7 +179,7 @@ class _Chooser:
 
 
 def _perturbations(
-    graph: Graph, table: TensorTable, ratio: float, choose: _Chooser, include: str
+    graph: Graph, table: TensorTable, ratio: float, choose: _Chooser, include: str, kinds: tuple[str, ...]
 ) -> list[_Perturbation]:
     groups = {g.id: g for g in graph.pruning_groups}
     composites = {c.module: c for c in graph.composites}
@@ -192,7 +192,7 @@ def _perturbations(
         count = 0
         for gid in ng.pruning_groups:
             g = groups.get(gid)
-            if g is None or not g.prunable:
+            if g is None or not g.prunable or g.kind not in kinds:
                 continue
             if ng.kind == "composed":
                 comp = composites.get(ng.name)
@@ -255,6 +255,9 @@ class KnowledgeDistributionAnalysis(Pass):
     """Which structures are zeroed: lowest magnitude, seeded random, or lowest ``ctx.results['saliency']``."""
     include: Literal["all", "basic", "composed"] = "all"
     """Which node groups to analyse (composed ones exist only in LoRA models)."""
+    kinds: tuple[str, ...] = ("channel", "head")
+    """Pruning-group kinds to analyse, as ``lhspg{kinds}``: marking a space LHSPG never prunes (the
+    residual width by default) unprunable would waste a share of ``gamma``."""
     seq_len: int = 128
     """Tokens per validation window."""
     max_windows: int | None = 8
@@ -288,7 +291,7 @@ class KnowledgeDistributionAnalysis(Pass):
                     "knowledge-distribution: proxy=saliency needs ctx.results['saliency']; run the saliency pass first"
                 )
         table = TensorTable(model)
-        todo = _perturbations(graph, table, self.ratio, _Chooser(self.proxy, scores, self.seed), self.include)
+        todo = _perturbations(graph, table, self.ratio, _Chooser(self.proxy, scores, self.seed), self.include, self.kinds)
         if not todo:
             raise PassError("knowledge-distribution: no node group owns a prunable structure; nothing to analyse")
 
