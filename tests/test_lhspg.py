@@ -20,7 +20,7 @@ from shear.errors import DataError, PassError, PipelineError
 from shear.graph.trace import trace
 from shear.passes.base import Context
 from shear.passes.lhspg import LHSPG, LhspgHook
-from shear.runtime.budget import ParamBudget, is_adapter_param
+from shear.runtime.budget import ParamBudget, base_param_count
 from shear.runtime.lhspg import StructureViews
 from shear.runtime.masks import TensorTable, nonzero_structures, zero_structures
 from shear.runtime.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
@@ -42,15 +42,6 @@ def _lora(model):
     return peft_model, trace(peft_model, {"input_ids": ids}), ids
 
 
-def _base_params(model) -> int:
-    seen, n = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen or is_adapter_param(name):
-            continue
-        seen.add(id(p))
-        n += p.numel()
-    return n
-
 
 # -- budget --------------------------------------------------------------------------------------
 
@@ -61,7 +52,7 @@ def test_budget_hits_target_and_predicts_erased_count(tiny, ratio, selection):
     model, graph, ids = _lora(tiny[0])
     groups = [g for g in graph.prunable_groups if g.kind in ("channel", "head")]
     budget = ParamBudget(model, groups)
-    assert budget.total == _base_params(model)
+    assert budget.total == base_param_count(model)
     scores = {g.id: torch.rand(g.size, generator=torch.Generator().manual_seed(g.id)) for g in groups}
     counts = budget.counts(ratio, scores, selection=selection, tolerance=0.005)
     assert abs(budget.reduction(counts) - ratio) <= 0.005
@@ -70,7 +61,7 @@ def test_budget_hits_target_and_predicts_erased_count(tiny, ratio, selection):
         zero_structures(table, g, scores[g.id].argsort()[: counts[g.id]])
     small = shear.compile(model, "erase", example_inputs={"input_ids": ids}, inplace=True)
     del graph
-    assert _base_params(small) == budget.params_after(counts)
+    assert base_param_count(small) == budget.params_after(counts)
 
 
 def test_budget_out_of_reach_names_the_maximum(tiny):
@@ -209,7 +200,7 @@ def test_lhspg_guarantees_on_the_tiny_trained_llama(tiny):
         assert int(views.is_zero(gid).sum()) == n
     # erase: the requested share of parameters goes, and the small model equals the LHSPG result
     small = shear.compile(model, "erase", example_inputs={"input_ids": ids}, verify=1e-5, inplace=False)
-    reduction = 1 - _base_params(small) / budget.total
+    reduction = 1 - base_param_count(small) / budget.total
     assert abs(reduction - 0.3) <= 0.01
     assert small.shear_report.verify_max_diff is None or small.shear_report.verify_max_diff <= 1e-5
     with torch.no_grad():
@@ -258,7 +249,7 @@ def test_lhspg_pass_adds_lora_with_a_message_and_meets_ratio(tiny):
     report = small.shear_report
     assert any("no LoRA adapters" in w and "shear added them" in w for w in report.warnings)
     assert type(small).__name__ == "LlamaForCausalLM"
-    assert abs(1 - _base_params(small) / _base_params(model) - 0.25) <= 0.01
+    assert abs(1 - base_param_count(small) / base_param_count(model) - 0.25) <= 0.01
 
 
 def test_lhspg_bad_input(tiny):
@@ -297,6 +288,6 @@ def test_one_shot_baselines_prune_to_the_same_parameter_budget(tiny, prune):
     model, _, data = tiny
     ids = {"input_ids": torch.arange(16).view(1, 16)}
     small = shear.compile(model, f"discover-groups,{prune.format(r=0.3)},erase", example_inputs=ids, data=data)
-    assert abs(1 - _base_params(small) / _base_params(model) - 0.3) <= 0.01
+    assert abs(1 - base_param_count(small) / base_param_count(model) - 0.3) <= 0.01
     with pytest.raises(PipelineError, match="params must be in"):
         shear.compile(model, "discover-groups,magnitude{mode=unstructured,params=0.3}", example_inputs=ids)

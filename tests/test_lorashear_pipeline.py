@@ -12,7 +12,7 @@ import torch
 
 import shear
 from shear.data import TextData
-from shear.runtime.budget import is_adapter_param
+from shear.runtime.budget import base_param_count
 from shear.zoo import load_tiny_llama
 
 PIPELINE = (
@@ -24,14 +24,6 @@ PIPELINE = (
     "merge-lora"
 )
 
-
-def _params(model: torch.nn.Module) -> int:
-    seen, n = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) not in seen and not is_adapter_param(name):
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def test_lorashear_pipeline_end_to_end(tmp_path):
@@ -46,7 +38,7 @@ def test_lorashear_pipeline_end_to_end(tmp_path):
         "lora", "discover-groups", "knowledge-distribution", "lhspg", "erase", "recover-dynamic", "merge-lora"
     ]
     assert type(small).__name__ == "LlamaForCausalLM"
-    assert abs(1 - _params(small) / _params(model) - 0.3) <= 0.01
+    assert abs(1 - base_param_count(small) / base_param_count(model) - 0.3) <= 0.01
     assert report.verify_max_diff is not None and report.verify_max_diff <= 1e-4
     figures = list(tmp_path.glob("*.png")) + list(tmp_path.glob("*.svg"))
     assert len(figures) >= 2 and all(f.stat().st_size > 0 for f in figures)

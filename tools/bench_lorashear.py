@@ -32,18 +32,10 @@ from typing import Any
 
 import torch
 
+from shear.runtime.budget import base_param_count
+
 __all__ = ["main"]
 
-
-def _params(model: torch.nn.Module) -> int:
-    from shear.runtime.budget import is_adapter_param
-
-    seen, n = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) not in seen and not is_adapter_param(name):
-            seen.add(id(p))
-            n += p.numel()
-    return n
 
 
 def _measure(fn: Any, *args: Any) -> tuple[Any, float, int]:
@@ -128,22 +120,22 @@ def main(argv: list[str] | None = None) -> None:
     data = TextData.from_corpus(tokenizer, max_train_chars=200_000 if q else 400_000)
     sources = list(data.validation)
     load = os.getloadavg()[0]
-    print(f"model {loaded.name}: {_params(model):,} parameters; load average {load:.2f}; threads {torch.get_num_threads()}")
+    print(f"model {loaded.name}: {base_param_count(model):,} parameters; load average {load:.2f}; threads {torch.get_num_threads()}")
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return data.perplexity(m, seq_len=args.seq_len, max_windows=args.eval_windows)
 
     rows: list[dict[str, Any]] = []
     dense_ppl, t_eval, _ = _measure(evaluate, model)
-    rows.append({"method": "dense", "ratio": 0.0, "params": _params(model), "ppl": dense_ppl, "wall_s": 0.0, "peak_mb": 0.0})
+    rows.append({"method": "dense", "ratio": 0.0, "params": base_param_count(model), "ppl": dense_ppl, "wall_s": 0.0, "peak_mb": 0.0})
     print(f"dense evaluated in {t_eval:.0f}s")
     for ratio in args.ratios:
         small, wall, peak = _measure(_one_shot_magnitude, model, ratio, args)
-        rows.append({"method": "magnitude (one-shot)", "ratio": ratio, "params": _params(small),
+        rows.append({"method": "magnitude (one-shot)", "ratio": ratio, "params": base_param_count(small),
                      "ppl": evaluate(small), "wall_s": wall, "peak_mb": peak / 2**20})
         print(_row_text(rows[-1], sources), flush=True)
         small, wall, peak = _measure(_lhspg, model, ratio, data, args)
-        rows.append({"method": "LHSPG (no recovery)", "ratio": ratio, "params": _params(small),
+        rows.append({"method": "LHSPG (no recovery)", "ratio": ratio, "params": base_param_count(small),
                      "ppl": evaluate(small), "wall_s": wall, "peak_mb": peak / 2**20,
                      "steps": args.warmup + args.periods * args.steps_per_period})
         print(_row_text(rows[-1], sources), flush=True)

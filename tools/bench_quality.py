@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from shear.runtime.budget import base_param_count
+
 __all__ = ["main", "Profile"]
 
 
@@ -72,17 +74,6 @@ FULL = Profile(
     rounds=3, steps_per_round=15, recover_lr=3e-4, eval_windows=12, calib=32, ebft_epochs=2, ebft_lr=5e-5,
 )
 
-
-def _base_params(model: torch.nn.Module, nonzero: bool = False) -> int:
-    from shear.runtime.budget import is_adapter_param
-
-    seen, n = set(), 0
-    for name, p in model.named_parameters():
-        if id(p) in seen or is_adapter_param(name):
-            continue
-        seen.add(id(p))
-        n += int((p != 0).sum()) if nonzero else p.numel()
-    return n
 
 
 class Bench:
@@ -115,7 +106,7 @@ class Bench:
         row = {
             "method": method,
             "ratio": ratio,
-            "params": _base_params(model, nonzero),
+            "params": base_param_count(model, nonzero),
             "ppl": self.evaluate(model),
             "wall_s": wall,
             "peak_mb": meter.stats.added_bytes / 2**20,
@@ -257,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     load = os.getloadavg()[0]
     bench = Bench(args)
-    print(f"{bench.name}: {_base_params(bench.model):,} parameters; load average {load:.2f}", flush=True)
+    print(f"{bench.name}: {base_param_count(bench.model):,} parameters; load average {load:.2f}", flush=True)
     bench.run("dense", 0.0, lambda: copy.deepcopy(bench.model))
     for ratio in args.ratios:
         bench.structured(ratio)

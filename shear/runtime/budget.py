@@ -31,7 +31,7 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.runtime.masks import TensorTable
 
-__all__ = ["ParamBudget", "is_adapter_param", "structure_count", "zero_to_budget"]
+__all__ = ["ParamBudget", "base_param_count", "is_adapter_param", "structure_count", "zero_to_budget"]
 
 _ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
 
@@ -39,6 +39,24 @@ _ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embeddi
 def is_adapter_param(name: str) -> bool:
     """True for peft adapter tensors (LoRA A/B, DoRA magnitudes), which budgets do not count."""
     return any(m in f".{name}" for m in _ADAPTER_MARKERS)
+
+
+def base_param_count(model: nn.Module, *, nonzero: bool = False) -> int:
+    """Parameters of ``model`` as budgets count them: tied tensors once, LoRA adapters not at all;
+    ``nonzero=True`` counts only non-zero entries (unstructured sparsity).
+
+    Example:
+        >>> base_param_count(torch.nn.Linear(4, 2))
+        10
+    """
+    seen: set[int] = set()
+    total = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or is_adapter_param(name):
+            continue
+        seen.add(id(p))
+        total += int((p != 0).sum()) if nonzero else p.numel()
+    return total
 
 
 def structure_count(size: int, ratio: float, round_to: int = 1) -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from shear.errors import ShearError
 
-__all__ = ["plot_deviation"]
+__all__ = ["plot_deviation", "save_figure"]
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
@@ -29,6 +30,19 @@ def _pyplot():  # type: ignore[no-untyped-def]
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, stem: str | os.PathLike[str], formats: Sequence[str] = ("png", "svg")) -> list[Path]:
+    """Lay out ``fig`` and write ``<stem>.<fmt>`` for every format (parents created); return the paths."""
+    fig.tight_layout()
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        fig.savefig(path, format=fmt, dpi=150)
+        paths.append(path)
+    return paths
 
 
 def plot_deviation(
@@ -74,14 +88,6 @@ def plot_deviation(
             fontsize=8,
             loc="best",
         )
-        fig.tight_layout()
-        stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for fmt in formats:
-            path = stem.with_name(f"{stem.name}.{fmt}")
-            fig.savefig(path, format=fmt, dpi=150)
-            paths.append(path)
-        return paths
+        return save_figure(fig, stem, formats)
     finally:
         plt.close(fig)

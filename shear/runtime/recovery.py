@@ -216,7 +216,7 @@ def plot_recovery(
     gets a grey bar. Dense perplexities are drawn as dashed lines in each source's colour. Writes
     ``<stem>.<fmt>`` per format and returns the paths.
     """
-    from shear.runtime.plots import _pyplot
+    from shear.runtime.plots import _pyplot, save_figure
 
     if not rounds:
         raise DataError("plot_recovery needs at least the evaluation before recovery")
@@ -253,14 +253,6 @@ def plot_recovery(
         ax_p.set_ylabel("validation perplexity (dashed: dense)")
         ax_p.set_title("Per-source perplexity after each round", fontsize=10)
         ax_p.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for fmt in formats:
-            path = stem.with_name(f"{stem.name}.{fmt}")
-            fig.savefig(path, format=fmt, dpi=150)
-            paths.append(path)
-        return paths
+        return save_figure(fig, stem, formats)
     finally:
         plt.close(fig)
