@@ -171,7 +171,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         model: the model to prune; copied first unless ``inplace=True``.
         passes: pass objects, a pipeline string (``"random{ratio=0.3,seed=0},erase"``), a path
             to a TOML/YAML pipeline, or a list of these; ``None`` runs the LoRAShear pipeline
-            (``LORASHEAR_PIPELINE``) on a causal LM and ``DEFAULT_PIPELINE`` on other models.
+            (``LORASHEAR_PIPELINE``) on a causal LM given ``data``, else ``DEFAULT_PIPELINE``.
         example_inputs: what the model is called with (tuple, dict or tensor); for a causal LM
             with a config, 16 deterministic token ids are used when omitted.
         data: calibration / training data for passes that need it.
@@ -202,7 +202,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
 
     notes: list[str] = []
     if passes is None:
-        passes, notes = _default_passes(model)
+        passes, notes = _default_passes(model, data)
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
     original = model
     if not inplace:
@@ -247,15 +247,25 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     return result
 
 
-def _default_passes(model: nn.Module) -> tuple[list[str], list[str]]:
-    """The default pipeline for ``model``, without passes that are not registered (and why)."""
-    from shear.passes.pipeline import default_pipeline
+def _default_passes(model: nn.Module, data: Any) -> tuple[list[str], list[str]]:
+    """The default pipeline for ``model``, without passes that are not registered (and why).
+
+    The LoRAShear pipeline trains, so without ``data`` a causal LM gets ``DEFAULT_PIPELINE`` (the IR
+    only) and a note saying how to prune it.
+    """
+    from shear.passes.pipeline import DEFAULT_PIPELINE, LORASHEAR_PIPELINE, default_pipeline
     from shear.passes.registry import import_errors, registered_passes
 
     names = list(default_pipeline(model))
+    notes = []
+    if tuple(names) == LORASHEAR_PIPELINE and data is None:
+        names = list(DEFAULT_PIPELINE)
+        notes.append(
+            "compile: the default pipeline of a causal LM is LoRAShear, which trains and needs data; without "
+            "data only discover-groups ran. Prune with shear.compile(model, data=TextData.from_corpus(tokenizer))"
+        )
     known = registered_passes()
     missing = [n for n in names if n not in known]
-    notes = []
     if missing:
         broken = import_errors()
         notes.append(

@@ -28,7 +28,7 @@ from typing import Any
 
 __all__ = ["PIPELINES", "choose_pipeline", "parse_args", "run_demo", "main", "DemoResult"]
 
-_KD = 'knowledge-distribution{{max_windows=1,seq_len={kd_len},out_dir="{out}"}}'
+_KD = 'knowledge-distribution{{max_windows=1,seq_len={kd_len},include=basic,out_dir="{out}"}}'
 PIPELINES: tuple[tuple[str, str], ...] = (
     (
         "lora,discover-groups," + _KD + ",lhspg{{ratio={ratio},{lhspg}}},erase,recover-dynamic{{{recover}}},merge-lora",

@@ -253,10 +253,11 @@ def test_llama_random_erase_by_object_string_and_file(tmp_path: Path) -> None:
 def test_llama_default_pipeline_changes_nothing() -> None:
     _have("discover-groups")
     model = tiny_llama()
-    small = shear.compile(model)
+    small = shear.compile(model)  # no data: the LoRAShear default cannot train, so the IR only, and a note
     r = small.shear_report
     assert r.passes[0].name == "discover-groups" and r.params_after == r.params_before
     assert any(g.prunable for g in r.groups)
+    assert any("needs data" in w and "TextData.from_corpus" in w for w in r.warnings)
 
 
 @pytest.mark.needs_dot

@@ -227,10 +227,13 @@ class LHSPG(Pass):
     lora_r: int = 8
     """Rank of the LoRA adapters added when the model has none."""
     seed: int = 0
+    """Seeds the training run, the batch stream and the calibration windows."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
     checkpoint_dir: str = ""
     """Write resumable checkpoints here (and resume from the latest one); empty disables them."""
     checkpoint_every: int = 0
+    """Steps between checkpoints (with ``checkpoint_dir``); 0 disables them."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
