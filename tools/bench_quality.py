@@ -70,7 +70,7 @@ QUICK = Profile(
     rounds=3, steps_per_round=10, recover_lr=1e-3, eval_windows=8, calib=16, ebft_epochs=3, ebft_lr=1e-4,
 )
 FULL = Profile(
-    seq_len=256, batch=4, lhspg="periods=4,steps_per_period=15,warmup=10,lr=0.0005", kd="max_windows=1",
+    seq_len=256, batch=4, lhspg="periods=4,steps_per_period=15,warmup=10,lr=0.0005", kd="max_windows=1,include=basic",
     rounds=3, steps_per_round=15, recover_lr=3e-4, eval_windows=12, calib=32, ebft_epochs=2, ebft_lr=5e-5,
 )
 
