@@ -70,3 +70,15 @@ def test_round_to_keeps_multiples() -> None:
     for g in groups:
         kept = g.size - chosen[g.id].numel()
         assert kept % 8 == 0 or g.size < 8
+
+
+def test_random_kinds_keeps_the_residual_width() -> None:
+    from models import build
+
+    import shear
+
+    model, x = build("llama")
+    small = shear.compile(model, "discover-groups,random{ratio=0.5,kinds=[channel,head]},erase", example_inputs=x)
+    assert small.config.hidden_size == model.config.hidden_size
+    assert small.model.embed_tokens.weight.shape == model.model.embed_tokens.weight.shape
+    assert small.shear_report.params_after < small.shear_report.params_before

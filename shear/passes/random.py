@@ -40,7 +40,12 @@ def choose_structures(group: PruningGroup, ratio: float, generator: torch.Genera
 
 
 def zero_random(
-    model: torch.nn.Module, groups: tuple[PruningGroup, ...], ratio: float, seed: int, round_to: int = 1
+    model: torch.nn.Module,
+    groups: tuple[PruningGroup, ...],
+    ratio: float,
+    seed: int,
+    round_to: int = 1,
+    kinds: tuple[str, ...] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Zero ``ratio`` of the structures of every prunable group of ``model`` in place; return the choice."""
     if not 0.0 <= ratio < 1.0:
@@ -49,7 +54,7 @@ def zero_random(
     table = TensorTable(model)
     chosen: dict[int, torch.Tensor] = {}
     for g in groups:
-        if not g.prunable:
+        if not g.prunable or (kinds is not None and g.kind not in kinds):
             continue
         idx = choose_structures(g, ratio, gen, round_to)
         zero_structures(table, g, idx)
@@ -72,10 +77,12 @@ class Random(Pass):
     """Seed of the generator that picks the structures."""
     round_to: int = 1
     """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
+    kinds: tuple[str, ...] = ("channel", "head", "residual")
+    """Group kinds to prune; ``kinds=[channel,head]`` keeps the residual width."""
 
     def run(self, ctx: Context) -> PassResult:
         groups = ctx.results["graph"].pruning_groups
-        chosen = zero_random(ctx.model, groups, self.ratio, self.seed, self.round_to)
+        chosen = zero_random(ctx.model, groups, self.ratio, self.seed, self.round_to, self.kinds)
         ctx.results["random"] = chosen
         n = sum(int(v.numel()) for v in chosen.values())
         return PassResult(
