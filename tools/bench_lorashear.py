@@ -50,9 +50,8 @@ def _measure(fn: Any, *args: Any) -> tuple[Any, float, int]:
 def _one_shot_magnitude(model: torch.nn.Module, ratio: float, args: argparse.Namespace) -> torch.nn.Module:
     import shear
     from shear.graph.trace import trace
-    from shear.runtime.budget import ParamBudget
+    from shear.runtime.budget import zero_to_budget
     from shear.runtime.lhspg import StructureViews
-    from shear.runtime.masks import TensorTable, zero_structures
 
     model = copy.deepcopy(model)
     ids = {"input_ids": torch.arange(16).view(1, 16)}
@@ -60,10 +59,7 @@ def _one_shot_magnitude(model: torch.nn.Module, ratio: float, args: argparse.Nam
     groups = [g for g in graph.prunable_groups if g.kind in ("channel", "head")]
     views = StructureViews(model, groups)
     scores = {g.id: views.norms(g.id) for g in groups}
-    counts = ParamBudget(model, groups).counts(ratio, scores, selection=args.selection)
-    table = TensorTable(model)
-    for g in groups:
-        zero_structures(table, g, scores[g.id].argsort()[: counts[g.id]])
+    zero_to_budget(model, groups, scores, ratio, selection=args.selection)
     return shear.compile(model, "erase", example_inputs=ids, inplace=True, verify=args.verify_tol)
 
 

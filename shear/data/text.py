@@ -29,7 +29,7 @@ from shear.errors import DataError
 if TYPE_CHECKING:
     from shear.passes.base import Context
 
-__all__ = ["TextData", "require_text_data", "window_perplexity"]
+__all__ = ["TextData", "calibration_ids", "require_text_data", "window_perplexity"]
 
 
 def _tokenize(tokenizer: Any, text: str, name: str) -> torch.Tensor:
@@ -247,3 +247,24 @@ def require_text_data(ctx: Context, pass_name: str) -> TextData:
         f"pass {pass_name!r} needs text data: call shear.compile(model, passes, data=TextData.from_corpus(tokenizer)) "
         f"(or TextData.from_texts(tokenizer, {{'name': text}}, {{'name': held_out_text}})); got {got}."
     )
+
+
+def calibration_ids(ctx: Context, pass_name: str, nsamples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``[n, seq_len]`` calibration ids for a pass: ``ctx.data`` itself when it is a ``[n, L]`` long
+    tensor, else ``nsamples`` seeded windows of the :class:`TextData` in ``ctx.data``.
+
+    Example:
+        >>> from shear.passes.base import Context
+        >>> ids = torch.ones(2, 8, dtype=torch.long)
+        >>> calibration_ids(Context(model=nn.Linear(2, 2), data=ids), "wanda", 32, 128).shape
+        torch.Size([2, 8])
+    """
+    data = ctx.data
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype != torch.long or data.shape[0] == 0:
+            raise DataError(
+                f"pass {pass_name!r}: calibration ids given as a tensor must be [n, seq_len] long, got "
+                f"{tuple(data.shape)} {data.dtype}"
+            )
+        return data
+    return require_text_data(ctx, pass_name).calibration(nsamples, seq_len, seed=seed)

@@ -43,7 +43,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from shear.errors import DataError, PipelineError
+from shear.data.text import calibration_ids
+from shear.errors import PipelineError
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.blockwise import (
     BlockInputs,
@@ -61,7 +62,6 @@ __all__ = [
     "KeepDense",
     "EBFTReport",
     "BlockRecord",
-    "calibration_ids",
     "dense_teacher",
     "explicit_masks",
     "kept_residual_channels",
@@ -119,20 +119,6 @@ def dense_teacher(ctx: Context, key: str = "dense-model") -> nn.Module:
         )
     return teacher
 
-
-def calibration_ids(ctx: Context, nsamples: int, seq_len: int, seed: int, pass_name: str = "ebft") -> torch.Tensor:
-    """``[n, seq_len]`` calibration ids from ``ctx.data`` (a TextData, or ids given directly)."""
-    data = ctx.data
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.dtype != torch.long or data.shape[0] == 0:
-            raise DataError(
-                f"pass {pass_name!r}: calibration ids given as a tensor must be [n, seq_len] long, got "
-                f"{tuple(data.shape)} {data.dtype}"
-            )
-        return data
-    from shear.data.text import require_text_data
-
-    return require_text_data(ctx, pass_name).calibration(nsamples, seq_len, seed=seed)
 
 
 def explicit_masks(ctx: Context) -> Mapping[str, torch.Tensor] | None:
@@ -245,7 +231,7 @@ class EBFT(Pass):
             )
         for b in s_blocks:
             trainable_parameters(b, self.train)  # fails early, naming the problem, for train='lora'
-        ids = calibration_ids(ctx, self.nsamples, self.seq_len, self.seed)
+        ids = calibration_ids(ctx, self.name, self.nsamples, self.seq_len, self.seed)
         xs = capture_block_inputs(student, ids, batch_size=self.batch_size, blocks=s_blocks)
         xt = capture_block_inputs(teacher, ids, batch_size=self.batch_size, blocks=t_blocks)
         dev = _device(student)

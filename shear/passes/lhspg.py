@@ -86,6 +86,7 @@ class LhspgHook(TrainHook):
         steps_per_period: int,
         eps: float,
         score: Any,
+        initial_scores: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.views = views
         self.counts = counts
@@ -95,6 +96,8 @@ class LhspgHook(TrainHook):
         self.eps = eps
         self.score = score
         """Callable ``(model) -> dict[group id, Tensor[size]]``: saliency of every structure now."""
+        self.initial_scores = initial_scores
+        """Scores of the weights before training (the first period reuses them when warmup is 0)."""
         self.period = -1
         self.decaying: dict[int, torch.Tensor] = {}
         self.zeroed: dict[int, torch.Tensor] = {g: torch.zeros(0, dtype=torch.long) for g in counts}
@@ -103,8 +106,8 @@ class LhspgHook(TrainHook):
 
     # -- schedule ---------------------------------------------------------------------------------
 
-    def _select(self, model: torch.nn.Module, period: int) -> None:
-        scores = self.score(model)
+    def _select(self, model: torch.nn.Module, period: int, scores: dict[int, torch.Tensor] | None = None) -> None:
+        scores = self.score(model) if scores is None else scores
         decaying: dict[int, torch.Tensor] = {}
         moved = 0
         for gid, n_final in self.counts.items():
@@ -131,7 +134,7 @@ class LhspgHook(TrainHook):
 
     def on_train_start(self, state: Any) -> None:
         if self.period < 0 and self.warmup == 0 and state.step == 0:
-            self._select(state.model, 0)
+            self._select(state.model, 0, self.initial_scores)
 
     def after_optimizer_step(self, state: Any) -> None:
         s = state.step
@@ -263,9 +266,10 @@ class LHSPG(Pass):
         weights = parse_weights(self.saliency)
         calib = _calibration(data, self.calibration, self.seq_len, self.seed, weights)
         score = _scorer(graph, eligible, weights, calib)
+        initial = score(ctx.model)
         counts = budget.counts(
             self.ratio,
-            score(ctx.model),
+            initial,
             eligible=eligible,
             selection=self.selection,
             round_to=self.round_to,
@@ -279,6 +283,7 @@ class LHSPG(Pass):
             steps_per_period=self.steps_per_period,
             eps=self.eps,
             score=score,
+            initial_scores=initial,
         )
         config = TrainConfig(
             steps=self.total_steps,

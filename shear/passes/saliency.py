@@ -22,19 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
-
+from shear.data.text import calibration_ids
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.saliency import compute_saliency, parse_weights
 
-__all__ = ["Saliency", "calibration_ids"]
+__all__ = ["Saliency"]
 
-
-def calibration_ids(ctx: Context, pass_name: str, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``[samples, seq_len]`` calibration windows from ``ctx.data``; a DataError with the fix when there is none."""
-    from shear.data.text import require_text_data
-
-    return require_text_data(ctx, pass_name).calibration(samples, seq_len, seed=seed)
 
 
 @register_pass

@@ -36,9 +36,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from shear.data.text import calibration_ids
 from shear.errors import PassError, PipelineError
 from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.runtime.calibration import LayerStats, calibration_ids, sequential_prune, target_linears
+from shear.runtime.calibration import LayerStats, sequential_prune, target_linears
 from shear.runtime.sparsity import WeightMasks, check_mode, check_nm, check_ratio, store_masks
 
 __all__ = ["SparseGPT", "SparseGPTResult", "sparsegpt_prune"]
@@ -203,7 +204,7 @@ class SparseGPT(Pass):
             raise PipelineError(f"{self.name}: percdamp must be >= 0, got {self.percdamp}")
 
     def run(self, ctx: Context) -> PassResult:
-        ids = calibration_ids(ctx, self.nsamples, self.seq_len, self.seed, self.name)
+        ids = calibration_ids(ctx, self.name, self.nsamples, self.seq_len, self.seed)
         out: dict[str, torch.Tensor] = {}
         losses: dict[str, float] = {}
         n = self.n if self.mode == "nm" else 0

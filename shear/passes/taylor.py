@@ -20,10 +20,10 @@ from typing import ClassVar, Literal
 
 import torch
 
+from shear.data.text import calibration_ids
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.passes.saliency import calibration_ids
 from shear.runtime.budget import structure_count, zero_to_budget
 from shear.runtime.masks import TensorTable, zero_structures
 from shear.runtime.saliency import taylor_importance

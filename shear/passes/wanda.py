@@ -26,8 +26,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import nn
 
+from shear.data.text import calibration_ids
 from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.runtime.calibration import LayerStats, calibration_ids, sequential_prune, target_linears
+from shear.runtime.calibration import LayerStats, sequential_prune, target_linears
 from shear.runtime.sparsity import WeightMasks, check_mode, check_nm, check_ratio, select_mask, store_masks
 
 __all__ = ["Wanda", "wanda_scores", "wanda_mask"]
@@ -87,7 +88,7 @@ class Wanda(Pass):
             check_ratio(self.name, self.ratio)
 
     def run(self, ctx: Context) -> PassResult:
-        ids = calibration_ids(ctx, self.nsamples, self.seq_len, self.seed, self.name)
+        ids = calibration_ids(ctx, self.name, self.nsamples, self.seq_len, self.seed)
         out: dict[str, torch.Tensor] = {}
 
         @torch.no_grad()

@@ -41,7 +41,6 @@ from torch import nn
 from shear.errors import DataError, PipelineError
 
 if TYPE_CHECKING:
-    from shear.passes.base import Context
     from shear.passes.progress import ProgressBar
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "StatsCollector",
     "prunable_linears",
     "target_linears",
-    "calibration_ids",
     "collect_stats",
     "sequential_prune",
 ]
@@ -180,21 +178,6 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
         found.update(prunable_linears(block, names[id(block)]))
     return found
 
-
-def calibration_ids(ctx: Context, nsamples: int, seq_len: int, seed: int, pass_name: str) -> torch.Tensor:
-    """``[n, seq_len]`` calibration ids: ``ctx.data`` itself when it is a long tensor, else drawn from
-    the :class:`shear.data.TextData` in ``ctx.data`` (``nsamples`` windows, seeded)."""
-    data = ctx.data
-    if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.dtype != torch.long or data.shape[0] == 0:
-            raise DataError(
-                f"pass {pass_name!r}: calibration ids given as a tensor must be [n, seq_len] long, got "
-                f"{tuple(data.shape)} {data.dtype}"
-            )
-        return data
-    from shear.data.text import require_text_data
-
-    return require_text_data(ctx, pass_name).calibration(nsamples, seq_len, seed=seed)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -78,12 +78,15 @@ def ensure_lora(
     alpha: int = 16,
     dropout: float = 0.0,
     target_modules: Sequence[str] | None = None,
+    seed: int = 0,
 ) -> tuple[nn.Module, str | None]:
     """``model`` with LoRA adapters, and a message saying what was added (``None``: it had them).
 
     Without ``target_modules`` every Linear of the transformer blocks is adapted (see
     :func:`lora_target_names`); the base weights come back frozen, the adapters trainable. The result
     is a peft ``PeftModel`` around ``model`` (which is modified: peft injects layers in place).
+    The adapters are initialised from ``seed`` (the global RNG is left as it was), so the same call
+    gives the same adapters whatever ran before it.
     """
     if lora_layers(model):
         return model, None
@@ -96,7 +99,9 @@ def ensure_lora(
             "pass target_modules=[...] naming the layers to train"
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
     n = len(lora_layers(peft_model))
     return peft_model, f"added LoRA adapters (r={r}) to {n} linear layers"
 
