@@ -202,3 +202,25 @@ def test_rebuild_reproduces_committed_corpus() -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rebuild matches the committed corpus" in result.stdout
+
+
+def test_calibration_ids_from_a_tensor_or_text_data_and_errors() -> None:
+    import torch
+
+    from shear.data.text import TextData, calibration_ids
+    from shear.errors import DataError
+    from shear.passes.base import Context
+
+    lin = torch.nn.Linear(2, 2)
+    ids = torch.ones(3, 8, dtype=torch.long)
+    assert calibration_ids(Context(model=lin, data=ids), "wanda", 32, 128) is ids
+    for bad in (torch.ones(8, dtype=torch.long), torch.ones(2, 8), torch.ones(0, 8, dtype=torch.long)):
+        with pytest.raises(DataError, match=r"must be \[n, seq_len\] long"):
+            calibration_ids(Context(model=lin, data=bad), "wanda", 32, 128)
+    with pytest.raises(DataError, match="needs text data.*TextData.from_corpus"):
+        calibration_ids(Context(model=lin), "wanda", 32, 128)
+    data = TextData(None, {"a": torch.arange(100), "b": torch.arange(100, 200)})
+    out = calibration_ids(Context(model=lin, data=data), "wanda", 4, 16, seed=1)
+    assert out.shape == (4, 16) and torch.equal(out, data.calibration(4, 16, seed=1))
+    with pytest.raises(DataError, match="fewer than seq_len=128"):
+        calibration_ids(Context(model=lin, data=data), "wanda", 4, 128)
