@@ -26,6 +26,10 @@ method, peak memory above the start of the method (Linux VmHWM). Written as Mark
 Usage:
     python tools/bench_quality.py --quick        # tiny LLaMA: a few minutes on 2 cores
     python tools/bench_quality.py                # SmolLM2-135M at 20% and 50% (about 2 h on 2 cores)
+    python tools/bench_quality.py --resume       # go on after an interruption: rows already in
+                                                 # the JSON next to --out are kept, not re-run
+
+Each finished row is written to the JSON at once, so an interrupted run loses at most one row.
 """
 
 from __future__ import annotations
@@ -92,13 +96,24 @@ class Bench:
         self.sources = list(self.data.validation)
         self.ids = {"input_ids": torch.arange(16).view(1, 16)}
         self.rows: list[dict[str, Any]] = []
+        self.json = args.out.with_suffix(".json")
+        if args.resume and self.json.exists():
+            self.rows = json.loads(self.json.read_text())
+            print(f"resuming: {len(self.rows)} rows from {self.json}", flush=True)
+
+    def done(self, method: str, ratio: float) -> bool:
+        return any(r["method"] == method and abs(r["ratio"] - ratio) < 1e-9 for r in self.rows)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return self.data.perplexity(model, seq_len=self.p.seq_len, max_windows=self.p.eval_windows)
 
-    def run(self, method: str, ratio: float, fn: Any, *, nonzero: bool = False) -> torch.nn.Module:
+    def run(self, method: str, ratio: float, fn: Any, *, nonzero: bool = False) -> torch.nn.Module | None:
+        """Time ``fn``, evaluate the model it returns and record the row (``None``: the row was resumed)."""
         from shear.runtime.training.memory import PeakMemory
 
+        if self.done(method, ratio):
+            print(f"{method} @ {ratio:.0%}: kept from {self.json}", flush=True)
+            return None
         start = time.perf_counter()
         with PeakMemory(torch.device("cpu")) as meter:
             model = fn()
@@ -106,7 +121,7 @@ class Bench:
         row = {
             "method": method,
             "ratio": ratio,
-            "params": base_param_count(model, nonzero),
+            "params": base_param_count(model, nonzero=nonzero),
             "ppl": self.evaluate(model),
             "wall_s": wall,
             "peak_mb": meter.stats.added_bytes / 2**20,
@@ -115,6 +130,7 @@ class Bench:
         if rec is not None:
             row["recovery_steps"], row["recovery_tokens"] = rec
         self.rows.append(row)
+        self.json.write_text(json.dumps(self.rows, indent=2) + "\n")
         print(f"{method} @ {ratio:.0%}: mean ppl {statistics.mean(row['ppl'].values()):.2f} in {wall:.0f}s", flush=True)
         return model
 
@@ -169,10 +185,20 @@ class Bench:
             self.run(f"{label} (unstructured)", ratio, lambda prune=prune: self.compile(prune), nonzero=True)
             tuned = self.run(f"{label} + EBFT", ratio, lambda prune=prune: self.compile(f"{prune},{ebft}"), nonzero=True)
             if label == "Wanda":
-                ebft_seconds = sum(r.seconds for r in tuned.shear_report.passes if r.name == "ebft")
+                ebft_seconds = self._ebft_seconds(tuned, ratio)
         self.run(
             "Wanda + LoRA (EBFT's wall time)", ratio, lambda: self.wanda_lora(ratio, ebft_seconds), nonzero=True
         )
+
+    def _ebft_seconds(self, tuned: torch.nn.Module | None, ratio: float) -> float:
+        """Seconds the ebft pass took in the Wanda + EBFT row (from the JSON when that row was resumed)."""
+        if tuned is not None:
+            seconds = sum(r.seconds for r in tuned.shear_report.passes if r.name == "ebft")
+            self.rows[-1]["ebft_s"] = seconds
+            self.json.write_text(json.dumps(self.rows, indent=2) + "\n")
+            return seconds
+        row = next(r for r in self.rows if r["method"] == "Wanda + EBFT" and abs(r["ratio"] - ratio) < 1e-9)
+        return float(row.get("ebft_s", row["wall_s"]))
 
     def wanda_lora(self, ratio: float, seconds: float) -> torch.nn.Module:
         """Wanda, then LoRA on the pretraining sources for as long as EBFT ran (``seconds``).
@@ -221,7 +247,8 @@ def _table(bench: Bench, load: float, wall: float) -> str:
         f"Perplexity on held-out validation text ({p.eval_windows} windows x {p.seq_len} tokens per source). "
         f"LHSPG {p.lhspg}; recovery {p.rounds} rounds x {p.steps_per_round} steps, batch {p.batch}, lr {p.recover_lr}; "
         f"EBFT {p.ebft_epochs} epochs on {p.calib} x {p.seq_len} calibration tokens. Load average at start {load:.2f}; "
-        f"total {wall / 60:.1f} min.",
+        f"the methods' wall times sum to {sum(r['wall_s'] for r in bench.rows) / 60:.1f} min "
+        f"(this invocation: {wall / 60:.1f} min).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
@@ -239,11 +266,12 @@ def _table(bench: Bench, load: float, wall: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny trained LLaMA, short schedules")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.5])
     parser.add_argument("--unstructured", type=float, default=0.5, help="unstructured sparsity; 0 skips")
     parser.add_argument("--instructions", type=int, default=512, help="instruction records to tokenize")
     parser.add_argument("--verify-tol", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=Path("bench_quality.md"))
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON next to --out")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     load = os.getloadavg()[0]
@@ -257,7 +285,6 @@ def main(argv: list[str] | None = None) -> None:
     table = _table(bench, load, time.perf_counter() - start)
     print(table)
     args.out.write_text(table + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(bench.rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
