@@ -1,0 +1,48 @@
+"""Smoke tests of the benchmark scripts under tools/: they run, write their table, and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_tools_{name}", TOOLS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quality_dense_row_and_table(tmp_path: Path) -> None:
+    out = tmp_path / "q.md"
+    _load("bench_quality").main(["--quick", "--ratios", "--unstructured", "0", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in rows] == ["dense"]
+    assert rows[0]["params"] == 1_049_728
+    assert 20 < sum(rows[0]["ppl"].values()) / len(rows[0]["ppl"]) < 80
+    assert "| dense | 0.0% | 1,049,728 |" in out.read_text()
+
+
+def test_bench_quality_resume_keeps_finished_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q.md"
+    ppl = {s: 50.0 for s in ("kjv", "shakespeare", "wordnet", "jargon", "pydocs")}
+    finished = [{"method": "dense", "ratio": 0.0, "params": 1000, "ppl": ppl, "wall_s": 0.0, "peak_mb": 0.0}]
+    for method in ("LoRAShear", "LoRAShear (instruct only)", "Taylor + LoRA (LLM-Pruner)", "magnitude + LoRA"):
+        finished.append({"method": method, "ratio": 0.5, "params": 500, "ppl": ppl, "wall_s": 60.0, "peak_mb": 1.0,
+                         "recovery_steps": 3, "recovery_tokens": 96})
+    out.with_suffix(".json").write_text(json.dumps(finished))
+    _load("bench_quality").main(["--quick", "--ratios", "0.5", "--unstructured", "0", "--out", str(out), "--resume"])
+    assert "kept from" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text()) == finished
+    table = out.read_text()
+    assert "| magnitude + LoRA | 50.0% | 500 |" in table
+    assert "sum to 4.0 min" in table
