@@ -417,3 +417,69 @@ def test_edit_hook_roundtrips_its_state() -> None:
     other = EditHook()
     other.load_state_dict(hook.state_dict())
     assert other.edits == 3 and torch.equal(other.trace, hook.trace)
+
+
+# --- chunked loss -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "opt"])
+def test_chunked_loss_equals_full_logits_loss_and_grads(arch: str) -> None:
+    """Loss sum and every gradient (LoRA and a trainable head) match the full-logits loss."""
+    from shear.runtime.training.loss import (
+        causal_lm_loss_sum,
+        chunked_causal_lm_loss_sum,
+        head_bypassed,
+        output_head,
+    )
+
+    model, _ = build(arch, lora=True)
+    head = output_head(model)
+    assert head is not None
+    head.weight.requires_grad_(True)  # also check the head's own gradient (tied to the embedding or not)
+    ids = torch.randint(0, 96, (3, 13), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt, as instruction data masks it
+    grads = []
+    for chunk in (None, 7, 1000):
+        model.zero_grad(set_to_none=True)
+        if chunk is None:
+            loss = causal_lm_loss_sum(model(input_ids=ids).logits, labels)
+        else:
+            with head_bypassed(model) as h:
+                hidden = model(input_ids=ids).logits
+            assert h is head and output_head(model) is head and hidden.shape[-1] != head.weight.shape[0]
+            loss = chunked_causal_lm_loss_sum(hidden, h, labels, chunk=chunk)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, g_full), *rest = grads
+    assert any("lora_" in n for n in g_full) and head.weight.grad is not None
+    for value, g in rest:
+        assert value == pytest.approx(full, rel=1e-6)
+        assert g.keys() == g_full.keys()
+        assert max((g[n] - g_full[n]).abs().max().item() for n in g) < 1e-5
+
+
+def test_chunked_loss_training_matches_full_logits_training() -> None:
+    runs = []
+    for chunk in (None, 5):
+        model, _ = build("llama", lora=True)
+        cfg = TrainConfig(steps=3, lr=1e-3, batch_size=2, seq_len=16, loss_chunk_tokens=chunk)
+        result = train(model, InstructionBatches(_instructions(8), 2, pad_id=0), cfg)
+        runs.append((result.losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (la, pa), (lb, pb) = runs
+    assert la == pytest.approx(lb, abs=1e-6)
+    assert max((pa[n] - pb[n]).abs().max().item() for n in pa) < 1e-6
+
+
+def test_head_bypass_restores_the_head_after_an_error() -> None:
+    from shear.runtime.training.loss import head_bypassed, output_head
+
+    model, _ = build("llama")
+    head = model.lm_head
+    with pytest.raises(RuntimeError, match="boom"), head_bypassed(model):
+        assert isinstance(model.lm_head, torch.nn.Identity)
+        raise RuntimeError("boom")
+    assert model.lm_head is head
+    bert, _ = build("bert")
+    assert output_head(bert) is None  # not a plain causal-LM head: train() keeps the full logits
+    with pytest.raises(ValueError, match="no plain output head"), head_bypassed(bert):
+        pass

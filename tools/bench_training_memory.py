@@ -1,4 +1,4 @@
-"""Peak memory of LoRA training, with and without gradient checkpointing.
+"""Peak memory of LoRA training: full logits vs the chunked loss, with and without gradient checkpointing.
 
 Builds a small LLaMA (default hidden 512, 8 layers, vocab 32000, untied head) in fp32, adds LoRA
 (r=8 on every block Linear) with :func:`~shear.runtime.training.ensure_lora`, trains a few steps
@@ -12,7 +12,9 @@ with :func:`~shear.runtime.training.train`, and prints per mode:
 * ratio — peak / (frozen + LoRA state): 1.0 would mean no activations at all;
 * tok/s.
 
-Each mode runs in a fresh subprocess so that memory the allocator kept from one run does not
+Modes: ``full logits`` (the whole ``(batch, seq, vocab)`` logits, ``loss_chunk_tokens=None``),
+``chunked loss`` (the default: 256 tokens of logits at a time), each without and with gradient
+checkpointing. Each mode runs in a fresh subprocess so that memory the allocator kept from one run does not
 count in the next.
 
 Usage:
@@ -47,7 +49,16 @@ __all__ = ["main", "measure"]
 MB = 1 << 20
 
 
-def measure(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
+MODES = {
+    "full logits": (False, None),
+    "chunked loss": (False, 256),
+    "full logits + GC": (True, None),
+    "chunked loss + GC": (True, 256),
+}
+"""Mode name -> (gradient checkpointing, loss_chunk_tokens)."""
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
     """Train once in this process and return the numbers of one table row."""
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -58,8 +69,9 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
         max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False,
     )
     model, msg = ensure_lora(LlamaForCausalLM(cfg).to(device), r=args.rank)
+    checkpointing, chunk = MODES[mode]
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, bf16=args.bf16,
-                       gradient_checkpointing=checkpointing, log_every=args.steps)
+                       gradient_checkpointing=checkpointing, loss_chunk_tokens=chunk, log_every=args.steps)
     tokens = torch.randint(0, args.vocab, (args.batch * args.seq * 8,), generator=torch.Generator().manual_seed(0))
     with PeakMemory(device):  # clears the high-water mark before training
         result = train(model, TokenBatches.from_config({"random": tokens}, tcfg), tcfg)
@@ -67,7 +79,7 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
     lora = lora_state_bytes(model)
     peak = result.memory.peak_bytes - before
     return {
-        "mode": "checkpointing" if checkpointing else "plain",
+        "mode": mode,
         "frozen_mb": frozen / MB, "lora_mb": lora / MB, "peak_mb": peak / MB,
         "ratio": peak / (frozen + lora), "tok_s": result.tokens_per_s, "method": result.memory.method,  # type: ignore[dict-item]
         "loss": result.losses[-1], "lora_msg": msg or "",  # type: ignore[dict-item]
@@ -88,29 +100,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: auto, only on CUDA with bf16)")
-    p.add_argument("--one", choices=["plain", "checkpointing"], help=argparse.SUPPRESS)
+    p.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    """Run both modes (each in a subprocess) and print the table; returns its rows."""
+    """Run every mode (each in a subprocess) and print the table; returns its rows."""
     args = _parser().parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args, args.one == "checkpointing")))
+        print(json.dumps(measure(args, args.one)))
         return []
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     rows = []
-    for mode in ("plain", "checkpointing"):
+    for mode in MODES:
         out = subprocess.run([sys.executable, __file__, *passthrough, "--one", mode], check=True,
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA r={args.rank}, "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} steps on {args.device} ({rows[0]['method']}); "
           f"{rows[0]['lora_msg']}")
-    print(f"{'mode':<14} {'frozen MB':>10} {'LoRA state MB':>14} {'peak MB':>9} {'ratio':>7} {'tok/s':>8}")
+    print(f"| {'mode':<18} | {'frozen MB':>10} | {'LoRA state MB':>14} | {'peak MB':>9} | {'ratio':>7} | {'tok/s':>8} | {'loss':>8} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"{r['mode']:<14} {r['frozen_mb']:>10.1f} {r['lora_mb']:>14.2f} {r['peak_mb']:>9.1f} "
-              f"{r['ratio']:>7.2f} {r['tok_s']:>8.0f}")
+        print(f"| {r['mode']:<18} | {r['frozen_mb']:>10.1f} |  {r['lora_mb']:>14.2f} | {r['peak_mb']:>9.1f} | "
+              f"{r['ratio']:>7.2f} | {r['tok_s']:>8.0f} | {r['loss']:>8.4f} |")
     return rows
 
 

@@ -28,7 +28,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 
 RESUME_KEYS = (
     "steps", "lr", "weight_decay", "batch_size", "grad_accum", "seq_len", "warmup_steps", "scheduler",
-    "max_grad_norm", "seed", "bf16", "gradient_checkpointing",
+    "max_grad_norm", "seed", "bf16", "gradient_checkpointing", "loss_chunk_tokens",
 )
 """Fields that must match a checkpoint's for an exact resume (the others only say where and how often)."""
 
@@ -73,6 +73,10 @@ class TrainConfig:
     """bf16 autocast: ``None`` = on CUDA when the device supports bf16, fp32 elsewhere (CPU)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant) to save memory."""
+    loss_chunk_tokens: int | None = 256
+    """Compute the causal-LM loss this many tokens at a time, never holding the full logits (for
+    transformers LLaMA/Mistral/Qwen/GPT-2/OPT/Phi-3 heads; others and custom ``loss_fn`` use the full
+    logits). ``None`` computes the full logits."""
     checkpoint_dir: str | None = None
     """Where ``step-<n>/`` checkpoints go; required when ``checkpoint_every > 0``."""
     checkpoint_every: int = 0
@@ -106,6 +110,8 @@ class TrainConfig:
             raise PipelineError(
                 f"TrainConfig.gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}"
             )
+        if self.loss_chunk_tokens is not None:
+            _int("loss_chunk_tokens", self.loss_chunk_tokens, 1, "use None for the full-logits loss")
         if not isinstance(self.resume, bool):
             raise PipelineError(f"TrainConfig.resume must be a bool, got {self.resume!r}")
         _int("checkpoint_every", self.checkpoint_every, 0, "use 0 to disable checkpoints")

@@ -49,7 +49,14 @@ from shear.runtime.training.config import TrainConfig
 from shear.runtime.training.distributed import Parallel, detect_parallel
 from shear.runtime.training.hooks import TrainHook, TrainState
 from shear.runtime.training.lora import is_lora_param
-from shear.runtime.training.loss import causal_lm_loss_sum, count_targets, logits_of
+from shear.runtime.training.loss import (
+    causal_lm_loss_sum,
+    chunked_causal_lm_loss_sum,
+    count_targets,
+    head_bypassed,
+    logits_of,
+    output_head,
+)
 from shear.runtime.training.memory import PeakMemory
 from shear.runtime.training.optim import build_optimizer, build_scheduler
 from shear.runtime.training.result import StepLog, TrainResult
@@ -239,6 +246,15 @@ def _forward_kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict
     return kwargs
 
 
+def _lm_loss_sum(run_model: nn.Module, model: nn.Module, batch: Mapping[str, torch.Tensor], chunk: int | None) -> torch.Tensor:
+    """The token-summed causal-LM loss of one micro-batch; with ``chunk``, without the full logits."""
+    if chunk is None:
+        return causal_lm_loss_sum(logits_of(run_model(**_forward_kwargs(model, batch))), batch["labels"])
+    with head_bypassed(model) as head:
+        hidden = logits_of(run_model(**_forward_kwargs(model, batch)))
+    return chunked_causal_lm_loss_sum(hidden, head, batch["labels"], chunk=chunk)
+
+
 def _input_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
@@ -297,6 +313,7 @@ def train(
         del ckpt.model_state
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    chunked = config.loss_chunk_tokens if output_head(model) is not None else None
     start_step, start_tokens = state.step, state.tokens
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -318,7 +335,7 @@ def train(
                 with par.no_sync(run_model, skip=i < len(micro) - 1):
                     with autocast():
                         if loss_fn is None:
-                            summed = causal_lm_loss_sum(logits_of(run_model(**_forward_kwargs(model, batch))), batch["labels"])
+                            summed = _lm_loss_sum(run_model, model, batch, chunked)
                             loss = summed * (par.world_size / targets)
                             loss_total += summed.detach().double()
                         else:

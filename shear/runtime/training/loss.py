@@ -12,18 +12,43 @@ Example:
     1
     >>> round(causal_lm_loss_sum(logits, labels).item(), 4)   # log(5) for the one target
     1.6094
+
+The full ``(batch, seq, vocab)`` fp32 logits of a large-vocabulary model are often the biggest
+tensor of a LoRA step (4 x 2048 tokens x 152k vocab = 5 GB), held twice (logits and the softmax
+saved for backward). :func:`chunked_causal_lm_loss_sum` never builds them: :func:`head_bypassed`
+makes the model return its final hidden states, and the output head and cross-entropy then run
+``chunk`` tokens at a time under activation checkpointing, so backward recomputes one chunk's
+logits at a time. The sum and the gradients equal the full computation's (float rounding aside):
+
+    >>> head = torch.nn.Linear(8, 5, bias=False)
+    >>> hidden, labels = torch.randn(2, 6, 8), torch.randint(0, 5, (2, 6))
+    >>> full = causal_lm_loss_sum(head(hidden), labels)
+    >>> torch.allclose(chunked_causal_lm_loss_sum(hidden, head, labels, chunk=3), full, atol=1e-5)
+    True
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from shear.runtime.training.batches import IGNORE_INDEX
 
-__all__ = ["causal_lm_loss_sum", "count_targets", "logits_of"]
+__all__ = [
+    "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "logits_of", "head_bypassed",
+    "output_head", "PLAIN_HEAD_MODEL_TYPES",
+]
+
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "phi3"})
+"""``config.model_type`` of causal LMs whose logits are exactly ``output_embeddings(final hidden
+states)``: no logit scale, soft-capping or bias added after the head, so the chunked loss may run
+the head itself. Others (e.g. Gemma's soft-capping) keep the full-logits loss."""
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -49,3 +74,84 @@ def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under peft, DDP or accelerate wrappers."""
+    for _ in range(8):
+        inner = getattr(model, "get_base_model", None)
+        nxt = inner() if callable(inner) else getattr(model, "module", None)
+        if not isinstance(nxt, nn.Module):
+            break
+        model = nxt
+    return model
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head of ``model`` when the chunked loss may run it (a transformers causal LM of a
+    :data:`PLAIN_HEAD_MODEL_TYPES` family, under any peft/DDP wrapper); ``None`` otherwise."""
+    lm = _causal_lm(model)
+    config = getattr(lm, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or not hasattr(lm, "get_output_embeddings"):
+        return None
+    head = getattr(lm, "get_output_embeddings")()  # noqa: B009 - transformers method, untyped here
+    return head if isinstance(head, nn.Module) else None
+
+
+def _owner(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    for module in root.modules():
+        for child_name, child in module.named_children():
+            if child is target:
+                return module, child_name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+
+
+@contextmanager
+def head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the output head of ``model`` is an identity, so a forward call returns the
+    final hidden states where the logits were; yields the head. The head is put back on exit, also
+    after an error.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
+        >>> with head_bypassed(lm) as head:
+        ...     lm(torch.tensor([[1, 2, 3]])).logits.shape
+        torch.Size([1, 3, 16])
+        >>> lm.lm_head is head
+        True
+    """
+    head = output_head(model)
+    if head is None:
+        raise ValueError(f"{type(_causal_lm(model)).__name__} has no plain output head to bypass")
+    owner, name = _owner(_causal_lm(model), head)
+    setattr(owner, name, nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(owner, name, head)
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_causal_lm_loss_sum(
+    hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *, chunk: int
+) -> torch.Tensor:
+    """:func:`causal_lm_loss_sum` of ``head(hidden)`` without the full logits: ``chunk`` tokens at a
+    time, each recomputed in backward (activation checkpointing), so at most one chunk's logits
+    exist at once. ``hidden`` is ``(batch, seq, d)``, ``labels`` ``(batch, seq)`` aligned with the inputs."""
+    d = hidden.shape[-1]
+    flat = hidden[:, :-1, :].reshape(-1, d)
+    targets = labels[:, 1:].reshape(-1).to(flat.device)
+    total = flat.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat.shape[0], chunk):
+        piece = targets[start : start + chunk]
+        part = flat[start : start + chunk]
+        if torch.is_grad_enabled() and (part.requires_grad or any(p.requires_grad for p in head.parameters())):
+            total = total + checkpoint(_chunk_loss, head, part, piece, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, part, piece)
+    return total
