@@ -31,7 +31,7 @@ from shear.graph.ir import Graph
 from shear.graph.modules import is_zero_preserving_module
 from shear.graph.registry import lookup_rule, unknown_rule
 
-__all__ = ["trace", "export_model", "normalize_inputs", "run_analysis"]
+__all__ = ["trace", "export_model", "normalize_inputs", "run_analysis", "dynamic_shapes_for"]
 
 
 def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -85,8 +85,27 @@ def _failing_module(model: nn.Module, exc: BaseException) -> str:
     return found
 
 
-def export_model(model: nn.Module, example_inputs: Any) -> torch.export.ExportedProgram:
-    """``torch.export.export(strict=False)`` with errors turned into :class:`TraceError`."""
+def dynamic_shapes_for(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dynamic_shapes`` for :func:`torch.export.export` that lets every dimension of every tensor
+    input vary (``Dim.AUTO``: export keeps a dimension static only where the model needs it)."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {i: auto for i in range(x.dim())}
+        if isinstance(x, (tuple, list)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def export_model(model: nn.Module, example_inputs: Any, *, dynamic: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export.export(strict=False)`` with errors turned into :class:`TraceError`; with
+    ``dynamic``, input dimensions may vary (see :func:`dynamic_shapes_for`)."""
     args, kwargs = normalize_inputs(model, example_inputs)
     if _on_meta(model):
         args, kwargs = _to_meta(args), _to_meta(kwargs)
@@ -94,7 +113,8 @@ def export_model(model: nn.Module, example_inputs: Any) -> torch.export.Exported
     model.eval()
     try:
         with torch.no_grad():
-            return torch.export.export(model, args, kwargs, strict=False)
+            shapes = dynamic_shapes_for(model, args, kwargs) if dynamic else None
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=shapes)
     except Exception as e:  # noqa: BLE001 - any export failure becomes an actionable TraceError
         where = _failing_module(model, e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

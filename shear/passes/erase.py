@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from shear.errors import PipelineError
 from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.runtime.codegen import codegen
+from shear.runtime.codegen import EMIT_MODES, codegen
 
 __all__ = ["Erase"]
 
@@ -39,6 +40,14 @@ class Erase(Pass):
     ``ctx.results["verify"]`` is False, which ``shear.compile(verify=False)`` may set)."""
     min_keep: int = 1
     """Structures each group keeps even when all are zero (a head-less attention cannot reshape)."""
+    emit: str = "auto"
+    """``auto``: slice the module tree (the model keeps its class), and emit a ``torch.fx``
+    GraphModule instead when the sliced tree cannot run (a custom module hard-codes a pruned size);
+    ``module``: the module tree or an error; ``graph``: always the GraphModule."""
+
+    def __post_init__(self) -> None:
+        if self.emit not in EMIT_MODES:
+            raise PipelineError(f"erase: emit must be one of {', '.join(EMIT_MODES)}, got {self.emit!r}")
 
     def run(self, ctx: Context) -> PassResult:
         graph = ctx.results["graph"]
@@ -50,7 +59,10 @@ class Erase(Pass):
             verify=verify,
             inplace=True,
             min_keep=self.min_keep,
+            emit=self.emit,
         )
+        if report.fallback_reason:
+            ctx.warn(f"erase: {report.fallback_reason}; emitted a torch.fx GraphModule instead (erase{{emit=graph}})")
         ctx.results["erase"] = report
         for msg in report.plan.messages:
             ctx.warn(f"erase: {msg}")
@@ -72,5 +84,6 @@ class Erase(Pass):
                 "params_after": report.params_after,
                 "max_diff": report.max_diff,
                 "from_pretrained_compatible": report.from_pretrained_compatible,
+                "emitted": report.emitted,
             },
         )

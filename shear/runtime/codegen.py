@@ -46,14 +46,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import GraphError
+from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.runtime import verify as _verify
 from shear.runtime.hf_config import refresh_config
 from shear.runtime.masks import TensorTable, nonzero_structures
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
-__all__ = ["ErasurePlan", "ErasureReport", "plan_erasure", "apply_plan", "codegen"]
+__all__ = ["ErasurePlan", "ErasureReport", "plan_erasure", "apply_plan", "codegen", "EMIT_MODES"]
 
 
 @dataclass
@@ -103,6 +103,10 @@ class ErasureReport:
     """Max |small - masked| on the example inputs when verified."""
     from_pretrained_compatible: bool = False
     """Whether the refreshed transformers config rebuilds exactly these shapes."""
+    emitted: str = "module"
+    """``"module"``: the sliced module tree (same class); ``"graph"``: a ``torch.fx.GraphModule``."""
+    fallback_reason: str = ""
+    """Why the module tree was not used (``emitted == "graph"`` under ``emit="auto"``)."""
 
     def summary(self) -> str:
         n = sum(int(v.numel()) for v in self.plan.removed.values())
@@ -114,6 +118,8 @@ class ErasureReport:
         )
         if self.max_diff is not None:
             msg += f"; verified, max |diff| {self.max_diff:.2g}"
+        if self.emitted == "graph":
+            msg += "; emitted a torch.fx GraphModule" + (f" ({self.fallback_reason})" if self.fallback_reason else "")
         return msg
 
 
@@ -273,19 +279,31 @@ def codegen(
     min_keep: int = 1,
     atol: float | None = None,
     rtol: float | None = None,
+    emit: str = "auto",
 ) -> tuple[nn.Module, ErasureReport]:
     """Erase the zero structures of ``groups``; return the small model and a report.
 
     With ``verify`` and ``example_inputs``, the masked model's outputs are recorded before slicing and
     compared with the small model's (VerifyError on mismatch). The caller's ``model`` is untouched
-    unless ``inplace``.
+    unless ``inplace``. ``emit``: ``"module"`` slices the module tree; ``"graph"`` emits a
+    ``GraphModule`` (:mod:`shear.runtime.graph_codegen`); ``"auto"`` slices the module tree and falls
+    back to the GraphModule when the sliced tree cannot run (a module hard-codes a pruned size).
     """
+    if emit not in EMIT_MODES:
+        raise GraphError(f"emit must be one of {EMIT_MODES}, got {emit!r}")
+    if emit != "module" and example_inputs is None:
+        if emit == "graph":
+            raise GraphError("emit='graph' traces the model again and needs example_inputs")
+        emit = "module"
     plan = plan_erasure(model, groups, min_keep=min_keep)
     params_before = plan.numel(after=False)
     if plan.empty:
         return model, ErasureReport(plan, params_before, params_before)
+    recording = _verify.record(model, example_inputs) if verify and example_inputs is not None else None
+    if emit == "graph":
+        return _emit_graph(model, plan, example_inputs, recording, params_before, atol, rtol, "")
+    masked = (_shared_structure_copy(model) if inplace else model) if emit == "auto" else None
     small = model if inplace else copy.deepcopy(model)
-    recording = _verify.record(small, example_inputs) if verify and example_inputs is not None else None
     apply_plan(small, plan)
     compatible = refresh_config(small)
     report = ErasureReport(
@@ -293,6 +311,39 @@ def codegen(
         params_before=params_before,
         params_after=sum(p.numel() for p in small.parameters()),
         from_pretrained_compatible=compatible,
+    )
+    if recording is not None:
+        try:
+            report.max_diff = _verify.check(small, recording, example_inputs, atol=atol, rtol=rtol)
+        except VerifyError as e:
+            if masked is None or e.__cause__ is None:  # a numeric mismatch, not a failure to run
+                raise
+            reason = f"the sliced module tree cannot run: {str(e).split('. A module')[0].removeprefix('verify: ')}"
+            return _emit_graph(masked, plan, example_inputs, recording, params_before, atol, rtol, reason)
+    return small, report
+
+
+EMIT_MODES = ("auto", "module", "graph")
+"""What :func:`codegen` may emit: see its ``emit`` argument."""
+
+
+def _shared_structure_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every tensor (cheap): the masked original, kept while
+    ``apply_plan`` slices ``model`` in place (it rebinds tensors and never writes the old ones)."""
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def _emit_graph(
+    masked: nn.Module, plan: ErasurePlan, example_inputs: Any, recording: _verify.Recording | None,
+    params_before: int, atol: float | None, rtol: float | None, reason: str,
+) -> tuple[nn.Module, ErasureReport]:
+    from shear.runtime.graph_codegen import graph_codegen
+
+    small = graph_codegen(masked, plan, example_inputs)
+    report = ErasureReport(
+        plan, params_before=params_before, params_after=sum(p.numel() for p in small.parameters()),
+        emitted="graph", fallback_reason=reason,
     )
     if recording is not None:
         report.max_diff = _verify.check(small, recording, example_inputs, atol=atol, rtol=rtol)

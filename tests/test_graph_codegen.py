@@ -1,0 +1,143 @@
+"""GraphModule codegen: models whose forward hard-codes pruned sizes still erase, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import build, fresh_inputs
+from torch import nn
+
+import shear
+from shear.errors import GraphError, PassError, PipelineError
+from shear.passes import parse_pipeline
+from shear.runtime.codegen import codegen
+from shear.runtime.verify import call_model, flatten_tensors
+
+
+class HardCodedAttention(nn.Module):
+    """nanoGPT-style attention that reads its head count from a plain attribute."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.n_head = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class SlicedGLU(nn.Module):
+    """A gated MLP that slices its fused up-projection with constant bounds."""
+
+    def __init__(self, d: int = 32, hidden: int = 48) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.up = nn.Linear(d, 2 * hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.down(F.silu(h[..., : self.hidden]) * h[..., self.hidden :])
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, vocab: int = 50, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = HardCodedAttention(d)
+        self.mlp = SlicedGLU(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        x = x + self.attn(self.ln1(x))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x)
+
+
+def _tiny_gpt() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return TinyGPT().eval(), torch.randint(0, 50, (2, 8))
+
+
+def _masked_and_small(model: nn.Module, ids: object, pipeline: str) -> tuple[nn.Module, nn.Module]:
+    """The masked model (same passes without erase) and the erased one, from one seeded pipeline."""
+    masked = shear.compile(model, pipeline.replace(",erase", "").replace("erase{emit=graph}", "").rstrip(","),
+                           example_inputs=ids)
+    small = shear.compile(model, pipeline, example_inputs=ids)
+    return masked, small
+
+
+def _max_diff(a: nn.Module, b: nn.Module, inputs: object) -> float:
+    with torch.no_grad():
+        xs, ys = flatten_tensors(call_model(a, inputs)), flatten_tensors(call_model(b, inputs))
+    return max(float((x - y).abs().max()) for x, y in zip(xs, ys, strict=True) if x.is_floating_point())
+
+
+def test_hard_coded_sizes_fall_back_to_a_graph_module_that_equals_the_masked_model() -> None:
+    model, ids = _tiny_gpt()
+    pipeline = "discover-groups,random{ratio=0.5,seed=0},erase"
+    masked, small = _masked_and_small(model, ids, pipeline)
+    assert isinstance(small, torch.fx.GraphModule)
+    assert any("sliced module tree cannot run" in w and "attn" in w for w in small.shear_report.warnings)
+    erase = next(r for r in small.shear_report.passes if r.name == "erase")
+    assert erase.stats["emitted"] == "graph" and erase.stats["max_diff"] <= 1e-5
+    assert small.attn.qkv.weight.shape == (48, 32) and small.mlp.down.weight.shape[1] == 24  # 2 of 4 heads, 24 of 48
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    for shape in ((2, 8), (3, 5), (2, 13)):  # the graph is dynamic in batch and sequence length
+        x = torch.randint(0, 50, shape, generator=torch.Generator().manual_seed(shape[1]))
+        assert _max_diff(small, masked, x) <= 1e-5
+    assert model.attn.qkv.weight.shape == (96, 32)  # the user's model is untouched
+
+
+def test_module_only_emit_keeps_the_clear_error() -> None:
+    model, ids = _tiny_gpt()
+    with pytest.raises(PassError, match="hard-codes a pruned size"):
+        shear.compile(model, "discover-groups,random{ratio=0.5,seed=0},erase{emit=module}", example_inputs=ids)
+    with pytest.raises(PipelineError, match="emit must be one of"):
+        parse_pipeline("erase{emit=fx}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "cnn"])
+def test_forced_graph_emit_equals_the_module_tree(arch: str) -> None:
+    """emit=graph on models the module tree handles: both equal the masked model (LLaMA prunes the
+    residual too, so its RMSNorm means over a shrunk width become sum / old width in the graph)."""
+    model, _ = build(arch)
+    inputs = fresh_inputs(arch, batch=2) if arch != "cnn" else torch.randn(2, 3, 16, 16)
+    masked = shear.compile(model, "discover-groups,random{ratio=0.4,seed=1}", example_inputs=inputs)
+    tree = shear.compile(model, "discover-groups,random{ratio=0.4,seed=1},erase{emit=module}", example_inputs=inputs)
+    graph = shear.compile(model, "discover-groups,random{ratio=0.4,seed=1},erase{emit=graph}", example_inputs=inputs)
+    assert isinstance(graph, torch.fx.GraphModule) and not isinstance(tree, torch.fx.GraphModule)
+    n_tree = sum(p.numel() for p in tree.parameters())
+    assert sum(p.numel() for p in graph.parameters()) == n_tree < sum(p.numel() for p in model.parameters())
+    assert _max_diff(graph, masked, inputs) <= 1e-5
+    assert _max_diff(graph, tree, inputs) <= 1e-5
+    if arch == "llama":  # the residual shrank, and every RMSNorm mean over it became a sum / old width
+        assert graph.model.embed_tokens.weight.shape[1] < model.model.embed_tokens.weight.shape[1]
+        ops = {str(n.target) for n in graph.graph.nodes}
+        assert "aten.mean.dim" not in ops and "aten.sum.dim_IntList" in ops
+
+
+def test_codegen_emit_errors() -> None:
+    model, ids = _tiny_gpt()
+    groups = shear.trace(model, ids).pruning_groups
+    with pytest.raises(GraphError, match="emit must be one of"):
+        codegen(model, groups, example_inputs=ids, emit="tree")
+    with pytest.raises(GraphError, match="needs example_inputs"):
+        codegen(model, groups, emit="graph")
+
+
+def test_docstring_example() -> None:
+    import doctest
+
+    import shear.runtime.graph_codegen as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 8 and result.failed == 0
