@@ -11,6 +11,10 @@ A checkpoint directory holds:
 * ``shear.json`` — the shear section: class, per-tensor shapes and dtypes, tied aliases, freeze flags,
   module attributes that are not in tensors (rescaled RMSNorm epsilons), file sizes and sha256.
 
+A ``torch.fx.GraphModule`` that erase emitted (:mod:`shear.runtime.graph_codegen`) is saved instead
+as ``program.pt2`` (``torch.export.save`` of the program, weights inside) plus ``shear.json``, and
+:func:`load` needs no model for it.
+
 :func:`load` builds the model from its config on the meta device, resizes every tensor to its
 recorded shape, updates module attributes with the same rule table codegen uses, and assigns the
 saved tensors. Writes are atomic: everything goes to a temporary sibling directory that is renamed
@@ -54,6 +58,7 @@ _WEIGHTS = "model.safetensors"
 _BUFFERS = "shear_buffers.safetensors"
 _MANIFEST = "shear.json"
 _ADAPTER = "adapter"
+_PROGRAM = "program.pt2"
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -176,6 +181,8 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Returns the directory. An existing directory is replaced atomically.
     """
     path = Path(path)
+    if isinstance(model, torch.fx.GraphModule) and "shear_inputs" in model.meta:
+        return _save_graph_module(model, path)
     hf = hf_base_model(model)
     if hf is not None:
         refresh_config(model)
@@ -214,6 +221,38 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
             manifest["files"][f] = {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+def _save_graph_module(gm: torch.fx.GraphModule, path: Path) -> Path:
+    from shear.runtime.graph_codegen import export_graph_module
+
+    program = export_graph_module(gm)
+    constants = gm.meta.get("shear_constants", {})
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "class": "GraphModule", "class_module": "torch.fx",
+        "transformers": False, "graph_module": {"file": _PROGRAM, "constants": constants},
+        "requires_grad": sorted(n for n, p in gm.named_parameters() if p.requires_grad), "files": {},
+    }
+    with _atomic_dir(path) as tmp:
+        torch.export.save(program, str(tmp / _PROGRAM))
+        manifest["files"][_PROGRAM] = {"size": (tmp / _PROGRAM).stat().st_size, "sha256": _sha256(tmp / _PROGRAM)}
+        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return path
+
+
+def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch.device) -> nn.Module:
+    from shear.runtime.graph_codegen import finish_graph_module
+
+    info = manifest["graph_module"]
+    try:
+        program = torch.export.load(str(path / info["file"]))
+    except Exception as e:  # noqa: BLE001 - any unreadable archive is a corrupt checkpoint
+        raise CheckpointError(f"{path}: cannot read {info['file']} ({type(e).__name__}: {e}); re-save the model") from e
+    gm = finish_graph_module(program.module(), info["constants"])
+    grads = set(manifest["requires_grad"])
+    for n, p in gm.named_parameters():
+        p.requires_grad_(n in grads)
+    return gm.to(device).eval()
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -286,12 +325,15 @@ def load(
     """Load a checkpoint written by :func:`save`, with exactly its pruned (possibly per-layer) sizes.
 
     ``model``: for non-transformers models, an unpruned instance of the same architecture to resize and
-    fill in place (transformers models are rebuilt from config.json). ``integrity`` checks sha256.
+    fill in place (transformers models are rebuilt from config.json; GraphModules from their program).
+    ``integrity`` checks sha256.
     The result is in eval mode; a PeftModel comes back with its adapters and freeze flags.
     """
     path = Path(path)
     manifest = _read_manifest(path)
     _check_files(path, manifest, integrity)
+    if manifest.get("graph_module"):
+        return _load_graph_module(path, manifest, device)
     base = _skeleton(path, manifest) if model is None else model
     for slot in manifest.get("none_modules", []):
         parent, _, attr = slot.rpartition(".")

@@ -64,9 +64,18 @@ from torch import nn
 
 from shear.errors import GraphError, TraceError
 from shear.graph.analysis import DimAnalysis, Dims
-from shear.graph.trace import _canonical_names, export_model, run_analysis
+from shear.graph.trace import (
+    _canonical_names,
+    dynamic_shapes_for,
+    export_model,
+    normalize_inputs,
+    run_analysis,
+)
 
-__all__ = ["graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule"]
+__all__ = [
+    "graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule", "TracedConstants", "finish_graph_module",
+    "export_graph_module",
+]
 
 aten = torch.ops.aten
 
@@ -291,20 +300,42 @@ def _slice_state(ep: torch.export.ExportedProgram, model: nn.Module, plan: Any) 
             store[name] = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
 
 
-def _fill_traced_constants(gm: torch.fx.GraphModule, model: nn.Module, example_inputs: Any) -> None:
-    """Calls may leave out the non-tensor keyword arguments the graph was traced with (transformers'
-    ``use_cache=False``, which shear adds): a pre-hook puts the traced values back."""
-    from shear.graph.trace import normalize_inputs
+class TracedConstants:
+    """Forward pre-hook: calls may leave out the non-tensor keyword arguments the graph was traced
+    with (transformers' ``use_cache=False``, which shear adds); this puts the traced values back."""
 
-    _, kwargs = normalize_inputs(model, example_inputs)
-    constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-    if not constants:
-        return
+    def __init__(self, constants: dict[str, Any]) -> None:
+        self.constants = dict(constants)
 
-    def fill(_module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        return args, {**constants, **kw}
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, {**self.constants, **kw}
 
-    gm.register_forward_pre_hook(fill, with_kwargs=True, prepend=True)
+
+def finish_graph_module(gm: torch.fx.GraphModule, constants: dict[str, Any]) -> torch.fx.GraphModule:
+    """Make an unlifted exported program usable as a model: traced constants filled in, and
+    ``train()``/``eval()`` allowed (torch blocks both because the graph is fixed to the traced mode;
+    shear traces in eval mode, so the flag changes nothing)."""
+    if constants:
+        gm.register_forward_pre_hook(TracedConstants(constants), with_kwargs=True, prepend=True)
+    for attr in ("train", "eval"):
+        gm.__dict__.pop(attr, None)
+    gm.meta["shear_constants"] = dict(constants)
+    return gm.eval()
+
+
+def export_graph_module(gm: torch.fx.GraphModule) -> torch.export.ExportedProgram:
+    """Export a GraphModule that :func:`graph_codegen` emitted again, with the example inputs it keeps
+    (``gm.meta["shear_inputs"]``) and dynamic dims where possible: what ``shear.save`` writes."""
+    inputs = gm.meta.get("shear_inputs")
+    if inputs is None:
+        raise GraphError("this GraphModule was not emitted by shear (no example inputs kept); export it yourself")
+    args, kwargs = inputs
+    with torch.no_grad():
+        try:
+            shapes = dynamic_shapes_for(gm, args, kwargs)
+            return torch.export.export(gm, args, kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception:  # noqa: BLE001 - fixed shapes are the fallback, as when it was emitted
+            return torch.export.export(gm, args, kwargs, strict=False)
 
 
 def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.GraphModule:
@@ -334,7 +365,16 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
         gm = ep.module()
     if not isinstance(gm, torch.fx.GraphModule):  # pragma: no cover - torch always returns one
         raise GraphError(f"torch.export gave a {type(gm).__name__}, not a GraphModule")
-    _fill_traced_constants(gm, model, example_inputs)
-    for attr in ("train", "eval"):  # torch blocks both because the graph is fixed to the traced (eval) mode;
-        gm.__dict__.pop(attr, None)  # shear traces in eval mode, so the mode flag changes nothing here
-    return gm.eval()
+    args, kwargs = normalize_inputs(model, example_inputs)
+    gm.meta["shear_inputs"] = (_detached(args), _detached(kwargs))
+    return finish_graph_module(gm, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+
+
+def _detached(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(v) for v in x)
+    return x
