@@ -211,17 +211,27 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: in
         >>> window_perplexity(model, torch.randint(0, 100, (4, 32)))   # doctest: +SKIP
         98.7
     """
+    from shear.runtime.training.loss import (
+        causal_lm_loss_sum,
+        chunked_causal_lm_loss_sum,
+        head_bypassed,
+        output_head,
+    )
+
     device = _model_device(model)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
+    chunked = output_head(model) is not None  # never hold a whole batch of fp32 logits
     try:
         for i in range(0, windows.shape[0], batch_size):
             batch = windows[i : i + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
+            if chunked:
+                with head_bypassed(model) as head:
+                    hidden = model(input_ids=batch, use_cache=False).logits
+                loss = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=1024)
+            else:
+                loss = causal_lm_loss_sum(model(input_ids=batch, use_cache=False).logits, batch)
             nll += float(loss)
             count += batch[:, 1:].numel()
     finally:
