@@ -214,3 +214,38 @@ def test_fuzz(seed: int, tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", range(CI_CASES, CI_CASES + SLOW_CASES))
 def test_fuzz_slow(seed: int, tmp_path: Path) -> None:
     check_case(seed, tmp_path)
+
+
+GRAPH_CI_CASES = 40
+GRAPH_SLOW_CASES = 1000
+
+
+def check_graph_case(seed: int) -> None:
+    """The same random architectures through the GraphModule emitter (erase{emit=graph})."""
+    model = fuzz_net(seed)
+    inputs = model.example(seed)
+    graph = trace(model, inputs)
+    if not graph.prunable_groups:
+        return
+    ratio = random.Random(seed + 1).choice([0.1, 0.3, 0.5, 0.7])
+    zero_random(model, graph.pruning_groups, ratio, seed)
+    small, report = codegen(model, graph.pruning_groups, example_inputs=inputs, emit="graph")
+    if report.plan.empty:
+        return
+    assert isinstance(small, torch.fx.GraphModule) and report.emitted == "graph"
+    assert sum(p.numel() for p in small.parameters()) == report.plan.numel()
+    fresh = model.example(seed + 1000)
+    with torch.no_grad():
+        want, got = model(*fresh), small(*fresh)
+    assert float((want - got).abs().max()) <= 1e-5 * (1 + float(want.abs().max())), f"seed {seed}"
+
+
+@pytest.mark.parametrize("seed", range(GRAPH_CI_CASES))
+def test_fuzz_graph_emit(seed: int) -> None:
+    check_graph_case(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(GRAPH_CI_CASES, GRAPH_CI_CASES + GRAPH_SLOW_CASES))
+def test_fuzz_graph_emit_slow(seed: int) -> None:
+    check_graph_case(seed)

@@ -13,8 +13,9 @@ instead emits the model as a ``torch.fx.GraphModule`` built from ``torch.export`
    erased; structures are read off the plan's cuts of the parameters of the same leaf space);
 3. rewrite the size constants of the graph by a table keyed by aten op (:data:`SIZE_RULES`): the
    shape of ``view``/``reshape``/``expand``/``zeros``..., the sizes of ``split``, the bounds of
-   ``slice``/``narrow``, and ``mean`` over a shrunk dimension becomes ``sum / old_count`` (exact: the
-   erased positions were zeros, so no norm rescaling is needed);
+   ``slice``/``narrow``, ``layer_norm``'s ``normalized_shape``, a grouped convolution's ``groups``;
+   a ``mean`` over a shrunk dimension becomes ``sum / old_count`` and ``rms_norm`` is spelled out
+   with that mean (exact: the erased positions were zeros, so no norm rescaling is needed);
 4. slice the program's parameters and buffers as the plan says and unlift it into a GraphModule.
 
 The caller verifies the result against the masked original, as for the module tree. The graph is
@@ -218,6 +219,59 @@ def _split(live: LiveDims, node: torch.fx.Node) -> None:
     sizes = [live.size(node, dim, int(shape[dim]), index=i) for i, shape in enumerate(shapes)]
     node.target = aten.split_with_sizes.default
     node.args, node.kwargs = (x, sizes, dim), {}
+
+
+@register_size_rule(aten.layer_norm, aten.native_layer_norm)
+def _layer_norm(live: LiveDims, node: torch.fx.Node) -> None:
+    """``normalized_shape`` follows the input's trailing dimensions."""
+    args = list(_args(node))
+    x, shape = args[0], args[1]
+    n = len(shape)
+    old = tuple(x.meta["val"].shape)[-n:]
+    args[1] = [live.size(x, len(x.meta["val"].shape) - n + i, int(s)) for i, s in enumerate(old)]
+    node.args = tuple(args)
+
+
+@register_size_rule(aten.rms_norm)
+def _rms_norm(live: LiveDims, node: torch.fx.Node) -> None:
+    """RMS norm over a shrunk width: spelled out with the mean taken over the *old* width
+    (``x * rsqrt(sum(x^2) / d + eps) * weight``), exact because the erased positions were zeros."""
+    args = list(_args(node))
+    x, shape = args[0], args[1]
+    weight = args[2] if len(args) > 2 else None
+    eps = args[3] if len(args) > 3 else None
+    full = tuple(x.meta["val"].shape)
+    dims = list(range(len(full) - len(shape), len(full)))
+    if all(live.keep(x, d) is None for d in dims):
+        return
+    dtype = x.meta["val"].dtype
+    count = math.prod(int(full[d]) for d in dims)
+    eps = torch.finfo(dtype).eps if eps is None else float(eps)
+    graph = node.graph
+    call = graph.call_function
+    with graph.inserting_before(node):
+        xf = call(aten._to_copy.default, (x,), {"dtype": torch.float32})
+        ms = call(aten.div.Tensor, (call(aten.sum.dim_IntList, (call(aten.pow.Tensor_Scalar, (xf, 2)), dims, True)), float(count)))
+        y = call(aten.mul.Tensor, (xf, call(aten.rsqrt.default, (call(aten.add.Tensor, (ms, eps)),))))
+        y = call(aten._to_copy.default, (y,), {"dtype": dtype})
+        if weight is not None:
+            y = call(aten.mul.Tensor, (y, weight))
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+
+
+@register_size_rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+def _conv_groups(live: LiveDims, node: torch.fx.Node) -> None:
+    """Grouped (e.g. depthwise) convolutions: ``groups = input channels / weight's input channels``."""
+    args = list(_args(node))
+    position = 8 if _packet(node.target) is aten.convolution else 6
+    if len(args) <= position or args[position] == 1:
+        return
+    x, weight = args[0], args[1]
+    channels = live.size(x, 1, int(x.meta["val"].shape[1]))
+    per_group = live.size(weight, 1, int(weight.meta["val"].shape[1]))
+    args[position] = channels // per_group
+    node.args = tuple(args)
 
 
 def _prefix(keep: torch.Tensor, bound: int) -> int:
