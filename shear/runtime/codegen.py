@@ -287,7 +287,8 @@ def codegen(
     compared with the small model's (VerifyError on mismatch). The caller's ``model`` is untouched
     unless ``inplace``. ``emit``: ``"module"`` slices the module tree; ``"graph"`` emits a
     ``GraphModule`` (:mod:`shear.runtime.graph_codegen`); ``"auto"`` slices the module tree and falls
-    back to the GraphModule when the sliced tree cannot run (a module hard-codes a pruned size).
+    back to the GraphModule when verification finds that the sliced tree cannot run (a module
+    hard-codes a pruned size); without ``verify`` it is ``"module"``.
     """
     if emit not in EMIT_MODES:
         raise GraphError(f"emit must be one of {EMIT_MODES}, got {emit!r}")
