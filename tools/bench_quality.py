@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.2, 0.5])
     parser.add_argument("--unstructured", type=float, default=0.5, help="unstructured sparsity; 0 skips")
     parser.add_argument("--instructions", type=int, default=512, help="instruction records to tokenize")
-    parser.add_argument("--verify-tol", type=float, default=1e-3)
+    parser.add_argument("--verify-tol", type=float, default=2e-2,
+                        help="max |diff| of erase on the logits (SmolLM2 logits reach ~40; fp32 noise through 30 layers ~4e-3)")
     parser.add_argument("--out", type=Path, default=Path("bench_quality.md"))
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON next to --out")
     args = parser.parse_args(argv)
