@@ -25,6 +25,7 @@ from shear.passes.base import Context, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
 from shear.report import CompileReport, ReportBuilder
+from shear.runtime.verify import NOISE_FACTOR, rounding_noise
 
 __all__ = ["compile", "default_example_inputs", "call_model", "EquivalenceCheck"]
 
@@ -82,7 +83,9 @@ class EquivalenceCheck:
 
     Before such a pass the model is the masked original (pruned structures are zero); after it,
     the smaller model must give the same outputs on the example inputs, within ``tol`` (default
-    ``1e-5`` relative to the largest output for fp32, ``1e-2`` for 16-bit types).
+    ``1e-5`` relative to the largest output for fp32, ``1e-2`` for 16-bit types), plus, for the
+    default, the model's own floating-point rounding noise
+    (:func:`~shear.runtime.verify.rounding_noise`) when the difference exceeds that.
     """
 
     def __init__(self, inputs: Any, tol: float | None = None) -> None:
@@ -143,11 +146,15 @@ class EquivalenceCheck:
         dtype = next((t.dtype for t in ctx.model.parameters()), torch.float32)
         tol = self.tol if self.tol is not None else (1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5) * scale
         diff = float((out - ref).abs().max())
+        noise = rounding_noise(ctx.model, self.inputs, [out]) if diff > tol and self.tol is None else None
         self.max_diff = max(diff, self.max_diff or 0.0)
         record.stats["verify_max_diff"] = diff
-        if not diff <= tol:
+        if noise is not None:
+            record.stats["verify_rounding_noise"] = noise
+        if not diff <= tol + NOISE_FACTOR * (noise or 0.0):
+            floor = f" + {NOISE_FACTOR:g} * fp rounding noise {noise:.3g}" if noise is not None else ""
             raise VerifyError(
-                f"pass {p.name!r} changed the model's function: max |diff| {diff:.3g} > tolerance {tol:.3g} "
+                f"pass {p.name!r} changed the model's function: max |diff| {diff:.3g} > tolerance {tol:.3g}{floor} "
                 f"between the masked model before it and the smaller model after it on the example inputs"
             )
         self._ref = out
