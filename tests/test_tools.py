@@ -46,3 +46,22 @@ def test_bench_quality_resume_keeps_finished_rows(tmp_path: Path, capsys: pytest
     table = out.read_text()
     assert "| magnitude + LoRA | 50.0% | 500 |" in table
     assert "sum to 4.0 min" in table
+
+
+def test_bench_quality_table_only_merges_side_by_side_runs(tmp_path: Path) -> None:
+    ppl = {s: 40.0 for s in ("kjv", "shakespeare", "wordnet", "jargon", "pydocs")}
+    dense = {"method": "dense", "ratio": 0.0, "params": 1000, "ppl": ppl, "wall_s": 0.0, "peak_mb": 0.0}
+    structured = {"method": "LoRAShear", "ratio": 0.2, "params": 800, "ppl": ppl, "wall_s": 120.0, "peak_mb": 5.0,
+                  "recovery_steps": 90, "recovery_tokens": 92_160}
+    unstructured = {"method": "Wanda (unstructured)", "ratio": 0.5, "params": 600, "ppl": ppl, "wall_s": 60.0,
+                    "peak_mb": 1.0}
+    out = tmp_path / "q.md"
+    out.with_suffix(".json").write_text(json.dumps([dense, structured]))
+    other = tmp_path / "u.json"
+    other.write_text(json.dumps([dense, unstructured]))
+    _load("bench_quality").main(["--out", str(out), "--table-only", str(other)])
+    assert json.loads(out.with_suffix(".json").read_text()) == [dense, structured, unstructured]
+    table = out.read_text()
+    assert "smollm2-135m-instruct (full profile)" in table and "merged from 2 runs" in table
+    assert "| LoRAShear | 20.0% | 800 |" in table and "| 90 / 92,160 |" in table
+    assert "| Wanda (unstructured) | 40.0% | 600 |" in table and "sum to 3.0 min" in table

@@ -30,6 +30,11 @@ Usage:
                                                  # the JSON next to --out are kept, not re-run
 
 Each finished row is written to the JSON at once, so an interrupted run loses at most one row.
+Parts may run side by side on a machine with spare cores and be merged into one table:
+
+    python tools/bench_quality.py --unstructured 0 --out q.md &
+    python tools/bench_quality.py --ratios --unstructured 0.5 --out u.md
+    python tools/bench_quality.py --out q.md --table-only u.json
 """
 
 from __future__ import annotations
@@ -238,29 +243,37 @@ def _recovery(model: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _table(bench: Bench, load: float, wall: float) -> str:
-    args, p, sources = bench.args, bench.p, bench.sources
+def _table(name: str, quick: bool, p: Profile, rows: list[dict[str, Any]], note: str) -> str:
+    sources = list(rows[0]["ppl"])
     head = ["method", "removed", "params"] + sources + ["mean ppl", "recovery steps / tokens", "wall s", "peak MB"]
     lines = [
-        f"### Quality on {bench.name} ({'quick' if args.quick else 'full'} profile)",
+        f"### Quality on {name} ({'quick' if quick else 'full'} profile)",
         "",
         f"Perplexity on held-out validation text ({p.eval_windows} windows x {p.seq_len} tokens per source). "
         f"LHSPG {p.lhspg}; recovery {p.rounds} rounds x {p.steps_per_round} steps, batch {p.batch}, lr {p.recover_lr}; "
-        f"EBFT {p.ebft_epochs} epochs on {p.calib} x {p.seq_len} calibration tokens. Load average at start {load:.2f}; "
-        f"the methods' wall times sum to {sum(r['wall_s'] for r in bench.rows) / 60:.1f} min "
-        f"(this invocation: {wall / 60:.1f} min).",
+        f"EBFT {p.ebft_epochs} epochs on {p.calib} x {p.seq_len} calibration tokens. The methods' wall times sum to "
+        f"{sum(r['wall_s'] for r in rows) / 60:.1f} min; {note}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
     ]
-    base = bench.rows[0]["params"]
-    for r in bench.rows:
+    base = rows[0]["params"]
+    for r in rows:
         rec = f"{r['recovery_steps']} / {r['recovery_tokens']:,}" if "recovery_steps" in r else ""
         cells = [r["method"], f"{1 - r['params'] / base:.1%}", f"{r['params']:,}"]
         cells += [f"{r['ppl'][s]:.2f}" for s in sources]
         cells += [f"{statistics.mean(r['ppl'].values()):.2f}", rec, f"{r['wall_s']:.0f}", f"{r['peak_mb']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _merge(out: Path, others: list[Path]) -> list[dict[str, Any]]:
+    """The rows of the JSON next to ``out``, then those of ``others`` (their dense rows dropped), by
+    method and ratio as :class:`Bench` runs them."""
+    rows: list[dict[str, Any]] = json.loads(out.with_suffix(".json").read_text())
+    for path in others:
+        rows += [r for r in json.loads(path.read_text()) if r["method"] != "dense"]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,7 +286,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="max |diff| of erase on the logits (SmolLM2 logits reach ~40; fp32 noise through 30 layers ~4e-3)")
     parser.add_argument("--out", type=Path, default=Path("bench_quality.md"))
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON next to --out")
+    parser.add_argument("--table-only", nargs="*", type=Path, metavar="JSON",
+                        help="run nothing: write the table of the JSON next to --out, with the rows of these "
+                             "JSON files (runs made side by side, e.g. --ratios ... and --ratios --unstructured 0.5) appended")
     args = parser.parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    if args.table_only is not None:
+        rows = _merge(args.out, args.table_only)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        merged = f"rows merged from {1 + len(args.table_only)} runs made side by side on the same cores."
+        table = _table("tiny-llama" if args.quick else "smollm2-135m-instruct", args.quick, profile, rows, merged)
+        print(table)
+        args.out.write_text(table + "\n")
+        return
     start = time.perf_counter()
     load = os.getloadavg()[0]
     bench = Bench(args)
@@ -283,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         bench.structured(ratio)
     if args.unstructured > 0:
         bench.unstructured(args.unstructured)
-    table = _table(bench, load, time.perf_counter() - start)
+    note = f"load average at start {load:.2f}; this invocation took {(time.perf_counter() - start) / 60:.1f} min."
+    table = _table(bench.name, args.quick, bench.p, bench.rows, note)
     print(table)
     args.out.write_text(table + "\n")
 
