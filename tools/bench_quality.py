@@ -119,6 +119,9 @@ class Bench:
         if self.done(method, ratio):
             print(f"{method} @ {ratio:.0%}: kept from {self.json}", flush=True)
             return None
+        if method in self.args.skip:
+            print(f"{method} @ {ratio:.0%}: skipped", flush=True)
+            return None
         start = time.perf_counter()
         with PeakMemory(torch.device("cpu")) as meter:
             model = fn()
@@ -286,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="max |diff| of erase on the logits (SmolLM2 logits reach ~40; fp32 noise through 30 layers ~4e-3)")
     parser.add_argument("--out", type=Path, default=Path("bench_quality.md"))
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON next to --out")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
+                        help="methods not to run, by their row name (e.g. to run the rest side by side)")
     parser.add_argument("--table-only", nargs="*", type=Path, metavar="JSON",
                         help="run nothing: write the table of the JSON next to --out, with the rows of these "
                              "JSON files (runs made side by side, e.g. --ratios ... and --ratios --unstructured 0.5) appended")
