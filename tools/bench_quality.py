@@ -205,7 +205,9 @@ class Bench:
             self.rows[-1]["ebft_s"] = seconds
             self.json.write_text(json.dumps(self.rows, indent=2) + "\n")
             return seconds
-        row = next(r for r in self.rows if r["method"] == "Wanda + EBFT" and abs(r["ratio"] - ratio) < 1e-9)
+        row = next((r for r in self.rows if r["method"] == "Wanda + EBFT" and abs(r["ratio"] - ratio) < 1e-9), None)
+        if row is None:
+            raise SystemExit("Wanda + LoRA runs for as long as Wanda + EBFT's ebft pass: run that row too (do not --skip it)")
         return float(row.get("ebft_s", row["wall_s"]))
 
     def wanda_lora(self, ratio: float, seconds: float) -> torch.nn.Module:
