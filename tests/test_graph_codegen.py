@@ -156,6 +156,8 @@ def test_graph_module_saves_loads_and_fine_tunes(tmp_path: object) -> None:
     again = load(out)
     other = torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(3))
     assert _max_diff(again, small, ids) == 0.0 and _max_diff(again, small, other) == 0.0
+    twice = load(save(again, Path(str(tmp_path)) / "gm2"))  # a loaded graph saves again
+    assert _max_diff(twice, small, other) == 0.0
     # and it trains: one SGD step on the reloaded graph lowers the loss on that batch
     again.train()
     opt = torch.optim.SGD(again.parameters(), lr=0.5)

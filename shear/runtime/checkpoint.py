@@ -249,6 +249,8 @@ def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch
     except Exception as e:  # noqa: BLE001 - any unreadable archive is a corrupt checkpoint
         raise CheckpointError(f"{path}: cannot read {info['file']} ({type(e).__name__}: {e}); re-save the model") from e
     gm = finish_graph_module(program.module(), info["constants"])
+    if program.example_inputs is not None:  # so that shear.save can export it again
+        gm.meta["shear_inputs"] = program.example_inputs
     grads = set(manifest["requires_grad"])
     for n, p in gm.named_parameters():
         p.requires_grad_(n in grads)
