@@ -30,8 +30,10 @@ Usage:
                                                  # the JSON next to --out are kept, not re-run
 
 Each finished row is written to the JSON at once, so an interrupted run loses at most one row.
-Parts may run side by side on a machine with spare cores and be merged into one table:
+Parts may run side by side, one thread each (OpenMP threads of parts sharing cores stall each
+other), and be merged into one table:
 
+    export OMP_NUM_THREADS=1
     python tools/bench_quality.py --unstructured 0 --out q.md &
     python tools/bench_quality.py --ratios --unstructured 0.5 --out u.md
     python tools/bench_quality.py --out q.md --table-only u.json
