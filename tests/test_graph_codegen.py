@@ -68,9 +68,9 @@ def _tiny_gpt() -> tuple[nn.Module, torch.Tensor]:
 
 
 def _masked_and_small(model: nn.Module, ids: object, pipeline: str) -> tuple[nn.Module, nn.Module]:
-    """The masked model (same passes without erase) and the erased one, from one seeded pipeline."""
-    masked = shear.compile(model, pipeline.replace(",erase", "").replace("erase{emit=graph}", "").rstrip(","),
-                           example_inputs=ids)
+    """The masked model (the same seeded passes without the final erase) and the erased one."""
+    assert pipeline.endswith(",erase")
+    masked = shear.compile(model, pipeline.removesuffix(",erase"), example_inputs=ids)
     small = shear.compile(model, pipeline, example_inputs=ids)
     return masked, small
 
