@@ -185,15 +185,24 @@ def fuzz_net(seed: int) -> nn.Module:
     return net.eval()
 
 
-def check_case(seed: int, tmp_path: Path) -> None:
+def masked_case(seed: int) -> tuple[Any, Any, Any] | None:
+    """``(masked model, example inputs, pruning groups)`` of a seed, or None without prunable groups."""
     model = fuzz_net(seed)
     inputs = model.example(seed)
     graph = trace(model, inputs)
     if not graph.prunable_groups:
-        return
+        return None
     ratio = random.Random(seed + 1).choice([0.1, 0.3, 0.5, 0.7])
     zero_random(model, graph.pruning_groups, ratio, seed)
-    small, report = codegen(model, graph.pruning_groups, example_inputs=inputs)
+    return model, inputs, graph.pruning_groups
+
+
+def check_case(seed: int, tmp_path: Path) -> None:
+    case = masked_case(seed)
+    if case is None:
+        return
+    model, inputs, groups = case
+    small, report = codegen(model, groups, example_inputs=inputs)
     fresh = model.example(seed + 1000)
     with torch.no_grad():
         want, got = model(*fresh), small(*fresh)
@@ -222,14 +231,11 @@ GRAPH_SLOW_CASES = 1000
 
 def check_graph_case(seed: int) -> None:
     """The same random architectures through the GraphModule emitter (erase{emit=graph})."""
-    model = fuzz_net(seed)
-    inputs = model.example(seed)
-    graph = trace(model, inputs)
-    if not graph.prunable_groups:
+    case = masked_case(seed)
+    if case is None:
         return
-    ratio = random.Random(seed + 1).choice([0.1, 0.3, 0.5, 0.7])
-    zero_random(model, graph.pruning_groups, ratio, seed)
-    small, report = codegen(model, graph.pruning_groups, example_inputs=inputs, emit="graph")
+    model, inputs, groups = case
+    small, report = codegen(model, groups, example_inputs=inputs, emit="graph")
     if report.plan.empty:
         return
     assert isinstance(small, torch.fx.GraphModule) and report.emitted == "graph"

@@ -173,3 +173,10 @@ def test_graph_module_saves_loads_and_fine_tunes(tmp_path: object) -> None:
     (out / "program.pt2").write_bytes(b"garbage")
     with pytest.raises(shear.errors.CheckpointError, match="program.pt2 has 7 bytes"):
         load(out)
+
+
+def test_export_of_a_foreign_graph_module_is_refused() -> None:
+    from shear.runtime.graph_codegen import export_graph_module
+
+    with pytest.raises(GraphError, match="not emitted by shear"):
+        export_graph_module(torch.fx.symbolic_trace(nn.Linear(2, 2)))

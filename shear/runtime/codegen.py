@@ -53,7 +53,7 @@ from shear.runtime.hf_config import refresh_config
 from shear.runtime.masks import TensorTable, nonzero_structures
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
-__all__ = ["ErasurePlan", "ErasureReport", "plan_erasure", "apply_plan", "codegen", "EMIT_MODES"]
+__all__ = ["ErasurePlan", "ErasureReport", "plan_erasure", "apply_plan", "codegen", "EMIT_MODES", "drop_indices"]
 
 
 @dataclass
@@ -246,6 +246,16 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
         raise GraphError(f"pruning group names module {name!r}, which the model does not have") from None
 
 
+def drop_indices(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` without the flat indices ``dims[d]`` along each dimension ``d`` (a new tensor)."""
+    new = t.detach()
+    for dim, idx in sorted(dims.items()):
+        keep = torch.ones(new.shape[dim], dtype=torch.bool)
+        keep[idx] = False
+        new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
+    return new
+
+
 def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:
     """Slice ``model`` in place as ``plan`` says, rescale norms, and update module attributes/config."""
     table = TensorTable(model)
@@ -255,12 +265,7 @@ def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:
             t = table.tensors[canon]
             if tuple(t.shape) != plan.shapes[name]:
                 raise GraphError(f"tensor {name} has shape {tuple(t.shape)}, the plan expected {plan.shapes[name]}")
-            new = t.detach()
-            for dim, idx in sorted(dims.items()):
-                keep = torch.ones(new.shape[dim], dtype=torch.bool)
-                keep[idx] = False
-                new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
-            table.replace(canon, new)
+            table.replace(canon, drop_indices(t, dims))
         for module_name, (d, d_new) in plan.norms.items():
             module = _get_module(model, module_name)
             spec = find_rms_norm(module)

@@ -72,6 +72,7 @@ from shear.graph.trace import (
     normalize_inputs,
     run_analysis,
 )
+from shear.runtime.codegen import drop_indices
 
 __all__ = [
     "graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule", "TracedConstants", "finish_graph_module",
@@ -346,11 +347,7 @@ def _slice_state(ep: torch.export.ExportedProgram, model: nn.Module, plan: Any) 
             dims = plan.cuts.get(canonical.get(name, name))
             if not dims or not isinstance(tensor, torch.Tensor):
                 continue
-            new = tensor.detach()
-            for dim, idx in sorted(dims.items()):
-                keep = torch.ones(new.shape[dim], dtype=torch.bool)
-                keep[idx] = False
-                new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
+            new = drop_indices(tensor, dims)
             store[name] = nn.Parameter(new, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
 
 
