@@ -1,13 +1,14 @@
 """Fuzz: random architectures -> trace -> random pruning -> erase; the small model equals the masked one.
 
 Each case is a seed. ``fuzz_net(seed)`` builds a random stack of linear/conv layers, residual adds,
-concats, splits, RMS/Layer/BatchNorms and multi-head attention with random head / kv-head counts and
-head sizes. The default profile runs ``CI_CASES`` seeds; ``--slow`` runs ``SLOW_CASES`` more.
+concats, splits, strided reads of a fused projection, RMS/Layer/BatchNorms and multi-head attention
+with random head / kv-head counts and head sizes. The default profile runs ``CI_CASES`` seeds; ``--slow`` runs ``SLOW_CASES`` more.
 Seeds that once failed stay in ``REGRESSIONS``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ class SeqBlock(nn.Module):
             m1, m2 = rng.randint(2, 10), rng.randint(2, 10)
             self.inp_a, self.inp_b = nn.Linear(d, m1, bias=bias), nn.Linear(d, m2, bias=bias)
             self.out = nn.Linear(m1 + m2, d, bias=bias)
+        elif kind == "interleaved":  # one fused projection read back in strides (GPT-OSS's GLU layout)
+            self.stride = rng.choice([2, 3])
+            self.fused = nn.Linear(d, self.stride * rng.randint(2, 8), bias=bias)
+            self.out = nn.Linear(self.fused.out_features // self.stride, d, bias=bias)
         elif kind == "branches":
             self.a = nn.Linear(d, rng.randint(2, 10), bias=bias)
             self.b = nn.Linear(d, rng.randint(2, 10), bias=bias)
@@ -89,6 +94,10 @@ class SeqBlock(nn.Module):
             sizes = [self.inp_a.out_features, self.inp_b.out_features]
             a, b = torch.cat([self.inp_a(h), self.inp_b(h)], dim=-1).split(sizes, dim=-1)
             return x + self.out(torch.cat([self.act(a), b * 0.5], dim=-1))
+        if self.kind == "interleaved":
+            f = self.fused(h)
+            parts = [f[..., r :: self.stride] for r in range(self.stride)]
+            return x + self.out(self.act(parts[0]) * math.prod(parts[1:]))
         return x + self.out(torch.cat([torch.relu(self.a(h)), torch.tanh(self.b(h))], dim=-1))
 
 
@@ -98,7 +107,7 @@ class SeqNet(nn.Module):
         d_in, d = rng.randint(3, 12), rng.choice([8, 12, 16, 24])
         self.inp = nn.Linear(d_in, d)
         self.blocks = nn.ModuleList(
-            SeqBlock(rng.choice(["mlp", "attn", "split", "branches"]), d, rng) for _ in range(rng.randint(1, 4))
+            SeqBlock(rng.choice(["mlp", "attn", "split", "branches", "interleaved"]), d, rng) for _ in range(rng.randint(1, 4))
         )
         self.final = nn.RMSNorm(d) if rng.random() < 0.5 else nn.Identity()
         self.head = nn.Linear(d, rng.randint(2, 6))

@@ -125,6 +125,40 @@ def test_forced_graph_emit_equals_the_module_tree(arch: str) -> None:
         assert "aten.mean.dim" not in ops and "aten.sum.dim_IntList" in ops
 
 
+class InterleavedGLU(nn.Module):
+    """GPT-OSS's GLU layout: one fused projection, gate and up read back as even and odd columns."""
+
+    def __init__(self, vocab: int = 50, d: int = 32, hidden: int = 48) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.gate_up = nn.Linear(d, 2 * hidden)
+        self.down = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        h = self.gate_up(x)
+        return self.head(x + self.down(F.silu(h[..., ::2]) * h[..., 1::2]))
+
+
+def test_strided_reads_couple_gate_and_up_and_erase_in_both_emitters() -> None:
+    torch.manual_seed(0)
+    model, ids = InterleavedGLU().eval(), torch.randint(0, 50, (2, 8))
+    (glu,) = [g for g in shear.trace(model, ids).pruning_groups if "down" in g.modules and g.size == 48]
+    assert glu.prunable and set(glu.modules) == {"gate_up", "down"}
+    rows = next(m for m in glu.members if m.param == "gate_up.weight").positions
+    assert rows[:3].tolist() == [[0, 1], [2, 3], [4, 5]]  # channel i is gate row 2i and up row 2i + 1
+    pipeline = "discover-groups,random{ratio=0.5,seed=0},erase"
+    masked, tree = _masked_and_small(model, ids, pipeline)
+    graph = shear.compile(model, pipeline + "{emit=graph}", example_inputs=ids)
+    assert not isinstance(tree, torch.fx.GraphModule) and isinstance(graph, torch.fx.GraphModule)
+    assert tree.gate_up.weight.shape[0] == graph.gate_up.weight.shape[0] == 2 * tree.down.weight.shape[1] < 96
+    steps = [n.args[1:] for n in graph.graph.nodes if n.target is torch.ops.aten.slice.Tensor]
+    assert sorted(s[1::2] for s in steps) == [(0, 2), (1, 2)]  # still the even and the odd columns
+    for x in (ids, torch.randint(0, 50, (3, 5))):
+        assert _max_diff(tree, masked, x) <= 1e-5 and _max_diff(graph, masked, x) <= 1e-5
+
+
 def test_codegen_emit_errors() -> None:
     model, ids = _tiny_gpt()
     groups = shear.trace(model, ids).pruning_groups

@@ -24,7 +24,7 @@ from shear.graph.analysis import DimAnalysis, Dims
 from shear.graph.registry import fresh_like, register_op
 from shear.graph.registry import norm_dim as _norm
 
-__all__ = ["reshape_rule", "reshape_dims", "cut_dim"]
+__all__ = ["reshape_rule", "reshape_dims", "cut_dim", "strided_dim"]
 
 aten = torch.ops.aten
 
@@ -147,6 +147,23 @@ def cut_dim(a: DimAnalysis, sp: int, start: int, length: int) -> int | None:
     return pieces[1] if start else pieces[0]
 
 
+def strided_dim(a: DimAnalysis, sp: int, n: int, start: int, end: int, step: int) -> int | None:
+    """The space of ``x[start:end:step]`` along a dimension of space ``sp`` and size ``n``.
+
+    ``x[r::s]`` over the whole dimension (``0 <= r < s``, ``s`` dividing ``n``) is ``x.view(n // s, s)
+    [:, r]``: the output is the outer factor of a row-major ``(n // s, s)`` product and the inner
+    factor is pinned. Interleaved GLUs (``gate, up = h[..., ::2], h[..., 1::2]``) thereby couple gate
+    and up channel ``i`` through the shared outer factor. Any other stride pins ``sp``.
+    """
+    if n % step == 0 and 0 <= start < step and end >= n and n // step > 1:
+        outer, inner = a.spaces.split_prod(sp, (n // step, step))
+        a.spaces.pin(inner, "strided slice takes one position of every stride")
+        return outer
+    a.spaces.pin(sp, "strided slice")
+    length = len(range(start, end, step))
+    return a.fresh((length,), "slice", "strided slice")[0] if length > 1 else None
+
+
 @register_op(aten.slice, aten.slice_copy)
 def slice_rule(a: DimAnalysis, node: torch.fx.Node) -> Dims:
     src = node.args[0]
@@ -167,8 +184,7 @@ def slice_rule(a: DimAnalysis, node: torch.fx.Node) -> Dims:
     if sp is None:
         return out
     if step != 1:
-        a.spaces.pin(sp, "strided slice")
-        out[dim] = a.fresh((length,), "slice", "strided slice")[0] if length > 1 else None
+        out[dim] = strided_dim(a, sp, n, start, end, int(step))  # type: ignore[arg-type]
         return out
     out[dim] = cut_dim(a, sp, start, length) if length > 1 else None
     if length == 1:

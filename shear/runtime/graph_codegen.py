@@ -291,11 +291,26 @@ def _slice(live: LiveDims, node: torch.fx.Node) -> None:
     start = rest[1] if len(rest) > 1 else None
     end = rest[2] if len(rest) > 2 else None
     step = rest[3] if len(rest) > 3 else 1
-    if step != 1 or not all(isinstance(b, int) or b is None for b in (start, end)):
-        raise GraphError(f"{node.name}: slice with step {step} or symbolic bounds over a pruned dimension")
-    new_start = None if start is None else _prefix(keep, start)
-    new_end = None if end is None else _prefix(keep, end)
-    node.args = (x, dim, new_start, new_end, 1)
+    if not all(isinstance(b, int) or b is None for b in (start, end, step)):
+        raise GraphError(f"{node.name}: slice with symbolic bounds over a pruned dimension")
+    if step == 1:
+        new_start = None if start is None else _prefix(keep, start)
+        new_end = None if end is None else _prefix(keep, end)
+        node.args = (x, dim, new_start, new_end, 1)
+        return
+    # a strided slice: the surviving taken positions, renumbered, must again be a stride
+    n = keep.numel()
+    taken = torch.arange(n)[slice(start, end, step)]
+    new_index = torch.cumsum(keep.long(), 0) - 1
+    kept = new_index[taken[keep[taken]]].tolist()
+    strides = {b - a for a, b in zip(kept, kept[1:], strict=False)}
+    if len(strides) > 1 or not kept:
+        raise GraphError(
+            f"{node.name}: slice [{start}:{end}:{step}] over a pruned dimension keeps positions {kept[:8]}..., "
+            "which no slice of the smaller tensor gives; prune that dimension in whole strides"
+        )
+    new_step = strides.pop() if strides else 1
+    node.args = (x, dim, kept[0], kept[-1] + 1, new_step)
 
 
 @register_size_rule(aten.narrow)
