@@ -2,7 +2,10 @@
 
 ``build(arch, lora=False)`` returns ``(model, example_inputs)`` in eval mode, fp32, seeded.
 Architectures: llama (GQA 8 q / 2 kv heads), qwen2 (qkv bias), mistral, gpt2 (Conv1D, fused
-c_attn), opt, bert, cnn (ResNet-style: conv, batchnorm, residual add, 1x1 shortcut, concat).
+c_attn), opt, bert, cnn (ResNet-style: conv, batchnorm, residual add, 1x1 shortcut, concat),
+qwen3 (per-head q/k RMS norms), phi3 (fused qkv and gate_up projections; reads head counts from its
+config), gemma3 (``(1 + w)`` norms, per-head q/k norms, sandwich norms, scaled embeddings), granite
+(residual / attention / logit multipliers; its RMS norm is recognised by probing).
 
 Example:
     >>> model, inputs = build("llama")
@@ -19,7 +22,7 @@ from torch import nn
 
 __all__ = ["ARCHS", "build", "fresh_inputs", "TinyResNet"]
 
-ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert", "cnn"]
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "bert", "cnn", "qwen3", "phi3", "gemma3", "granite"]
 VOCAB = 96
 SEQ = 8
 
@@ -105,6 +108,17 @@ def _hf(arch: str) -> nn.Module:
         cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=64)
         return tf.BertModel(cfg, add_pooling_layer=False)
+    gqa: dict[str, Any] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, **common)
+    if arch == "qwen3":
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **gqa))
+    if arch == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **gqa))
+    if arch == "gemma3":
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(head_dim=16, sliding_window=4, **gqa))
+    if arch == "granite":
+        return tf.GraniteForCausalLM(tf.GraniteConfig(residual_multiplier=0.5, embedding_multiplier=2.0,
+                                                      attention_multiplier=0.2, logits_scaling=4.0, **gqa))
     raise KeyError(arch)
 
 
@@ -116,6 +130,10 @@ LORA_TARGETS = {
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "bert": ["query", "key", "value", "dense"],
     "cnn": ["fc"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "granite": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
 

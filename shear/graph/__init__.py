@@ -12,7 +12,8 @@ from shear.graph.analysis import Diagnostic, DimAnalysis
 from shear.graph.draw import draw, to_dot
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role, Slice
 from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
-from shear.graph.modules import register_norm_rescale, register_zero_preserving_module
+from shear.graph.modules import register_zero_preserving_module
+from shear.graph.norms import RmsNormSpec, find_rms_norm, register_norm_rescale, register_rms_norm
 from shear.graph.registry import OP_RULES, register_op
 from shear.graph.trace import trace
 
@@ -31,6 +32,9 @@ __all__ = [
     "Role",
     "Slice",
     "register_norm_rescale",
+    "register_rms_norm",
+    "find_rms_norm",
+    "RmsNormSpec",
     "register_op",
     "trace",
     "draw",

@@ -23,7 +23,14 @@ import torch.fx
 from shear.graph.groups import Role
 from shear.graph.spaces import SpaceTable
 
-__all__ = ["Dims", "DimAnalysis", "StateRef", "Diagnostic"]
+__all__ = ["Dims", "DimAnalysis", "StateRef", "Diagnostic", "ALIAS_OPS"]
+
+_aten = torch.ops.aten
+ALIAS_OPS = frozenset({
+    _aten._to_copy, _aten.to, _aten.type_as, _aten.clone, _aten.contiguous, _aten.alias, _aten.detach,
+    _aten.add, _aten.sub, _aten.mul, _aten.div, _aten.neg,
+})  # fmt: skip
+"""Ops that, applied to one parameter and scalars, give "the same tensor" for role purposes."""
 
 Dims = list[int | None]
 """Spaces of a tensor's dimensions; ``None`` for size-1 (broadcast) dimensions."""
@@ -58,6 +65,9 @@ class DimAnalysis:
     """Spaces of each node's value: ``Dims`` for a tensor, a list of ``Dims`` for a tuple output."""
     state: dict[torch.fx.Node, StateRef] = field(default_factory=dict)
     """Placeholders that are parameters or buffers."""
+    aliases: dict[torch.fx.Node, StateRef] = field(default_factory=dict)
+    """Nodes that are a parameter or buffer under an elementwise recast: ``w.float()``, ``1 + w``
+    (Gemma's norm weight). A role given to such a node is the tensor's role."""
     state_dims: dict[tuple[str, int], int] = field(default_factory=dict)
     """(tensor name, dim) -> space."""
     roles: dict[tuple[str, int], Role] = field(default_factory=dict)
@@ -103,7 +113,22 @@ class DimAnalysis:
         return str(list(stack.values())[-1][0])
 
     def state_of(self, arg: Any) -> StateRef | None:
-        return self.state.get(arg) if isinstance(arg, torch.fx.Node) else None
+        """The parameter or buffer ``arg`` is (directly or through :attr:`aliases`), or None."""
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        return self.state.get(arg) or self.aliases.get(arg)
+
+    def alias_state(self, node: torch.fx.Node) -> None:
+        """Record ``node`` as an alias of its input's tensor if it is an elementwise recast of it:
+        one tensor argument that is a parameter/buffer (or an alias), the same shape, and an op of
+        :data:`ALIAS_OPS`."""
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet not in ALIAS_OPS:
+            return
+        tensors = [x for x in node.args if isinstance(x, torch.fx.Node)]
+        ref = self.state_of(tensors[0]) if len(tensors) == 1 else None
+        if ref is not None and tensors[0] is node.args[0] and self.shape(node) == self.shape(tensors[0]):
+            self.aliases[node] = ref
 
     # ---------------------------------------------------------------- writing
     def fresh(self, shape: Sequence[int], label: str, pin: str | None = None) -> Dims:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -29,7 +30,8 @@ from torch import nn
 from shear.graph.analysis import DimAnalysis
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role
 from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
-from shear.graph.modules import find_lora_composites, norm_rescale_rule
+from shear.graph.modules import find_lora_composites
+from shear.graph.norms import find_rms_norm
 from shear.graph.registry import op_name
 
 __all__ = ["discover"]
@@ -56,13 +58,13 @@ def _resolve_reductions(model: nn.Module, a: DimAnalysis) -> dict[int, list[Norm
         if a.spaces.is_pinned(sp):
             continue
         m = modules.get(module)
-        rule = norm_rescale_rule(m) if m is not None else None
+        rule = find_rms_norm(m) if m is not None else None
         if rule is None:
             kind = type(m).__name__ if m is not None else "?"
             a.spaces.pin(
                 sp,
                 f"{op} over channels in {module or '<root>'} ({kind}) changes after pruning; "
-                "register a rescale rule with shear.graph.register_norm_rescale",
+                "if it is an RMS norm, declare it with shear.graph.register_rms_norm",
             )
             continue
         width = a.spaces.size(sp)
@@ -88,6 +90,13 @@ def _member_positions(occs: list[torch.Tensor], size: int) -> torch.Tensor | Non
         return None
     order = torch.argsort(idx * (int(pos.max()) + 1) + pos)
     return pos[order].view(size, k)
+
+
+def _spans_rows(m: Member) -> bool:
+    """A structure covers a run of adjacent rows of ``m`` (a head's ``head_dim`` rows), not only
+    scattered single rows (a fused gate/up projection's channel ``i`` is rows ``i`` and ``i + h``)."""
+    first = m.positions[0]
+    return m.k > 1 and bool((first[1:] - first[:-1] == 1).any())
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -144,15 +153,12 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
         has_primary = any(m.role is Role.PRIMARY for m in ms)
         reasons = a.spaces.pin_reasons(leaf) if pinned else (() if has_primary else ("no producing parameter",))
         kind = "channel"
-        if any(m.role is Role.PRIMARY and m.k > 1 for m in ms):
+        if any(m.role is Role.PRIMARY and _spans_rows(m) for m in ms):
             kind = "head"
-        elif len({m for m in primary_mods}) >= 3:
+        elif len(primary_mods) >= 3 and all(m.k == 1 for m in ms if m.role is Role.PRIMARY):
             kind = "residual"
         prefix = _common_prefix(primary_mods or all_mods) or type(model).__name__
-        base = f"{prefix}/{kind}"
-        n = used_names.get(base, 0)
-        used_names[base] = n + 1
-        name = base if n == 0 else f"{base}#{n}"
+        name = f"{prefix}/{kind}"
         groups.append(
             PruningGroup(
                 id=len(groups),
@@ -167,6 +173,12 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
             )
         )
         leaf_of_group.append(leaf)
+    # a shared name goes to the prunable group first, then "#1", "#2", ... in leaf order
+    for g in sorted(groups, key=lambda g: (not g.prunable, g.id)):
+        n = used_names.get(g.name, 0)
+        used_names[g.name] = n + 1
+        if n:
+            groups[g.id] = dataclasses.replace(g, name=f"{g.name}#{n}")
 
     # --- IR nodes (LoRA composites collapsed) and node groups
     nodes: list[IRNode] = []

@@ -1,72 +1,40 @@
-"""Module-level rules: composed operators (peft LoRA) and RMS-style norms that erasure can rescale.
+"""Module-level rules: composed operators (peft LoRA) and modules that are zero-preserving as a whole.
 
 Both tables are keyed by a predicate on the module, so they recognise structure rather than one
 library's class names: a LoRA linear is any module with ``base_layer``, ``lora_A`` and ``lora_B``
 (peft 0.21's ``lora.Linear`` and its quantised siblings), whatever the ``requires_grad`` flags are.
+A zero-preserving module maps a zeroed channel to zero although ops inside it do not (a tanh-GELU's
+``1 + tanh(...)``, an RMS norm's ``rsqrt(... + eps)``). RMS norms are in :mod:`shear.graph.norms`.
 
 Example:
     >>> from torch import nn
-    >>> class MyRMSNorm(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__(); self.weight = nn.Parameter(torch.ones(4)); self.eps = 1e-6
-    >>> register_norm_rescale(lambda m: isinstance(m, MyRMSNorm), eps_attr="eps")
-    >>> norm_rescale_rule(MyRMSNorm()) is not None
+    >>> class Swish(nn.Module):
+    ...     def forward(self, x):
+    ...         return x * torch.sigmoid(x)
+    >>> register_zero_preserving_module(lambda m: isinstance(m, Swish))
+    >>> is_zero_preserving_module(Swish()), is_zero_preserving_module(nn.Sigmoid())
+    (True, False)
+    >>> is_zero_preserving_module(nn.RMSNorm(4))
     True
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from shear.graph.ir import LoraComposite
+from shear.graph.norms import find_rms_norm
 
 __all__ = [
     "ZERO_PRESERVING_MODULES",
     "register_zero_preserving_module",
     "is_zero_preserving_module",
-    "NormRule",
-    "register_norm_rescale",
-    "norm_rescale_rule",
     "is_lora_linear",
     "find_lora_composites",
 ]
-
-
-@dataclass(frozen=True)
-class NormRule:
-    """How to rescale an RMS-style norm whose mean runs over a pruned width."""
-
-    predicate: Callable[[nn.Module], bool]
-    eps_attr: str
-    """Attribute holding epsilon on the module (``variance_epsilon``, ``eps``)."""
-
-
-NORM_RULES: list[NormRule] = []
-
-
-def register_norm_rescale(predicate: Callable[[nn.Module], bool], eps_attr: str) -> None:
-    """Declare modules matching ``predicate`` as RMS norms ``x * rsqrt(mean(x^2) + eps) * w``."""
-    NORM_RULES.insert(0, NormRule(predicate, eps_attr))
-
-
-def norm_rescale_rule(module: nn.Module) -> NormRule | None:
-    for rule in NORM_RULES:
-        if rule.predicate(module) and hasattr(module, rule.eps_attr):
-            return rule
-    return None
-
-
-def _is_rms_like(m: nn.Module) -> bool:
-    w = getattr(m, "weight", None)
-    return type(m).__name__.endswith("RMSNorm") and isinstance(w, torch.Tensor) and w.dim() == 1
-
-
-register_norm_rescale(_is_rms_like, "variance_epsilon")
-register_norm_rescale(lambda m: isinstance(m, nn.RMSNorm), "eps")
 
 
 ZERO_PRESERVING_MODULES: list[Callable[[nn.Module], bool]] = []
@@ -88,7 +56,8 @@ register_zero_preserving_module(lambda m: type(m).__name__ in _ACTIVATION_NAMES)
 
 
 def is_zero_preserving_module(m: nn.Module) -> bool:
-    return any(p(m) for p in ZERO_PRESERVING_MODULES)
+    """Registered as zero-preserving, or a known RMS norm (``x * rsqrt(...) * w`` is 0 where x is)."""
+    return any(p(m) for p in ZERO_PRESERVING_MODULES) or find_rms_norm(m) is not None
 
 
 def is_lora_linear(m: nn.Module) -> bool:

@@ -169,6 +169,7 @@ def run_analysis(ep: torch.export.ExportedProgram, model: nn.Module) -> DimAnaly
             except Exception as e:  # noqa: BLE001 - a rule bug must not guess: pin and report
                 a.diagnose("rule-error", f"rule for {node.target} failed ({type(e).__name__}: {e}); pinned")
                 a.values[node] = unknown_rule(a, node)
+            a.alias_state(node)
             out = a.values[node]
             spaces: set[int] = set()
             for d in out if out and isinstance(out[0], list) else [out]:

@@ -218,7 +218,7 @@ def plan_erasure(model: nn.Module, groups: Iterable[PruningGroup], *, min_keep: 
                 raise GraphError(
                     f"group {g.name}: norm {nr.module} ({type(module).__name__}) averages over this space but is "
                     "not a known RMS norm, so erasing channels would change its statistics; register it with "
-                    "shear.runtime.module_rules.register_rms_norm or mark the space unprunable"
+                    "shear.graph.register_rms_norm or mark the space unprunable"
                 )
             if nr.width % g.size:
                 raise GraphError(f"group {g.name}: norm width {nr.width} is not a multiple of {g.size} structures")

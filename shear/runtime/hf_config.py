@@ -48,9 +48,10 @@ def _llama_like(base: nn.Module) -> dict[str, Any] | None:
     n_q = _uniform([in_out_features(a.q_proj)[1] // a.head_dim for a in attn])
     n_kv = _uniform([in_out_features(a.k_proj)[1] // a.head_dim for a in attn])
     inter = _uniform([in_out_features(layer.mlp.gate_proj)[1] for layer in layers])
-    eps = _uniform([m.variance_epsilon for m in base.modules() if hasattr(m, "variance_epsilon")])
-    if None in (hd, n_q, n_kv, inter):
-        return None
+    epsilons = [m.variance_epsilon for m in base.modules() if hasattr(m, "variance_epsilon")]
+    eps = _uniform(epsilons)
+    if None in (hd, n_q, n_kv, inter) or (epsilons and eps is None):
+        return None  # e.g. Qwen3: a pruned residual rescales its norms' eps, the per-head q/k norms keep theirs
     out = {
         "hidden_size": int(base.model.embed_tokens.weight.shape[1]),
         "num_attention_heads": n_q,

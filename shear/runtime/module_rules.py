@@ -10,8 +10,8 @@ table keyed by module type and looked up along the MRO, so a new architecture is
     def _my_attention(m: MyAttention) -> None:
         m.num_heads = m.q.weight.shape[0] // m.head_dim
 
-A second table, :data:`RMS_NORMS`, says how to rescale an RMS-style norm whose width shrinks
-(which attribute holds epsilon, and whether the weight is stored with a ``+1`` offset as in Gemma).
+How an RMS-style norm whose width shrinks is rescaled lives in :mod:`shear.graph.norms`
+(:data:`RMS_NORMS`, re-exported here), which the analysis shares.
 
 Example:
     >>> import torch
@@ -27,19 +27,23 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from shear.errors import GraphError
+from shear.graph.norms import RMS_NORMS, RmsNormSpec, find_rms_norm, register_rms_norm
 
 __all__ = [
     "ModuleRule",
     "MODULE_RULES",
     "register_module_rule",
     "find_rule",
+    "STRUCTURAL_RULES",
+    "register_structural_rule",
+    "hf_attention",
+    "LayerConfig",
     "update_module_attributes",
     "RmsNormSpec",
     "RMS_NORMS",
@@ -80,13 +84,23 @@ def _register_optional(module: str, names: tuple[str, ...], fn: ModuleRule) -> N
             MODULE_RULES[cls] = fn
 
 
+STRUCTURAL_RULES: list[tuple[Callable[[nn.Module], bool], ModuleRule]] = []
+"""(predicate, rule) pairs tried, in order, for a module whose type has no rule: they recognise
+a family by its structure (any transformers attention with ``head_dim`` and q/k/o projections)."""
+
+
+def register_structural_rule(predicate: Callable[[nn.Module], bool], rule: ModuleRule) -> None:
+    """Apply ``rule`` to modules of unregistered types that match ``predicate`` (later wins)."""
+    STRUCTURAL_RULES.insert(0, (predicate, rule))
+
+
 def find_rule(module: nn.Module) -> ModuleRule | None:
-    """The rule for ``module``'s type, or of its nearest registered base class."""
+    """The rule for ``module``'s type, of its nearest registered base class, or of its structure."""
     for klass in type(module).__mro__:
         rule = MODULE_RULES.get(klass)
         if rule is not None:
             return rule
-    return None
+    return next((rule for predicate, rule in STRUCTURAL_RULES if predicate(module)), None)
 
 
 def update_module_attributes(model: nn.Module) -> None:
@@ -198,18 +212,88 @@ def _heads(m: nn.Module, proj: str, head_dim: int) -> int:
     return out // head_dim
 
 
-def _llama_attention(m: nn.Module) -> None:
-    n_q = _heads(m, "q_proj", m.head_dim)
-    n_kv = _heads(m, "k_proj", m.head_dim)
+def _fused_qkv_heads(m: nn.Module, out_proj: str) -> tuple[int, int]:
+    """``(query heads, kv heads)`` of a fused ``qkv_proj`` (Phi-3): q width read off the output projection."""
+    n_q = in_out_features(getattr(m, out_proj))[0] // m.head_dim
+    rest = in_out_features(m.qkv_proj)[1] - n_q * m.head_dim
+    if rest <= 0 or rest % (2 * m.head_dim):
+        raise GraphError(
+            f"{type(m).__name__}.qkv_proj: {rest} key/value features are not two equal sets of whole heads "
+            f"of {m.head_dim}; attention must be pruned by whole kv-head families"
+        )
+    return n_q, rest // (2 * m.head_dim)
+
+
+def hf_attention(m: nn.Module) -> None:
+    """Head counts of a transformers decoder attention, read off its projections.
+
+    Handles separate ``q_proj``/``k_proj`` and Phi-3's fused ``qkv_proj``. Every head-count attribute
+    the module has is rewritten (``num_heads``, ``num_key_value_heads``, ``num_key_value_groups``);
+    a module that reads head counts from ``self.config`` (Phi-3 slices its fused projection at
+    ``config.num_attention_heads * head_dim``) gets its own copy of the config with its own counts,
+    since pruned layers differ.
+    """
+    if hasattr(m, "qkv_proj"):
+        n_q, n_kv = _fused_qkv_heads(m, "o_proj")
+    else:
+        n_q, n_kv = _heads(m, "q_proj", m.head_dim), _heads(m, "k_proj", m.head_dim)
     if n_kv == 0 or n_q % n_kv:
         raise GraphError(
             f"{type(m).__name__}: {n_q} query heads do not split evenly over {n_kv} kv heads after erasure; "
             "prune GQA by kv-head families (a kv head with its query heads)"
         )
-    m.num_key_value_groups = n_q // n_kv
-    for attr, value in (("num_heads", n_q), ("num_key_value_heads", n_kv)):
+    if hasattr(m, "num_key_value_groups"):
+        m.num_key_value_groups = n_q // n_kv
+    for attr, value in (("num_heads", n_q), ("num_attention_heads", n_q), ("num_key_value_heads", n_kv)):
         if hasattr(m, attr):
             setattr(m, attr, value)
+    config = getattr(m, "config", None)
+    counts = {k: v for k, v in (("num_attention_heads", n_q), ("num_key_value_heads", n_kv)) if hasattr(config, k)}
+    if config is not None and any(getattr(config, k) != v for k, v in counts.items()):
+        m.config = LayerConfig(config.base if isinstance(config, LayerConfig) else config, **counts)
+
+
+class LayerConfig:
+    """A model config as one pruned layer sees it: its own head counts, every other field read
+    through to the shared config (so ``set_attn_implementation`` still reaches the layer).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> shared = SimpleNamespace(num_attention_heads=8, _attn_implementation="eager")
+        >>> mine = LayerConfig(shared, num_attention_heads=6)
+        >>> shared._attn_implementation = "sdpa"
+        >>> mine.num_attention_heads, mine._attn_implementation, shared.num_attention_heads
+        (6, 'sdpa', 8)
+    """
+
+    def __init__(self, base: Any, **overrides: Any) -> None:
+        self.__dict__["base"] = base
+        self.__dict__["overrides"] = dict(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("base", "overrides"):
+            raise AttributeError(name)  # copy/pickle probe dunders before __dict__ is filled
+        overrides = self.__dict__["overrides"]
+        return overrides[name] if name in overrides else getattr(self.__dict__["base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.overrides:
+            self.overrides[name] = value
+        else:
+            setattr(self.base, name, value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({type(self.base).__name__}, {self.overrides})"
+
+
+def _is_hf_attention(m: nn.Module) -> bool:
+    """A transformers attention by structure: ``head_dim`` plus q/k/o or fused qkv/o projections."""
+    return (
+        type(m).__name__.endswith("Attention")
+        and isinstance(getattr(m, "head_dim", None), int)
+        and hasattr(m, "o_proj")
+        and (hasattr(m, "qkv_proj") or (hasattr(m, "q_proj") and hasattr(m, "k_proj")))
+    )
 
 
 def _llama_mlp(m: nn.Module) -> None:
@@ -246,8 +330,9 @@ for _family in _LLAMA_LIKE:
     _cap = {"qwen2": "Qwen2", "qwen3": "Qwen3", "olmo": "Olmo", "olmo2": "Olmo2"}.get(
         _family, _family.capitalize()
     )
-    _register_optional(f"transformers.models.{_family}.modeling_{_family}", (f"{_cap}Attention",), _llama_attention)
+    _register_optional(f"transformers.models.{_family}.modeling_{_family}", (f"{_cap}Attention",), hf_attention)
     _register_optional(f"transformers.models.{_family}.modeling_{_family}", (f"{_cap}MLP",), _llama_mlp)
+register_structural_rule(_is_hf_attention, hf_attention)
 _register_optional("transformers.pytorch_utils", ("Conv1D",), _conv1d)
 _register_optional("transformers.models.gpt2.modeling_gpt2", ("GPT2Attention",), _gpt2_attention)
 _register_optional("transformers.models.opt.modeling_opt", ("OPTAttention",), _opt_attention)
@@ -255,72 +340,3 @@ _register_optional(
     "transformers.models.bert.modeling_bert", ("BertSelfAttention", "BertSdpaSelfAttention"), _bert_self_attention
 )
 _register_optional("peft.tuners.lora.layer", ("LoraLayer",), _peft_lora_layer)
-
-
-# --- RMS-style norms -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RmsNormSpec:
-    """How to rescale one RMS-norm type: where epsilon lives and how the weight is stored."""
-
-    eps_attr: str
-    """Attribute holding epsilon (``variance_epsilon`` for LLaMA, ``eps`` for ``nn.RMSNorm``)."""
-    weight_offset: float = 0.0
-    """The norm multiplies by ``weight + weight_offset`` (Gemma stores ``weight`` around 0, offset 1)."""
-
-    def rescale(self, module: nn.Module, d: int, d_new: int) -> None:
-        """Make ``module`` over ``d_new`` channels equal the same norm over ``d`` with zeros added.
-
-        ``x / sqrt(S/d + eps) == sqrt(d/d') x / sqrt(S/d' + eps d/d')``: multiply the effective weight
-        by ``sqrt(d/d')`` and epsilon by ``d/d'``.
-        """
-        if d_new == d:
-            return
-        ratio = d / d_new
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            raise GraphError(
-                f"norm {type(module).__name__} has no weight to absorb the width change {d} -> {d_new}; "
-                "mark its space unprunable"
-            )
-        with torch.no_grad():
-            w.add_(self.weight_offset).mul_(ratio**0.5).sub_(self.weight_offset)
-        eps = getattr(module, self.eps_attr)
-        if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
-            eps = torch.finfo(w.dtype).eps
-        setattr(module, self.eps_attr, float(eps) * ratio)
-
-
-RMS_NORMS: dict[type, RmsNormSpec] = {nn.RMSNorm: RmsNormSpec("eps")}
-"""RMS-norm type -> rescale spec. A mean-centring norm (LayerNorm) is deliberately absent."""
-
-
-def register_rms_norm(cls: type, spec: RmsNormSpec) -> None:
-    """Teach erasure how to rescale a new RMS-norm type."""
-    RMS_NORMS[cls] = spec
-
-
-def find_rms_norm(module: nn.Module) -> RmsNormSpec | None:
-    """The rescale spec for ``module``'s type (MRO lookup), or None if it is not a known RMS norm."""
-    for klass in type(module).__mro__:
-        spec = RMS_NORMS.get(klass)
-        if spec is not None:
-            return spec
-    return None
-
-
-def _register_rms(module: str, name: str, spec: RmsNormSpec) -> None:
-    try:
-        cls: Any = getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return
-    if isinstance(cls, type):
-        RMS_NORMS[cls] = spec
-
-
-for _family, _cap in (("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"),
-                      ("mixtral", "Mixtral"), ("phi3", "Phi3"), ("olmo2", "Olmo2")):
-    _register_rms(f"transformers.models.{_family}.modeling_{_family}", f"{_cap}RMSNorm", RmsNormSpec("variance_epsilon"))
-_register_rms("transformers.models.gemma.modeling_gemma", "GemmaRMSNorm", RmsNormSpec("eps", weight_offset=1.0))
-_register_rms("transformers.models.t5.modeling_t5", "T5LayerNorm", RmsNormSpec("variance_epsilon"))

@@ -1,0 +1,90 @@
+"""Architecture specifics beyond the shared trace/erase suites: probed RMS norms, per-head norms,
+fused projections read through a layer's own config, and configs that cannot describe a model."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from models import build, fresh_inputs
+from torch import nn
+
+import shear
+from shear.graph.norms import RmsNormSpec, find_rms_norm, probe_rms_norm
+from shear.runtime.hf_config import refresh_config
+from shear.runtime.module_rules import LayerConfig
+
+
+def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_rms_norms_are_recognised_by_probing_their_output() -> None:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.granite.modeling_granite import GraniteRMSNorm
+
+    assert find_rms_norm(GraniteRMSNorm(8, eps=1e-5)) == RmsNormSpec("variance_epsilon", 0.0)
+    assert find_rms_norm(Gemma3RMSNorm(8, eps=1e-6)) == RmsNormSpec("eps", 1.0)  # stores w around 0
+
+    class CentringRMSNorm(nn.Module):  # named like an RMS norm, but subtracts the mean: not one
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x - x.mean(-1, keepdim=True)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    assert probe_rms_norm(CentringRMSNorm()) is None and find_rms_norm(CentringRMSNorm()) is None
+    with torch.device("meta"):  # a skeleton cannot be probed, and is not remembered as "not a norm"
+        assert probe_rms_norm(GraniteRMSNorm(8)) is None
+
+
+def test_qwen3_heads_prune_through_their_per_head_norms() -> None:
+    """q_norm / k_norm run rsqrt(mean + eps) per head: a zeroed head still leaves them as zero."""
+    model, inputs = build("qwen3")
+    heads = shear.trace(model, inputs).group("model.layers.0.self_attn/head")
+    assert heads.prunable and heads.size == 2 and not heads.reasons  # eps and rsqrt no longer pin it
+    masked = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0,kinds=[head]}", example_inputs=inputs)
+    small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0,kinds=[head]},erase", example_inputs=inputs)
+    assert small.model.layers[0].self_attn.k_proj.out_features == 16  # 1 of 2 kv heads (head_dim 16)
+    x = fresh_inputs("qwen3", seed=5, batch=2)
+    assert float((_logits(small, x) - _logits(masked, x)).abs().max()) <= 1e-5
+
+
+def test_phi3_layers_read_their_own_head_counts(tmp_path: Path) -> None:
+    model, inputs = build("phi3")
+    pipeline = "discover-groups,random{ratio=0.5,seed=0,kinds=[head]}"
+    masked = shear.compile(model, pipeline, example_inputs=inputs)
+    small = shear.compile(model, pipeline + ",erase", example_inputs=inputs)
+    attn = small.model.layers[0].self_attn
+    assert type(small).__name__ == "Phi3ForCausalLM"  # the module tree, not the GraphModule fallback
+    assert isinstance(attn.config, LayerConfig) and attn.config.num_attention_heads == 2
+    assert small.config.num_attention_heads == 4  # the shared config is untouched
+    x = fresh_inputs("phi3", seed=6, batch=2)
+    want = _logits(masked, x)
+    assert float((_logits(small, x) - want).abs().max()) <= 1e-5
+    small.set_attn_implementation("sdpa")  # reaches the layers through their LayerConfig
+    assert attn.config._attn_implementation == "sdpa"
+    assert float((_logits(small, x) - want).abs().max()) <= 1e-5
+    for twin in (copy.deepcopy(small), pickle.loads(pickle.dumps(small))):
+        assert twin.model.layers[0].self_attn.config.num_attention_heads == 2
+        assert torch.equal(_logits(twin, x), _logits(small, x))
+    again = shear.load(shear.save(small, tmp_path / "m"))
+    assert torch.equal(_logits(again, x), _logits(small, x))
+
+
+@pytest.mark.parametrize(("arch", "expressible"), [("llama", True), ("qwen3", False)])
+def test_config_is_refreshed_only_when_it_can_say_every_epsilon(arch: str, expressible: bool) -> None:
+    """Pruning the residual rescales its norms' eps. Qwen3's per-head norms keep theirs, and one
+    ``rms_norm_eps`` cannot say both, so its config keeps the original sizes."""
+    model, inputs = build(arch)
+    small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0,kinds=[residual]},erase",
+                          example_inputs=inputs)
+    assert small.model.embed_tokens.weight.shape[1] == 32
+    assert refresh_config(small) is expressible
+    assert small.config.hidden_size == (32 if expressible else 64)
