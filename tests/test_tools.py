@@ -36,7 +36,8 @@ def test_bench_quality_resume_keeps_finished_rows(tmp_path: Path, capsys: pytest
     out = tmp_path / "q.md"
     ppl = {s: 50.0 for s in ("kjv", "shakespeare", "wordnet", "jargon", "pydocs")}
     finished = [{"method": "dense", "ratio": 0.0, "params": 1000, "ppl": ppl, "wall_s": 0.0, "peak_mb": 0.0}]
-    for method in ("LoRAShear", "LoRAShear (instruct only)", "Taylor + LoRA (LLM-Pruner)", "magnitude + LoRA"):
+    for method in ("LoRAShear", "LoRAShear (instruct only)", "Taylor + LoRA (LLM-Pruner)", "magnitude + LoRA",
+                   "Taylor + dynamic recovery", "magnitude + dynamic recovery"):
         finished.append({"method": method, "ratio": 0.5, "params": 500, "ppl": ppl, "wall_s": 60.0, "peak_mb": 1.0,
                          "recovery_steps": 3, "recovery_tokens": 96})
     out.with_suffix(".json").write_text(json.dumps(finished))
@@ -45,7 +46,7 @@ def test_bench_quality_resume_keeps_finished_rows(tmp_path: Path, capsys: pytest
     assert json.loads(out.with_suffix(".json").read_text()) == finished
     table = out.read_text()
     assert "| magnitude + LoRA | 50.0% | 500 |" in table
-    assert "sum to 4.0 min" in table
+    assert "sum to 6.0 min" in table
 
 
 def test_bench_quality_table_only_merges_side_by_side_runs(tmp_path: Path) -> None:
@@ -65,3 +66,13 @@ def test_bench_quality_table_only_merges_side_by_side_runs(tmp_path: Path) -> No
     assert "smollm2-135m-instruct (full profile)" in table and "merged from 2 runs" in table
     assert "| LoRAShear | 20.0% | 800 |" in table and "| 90 / 92,160 |" in table
     assert "| Wanda (unstructured) | 40.0% | 600 |" in table and "sum to 3.0 min" in table
+
+
+def test_arch_coverage_table(tmp_path: Path) -> None:
+    out = tmp_path / "coverage.md"
+    rows = _load("arch_coverage").main(["--archs", "phi3", "falcon", "--no-lora", "--out", str(out)])
+    phi3, falcon = rows
+    assert phi3["emitted"] == "module tree" and phi3["reload"] == "exact" and phi3["diff"] <= 1e-5
+    assert {"head", "residual"} <= set(phi3["kinds"]) and phi3["after"] < phi3["params"]
+    assert falcon["groups"] == 0 and falcon["why"]  # nothing prunable, and the table says why
+    assert "| phi3 | no | channel, head, residual | 5 |" in out.read_text()

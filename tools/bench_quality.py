@@ -11,9 +11,12 @@ Structured, at each ``--ratios`` share of parameters removed (the same per-group
 * **Taylor + LoRA** (LLM-Pruner): first-order Taylor importance, one shot, erase, LoRA recovery on
   the instruction data;
 * **magnitude + LoRA**: structure L2 norms, one shot, erase, LoRA recovery on the instruction data;
+* **Taylor + dynamic recovery**, **magnitude + dynamic recovery**: the same one-shot pruning, then
+  exactly LoRAShear's recovery (pretraining sources by degradation, then instructions);
 
-every recovery with the same budget (``rounds x steps`` LoRA steps of ``batch`` sequences; the
-tokens each consumed are reported).
+every recovery stage with the same budget (``rounds x steps`` LoRA steps of ``batch`` sequences; the
+steps and tokens each row consumed are reported). Equal-budget pairs: LoRAShear with the
+"dynamic recovery" rows (two stages), LoRAShear (instruct only) with the "+ LoRA" rows (one stage).
 
 Unstructured 50% (masks kept, nothing erased): **magnitude**, **Wanda**, **SparseGPT**, each without
 and with **EBFT**, and **Wanda + LoRA** trained for the wall time Wanda + EBFT took.
@@ -169,17 +172,21 @@ class Bench:
             f"{self.recover(stages)},merge-lora"
         )
 
-    def one_shot(self, ratio: float, prune: str) -> str:
-        return f"discover-groups,{prune},erase,lora,{self.recover('instruct')},merge-lora"
+    def one_shot(self, ratio: float, prune: str, stages: str = "instruct") -> str:
+        return f"discover-groups,{prune},erase,lora,{self.recover(stages)},merge-lora"
 
     def structured(self, ratio: float) -> None:
         p = self.p
         self.run("LoRAShear", ratio, lambda: self.compile(self.lorashear(ratio, "pretrain+instruct")))
         self.run("LoRAShear (instruct only)", ratio, lambda: self.compile(self.lorashear(ratio, "instruct")))
-        self.run("Taylor + LoRA (LLM-Pruner)", ratio, lambda: self.compile(
-            self.one_shot(ratio, f"taylor{{params={ratio},samples={p.calib},seq_len={p.seq_len}}}")))
-        self.run("magnitude + LoRA", ratio, lambda: self.compile(
-            self.one_shot(ratio, f"magnitude{{params={ratio},mode=structured}}")))
+        taylor = f"taylor{{params={ratio},samples={p.calib},seq_len={p.seq_len}}}"
+        magnitude = f"magnitude{{params={ratio},mode=structured}}"
+        self.run("Taylor + LoRA (LLM-Pruner)", ratio, lambda: self.compile(self.one_shot(ratio, taylor)))
+        self.run("magnitude + LoRA", ratio, lambda: self.compile(self.one_shot(ratio, magnitude)))
+        # the same recovery as the LoRAShear row (both stages), so pruning is the only difference
+        both = "pretrain+instruct"
+        self.run("Taylor + dynamic recovery", ratio, lambda: self.compile(self.one_shot(ratio, taylor, both)))
+        self.run("magnitude + dynamic recovery", ratio, lambda: self.compile(self.one_shot(ratio, magnitude, both)))
 
     def unstructured(self, ratio: float) -> None:
         p = self.p
@@ -257,7 +264,8 @@ def _table(name: str, quick: bool, p: Profile, rows: list[dict[str, Any]], note:
         f"### Quality on {name} ({'quick' if quick else 'full'} profile)",
         "",
         f"Perplexity on held-out validation text ({p.eval_windows} windows x {p.seq_len} tokens per source). "
-        f"LHSPG {p.lhspg}; recovery {p.rounds} rounds x {p.steps_per_round} steps, batch {p.batch}, lr {p.recover_lr}; "
+        f"LHSPG {p.lhspg}; recovery {p.rounds} rounds x {p.steps_per_round} steps per stage, batch {p.batch}, "
+        f"lr {p.recover_lr} (rows with the same steps had the same recovery budget); "
         f"EBFT {p.ebft_epochs} epochs on {p.calib} x {p.seq_len} calibration tokens. The methods' wall times sum to "
         f"{sum(r['wall_s'] for r in rows) / 60:.1f} min; {note}",
         "",

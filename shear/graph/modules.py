@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from shear.graph.ir import LoraComposite
@@ -42,7 +41,7 @@ ZERO_PRESERVING_MODULES: list[Callable[[nn.Module], bool]] = []
 
 _ACTIVATION_NAMES = {
     "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
-    "PytorchGELUTanh", "SiLUActivation", "AccurateGELUActivation", "MishActivation", "GELU", "SiLU",
+    "PytorchGELUTanh", "SiLUActivation", "AccurateGELUActivation", "MishActivation", "GELU", "SiLU", "BloomGelu",
     "ReLU", "Tanh", "Hardswish", "Mish", "ClippedGELUActivation",
 }  # fmt: skip
 

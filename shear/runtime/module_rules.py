@@ -214,14 +214,15 @@ def _heads(m: nn.Module, proj: str, head_dim: int) -> int:
 
 def _fused_qkv_heads(m: nn.Module, out_proj: str) -> tuple[int, int]:
     """``(query heads, kv heads)`` of a fused ``qkv_proj`` (Phi-3): q width read off the output projection."""
-    n_q = in_out_features(getattr(m, out_proj))[0] // m.head_dim
-    rest = in_out_features(m.qkv_proj)[1] - n_q * m.head_dim
-    if rest <= 0 or rest % (2 * m.head_dim):
+    head_dim = int(m.head_dim)
+    n_q = in_out_features(getattr(m, out_proj))[0] // head_dim
+    rest = in_out_features(m.qkv_proj)[1] - n_q * head_dim
+    if rest <= 0 or rest % (2 * head_dim):
         raise GraphError(
             f"{type(m).__name__}.qkv_proj: {rest} key/value features are not two equal sets of whole heads "
-            f"of {m.head_dim}; attention must be pruned by whole kv-head families"
+            f"of {head_dim}; attention must be pruned by whole kv-head families"
         )
-    return n_q, rest // (2 * m.head_dim)
+    return n_q, rest // (2 * head_dim)
 
 
 def hf_attention(m: nn.Module) -> None:
@@ -236,7 +237,8 @@ def hf_attention(m: nn.Module) -> None:
     if hasattr(m, "qkv_proj"):
         n_q, n_kv = _fused_qkv_heads(m, "o_proj")
     else:
-        n_q, n_kv = _heads(m, "q_proj", m.head_dim), _heads(m, "k_proj", m.head_dim)
+        head_dim = int(m.head_dim)
+        n_q, n_kv = _heads(m, "q_proj", head_dim), _heads(m, "k_proj", head_dim)
     if n_kv == 0 or n_q % n_kv:
         raise GraphError(
             f"{type(m).__name__}: {n_q} query heads do not split evenly over {n_kv} kv heads after erasure; "
