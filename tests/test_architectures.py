@@ -88,3 +88,24 @@ def test_config_is_refreshed_only_when_it_can_say_every_epsilon(arch: str, expre
     assert small.model.embed_tokens.weight.shape[1] == 32
     assert refresh_config(small) is expressible
     assert small.config.hidden_size == (32 if expressible else 64)
+
+
+class TransposedLinear(nn.Linear):
+    """Falcon's linear: ``x @ w.T`` instead of ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def test_a_transposed_parameter_keeps_its_roles() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(TransposedLinear(6, 10), nn.ReLU(), TransposedLinear(10, 3)).eval()
+    x = torch.randn(4, 6)
+    (hidden,) = shear.trace(net, x).prunable_groups
+    roles = {(m.param, m.dim, m.role.value) for m in hidden.members}
+    assert roles == {("0.weight", 0, "primary"), ("0.bias", 0, "primary"), ("2.weight", 1, "secondary")}
+    masked = shear.compile(net, "discover-groups,random{ratio=0.5,seed=0}", example_inputs=x)
+    small = shear.compile(net, "discover-groups,random{ratio=0.5,seed=0},erase", example_inputs=x)
+    assert small[0].weight.shape == (5, 6) and small[2].weight.shape == (3, 5)
+    with torch.no_grad():
+        assert float((small(x) - masked(x)).abs().max()) <= 1e-6

@@ -74,5 +74,5 @@ def test_arch_coverage_table(tmp_path: Path) -> None:
     phi3, falcon = rows
     assert phi3["emitted"] == "module tree" and phi3["reload"] == "exact" and phi3["diff"] <= 1e-5
     assert {"head", "residual"} <= set(phi3["kinds"]) and phi3["after"] < phi3["params"]
-    assert falcon["groups"] == 0 and falcon["why"]  # nothing prunable, and the table says why
+    assert falcon["kinds"] == ["channel"] and falcon["diff"] <= 1e-5  # its MLP, through x @ w.T
     assert "| phi3 | no | channel, head, residual | 5 |" in out.read_text()

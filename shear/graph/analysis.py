@@ -65,9 +65,10 @@ class DimAnalysis:
     """Spaces of each node's value: ``Dims`` for a tensor, a list of ``Dims`` for a tuple output."""
     state: dict[torch.fx.Node, StateRef] = field(default_factory=dict)
     """Placeholders that are parameters or buffers."""
-    aliases: dict[torch.fx.Node, StateRef] = field(default_factory=dict)
-    """Nodes that are a parameter or buffer under an elementwise recast: ``w.float()``, ``1 + w``
-    (Gemma's norm weight). A role given to such a node is the tensor's role."""
+    aliases: dict[torch.fx.Node, tuple[StateRef, tuple[int, ...]]] = field(default_factory=dict)
+    """Nodes that are a parameter or buffer under an elementwise recast (``w.float()``, Gemma's
+    ``1 + w``) or a transpose (Falcon's ``x @ w.T``), with the tensor dimension behind each of the
+    node's dimensions. A role given to such a node is the tensor's role."""
     state_dims: dict[tuple[str, int], int] = field(default_factory=dict)
     """(tensor name, dim) -> space."""
     roles: dict[tuple[str, int], Role] = field(default_factory=dict)
@@ -116,19 +117,42 @@ class DimAnalysis:
         """The parameter or buffer ``arg`` is (directly or through :attr:`aliases`), or None."""
         if not isinstance(arg, torch.fx.Node):
             return None
-        return self.state.get(arg) or self.aliases.get(arg)
+        ref = self.state.get(arg)
+        if ref is not None:
+            return ref
+        alias = self.aliases.get(arg)
+        return alias[0] if alias is not None else None
+
+    def _state_dim(self, arg: torch.fx.Node, dim: int) -> int:
+        alias = self.aliases.get(arg)
+        return dim if alias is None else alias[1][dim]
 
     def alias_state(self, node: torch.fx.Node) -> None:
-        """Record ``node`` as an alias of its input's tensor if it is an elementwise recast of it:
-        one tensor argument that is a parameter/buffer (or an alias), the same shape, and an op of
-        :data:`ALIAS_OPS`."""
+        """Record ``node`` as an alias of its input's tensor: one tensor argument that is a
+        parameter/buffer (or an alias) and an op of :data:`ALIAS_OPS` that keeps the shape, or a
+        transpose/permute of it."""
         packet = getattr(node.target, "overloadpacket", None)
-        if packet not in ALIAS_OPS:
-            return
         tensors = [x for x in node.args if isinstance(x, torch.fx.Node)]
-        ref = self.state_of(tensors[0]) if len(tensors) == 1 else None
-        if ref is not None and tensors[0] is node.args[0] and self.shape(node) == self.shape(tensors[0]):
-            self.aliases[node] = ref
+        src = node.args[0] if node.args else None
+        if len(tensors) != 1 or tensors[0] is not src or self.state_of(src) is None:
+            return
+        assert isinstance(src, torch.fx.Node)
+        rank = len(self.shape(src))
+        order = list(range(rank))
+        if packet in ALIAS_OPS and self.shape(node) == self.shape(src):
+            pass
+        elif packet in (_aten.t, _aten.numpy_T) and rank == 2:
+            order = [1, 0]
+        elif packet is _aten.transpose and rank:
+            i, j = (int(d) % rank for d in node.args[1:3])  # type: ignore[call-overload]
+            order[i], order[j] = order[j], order[i]
+        elif packet is _aten.permute and rank:
+            order = [int(d) % rank for d in node.args[1]]  # type: ignore[union-attr, call-overload]
+        else:
+            return
+        ref = self.state_of(src)
+        assert ref is not None
+        self.aliases[node] = (ref, tuple(self._state_dim(src, d) for d in order))
 
     # ---------------------------------------------------------------- writing
     def fresh(self, shape: Sequence[int], label: str, pin: str | None = None) -> Dims:
@@ -181,7 +205,7 @@ class DimAnalysis:
         ref = self.state_of(arg)
         if ref is None:
             return
-        dim = dim % max(len(ref.shape), 1)
+        dim = self._state_dim(arg, dim % max(len(ref.shape), 1))
         key = (ref.name, dim)
         if self.roles.get(key) is not Role.PRIMARY:
             self.roles[key] = role
