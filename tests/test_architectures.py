@@ -109,3 +109,36 @@ def test_a_transposed_parameter_keeps_its_roles() -> None:
     assert small[0].weight.shape == (5, 6) and small[2].weight.shape == (3, 5)
     with torch.no_grad():
         assert float((small(x) - masked(x)).abs().max()) <= 1e-6
+
+
+def test_default_lora_targets_cover_linear_subclasses_and_conv1d() -> None:
+    from shear.runtime.training.lora import ensure_lora, lora_target_names
+
+    gpt2, _ = build("gpt2")
+    assert {n.rsplit(".", 1)[-1] for n in lora_target_names(gpt2)} == {"c_attn", "c_proj", "c_fc"}  # Conv1D
+    net = nn.Sequential(TransposedLinear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert lora_target_names(net) == ["0", "2"]  # a Linear subclass is still a linear
+    mha = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "proj": nn.Linear(8, 8)})
+    assert lora_target_names(mha) == ["proj"]  # MHA reads out_proj.weight itself: an adapter would never run
+    with pytest.raises(shear.errors.TrainingError, match="no linear layers"):
+        ensure_lora(nn.Sequential(nn.Embedding(5, 4)))
+
+
+def test_sequence_length_is_held_to_learned_position_embeddings() -> None:
+    from shear.passes.base import Context
+    from shear.passes.recover import _with_response
+    from shear.runtime.hf_config import max_positions
+
+    gpt2, inputs = build("gpt2")  # n_positions=64, learned
+    assert max_positions(gpt2) == 64 and max_positions(build("bert")[0]) == 64
+    assert max_positions(build("llama")[0]) is None  # rotary: no learned table to run off
+    with pytest.raises(shear.errors.PassError, match=r"seq_len=128 is longer than the model's 64 positions; "
+                                                     r"set lhspg\{seq_len=64\}"):
+        shear.compile(gpt2, "discover-groups,lhspg{seq_len=128}", example_inputs=inputs)
+    # instruction examples are cut to the positions; one whose response starts past them is left out
+    ids = torch.arange(10)
+    late = torch.tensor([-100] * 7 + [7, 8, 9])
+    ctx = Context(model=gpt2)
+    assert [len(i) for i, _ in _with_response(ctx, [(ids, late)], "instructions", limit=9)] == [9]
+    assert _with_response(ctx, [(ids, late)], "instructions", limit=6) == []
+    assert any("cut to the model's 6 positions" in w for w in ctx.warnings)

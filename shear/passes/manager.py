@@ -44,6 +44,7 @@ from shear.passes.base import Context, Pass, PassResult
 from shear.passes.options import build_pass, format_pass
 from shear.passes.pipeline import PipelineSpec, format_pipeline, resolve_pipeline
 from shear.passes.registry import registered_passes
+from shear.runtime.hf_config import max_positions
 
 __all__ = ["PassManager", "PassRecord", "PassHook", "checks_enabled"]
 
@@ -217,6 +218,12 @@ class PassManager:
     def _run_one(self, p: Pass, ctx: Context, auto: bool) -> None:
         for hook in self.hooks:
             hook.before_pass(p, ctx)
+        seq_len = getattr(p, "seq_len", None)
+        limit = max_positions(ctx.model) if isinstance(seq_len, int) else None
+        if limit is not None and seq_len > limit:
+            raise self._error(
+                p, f"seq_len={seq_len} is longer than the model's {limit} positions; set {p.name}{{seq_len={limit}}}"
+            )
         start = time.perf_counter()
         try:
             result = p.run(ctx)

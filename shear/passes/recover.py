@@ -74,6 +74,7 @@ from torch import nn
 from shear.data.text import TextData, require_text_data
 from shear.errors import DataError, PipelineError
 from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.runtime.hf_config import max_positions
 from shear.runtime.recovery import (
     check_weight_options,
     degradation,
@@ -300,6 +301,8 @@ class RecoverDynamic(Pass):
         total = len(stages) * self.max_rounds * self.steps_per_round
         with ctx.progress(total=total, description="recover-dynamic") as bar:
             run.bar = bar
+            if "instruct" in stages:
+                run.require_instructions()
             run.initial()
             for stage in stages:
                 run.stage(stage)
@@ -405,8 +408,9 @@ class _Run:
             TokenBatches({s: data.train[s] for s in sources}, p.batch_size, p.seq_len, seed=p.seed) if sources else None
         )
         self.pad_id = _pad_id(data.tokenizer)
-        self.instr_train = _with_response(ctx, data.instructions, "instructions")
-        self.instr_val = _with_response(ctx, data.instructions_val, "instructions_val")
+        limit = max_positions(ctx.model)
+        self.instr_train = _with_response(ctx, data.instructions, "instructions", limit)
+        self.instr_val = _with_response(ctx, data.instructions_val, "instructions_val", limit)
         self.instr_stream = (
             InstructionBatches(self.instr_train, p.batch_size, pad_id=self.pad_id, seed=p.seed)
             if self.instr_train and "instruct" in p.stage_list and p.instructions
@@ -427,6 +431,17 @@ class _Run:
         if self.with_instr:
             instr = instruction_loss(model, self.instr_val, pad_id=self.pad_id, batch_size=p.eval_batch_size)
         return ppl, instr
+
+    def require_instructions(self) -> None:
+        """Fail before any training when the instruction stage would have no examples left."""
+        if self.with_instr:
+            return
+        limit = max_positions(self.ctx.model)
+        raise DataError(
+            "recover-dynamic: every instruction example (train or validation) lost its response to the "
+            "tokenizing max length" + (f" or to the model's {limit} positions" if limit else "")
+            + "; raise instruction_max_length, or use stages=pretrain"
+        )
 
     def initial(self) -> None:
         self.ppl, self.instr = self.evaluate()
@@ -457,11 +472,6 @@ class _Run:
                 self.tokens_stream.set_weights(weights)
                 stream: Any = self.tokens_stream
             else:
-                if not self.with_instr:
-                    raise DataError(
-                        "recover-dynamic: every instruction example (train or validation) lost its response to "
-                        "the tokenizing max length; raise instruction_max_length, or use stages=pretrain"
-                    )
                 stream = self.instr_stream
             saved = _adapters(self.ctx.model) if p.keep_best else None
             trained = self._train(stream, stage, k)
@@ -544,9 +554,13 @@ def _optional_dense(ctx: Context, sources: list[str]) -> dict[str, float]:
 
 
 def _with_response(
-    ctx: Context, examples: list[tuple[torch.Tensor, torch.Tensor]], split: str
+    ctx: Context, examples: list[tuple[torch.Tensor, torch.Tensor]], split: str, limit: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The examples that keep response tokens (tokenizing at a max length can cut a response off)."""
+    """The examples that keep response tokens (tokenizing at a max length can cut a response off),
+    each cut to the model's ``limit`` positions (learned position embeddings end there)."""
+    if limit is not None and any(len(ids) > limit for ids, _ in examples):
+        ctx.warn(f"recover-dynamic: TextData.{split} examples are cut to the model's {limit} positions")
+        examples = [(ids[:limit], labels[:limit]) for ids, labels in examples]
     kept = [(ids, labels) for ids, labels in examples if bool((labels[1:] != -100).any())]
     if len(kept) < len(examples):
         ctx.warn(

@@ -25,7 +25,15 @@ from torch import nn
 
 from shear.runtime.module_rules import in_out_features
 
-__all__ = ["CONFIG_RULES", "hf_base_model", "candidate_config_updates", "refresh_config", "skeleton_shapes"]
+__all__ = [
+    "CONFIG_RULES",
+    "POSITION_FIELDS",
+    "hf_base_model",
+    "max_positions",
+    "candidate_config_updates",
+    "refresh_config",
+    "skeleton_shapes",
+]
 
 
 def hf_base_model(model: nn.Module) -> nn.Module | None:
@@ -35,6 +43,32 @@ def hf_base_model(model: nn.Module) -> nn.Module | None:
     if getattr(base, "config", None) is None or not hasattr(base, "_from_config"):
         return None
     return base
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
+"""Config fields that bound the sequence length, tried in order."""
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` accepts by its transformers config, or None when unbounded/unknown.
+
+    Only models with learned absolute position embeddings are bounded (GPT-2, OPT, BERT): a rotary
+    model extrapolates past ``max_position_embeddings``, so it is not held to it.
+    """
+    base = hf_base_model(model)
+    if base is None:
+        return None
+    learned = any(
+        isinstance(m, nn.Embedding) and ("position" in n.rsplit(".", 1)[-1] or n.rsplit(".", 1)[-1] == "wpe")
+        for n, m in base.named_modules()
+    )
+    if not learned:
+        return None
+    for field in POSITION_FIELDS:
+        value = getattr(base.config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _uniform(values: list[Any]) -> Any:

@@ -45,11 +45,18 @@ def is_lora_param(name: str) -> bool:
     return "lora_" in name
 
 
-def lora_target_names(model: nn.Module) -> list[str]:
-    """Full names of the ``nn.Linear`` modules :func:`ensure_lora` adapts.
+def _adaptable(m: nn.Module) -> bool:
+    """A linear peft can wrap: ``nn.Linear`` and its subclasses (Falcon's ``FalconLinear``), and
+    transformers' ``Conv1D`` (GPT-2), which peft adapts with ``fan_in_fan_out``."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
 
-    Every Linear except output heads (``lm_head``, ``classifier``, ``score``, ... and whatever
-    ``get_output_embeddings()`` returns) and anything inside an embedding module.
+
+def lora_target_names(model: nn.Module) -> list[str]:
+    """Full names of the linear modules :func:`ensure_lora` adapts.
+
+    Every ``nn.Linear`` (subclasses included) and transformers ``Conv1D``, except output heads
+    (``lm_head``, ``classifier``, ``score``, ... and whatever ``get_output_embeddings()`` returns),
+    anything inside an embedding module, and ``nn.MultiheadAttention``'s output projection.
     """
     heads: set[int] = set()
     get_out = getattr(model, "get_output_embeddings", None)
@@ -61,9 +68,11 @@ def lora_target_names(model: nn.Module) -> list[str]:
         if isinstance(out, nn.Module):
             heads.add(id(out))
     embed_prefixes = [n + "." for n, m in model.named_modules() if isinstance(m, nn.Embedding) and n]
+    # nn.MultiheadAttention reads its out_proj's weight directly: an adapter there would never run
+    mha_parts = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     names = []
     for name, m in model.named_modules():
-        if type(m) is not nn.Linear or id(m) in heads:
+        if not _adaptable(m) or id(m) in heads or id(m) in mha_parts:
             continue
         if name.rsplit(".", 1)[-1] in _HEAD_NAMES or any(name.startswith(p) for p in embed_prefixes):
             continue
@@ -95,7 +104,7 @@ def ensure_lora(
     targets = list(target_modules) if target_modules is not None else lora_target_names(model)
     if not targets:
         raise TrainingError(
-            f"{type(model).__name__} has no nn.Linear layers outside its head and embeddings to adapt; "
+            f"{type(model).__name__} has no linear layers outside its head and embeddings to adapt; "
             "pass target_modules=[...] naming the layers to train"
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
