@@ -142,3 +142,37 @@ def test_sequence_length_is_held_to_learned_position_embeddings() -> None:
     assert [len(i) for i, _ in _with_response(ctx, [(ids, late)], "instructions", limit=9)] == [9]
     assert _with_response(ctx, [(ids, late)], "instructions", limit=6) == []
     assert any("cut to the model's 6 positions" in w for w in ctx.warnings)
+
+
+def test_lora_pipelines_keep_the_models_eval_mode(tmp_path: Path) -> None:
+    """peft creates its wrapper and adapters in train mode; GPT-2's dropout must not come back on."""
+    model, inputs = build("gpt2")
+    small = shear.compile(model, "lora,discover-groups,random{ratio=0.3,seed=0},erase,merge-lora",
+                          example_inputs=inputs)
+    assert not any(m.training for m in small.modules())
+    again = shear.load(shear.save(small, tmp_path / "m"))
+    x = fresh_inputs("gpt2", seed=2, batch=2)
+    assert torch.equal(_logits(again, x), _logits(small, x))
+
+
+def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
+    """GPT-J's attention is plain matmuls (no SDPA to pin head_dim). A head_dim coordinate of every
+    head shares rows with the heads, so erase could never remove it while a head stays: it is pinned,
+    and what a pruning pass zeroes is what erase removes."""
+    import transformers as tf
+
+    from shear.graph.discover import INNER_FACTOR_REASON
+
+    torch.manual_seed(0)
+    cfg = tf.GPTJConfig(n_embd=64, n_layer=1, n_head=4, rotary_dim=8, vocab_size=96, n_positions=64)
+    model = tf.GPTJForCausalLM(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 96, (1, 8))}
+    graph = shear.trace(model, inputs)
+    assert graph.group("transformer.h.0.attn/head").prunable  # 4 heads
+    v_dim = graph.group("transformer.h.0.attn.v_proj/channel")  # head_dim 16 of v, through out_proj
+    assert v_dim.size == 16 and not v_dim.prunable and INNER_FACTOR_REASON in v_dim.reasons
+    small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0},erase", example_inputs=inputs)
+    erase = next(r for r in small.shear_report.passes if r.name == "erase")
+    zeroed = next(r for r in small.shear_report.passes if r.name == "random").message.split()[1]
+    assert erase.stats["structures"] == int(zeroed)  # every zeroed structure was erased
+    assert not [w for w in small.shear_report.warnings if "overlap" in w]

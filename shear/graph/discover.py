@@ -37,6 +37,7 @@ from shear.graph.registry import op_name
 __all__ = ["discover"]
 
 LORA_RANK_REASON = "LoRA rank (not a prunable space unless asked)"
+INNER_FACTOR_REASON = "inner factor of prunable structures (a head's head_dim): goes only with whole heads"
 _SKIP_OPS = {"aten._assert_tensor_metadata.default", "aten.sym_size.int", "aten._assert_scalar.default"}
 
 
@@ -120,6 +121,7 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
             if sp is not None:
                 a.spaces.pin(sp, LORA_RANK_REASON)
     norms = _resolve_reductions(model, a)
+    a.spaces.pin_inner_factors(INNER_FACTOR_REASON)
     shapes = {ref.name: ref.shape for ref in a.state.values()}
     buffers = frozenset(ref.name for ref in a.state.values() if ref.is_buffer)
 

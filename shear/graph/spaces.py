@@ -121,6 +121,26 @@ class SpaceTable:
             if ref is not None:
                 stack.extend(ref.children)
 
+    def pin_inner_factors(self, reason: str) -> int:
+        """Pin the inner factors of every product whose outer factor can still be pruned.
+
+        In ``heads x head_dim`` a head and a head_dim coordinate (of every head) share indices: the
+        coordinate could only go where no head stays, so it is pruned with whole heads or not at all.
+        Returns the number of leaves pinned.
+        """
+        pinned = 0
+        for r, ref in list(self._refine.items()):
+            if self.find(r) != r or ref.kind != "prod":
+                continue
+            if all(self.is_pinned(leaf) for leaf in self.leaves(ref.children[0])):
+                continue
+            for child in ref.children[1:]:
+                for leaf in self.leaves(child):
+                    if not self.is_pinned(leaf):
+                        self.pin(leaf, reason)
+                        pinned += 1
+        return pinned
+
     def is_pinned(self, x: int) -> bool:
         return self.find(x) in self._pins
 

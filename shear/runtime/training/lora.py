@@ -108,9 +108,11 @@ def ensure_lora(
             "pass target_modules=[...] naming the layers to train"
         )
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
+    was_training = model.training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    peft_model.train(was_training)  # peft's new modules start in train mode: GPT-2's dropout would switch on
     n = len(lora_layers(peft_model))
     return peft_model, f"added LoRA adapters (r={r}) to {n} linear layers"
 
