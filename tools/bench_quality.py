@@ -28,7 +28,7 @@ method, peak memory above the start of the method (Linux VmHWM). Written as Mark
 
 Usage:
     python tools/bench_quality.py --quick        # tiny LLaMA: a few minutes on 2 cores
-    python tools/bench_quality.py                # SmolLM2-135M at 20% and 50% (about 2 h on 2 cores)
+    python tools/bench_quality.py                # SmolLM2-135M at 20% and 50% (its rows took 4.7 h here)
     python tools/bench_quality.py --resume       # go on after an interruption: rows already in
                                                  # the JSON next to --out are kept, not re-run
 
