@@ -176,3 +176,5 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
     zeroed = next(r for r in small.shear_report.passes if r.name == "random").message.split()[1]
     assert erase.stats["structures"] == int(zeroed)  # every zeroed structure was erased
     assert not [w for w in small.shear_report.warnings if "overlap" in w]
+    attn = small.transformer.h[0].attn  # fewer heads, and GPTJAttention (out_proj) knows it: no fallback
+    assert type(small).__name__ == "GPTJForCausalLM" and attn.num_attention_heads == 2

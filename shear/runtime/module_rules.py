@@ -289,11 +289,12 @@ class LayerConfig:
 
 
 def _is_hf_attention(m: nn.Module) -> bool:
-    """A transformers attention by structure: ``head_dim`` plus q/k/o or fused qkv/o projections."""
+    """A transformers attention by structure: ``head_dim`` plus q/k/o (``o_proj`` or GPT-J's
+    ``out_proj``) or fused qkv/o projections."""
     return (
         type(m).__name__.endswith("Attention")
         and isinstance(getattr(m, "head_dim", None), int)
-        and hasattr(m, "o_proj")
+        and (hasattr(m, "o_proj") or hasattr(m, "out_proj"))
         and (hasattr(m, "qkv_proj") or (hasattr(m, "q_proj") and hasattr(m, "k_proj")))
     )
 
