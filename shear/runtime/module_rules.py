@@ -231,11 +231,11 @@ def hf_attention(m: nn.Module) -> None:
     Handles separate ``q_proj``/``k_proj`` and Phi-3's fused ``qkv_proj``. Every head-count attribute
     the module has is rewritten (``num_heads``, ``num_key_value_heads``, ``num_key_value_groups``);
     a module that reads head counts from ``self.config`` (Phi-3 slices its fused projection at
-    ``config.num_attention_heads * head_dim``) gets its own copy of the config with its own counts,
+    ``config.num_attention_heads * head_dim``) gets a :class:`LayerConfig` with its own counts,
     since pruned layers differ.
     """
     if hasattr(m, "qkv_proj"):
-        n_q, n_kv = _fused_qkv_heads(m, "o_proj")
+        n_q, n_kv = _fused_qkv_heads(m, "o_proj" if hasattr(m, "o_proj") else "out_proj")
     else:
         head_dim = int(m.head_dim)
         n_q, n_kv = _heads(m, "q_proj", head_dim), _heads(m, "k_proj", head_dim)
