@@ -178,3 +178,6 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
     assert not [w for w in small.shear_report.warnings if "overlap" in w]
     attn = small.transformer.h[0].attn  # fewer heads, and GPTJAttention (out_proj) knows it: no fallback
     assert type(small).__name__ == "GPTJForCausalLM" and attn.num_attention_heads == 2
+    from shear.runtime.hf_config import max_positions
+
+    assert max_positions(model) == 64  # its sinusoidal table is a 64-row buffer: a longer input fails

@@ -76,3 +76,9 @@ def test_arch_coverage_table(tmp_path: Path) -> None:
     assert {"head", "residual"} <= set(phi3["kinds"]) and phi3["after"] < phi3["params"]
     assert falcon["kinds"] == ["channel"] and falcon["diff"] <= 1e-5  # its MLP, through x @ w.T
     assert "| phi3 | no | channel, head, residual | 5 |" in out.read_text()
+
+
+def test_arch_coverage_runs_the_lorashear_pipeline(tmp_path: Path) -> None:
+    (row,) = _load("arch_coverage").main(["--archs", "phi3", "--lorashear", "--out", str(tmp_path / "l.md")])
+    assert row["class"] == "Phi3ForCausalLM" and row["reload"] == "exact" and row["verify"] <= 1e-5
+    assert 0.02 <= row["removed"] <= 0.04 and row["stages"] == "pretrain+instruct"  # target 3%

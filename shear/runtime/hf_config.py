@@ -52,23 +52,24 @@ POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_l
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence ``model`` accepts by its transformers config, or None when unbounded/unknown.
 
-    Only models with learned absolute position embeddings are bounded (GPT-2, OPT, BERT): a rotary
-    model extrapolates past ``max_position_embeddings``, so it is not held to it.
+    A model is bounded when it indexes a position table: learned absolute position embeddings
+    (GPT-2, OPT, BERT) or a precomputed buffer with one row per position (GPT-J's
+    ``embed_positions``). A rotary model that computes its angles extrapolates past
+    ``max_position_embeddings``, so it is not held to it.
     """
     base = hf_base_model(model)
     if base is None:
+        return None
+    limit = next((v for f in POSITION_FIELDS if isinstance(v := getattr(base.config, f, None), int) and v > 0), None)
+    if limit is None:
         return None
     learned = any(
         isinstance(m, nn.Embedding) and ("position" in n.rsplit(".", 1)[-1] or n.rsplit(".", 1)[-1] == "wpe")
         for n, m in base.named_modules()
     )
-    if not learned:
-        return None
-    for field in POSITION_FIELDS:
-        value = getattr(base.config, field, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    table = any("position" in n.rsplit(".", 1)[-1] and b.dim() >= 1 and b.shape[0] == limit
+                for n, b in base.named_buffers())  # fmt: skip
+    return limit if learned or table else None
 
 
 def _uniform(values: list[Any]) -> Any:
