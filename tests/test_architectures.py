@@ -181,3 +181,14 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
     from shear.runtime.hf_config import max_positions
 
     assert max_positions(model) == 64  # its sinusoidal table is a 64-row buffer: a longer input fails
+
+
+@pytest.mark.parametrize(
+    "name", ["shear.graph.norms", "shear.graph.modules", "shear.runtime.module_rules", "shear.graph.spaces"]
+)
+def test_docstring_examples(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0
