@@ -40,8 +40,12 @@ def test_rms_norms_are_recognised_by_probing_their_output() -> None:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
     assert probe_rms_norm(CentringRMSNorm()) is None and find_rms_norm(CentringRMSNorm()) is None
-    with torch.device("meta"):  # a skeleton cannot be probed, and is not remembered as "not a norm"
-        assert probe_rms_norm(GraniteRMSNorm(8)) is None
+    class LateRMSNorm(GraniteRMSNorm):  # a type no table names and no probe has seen yet
+        pass
+
+    with torch.device("meta"):  # a skeleton cannot be probed ...
+        assert probe_rms_norm(LateRMSNorm(8)) is None and find_rms_norm(LateRMSNorm(8)) is None
+    assert find_rms_norm(LateRMSNorm(8)) == RmsNormSpec("variance_epsilon", 0.0)  # ... nor remembered as "not one"
 
 
 def test_qwen3_heads_prune_through_their_per_head_norms() -> None:
@@ -192,3 +196,33 @@ def test_docstring_examples(name: str) -> None:
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_attention_rule_refuses_partial_heads() -> None:
+    from shear.runtime.module_rules import hf_attention
+
+    attn = build("phi3")[0].model.layers[0].self_attn  # 4 q + 2 kv heads of 16 in one qkv_proj (128 rows)
+    attn.qkv_proj.weight = nn.Parameter(attn.qkv_proj.weight[:120])  # k/v lose 8 rows: not whole heads
+    with pytest.raises(shear.errors.GraphError, match=r"qkv_proj: 56 key/value features are not two equal sets"):
+        hf_attention(attn)
+    attn = build("qwen3")[0].model.layers[0].self_attn  # 4 q heads over 2 kv heads
+    attn.q_proj.weight = nn.Parameter(attn.q_proj.weight[:48])  # 3 q heads: not a multiple of 2
+    with pytest.raises(shear.errors.GraphError, match="3 query heads do not split evenly over 2 kv heads"):
+        hf_attention(attn)
+
+
+def test_recovery_without_any_instruction_response_fails_before_training() -> None:
+    import transformers as tf
+
+    from shear.data import TextData
+    from shear.zoo import load_tiny_llama
+
+    tokenizer = load_tiny_llama()[1]
+    data = TextData.from_corpus(tokenizer, max_train_chars=8_000, max_val_chars=2_000, instructions=8)
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=len(tokenizer), n_positions=8, n_embd=32, n_layer=1, n_head=2)
+    model = tf.GPT2LMHeadModel(cfg).eval()  # 8 positions: every prompt is longer
+    with pytest.raises(shear.errors.PassError, match=r"lost its response to the tokenizing max length or to "
+                                                     r"the model's 8 positions; raise instruction_max_length"):
+        shear.compile(model, "recover-dynamic{stages=instruct,seq_len=8}", data=data,
+                      example_inputs={"input_ids": torch.zeros(1, 8, dtype=torch.long)})

@@ -214,3 +214,32 @@ def test_export_of_a_foreign_graph_module_is_refused() -> None:
 
     with pytest.raises(GraphError, match="not emitted by shear"):
         export_graph_module(torch.fx.symbolic_trace(nn.Linear(2, 2)))
+
+
+def _slice_node(dead: list[bool], start: object, end: object, step: object) -> tuple[object, torch.fx.Node]:
+    """A graph ``x[start:end:step]`` over a 6-wide dimension whose structures ``dead`` are erased."""
+    from shear.graph.analysis import DimAnalysis
+    from shear.runtime.graph_codegen import LiveDims
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    bound = graph.placeholder("n") if start == "symbolic" else start
+    node = graph.call_function(torch.ops.aten.slice.Tensor, (x, 0, bound, end, step))
+    a = DimAnalysis()
+    a.values[x] = [a.spaces.new(6, "x")]
+    return LiveDims(a, {a.values[x][0]: torch.tensor(dead)}), node
+
+
+def test_strided_slice_size_rule_renumbers_whole_strides_and_refuses_the_rest() -> None:
+    from shear.runtime.graph_codegen import SIZE_RULES
+
+    rule = SIZE_RULES[torch.ops.aten.slice]
+    live, node = _slice_node([True, True, False, False, False, False], 0, None, 2)  # pair 0 erased
+    rule(live, node)
+    assert node.args[1:] == (0, 0, 3, 2)  # even positions 2, 4 of the old tensor are 0, 2 of the new
+    live, node = _slice_node([False, True, False, False, False, False], 0, None, 2)  # half a pair erased
+    with pytest.raises(GraphError, match=r"keeps positions \[0, 1, 3\].*prune that dimension in whole strides"):
+        rule(live, node)
+    live, node = _slice_node([True, False, False, False, False, False], "symbolic", None, 1)
+    with pytest.raises(GraphError, match="slice with symbolic bounds over a pruned dimension"):
+        rule(live, node)

@@ -21,27 +21,26 @@ from shear.passes.discover import DiscoverGroups
 GOLDEN = Path(__file__).parent / "golden"
 
 # (arch) -> {group-name suffix: size} of the prunable groups (per layer for layered models)
+def _decoder(mlp: str, mlp_size: int, attn: str = "self_attn/head", heads: int = 2) -> dict[str, int]:
+    """A 2-layer decoder with a prunable residual (64): per layer an MLP group and a head group."""
+    return {"model/residual": 64, **{f"layers.{i}.{mlp}": mlp_size for i in (0, 1)},
+            **{f"layers.{i}.{attn}": heads for i in (0, 1)}}  # fmt: skip
+
+
 EXPECTED = {
-    "llama": {"model/residual": 64, "layers.0.mlp/channel": 96, "layers.1.mlp/channel": 96,
-              "layers.0.self_attn/head": 2, "layers.1.self_attn/head": 2},
-    "qwen2": {"model/residual": 64, "layers.0.mlp/channel": 96, "layers.1.mlp/channel": 96,
-              "layers.0.self_attn/head": 2, "layers.1.self_attn/head": 2},
-    "mistral": {"model/residual": 64, "layers.0.mlp/channel": 80, "layers.1.mlp/channel": 80,
-                "layers.0.self_attn/head": 2, "layers.1.self_attn/head": 2},
+    "llama": _decoder("mlp/channel", 96),
+    "qwen2": _decoder("mlp/channel", 96),
+    "mistral": _decoder("mlp/channel", 80),
     "gpt2": {"h.0.mlp.c_fc/channel": 192, "h.1.mlp.c_fc/channel": 192,
              "h.0.attn.c_attn/head": 4, "h.1.attn.c_attn/head": 4},
     "opt": {"layers.0.fc1/channel": 80, "layers.1.fc1/channel": 80,
             "layers.0.self_attn/head": 4, "layers.1.self_attn/head": 4},
     "bert": {"layer.0.intermediate.dense/channel": 80, "layer.1.intermediate.dense/channel": 80,
              "layer.0.attention.self/head": 4, "layer.1.attention.self/head": 4},
-    "qwen3": {"model/residual": 64, "layers.0.mlp/channel": 96, "layers.1.mlp/channel": 96,
-              "layers.0.self_attn/head": 2, "layers.1.self_attn/head": 2},
-    "phi3": {"model/residual": 64, "layers.0.mlp.gate_up_proj/channel": 96, "layers.1.mlp.gate_up_proj/channel": 96,
-             "layers.0.self_attn.qkv_proj/head": 2, "layers.1.self_attn.qkv_proj/head": 2},
-    "gemma3": {"model/residual": 64, "layers.0.mlp/channel": 96, "layers.1.mlp/channel": 96,
-               "layers.0.self_attn/head": 2, "layers.1.self_attn/head": 2},
-    "granite": {"model/residual": 64, "layers.0.mlp/channel": 96, "layers.1.mlp/channel": 96,
-                "layers.0.self_attn/head": 2, "layers.1.self_attn/head": 2},
+    "qwen3": _decoder("mlp/channel", 96),
+    "phi3": _decoder("mlp.gate_up_proj/channel", 96, "self_attn.qkv_proj/head"),
+    "gemma3": _decoder("mlp/channel", 96),
+    "granite": _decoder("mlp/channel", 96),
     "cnn": {"TinyResNet/channel": 8, "block1/channel": 12, "block1/residual": 12, "branch_a/channel": 6,
             "branch_b/channel": 10, "block2/channel": 16, "block2/residual": 16},
 }  # fmt: skip
