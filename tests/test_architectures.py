@@ -165,7 +165,7 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
     and what a pruning pass zeroes is what erase removes."""
     import transformers as tf
 
-    from shear.graph.discover import INNER_FACTOR_REASON
+    from shear.graph.pins import pin_kinds
 
     torch.manual_seed(0)
     cfg = tf.GPTJConfig(n_embd=64, n_layer=1, n_head=4, rotary_dim=8, vocab_size=96, n_positions=64)
@@ -174,7 +174,9 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
     graph = shear.trace(model, inputs)
     assert graph.group("transformer.h.0.attn/head").prunable  # 4 heads
     v_dim = graph.group("transformer.h.0.attn.v_proj/channel")  # head_dim 16 of v, through out_proj
-    assert v_dim.size == 16 and not v_dim.prunable and INNER_FACTOR_REASON in v_dim.reasons
+    # pinned as a head_dim: by the inner-factor rule (eager matmuls) or, where a release routes GPT-J
+    # through SDPA, by the attention rule; either way it goes only with whole heads
+    assert v_dim.size == 16 and not v_dim.prunable and pin_kinds(v_dim.reasons) == ("head-dim",)
     small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0},erase", example_inputs=inputs)
     erase = next(r for r in small.shear_report.passes if r.name == "erase")
     zeroed = next(r for r in small.shear_report.passes if r.name == "random").message.split()[1]
@@ -188,7 +190,8 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["shear.graph.norms", "shear.graph.modules", "shear.runtime.module_rules", "shear.graph.spaces"]
+    "name",
+    ["shear.graph.norms", "shear.graph.modules", "shear.runtime.module_rules", "shear.graph.spaces", "shear.graph.pins"],
 )
 def test_docstring_examples(name: str) -> None:
     import doctest
