@@ -82,3 +82,24 @@ def test_arch_coverage_runs_the_lorashear_pipeline(tmp_path: Path) -> None:
     (row,) = _load("arch_coverage").main(["--archs", "phi3", "--lorashear", "--out", str(tmp_path / "l.md")])
     assert row["class"] == "Phi3ForCausalLM" and row["reload"] == "exact" and row["verify"] <= 1e-5
     assert 0.02 <= row["removed"] <= 0.04 and row["stages"] == "pretrain+instruct"  # target 3%
+
+
+def test_compat_snapshot_and_compare(tmp_path: Path) -> None:
+    """A snapshot records the structure of an architecture; compare tells a pinned-only change from a
+    change of what prunes, and a worse suite from an equal one."""
+    compat = _load("compat")
+    snap = compat.snapshot(tmp_path / "s.json", ["llama"], suites=False)
+    assert "[residual x64] prunable" in snap["structures"]["llama"] and snap["coverage"]["llama+lora"] == "ok"
+    text, worse = compat.compare(snap, json.loads((tmp_path / "s.json").read_text()))
+    assert not worse and "| llama | same / same | ok | ok |" in text and "verdict: green: " in text
+
+    pinned_only = json.loads(json.dumps(snap))
+    pinned_only["structures"]["llama"] = snap["structures"]["llama"].replace("pinned: output", "pinned: layout")
+    text, worse = compat.compare(snap, pinned_only)
+    assert not worse and "pinned groups changed / same" in text and "-  lm_head/channel" in text
+
+    pruned_less = json.loads(json.dumps(snap))
+    pruned_less["structures"]["llama+lora"] = snap["structures"]["llama+lora"].replace("[head x2] prunable", "[head x2] pinned: other")
+    pruned_less["suites"] = {"llama": {"passed": 3, "failed": 1, "failures": ["t::x[llama]"]}}
+    text, worse = compat.compare(snap, pruned_less)
+    assert worse and "same / **prunable groups changed**" in text and "- t::x[llama]" in text

@@ -128,6 +128,20 @@ def _suite_cell(snap: dict[str, Any], arch: str) -> str:
     return f"{row['passed']} pass" + (f", **{row['failed']} fail**" if row["failed"] else "")
 
 
+def _prunable_part(structure: str) -> list[str]:
+    """The prunable pruning groups of a ``format_structure`` text, with their members."""
+    out: list[str] = []
+    keep = False
+    for line in structure.splitlines():
+        if line.startswith("  ") and not line.startswith("      "):
+            keep = line.endswith("] prunable")
+        elif not line.startswith("      "):
+            keep = False
+        if keep:
+            out.append(line)
+    return out
+
+
 def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, bool]:
     """The Markdown report of what changed from ``old`` to ``new``, and whether anything got worse."""
     lines = ["| package | pinned | newest |", "|---|---|---|"]
@@ -146,8 +160,11 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, bool]:
             if a == b:
                 cells.append("same")
                 continue
-            cells.append("**changed**")
-            worse = True
+            if a is not None and b is not None and _prunable_part(a) == _prunable_part(b) and _prunable_part(a):
+                cells.append("pinned groups changed")  # what prunes is the same: review, not a regression
+            else:
+                cells.append("**prunable groups changed**")
+                worse = True
             diff = difflib.unified_diff((a or "").splitlines(), (b or "").splitlines(), "pinned", "newest", lineterm="")
             diffs.append(f"--- {key}\n" + "\n".join(list(diff)[:40]))
         cov = [old["coverage"].get(k, "-") for k in (arch, f"{arch}+lora")], \
@@ -166,8 +183,10 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, bool]:
         lines += ["", "failing in the newest environment:", *[f"- {f}" for f in failures]]
     if diffs:
         lines += ["", "structure diffs (pinned -> newest):", "```", *diffs, "```"]
-    lines += ["", "verdict: " + ("something changed or got worse: read the diffs before bumping constraints.txt"
-                                 if worse else "green: the newest releases can be pinned in constraints.txt")]
+    verdict = ("worse: prunable groups, coverage or suites changed; fix before bumping constraints.txt" if worse
+               else "green, with pinned groups to review in the diffs" if diffs
+               else "green: the newest releases can be pinned in constraints.txt")  # fmt: skip
+    lines += ["", f"verdict: {verdict}"]
     return "\n".join(lines) + "\n", worse
 
 
