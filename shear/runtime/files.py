@@ -42,7 +42,7 @@ from pathlib import Path
 
 from shear.errors import OutputError
 
-__all__ = ["check_output_dir", "atomic_dir", "sha256_file", "interrupted_swap", "tree_size"]
+__all__ = ["check_output_dir", "check_output_file", "atomic_dir", "sha256_file", "interrupted_swap", "tree_size"]
 
 _OLD = ".old-"
 """Infix of the sibling that holds the previous directory while a non-Linux swap is in progress."""
@@ -142,6 +142,30 @@ def check_output_dir(
                 f"not enough space for {out}: {needed_bytes / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free "
                 f"on the disk of {parent}; free some space or choose another disk"
             )
+    return out
+
+
+def check_output_file(path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Check that a single output file (a drawing, a report) may be written at ``path``; return it.
+
+    An existing file is refused unless ``overwrite=True``; a directory, or a parent that cannot be
+    written, always.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> check_output_file(pathlib.Path(tempfile.mkdtemp()))
+        Traceback (most recent call last):
+        ...
+        shear.errors.OutputError: output file ... is a directory; give a file name, e.g. .../groups.svg
+    """
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    if out.is_dir():
+        raise OutputError(f"output file {out} is a directory; give a file name, e.g. {out / 'groups.svg'}")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output file {out} exists; pass overwrite=True (--overwrite) to replace it, or choose a new name")
+    parent = _existing_ancestor(out.parent)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {out}: no write permission in {parent}; choose a path you can write")
     return out
 
 
