@@ -412,12 +412,13 @@ def _model_class(path: Path, name: str, classes: Sequence[type]) -> type:
     import transformers
     from transformers import PreTrainedModel
 
+    found: Any = None
     try:
-        cls = getattr(transformers, name, None) if name.isidentifier() else None
+        found = getattr(transformers, name, None) if name.isidentifier() else None
     except Exception:  # noqa: BLE001 - transformers' lazy import of a missing backend
-        cls = None
-    if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-        return cls
+        found = None
+    if isinstance(found, type) and issubclass(found, PreTrainedModel):
+        return found
     raise CheckpointError(
         f"{path}: model class {name!r} is not a transformers or shear class; shear never imports a module named "
         f"in a checkpoint. Pass the class explicitly: shear.load(path, classes=[{name}])"

@@ -128,7 +128,7 @@ def check_output_dir(
                 f"output path {out} holds {n} file{'s' if n > 1 else ''} ({shown}); pass overwrite=True "
                 "(--overwrite) to replace it, or choose a new path"
             )
-        if not os.access(real, os.W_OK | os.X_OK):
+        if not os.access(real, os.W_OK | os.X_OK) or not real.stat().st_mode & 0o222:  # mode bits: root too
             raise OutputError(f"output path {out} is read-only; make it writable (chmod u+w) or choose another path")
     parent = _existing_ancestor(real.parent)
     if not parent.is_dir():
