@@ -209,7 +209,6 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         True
     """
     from shear.passes.progress import RichSink
-
     from shear.preflight import check_compile_inputs
 
     notes: list[str] = []
