@@ -210,6 +210,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     """
     from shear.passes.progress import RichSink
     from shear.preflight import check_compile_inputs
+    from shear.runtime.files import check_writable_dir
 
     notes: list[str] = []
     if isinstance(passes, str) and not passes.strip() or isinstance(passes, (list, tuple)) and not passes:
@@ -224,6 +225,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         model, example_inputs if example_inputs is not None else default_example_inputs(model), data,
         reads_weights=any(p.reads_weights for p in manager.passes),
     )
+    if dump_dir is not None:
+        check_writable_dir(dump_dir)
     original = model
     if not inplace:
         try:

@@ -483,3 +483,11 @@ def test_an_edited_config_is_refused(tiny: Any, tmp_path: Path) -> None:
     _rehash(out, "config.json")
     with pytest.raises(CheckpointError, match=rf"intermediate_size={tiny.model.config.intermediate_size} but the weights have {saved}"):
         shear.load(out)
+
+
+def test_compile_checks_its_dump_dir_first(tiny: Any, tmp_path: Path) -> None:
+    target = tmp_path / "dumps"
+    target.write_text("mine")
+    with pytest.raises(OutputError, match="is an existing file; give a directory"):
+        shear.compile(tiny.model, PRUNE, dump_dir=target)
+    assert target.read_text() == "mine"

@@ -176,7 +176,8 @@ def save(
         Traceback (most recent call last):
         shear.errors.OutputError: output path .../out/pruned holds 5 files (...); pass overwrite=True ...
     """
-    path = check_output_dir(path, overwrite=overwrite)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
+    path = check_output_dir(path, overwrite=overwrite, needed_bytes=needed)
     if isinstance(model, torch.fx.GraphModule) and "shear_inputs" in model.meta:
         return _save_graph_module(model, path, tokenizer)
     hf = hf_base_model(model)

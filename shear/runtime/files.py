@@ -42,7 +42,10 @@ from pathlib import Path
 
 from shear.errors import OutputError
 
-__all__ = ["check_output_dir", "check_output_file", "atomic_dir", "sha256_file", "interrupted_swap", "tree_size"]
+__all__ = [
+    "check_output_dir", "check_output_file", "check_writable_dir", "atomic_dir", "sha256_file", "interrupted_swap",
+    "tree_size",
+]
 
 _OLD = ".old-"
 """Infix of the sibling that holds the previous directory while a non-Linux swap is in progress."""
@@ -103,7 +106,7 @@ def check_output_dir(
         >>> check_output_dir(src, inputs=[src], overwrite=True)
         Traceback (most recent call last):
         ...
-        shear.errors.OutputError: ... is the input ...; choose another output path
+        shear.errors.OutputError: output path ... is the input; choose another output path ...
     """
     out = Path(os.path.abspath(Path(path).expanduser()))
     real = Path(os.path.realpath(out))
@@ -166,6 +169,28 @@ def check_output_file(path: str | os.PathLike[str], *, overwrite: bool = False) 
     parent = _existing_ancestor(out.parent)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {out}: no write permission in {parent}; choose a path you can write")
+    return out
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that files may be added to the directory ``path`` (created when missing), such as the IR
+    dumps of a compile; what is there already stays. Refuses a file and an unwritable place.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "x"
+        >>> _ = f.write_text("mine")
+        >>> check_writable_dir(f)
+        Traceback (most recent call last):
+        ...
+        shear.errors.OutputError: ... is an existing file; give a directory
+    """
+    out = Path(os.path.abspath(Path(path).expanduser()))
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is an existing file; give a directory")
+    place = _existing_ancestor(out)
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK) or not place.stat().st_mode & 0o222:
+        raise OutputError(f"cannot write into {out}: no write permission in {place}; choose a path you can write")
     return out
 
 
