@@ -542,11 +542,11 @@ def load(
         update_module_attributes(base)
     except GraphError as e:
         raise CheckpointError(f"{path}: the saved shapes do not fit {type(base).__name__}: {e}") from e
-    _check_config(path, base)
     for mod_name, attrs in manifest["module_attrs"].items():
         mod = base.get_submodule(mod_name)
         for k, v in attrs.items():
             setattr(mod, k, v)
+    _check_config(path, base)  # after the module attributes: the rules read rescaled norm epsilons
     if manifest["transformers"] and (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 
