@@ -159,8 +159,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     spec = args.pipeline if args.pipeline is not None else args.passes
     passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
     # before any work: a run's output must not replace the user's files, nor fail to save at the end
+    inputs = [args.model] + [p for p in (args.data, args.pipeline, args.dump_dir) if p and Path(p).exists()]
     output = check_output_dir(
-        args.output, overwrite=args.overwrite, inputs=[args.model], needed_bytes=tree_size(Path(args.model).expanduser())
+        args.output, overwrite=args.overwrite, inputs=inputs, needed_bytes=tree_size(Path(args.model).expanduser())
     )
     model = load_model(args.model)
     tokenizer = _tokenizer(args.model)

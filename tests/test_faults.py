@@ -118,6 +118,11 @@ def test_prune_refuses_the_input_folder(tmp_path: Path, capsys: pytest.CaptureFi
     assert "is the input" in capsys.readouterr().err
     assert main(["prune", str(model), "--passes", PRUNE, "-o", str(tmp_path), "--overwrite"]) == 1
     assert "contains the input" in capsys.readouterr().err
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "web.txt").write_text("my text")
+    assert main(["prune", str(model), "--passes", PRUNE, "--data", str(data), "-o", str(data), "--overwrite"]) == 1
+    assert "is the input" in capsys.readouterr().err and (data / "web.txt").read_text() == "my text"
     assert _tree(model) == before and _hidden(tmp_path) == []
 
 
