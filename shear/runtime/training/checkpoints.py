@@ -137,10 +137,11 @@ def save_checkpoint(
 
 
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> None:
-    """Delete half-written ``.step-*.tmp-*`` directories a killed run left behind."""
+    """Delete the half-written ``.step-*.tmp-*`` directories (and replaced ``.step-*.old-*`` ones) a killed
+    run left behind."""
     root = Path(root)
     if root.is_dir():
-        for p in [*root.glob(".step-*.tmp-*"), *root.glob(".tmp-step-*")]:
+        for p in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*"), *root.glob(".tmp-step-*")]:
             shutil.rmtree(p, ignore_errors=True)
 
 
