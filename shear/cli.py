@@ -11,6 +11,11 @@ Example (shell)::
     shear prune ./tiny-llama --passes "random{ratio=0.3,seed=0},erase" -o ./tiny-llama-pruned
     shear prune ./tiny-llama --pipeline lorashear.toml -o ./out
 
+Outputs never replace a user's files: ``-o`` must be a new path or an empty directory unless
+``--overwrite`` is given, and is never the input folder, a file or the current directory; it is
+checked (with the free space) before any work starts. The pruned model is saved with the input's
+tokenizer, so the output folder is usable on its own.
+
 Exit status: 0 on success, 1 on a shear error (message on stderr), 2 on bad usage.
 """
 
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shear.errors import ModelLoadError, ShearError
+from shear.errors import DataError, ModelLoadError, PipelineError, ShearError
 
 __all__ = ["main", "load_model", "build_parser"]
 
@@ -129,7 +134,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_draw(args: argparse.Namespace) -> int:
     from shear.graph import draw
+    from shear.runtime.files import check_output_file
 
+    check_output_file(args.output, overwrite=args.overwrite)
     model = load_model(args.model)
     graph = _trace(model, args.seq_len)
     result = draw(graph, args.output)
@@ -140,17 +147,29 @@ def cmd_draw(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import shear
     from shear.passes import resolve_pipeline
+    from shear.runtime.files import check_output_dir, tree_size
 
-    if args.passes and args.pipeline:
+    if args.passes is not None and args.pipeline is not None:
         raise ShearError("give either --passes or --pipeline, not both")
-    spec = args.pipeline or args.passes
-    passes = resolve_pipeline(spec) if spec else None  # fail on a typo before loading the model
+    if args.passes is not None and not args.passes.strip():
+        raise PipelineError(
+            'the pipeline is empty (--passes ""); omit --passes for the default pipeline, or name the passes, '
+            'e.g. --passes "random{ratio=0.3,seed=0},erase"'
+        )
+    spec = args.pipeline if args.pipeline is not None else args.passes
+    passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
+    # before any work: a run's output must not replace the user's files, nor fail to save at the end
+    inputs = [args.model] + [p for p in (args.data, args.pipeline, args.dump_dir) if p and Path(p).exists()]
+    output = check_output_dir(
+        args.output, overwrite=args.overwrite, inputs=inputs, needed_bytes=tree_size(Path(args.model).expanduser())
+    )
     model = load_model(args.model)
+    tokenizer = _tokenizer(args.model)
     small = shear.compile(
         model,
         passes,
         example_inputs=_example_inputs(model, args.seq_len),
-        data=_text_data(args.model, args.data),
+        data=_text_data(args.model, args.data, tokenizer),
         verify=not args.no_verify,
         inplace=False,  # the untouched model is the dense reference of recovery and EBFT
         device=args.device,
@@ -160,42 +179,65 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     out = _console()
     out.print(small.shear_report)
-    shear.save(small, args.output)
-    out.print(f"saved to {args.output}")
+    shear.save(small, output, overwrite=args.overwrite, tokenizer=tokenizer)
+    out.print(f"saved to {args.output}" + (" (with the tokenizer)" if tokenizer is not None else ""))
     return 0
 
 
-def _text_data(model_dir: str, spec: str) -> object | None:
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""Any of these in a model folder means it has a tokenizer."""
+
+
+def _tokenizer(model_dir: str) -> Any:
+    """The tokenizer saved in the model folder, or None when it has none."""
+    if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"{model_dir} has tokenizer files that transformers cannot read ({e}); fix or remove them"
+        ) from e
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"--data: {file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it (e.g. iconv -t utf-8) "
+            "or remove it from the folder"
+        ) from e
+
+
+def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
     """``--data``: ``corpus`` (shear's committed corpus and instructions), ``none``, ``auto`` (the
     corpus when the model folder has a tokenizer, else none), or a folder of ``<source>.txt`` files
     (``<source>.validation.txt`` held out), tokenized with the model's tokenizer."""
-    from pathlib import Path
-
     from shear.data import TextData
 
     if spec == "none":
         return None
     if spec == "auto":
-        has_tokenizer = any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-        if not has_tokenizer:
+        if tokenizer is None:
             return None
         spec = "corpus"
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise ShearError(
-            f"--data {spec}: no tokenizer in {model_dir} to tokenize the text ({e}); save the tokenizer next to "
+    if tokenizer is None:
+        raise DataError(
+            f"--data {spec}: no tokenizer in {model_dir} to tokenize the text; save the tokenizer next to "
             "the model (tokenizer.save_pretrained) or pass --data none for passes that need no data"
-        ) from e
+        )
     if spec == "corpus":
         return TextData.from_corpus(tokenizer, instructions=512)
     folder = Path(spec)
-    train = {f.stem: f.read_text() for f in sorted(folder.glob("*.txt")) if ".validation" not in f.name}
-    held = {f.name.split(".")[0]: f.read_text() for f in sorted(folder.glob("*.validation.txt"))}
+    if not folder.is_dir():
+        raise DataError(f"--data {spec}: not a folder; give a folder of <source>.txt files, 'corpus' or 'none'")
+    train = {f.stem: _read_text(f) for f in sorted(folder.glob("*.txt")) if ".validation" not in f.name}
+    held = {f.name.split(".")[0]: _read_text(f) for f in sorted(folder.glob("*.validation.txt"))}
     if not train:
-        raise ShearError(f"--data {spec}: no <source>.txt files there; give a folder of text files, 'corpus' or 'none'")
+        raise DataError(f"--data {spec}: no <source>.txt files there; give a folder of text files, 'corpus' or 'none'")
     return TextData.from_texts(tokenizer, train, held)
 
 
@@ -247,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = model_command("draw", "draw node groups, LoRA composites and overlaps with graphviz")
     p.add_argument("-o", "--output", required=True, help="output file (.svg, .png, .pdf or .dot)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.set_defaults(func=cmd_draw)
 
     p = model_command("prune", "run a pipeline and save the pruned model")
-    p.add_argument("--passes", help='pipeline string, e.g. "random{ratio=0.3,seed=0},erase" (default: the LoRAShear pipeline for causal LMs)')
+    p.add_argument("--passes", help='pipeline string, e.g. "random{ratio=0.3,seed=0},erase" (default, when omitted: the LoRAShear pipeline for causal LMs; an empty string is refused)')
     p.add_argument("--pipeline", help="pipeline file (.toml, or .yaml with PyYAML)")
     p.add_argument(
         "--data",
@@ -259,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(corpus when the model folder has a tokenizer; default), or a folder of <source>.txt files with "
         "optional <source>.validation.txt",
     )
-    p.add_argument("-o", "--output", required=True, help="directory to save the pruned model to")
+    p.add_argument("-o", "--output", required=True, help="new directory to save the pruned model (and tokenizer) to")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing non-empty output directory (atomically; never the input or the current folder)",
+    )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check of erased models")
     p.add_argument("--debug", action="store_true", help="check IR invariants after every pass")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import ShearError, VerifyError
+from shear.errors import PipelineError, ShearError, VerifyError
 from shear.passes.base import Context, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
@@ -196,7 +196,10 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         ``model.shear_report``.
 
     Raises:
-        PipelineError: the pipeline is malformed (before anything runs).
+        PipelineError: the pipeline is malformed or empty (before anything runs).
+        InputError: the model or ``example_inputs`` cannot be pruned as given (meta or NaN weights,
+            token ids outside the vocabulary, integer inputs to a float model), before anything runs.
+        DataError: ``data`` holds token ids outside the vocabulary.
         PassError: a pass failed; names it and the passes before it.
         VerifyError: a shape-changing pass changed the model's function.
 
@@ -206,11 +209,24 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         True
     """
     from shear.passes.progress import RichSink
+    from shear.preflight import check_compile_inputs
+    from shear.runtime.files import check_writable_dir
 
     notes: list[str] = []
+    if isinstance(passes, str) and not passes.strip() or isinstance(passes, (list, tuple)) and not passes:
+        raise PipelineError(
+            f"the pipeline is empty ({passes!r}); pass passes=None (or omit --passes) for the default pipeline, "
+            'or name the passes, e.g. "random{ratio=0.3,seed=0},erase"'
+        )
     if passes is None:
         passes, notes = _default_passes(model, data)
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
+    check_compile_inputs(
+        model, example_inputs if example_inputs is not None else default_example_inputs(model), data,
+        reads_weights=any(p.reads_weights for p in manager.passes),
+    )
+    if dump_dir is not None:
+        check_writable_dir(dump_dir)
     original = model
     if not inplace:
         try:

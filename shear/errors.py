@@ -21,6 +21,8 @@ __all__ = [
     "PipelineError",
     "DataError",
     "CheckpointError",
+    "OutputError",
+    "InputError",
     "ModelLoadError",
     "TrainingError",
 ]
@@ -56,6 +58,16 @@ class DataError(ShearError):
 
 class CheckpointError(ShearError):
     """A saved model or checkpoint directory is missing, corrupt, or does not match the architecture."""
+
+
+class OutputError(ShearError):
+    """An output path cannot be written without losing files: it exists, is the input, is a file,
+    is not writable or lacks the space. Raised before any work starts; names the fix."""
+
+
+class InputError(ShearError):
+    """An input the caller gave cannot be used as it is: text that is not UTF-8 or not a string, token
+    ids outside the vocabulary, a dtype or device the model cannot take, non-finite weights; names the fix."""
 
 
 class ModelLoadError(ShearError):

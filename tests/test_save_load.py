@@ -40,6 +40,14 @@ def _pruned(*, lora: bool = False, ratio: float = 0.4, residual: bool = True, ti
     return small
 
 
+def _rehash(path: Path, name: str) -> None:
+    """Record the current size and sha256 of ``path/name`` in the manifest (a deliberate edit)."""
+    mf = path / "shear.json"
+    data = json.loads(mf.read_text())
+    data["files"][name] = {"size": (path / name).stat().st_size, "sha256": ckpt.sha256_file(path / name)}
+    mf.write_text(json.dumps(data))
+
+
 def _nonuniform() -> nn.Module:
     """Layer 0 keeps more MLP channels than layer 1: only shear.load can rebuild it."""
     model = tiny_llama()
@@ -112,14 +120,15 @@ def test_overwrite_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     def crash(*_a: object, **_k: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_sha256", crash)
+    monkeypatch.setattr(ckpt, "sha256_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        save(second, tmp_path / "m")
+        save(second, tmp_path / "m", overwrite=True)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dir left behind
     again = load(tmp_path / "m")
     assert torch.equal(_logits(again, _ids(5)), _logits(first, _ids(5)))
-    save(second, tmp_path / "m")
+    save(second, tmp_path / "m", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # the old directory is gone, not hidden
     assert torch.equal(_logits(load(tmp_path / "m"), _ids(5)), _logits(second, _ids(5)))
 
 
@@ -190,6 +199,7 @@ def test_error_different_architecture(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["architectures"] = ["MistralForCausalLM"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    _rehash(tmp_path / "m", "config.json")  # a consistent directory whose parts disagree
     with pytest.raises(CheckpointError, match="mismatched directory"):
         load(tmp_path / "m")
 

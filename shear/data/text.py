@@ -33,6 +33,9 @@ __all__ = ["TextData", "calibration_ids", "require_text_data", "window_perplexit
 
 
 def _tokenize(tokenizer: Any, text: str, name: str) -> torch.Tensor:
+    if not isinstance(text, str):
+        hint = " decode it first (text.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else " give its text"
+        raise DataError(f"source {name!r}: text must be a str, got {type(text).__name__};{hint}")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < 2:
         raise DataError(f"source {name!r}: its text gives {len(ids)} tokens; give it at least a few sentences.")

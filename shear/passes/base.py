@@ -97,6 +97,8 @@ class Pass:
     """Result names that must be in ``ctx.results`` before the pass runs."""
     ensures: ClassVar[tuple[str, ...]] = ()
     """Result names the pass puts into ``ctx.results``."""
+    reads_weights: ClassVar[bool] = True
+    """False for passes that only read the graph (they run on a meta-device skeleton too)."""
 
     def run(self, ctx: Context) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -30,6 +30,7 @@ class DiscoverGroups(Pass):
     """Trace the model into node groups, LoRA composites, overlaps and pruning groups."""
 
     name: ClassVar[str] = "discover-groups"
+    reads_weights: ClassVar[bool] = False
     ensures: ClassVar[tuple[str, ...]] = ("graph",)
 
     require_prunable: bool = False

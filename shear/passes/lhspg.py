@@ -256,6 +256,7 @@ class LHSPG(Pass):
 
     def run(self, ctx: Context) -> PassResult:
         from shear.runtime.training import TokenBatches, TrainConfig, train
+        from shear.runtime.training.fingerprint import options_of
 
         start = time.perf_counter()
         data = require_text_data(ctx, self.name)
@@ -298,7 +299,7 @@ class LHSPG(Pass):
         )
         batches = TokenBatches(data.train, self.batch_size, self.seq_len, seed=self.seed)
         with ctx.progress(total=self.total_steps, description="lhspg") as bar:
-            trained = train(ctx.model, batches, config, hooks=[hook], progress=bar)
+            trained = train(ctx.model, batches, config, hooks=[hook], progress=bar, run_options=options_of(self))
         for w in getattr(trained, "warnings", []):
             ctx.warn(f"lhspg: {w}")
         zeroed = {g: sorted(int(i) for i in v) for g, v in hook.zeroed.items() if v.numel()}

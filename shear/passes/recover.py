@@ -498,6 +498,7 @@ class _Run:
 
     def _train(self, stream: Any, stage: Stage, k: int) -> Any:
         from shear.runtime.training import TrainConfig, train
+        from shear.runtime.training.fingerprint import options_of
 
         p = self.p
         ckpt = str(Path(p.checkpoint_dir) / f"{stage}-{k:02d}") if p.checkpoint_dir else None
@@ -512,7 +513,8 @@ class _Run:
             checkpoint_dir=ckpt,
             checkpoint_every=p.checkpoint_every if ckpt else 0,
         )
-        trained = train(self.ctx.model, stream, config, progress=self.bar)
+        options = {**options_of(p), "stage": stage, "round": k}
+        trained = train(self.ctx.model, stream, config, progress=self.bar, run_options=options)
         for w in getattr(trained, "warnings", []):
             if f"recover-dynamic: {w}" not in self.ctx.warnings:
                 self.ctx.warn(f"recover-dynamic: {w}")

@@ -8,8 +8,10 @@ A checkpoint directory holds:
   uniform (:mod:`shear.runtime.hf_config`);
 * ``shear_buffers.safetensors`` — non-persistent buffers (RoPE ``inv_freq``, ...);
 * ``adapter/`` — peft's own adapter format, when the model is a ``PeftModel``;
+* tokenizer files, when :func:`save` is given the tokenizer, so the directory is usable on its own;
 * ``shear.json`` — the shear section: class, per-tensor shapes and dtypes, tied aliases, freeze flags,
-  module attributes that are not in tensors (rescaled RMSNorm epsilons), file sizes and sha256.
+  module attributes that are not in tensors (rescaled RMSNorm epsilons), and the size and sha256 of
+  every other file in the directory.
 
 A ``torch.fx.GraphModule`` that erase emitted (:mod:`shear.runtime.graph_codegen`) is saved instead
 as ``program.pt2`` (``torch.export.save`` of the program, weights inside) plus ``shear.json``, and
@@ -17,25 +19,27 @@ as ``program.pt2`` (``torch.export.save`` of the program, weights inside) plus `
 
 :func:`load` builds the model from its config on the meta device, resizes every tensor to its
 recorded shape, updates module attributes with the same rule table codegen uses, and assigns the
-saved tensors. Writes are atomic: everything goes to a temporary sibling directory that is renamed
-into place only when complete, so a crash never leaves a half-written model that loads.
+saved tensors.
+
+Safety: :func:`save` refuses an existing non-empty directory unless ``overwrite=True`` and swaps the
+new directory in atomically (:mod:`shear.runtime.files`). :func:`load` reads data, never code: JSON,
+safetensors and a ``program.pt2`` whose archive holds no pickled objects; the model class comes from
+an allow-list (transformers, shear, and the ``classes`` the caller passes), never from a module name
+in the file; a file that the manifest does not list, or whose sha256 differs, is refused.
 
 Example:
     >>> import shear, torch                                 # doctest: +SKIP
-    >>> shear.save(small, "out/pruned")                     # doctest: +SKIP
+    >>> shear.save(small, "out/pruned", tokenizer=tok)      # doctest: +SKIP
     >>> again = shear.load("out/pruned")                    # doctest: +SKIP
     >>> plain = transformers.AutoModelForCausalLM.from_pretrained("out/pruned")  # uniform sizes only  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,19 +50,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shear.errors import CheckpointError, GraphError
-from shear.runtime.hf_config import hf_base_model, refresh_config
+from shear.runtime.files import atomic_dir, check_output_dir, interrupted_swap, sha256_file
+from shear.runtime.hf_config import candidate_config_updates, hf_base_model, refresh_config
 from shear.runtime.masks import TensorTable
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
 __all__ = ["save", "load", "FORMAT", "VERSION"]
 
 FORMAT = "shear-checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: every file in the directory is hashed in the manifest (1 hashed only the safetensors files)."""
 _WEIGHTS = "model.safetensors"
 _BUFFERS = "shear_buffers.safetensors"
 _MANIFEST = "shear.json"
 _ADAPTER = "adapter"
 _PROGRAM = "program.pt2"
+_DATA_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".md")
+"""What a checkpoint directory may hold besides the program: data formats that load without running code."""
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -102,14 +110,6 @@ def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, buffers, aliases, grads
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _module_attrs(model: nn.Module) -> dict[str, dict[str, float]]:
     """Attributes that live outside tensors and erasure changes: RMS-norm epsilons."""
     out: dict[str, dict[str, float]] = {}
@@ -151,38 +151,35 @@ def _none_modules(model: nn.Module, hf: nn.Module | None) -> list[str]:
     return out
 
 
-@contextmanager
-def _atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` (rename), else it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with f.open("rb+") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _record_files(tmp: Path, manifest: dict[str, Any]) -> None:
+    """Size and sha256 of every file written into ``tmp`` (the manifest itself excepted)."""
+    manifest["files"] = {
+        f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(tmp.rglob("*")) if f.is_file()
+    }
 
 
-def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+def save(
+    model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False, tokenizer: Any = None,
+) -> Path:
     """Write ``model`` (a transformers model, a PeftModel around one, or any nn.Module) to ``path``.
 
-    Returns the directory. An existing directory is replaced atomically.
+    Returns the directory. ``path`` must not exist or be an empty directory; with ``overwrite=True``
+    an existing directory is replaced atomically (the old one or the new one is at ``path`` at every
+    instant). A file, the current directory or a read-only directory is never replaced
+    (:class:`~shear.errors.OutputError`, before anything is written). ``tokenizer`` (anything with
+    ``save_pretrained``) is saved next to the model so the directory is usable on its own.
+
+    Example:
+        >>> shear.save(small, "out/pruned", tokenizer=tok)                  # doctest: +SKIP
+        >>> shear.save(smaller, "out/pruned")                               # doctest: +SKIP
+        Traceback (most recent call last):
+        shear.errors.OutputError: output path .../out/pruned holds 5 files (...); pass overwrite=True ...
     """
-    path = Path(path)
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
+    path = check_output_dir(path, overwrite=overwrite, needed_bytes=needed)
     if isinstance(model, torch.fx.GraphModule) and "shear_inputs" in model.meta:
-        return _save_graph_module(model, path)
+        return _save_graph_module(model, path, tokenizer)
     hf = hf_base_model(model)
     if hf is not None:
         refresh_config(model)
@@ -203,7 +200,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "peft": None,
         "files": {},
     }
-    with _atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / _WEIGHTS), metadata={"format": "pt"})
         save_file({k: v.cpu() for k, v in buffers.items()}, str(tmp / _BUFFERS), metadata={"format": "pt"})
         if hf is not None:
@@ -217,13 +214,14 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
                 "dir": _ADAPTER,
                 "requires_grad": sorted(n for n, p in model.named_parameters() if p.requires_grad),
             }
-        for f in (_WEIGHTS, _BUFFERS):
-            manifest["files"][f] = {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
 
-def _save_graph_module(gm: torch.fx.GraphModule, path: Path) -> Path:
+def _save_graph_module(gm: torch.fx.GraphModule, path: Path, tokenizer: Any = None) -> Path:
     from shear.runtime.graph_codegen import export_graph_module
 
     program = export_graph_module(gm)
@@ -233,21 +231,80 @@ def _save_graph_module(gm: torch.fx.GraphModule, path: Path) -> Path:
         "transformers": False, "graph_module": {"file": _PROGRAM, "constants": constants},
         "requires_grad": sorted(n for n, p in gm.named_parameters() if p.requires_grad), "files": {},
     }
-    with _atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         torch.export.save(program, str(tmp / _PROGRAM))
-        manifest["files"][_PROGRAM] = {"size": (tmp / _PROGRAM).stat().st_size, "sha256": _sha256(tmp / _PROGRAM)}
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
+
+
+_ARCHIVE_DATA = ("archive_format", "archive_version", "byteorder", ".data/", "models/", "data/weights/",
+                 "data/constants/", "data/sample_inputs/", "extra/")
+"""Records of a ``torch.export`` archive that hold data; anything else (compiled kernels, pickled
+custom objects, legacy ``.pt`` weights) is refused before the archive is opened by torch."""
+
+
+def _check_program(file: Path) -> None:
+    """Refuse a ``program.pt2`` that would unpickle something: ``use_pickle`` payloads, pickled custom
+    or opaque objects, legacy pickled weights, compiled code."""
+    try:
+        with zipfile.ZipFile(file) as z:
+            for name in z.namelist():
+                rel = name.split("/", 1)[1] if "/" in name else name
+                leaf = rel.rsplit("/", 1)[-1]
+                if not rel.startswith(_ARCHIVE_DATA) or leaf.startswith(("custom_obj_", "opaque_obj_")) or (
+                    rel.startswith(("data/weights/", "data/constants/")) and leaf.endswith(".pt")
+                ):
+                    raise CheckpointError(
+                        f"{file}: the archive holds {name!r}, which would be loaded as code or a pickle; shear loads "
+                        "only tensor data. Re-save the model with shear.save from a trusted source"
+                    )
+                if leaf.endswith("_config.json") and rel.startswith(("data/weights/", "data/constants/")):
+                    entries = json.loads(z.read(name)).get("config", {})
+                    pickled = sorted(k for k, v in entries.items() if isinstance(v, dict) and v.get("use_pickle"))
+                    if pickled:
+                        raise CheckpointError(
+                            f"{file}: {name} stores {pickled[:3]} as pickles (use_pickle), which would run code on "
+                            "load; shear loads only tensor data. Re-save the model with shear.save from a trusted source"
+                        )
+    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{file} is not a readable program archive ({e}); re-save the model") from e
+
+
+@contextmanager
+def _no_pickle(file: Path) -> Iterator[None]:
+    """Within the block, ``torch.load`` reads only tensors (``weights_only=True``), whatever a caller asks."""
+    real = torch.load
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("weights_only") is False:
+            raise CheckpointError(f"{file}: the archive asks to unpickle an object, which could run code; refused")
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = guarded  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = real
 
 
 def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch.device) -> nn.Module:
     from shear.runtime.graph_codegen import finish_graph_module
 
     info = manifest["graph_module"]
+    if info.get("file") != _PROGRAM:
+        raise CheckpointError(f"{path}: the program must be {_PROGRAM}, the manifest names {info.get('file')!r}")
+    _check_program(path / _PROGRAM)
     try:
-        program = torch.export.load(str(path / info["file"]))
+        with _no_pickle(path / _PROGRAM):
+            program = torch.export.load(str(path / _PROGRAM))
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unreadable archive is a corrupt checkpoint
-        raise CheckpointError(f"{path}: cannot read {info['file']} ({type(e).__name__}: {e}); re-save the model") from e
+        raise CheckpointError(f"{path}: cannot read {_PROGRAM} ({type(e).__name__}: {e}); re-save the model") from e
     gm = finish_graph_module(program.module(), info["constants"])
     if program.example_inputs is not None:  # so that shear.save can export it again
         gm.meta["shear_inputs"] = program.example_inputs
@@ -259,6 +316,12 @@ def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
+        left = interrupted_swap(path)
+        if left and not path.exists():
+            raise CheckpointError(
+                f"{path} is missing: a save into it was interrupted; the previous model is in {left[-1]}. "
+                f"Rename it back to {path.name}, or save again"
+            )
         raise CheckpointError(f"{path} is not a directory; pass a directory written by shear.save")
     mf = path / _MANIFEST
     if not mf.is_file():
@@ -272,36 +335,104 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{mf} is corrupt ({e}); re-save the model") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mf} is not a {FORMAT} manifest; re-save the model with shear.save")
-    if manifest.get("version", 0) > VERSION:
-        raise CheckpointError(f"{mf} has format version {manifest['version']}; this shear reads up to {VERSION}")
+    version = manifest.get("version", 0)
+    if not isinstance(version, int) or version > VERSION:
+        raise CheckpointError(f"{mf} has format version {manifest.get('version')}; this shear reads up to {VERSION}")
+    if version < VERSION:
+        raise CheckpointError(
+            f"{mf} has format version {version}, which did not hash every file; load it with the shear that wrote "
+            "it and save it again with this one"
+        )
+    needed = ["class", "transformers", "requires_grad", "files"] + (
+        ["graph_module"] if manifest.get("graph_module") else ["shapes", "dtypes", "aliases", "module_attrs", "peft"]
+    )
+    missing = [k for k in needed if k not in manifest]
+    if missing or not isinstance(manifest["files"], dict):
+        raise CheckpointError(f"{mf} lacks {missing or ['files']}; the manifest is damaged, re-save the model")
     return manifest
 
 
 def _check_files(path: Path, manifest: dict[str, Any], integrity: bool) -> None:
-    for f, info in manifest["files"].items():
+    """Every file present is listed with its size (and sha256), every listed file is present, and
+    each is a data format (or the program archive)."""
+    listed: dict[str, Any] = manifest["files"]
+    present = {f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file() or f.is_symlink()}
+    present.discard(_MANIFEST)
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise CheckpointError(
+            f"{path}: {unlisted[:5]} {'is' if len(unlisted) == 1 else 'are'} not in {_MANIFEST}'s file list, so "
+            "their integrity cannot be checked; remove them, or re-save the model"
+        )
+    if not listed:
+        raise CheckpointError(f"{path}: {_MANIFEST} lists no files; the manifest is damaged, re-save the model")
+    for f, info in listed.items():
         p = path / f
+        if Path(f).is_absolute() or ".." in Path(f).parts:
+            raise CheckpointError(f"{path}: the manifest names {f!r}, outside the directory; refused")
+        if p.is_symlink():
+            raise CheckpointError(f"{path}: {f} is a symbolic link; a checkpoint holds plain files, re-save it")
+        if f != _PROGRAM and not f.endswith(_DATA_SUFFIXES):
+            raise CheckpointError(
+                f"{path}: {f} is not a data file shear loads ({', '.join(_DATA_SUFFIXES)}); a checkpoint never "
+                "holds code or pickles. Remove it, or re-save the model"
+            )
         if not p.is_file():
             raise CheckpointError(f"{path}: missing {f}; the checkpoint is incomplete, re-save it")
+        if not isinstance(info, dict) or "size" not in info or "sha256" not in info:
+            raise CheckpointError(f"{path}: the manifest entry of {f} lacks its size or sha256; re-save the model")
         if p.stat().st_size != info["size"]:
             raise CheckpointError(f"{path}: {f} has {p.stat().st_size} bytes, expected {info['size']} (corrupt or truncated)")
-        if integrity and _sha256(p) != info["sha256"]:
+        if integrity and sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"{path}: {f} fails its sha256 check (corrupt); re-save the model")
 
 
-def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
+def _shear_classes() -> dict[str, type]:
+    """Model classes shear itself defines (reference models of :mod:`shear.zoo`)."""
+    out: dict[str, type] = {}
+    try:
+        import shear.zoo as zoo
+    except ImportError:  # pragma: no cover - the zoo is part of the package
+        return out
+    for name in getattr(zoo, "__all__", []):
+        obj = getattr(zoo, name, None)
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            out[obj.__name__] = obj
+    return out
+
+
+def _model_class(path: Path, name: str, classes: Sequence[type]) -> type:
+    """The class named ``name``: one the caller passed, shear's own, or transformers' own; never imported
+    from a module the file names."""
+    for cls in classes:
+        if cls.__name__ == name:
+            return cls
+    own = _shear_classes().get(name)
+    if own is not None:
+        return own
+    import transformers
+    from transformers import PreTrainedModel
+
+    found: Any = None
+    try:
+        found = getattr(transformers, name, None) if name.isidentifier() else None
+    except Exception:  # noqa: BLE001 - transformers' lazy import of a missing backend
+        found = None
+    if isinstance(found, type) and issubclass(found, PreTrainedModel):
+        return found
+    raise CheckpointError(
+        f"{path}: model class {name!r} is not a transformers or shear class; shear never imports a module named "
+        f"in a checkpoint. Pass the class explicitly: shear.load(path, classes=[{name}])"
+    )
+
+
+def _skeleton(path: Path, manifest: dict[str, Any], classes: Sequence[type]) -> nn.Module:
     if not manifest["transformers"]:
         raise CheckpointError(
             f"{path} holds a plain {manifest['class']} (not a transformers model): pass an unpruned instance, "
             "shear.load(path, model=...), to load into"
         )
-    import transformers
-
-    cls = getattr(transformers, manifest["class"], None)
-    if cls is None:
-        try:
-            cls = getattr(importlib.import_module(manifest["class_module"]), manifest["class"])
-        except (ImportError, AttributeError):
-            raise CheckpointError(f"{path}: unknown model class {manifest['class']}") from None
+    cls: Any = _model_class(path, str(manifest["class"]), classes)
     try:
         config = cls.config_class.from_pretrained(str(path))
     except Exception as e:
@@ -313,6 +444,26 @@ def _skeleton(path: Path, manifest: dict[str, Any]) -> nn.Module:
         return cls._from_config(config)
 
 
+def _check_config(path: Path, model: nn.Module) -> None:
+    """config.json must say the loaded sizes wherever it can (save writes uniform sizes into it): an
+    edited config that disagrees with the weights is refused rather than left lying."""
+    hf = hf_base_model(model)
+    updates = candidate_config_updates(model) if hf is not None else None
+    if not updates:
+        return
+    config = hf.config  # type: ignore[union-attr]
+    before = {k: getattr(config, k, None) for k in updates}
+    if not refresh_config(model):
+        return  # sizes the config cannot express: save left them to shear.json as well
+    wrong = {k: (v, getattr(config, k, None)) for k, v in before.items() if getattr(config, k, None) != v}
+    if wrong:
+        said = "; ".join(f"{k}={c!r} but the weights have {w!r}" for k, (c, w) in wrong.items())
+        raise CheckpointError(
+            f"{path}/config.json disagrees with the saved weights ({said}); the config was edited or belongs to "
+            "another model. Restore it, or re-save the model"
+        )
+
+
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -322,21 +473,27 @@ def _dtype(name: str) -> torch.dtype:
 
 def load(
     path: str | os.PathLike[str], model: nn.Module | None = None, *, device: str | torch.device = "cpu",
-    integrity: bool = True,
+    integrity: bool = True, classes: Sequence[type] = (),
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save`, with exactly its pruned (possibly per-layer) sizes.
 
     ``model``: for non-transformers models, an unpruned instance of the same architecture to resize and
     fill in place (transformers models are rebuilt from config.json; GraphModules from their program).
-    ``integrity`` checks sha256.
+    ``classes``: model classes besides transformers' and shear's that the checkpoint may name (a
+    transformers-style model class of your own); nothing is ever imported by a name read from the files.
+    ``integrity`` checks sha256 (file sizes and the file list are always checked).
     The result is in eval mode; a PeftModel comes back with its adapters and freeze flags.
+
+    Example:
+        >>> again = shear.load("out/pruned")                            # doctest: +SKIP
+        >>> mine = shear.load("out/custom", classes=[MyForCausalLM])    # doctest: +SKIP
     """
     path = Path(path)
     manifest = _read_manifest(path)
     _check_files(path, manifest, integrity)
     if manifest.get("graph_module"):
         return _load_graph_module(path, manifest, device)
-    base = _skeleton(path, manifest) if model is None else model
+    base = _skeleton(path, manifest, classes) if model is None else model
     for slot in manifest.get("none_modules", []):
         parent, _, attr = slot.rpartition(".")
         try:
@@ -370,7 +527,7 @@ def load(
                 f"{path}: tensor {name} has {len(shape)} dims, the model's has {old.dim()}: different architecture"
             )
         t = weights.get(name)
-        if t is None or list(t.shape) != shape or t.dtype != _dtype(manifest["dtypes"][name]):
+        if t is None or list(t.shape) != shape or t.dtype != _dtype(manifest["dtypes"].get(name, "?")):
             got = None if t is None else (list(t.shape), str(t.dtype))
             raise CheckpointError(f"{path}: tensor {name} is {got} in the weights, the manifest says {shape}: mismatched files")
         if t.data_ptr() % 64:  # safetensors may hand out unaligned views: SIMD paths (and results) would differ
@@ -389,6 +546,7 @@ def load(
         mod = base.get_submodule(mod_name)
         for k, v in attrs.items():
             setattr(mod, k, v)
+    _check_config(path, base)  # after the module attributes: the rules read rescaled norm epsilons
     if manifest["transformers"] and (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

@@ -17,11 +17,10 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
+
+from shear.runtime.files import atomic_dir
 
 __all__ = ["CACHE_ENV", "resolve_cache_dir", "atomic_directory"]
 
@@ -44,23 +43,11 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path.home() / ".cache" / "shear"
 
 
-@contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
+def atomic_directory(final: Path) -> AbstractContextManager[Path]:
     """Yield a fresh temporary directory next to ``final``; on success rename it to ``final``.
 
     If another process created ``final`` meanwhile, its entry wins and ours is discarded (both
-    hold the same conversion). On an exception the temporary directory is removed.
+    hold the same conversion). On an exception the temporary directory is removed. This is
+    :func:`shear.runtime.files.atomic_dir` with ``replace=False``.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_dir(final, replace=False)

@@ -41,7 +41,11 @@ IGNORE_INDEX = -100
 
 @runtime_checkable
 class BatchStream(Protocol):
-    """What :func:`~shear.runtime.training.loop.train` consumes: an endless, resumable batch iterator."""
+    """What :func:`~shear.runtime.training.loop.train` consumes: an endless, resumable batch iterator.
+
+    A stream may also have ``fingerprint() -> str``, a digest of its data, so that a checkpoint
+    resumes only a run over the same data (both streams here have one).
+    """
 
     batch_size: int
     rank: int
@@ -161,6 +165,13 @@ class TokenBatches:
         ids = torch.stack(out)
         return {"input_ids": ids, "labels": ids.clone()}
 
+    def fingerprint(self) -> str:
+        """Digest of the sources (names, lengths, a sample of the ids): a checkpoint resumes only a
+        run over the same data."""
+        from shear.runtime.training.fingerprint import tensor_digest
+
+        return tensor_digest(zip(self.names, self.tokens))
+
     def state_dict(self) -> dict[str, Any]:
         """The exact data position: generator state, mixture and batches drawn."""
         return {"generator": self._gen.get_state(), "weights": self._probs.tolist(), "batches": self._batches}
@@ -272,6 +283,16 @@ class InstructionBatches:
     def epoch(self) -> int:
         """Epochs completed so far."""
         return self._epoch
+
+    def fingerprint(self) -> str:
+        """Digest of the examples (a sample of their tokens and labels): a checkpoint resumes only a run
+        over the same data."""
+        from shear.runtime.training.fingerprint import tensor_digest
+
+        ids = torch.cat([i for i, _ in self.examples])
+        labels = torch.cat([lab for _, lab in self.examples])
+        lengths = torch.tensor([i.numel() for i, _ in self.examples])
+        return tensor_digest([("ids", ids), ("labels", labels), ("lengths", lengths)])
 
     def state_dict(self) -> dict[str, Any]:
         """The exact data position: epoch and index within the epoch's order."""

@@ -7,10 +7,12 @@
 * ``state.pt`` — optimizer, scheduler, batch-stream and hook states, torch RNG states
   (read back with ``torch.load(weights_only=True)``);
 * ``trainer.json`` — step, per-step losses, tokens, the config, python/numpy RNG states, tied
-  aliases, and the size of every file (checked on load).
+  aliases, the run's fingerprint (:mod:`~shear.runtime.training.fingerprint`), whether the run
+  finished, and the size and sha256 of every other file (checked on load).
 
-A checkpoint is built in a hidden temporary sibling and renamed to ``step-<n>`` only when complete,
-so a killed run never leaves a ``step-<n>`` that looks valid; only the newest ``keep`` survive.
+A checkpoint is built in a hidden temporary sibling and swapped in as ``step-<n>`` only when complete
+(:func:`shear.runtime.files.atomic_dir`), so a killed run never leaves a ``step-<n>`` that looks valid;
+only the newest ``keep`` survive.
 
 Example:
     >>> save_checkpoint("ckpt", 4, model=model, extra={"optimizer": opt.state_dict()},   # doctest: +SKIP
@@ -27,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shear.errors import CheckpointError
+from shear.runtime.files import atomic_dir, sha256_file
 
 __all__ = [
     "TrainCheckpoint",
@@ -50,7 +52,8 @@ __all__ = [
 ]
 
 FORMAT = "shear-train-checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: sha256 of every file and the run fingerprint are recorded."""
 _WEIGHTS = "model.safetensors"
 _STATE = "state.pt"
 _INFO = "trainer.json"
@@ -105,13 +108,6 @@ def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, aliases
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with f.open("rb+") as fh:
-                os.fsync(fh.fileno())
-
-
 def save_checkpoint(
     root: str | os.PathLike[str],
     step: int,
@@ -129,37 +125,23 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tensors, aliases = _dedup(model.state_dict())
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-    try:
+    with atomic_dir(final) as tmp:
         save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
         torch.save(extra, tmp / _STATE)
-        files = {f: (tmp / f).stat().st_size for f in (_WEIGHTS, _STATE)}
+        files = {f: {"size": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)} for f in (_WEIGHTS, _STATE)}
         record = {"format": FORMAT, "version": VERSION, "step": step, "aliases": aliases, "files": files, **info}
         (tmp / _INFO).write_text(json.dumps(record))
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():
-            old = root / f".old-step-{step}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for _, p in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> None:
-    """Delete half-written ``.tmp-step-*`` directories a killed run left behind."""
+    """Delete the half-written ``.step-*.tmp-*`` directories (and replaced ``.step-*.old-*`` ones) a killed
+    run left behind."""
     root = Path(root)
     if root.is_dir():
-        for p in root.glob(".tmp-step-*"):
+        for p in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*"), *root.glob(".tmp-step-*")]:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -199,12 +181,25 @@ def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
         raise _corrupt(path, f"{_INFO} is not a {FORMAT} record")
     if int(info.get("version", 0)) > VERSION:
         raise CheckpointError(f"{path} has format version {info['version']}; this shear reads up to {VERSION}")
-    for f, size in info["files"].items():
+    if int(info.get("version", 0)) < VERSION:
+        raise CheckpointError(
+            f"{path} was written by an older shear (format {info.get('version')}, no file hashes or run fingerprint); "
+            "start over with resume=False or a new checkpoint_dir"
+        )
+    files = info.get("files")
+    if not isinstance(files, dict) or set(files) != {_WEIGHTS, _STATE}:
+        raise _corrupt(path, f"{_INFO} does not list {_WEIGHTS} and {_STATE} with their hashes")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != _INFO)
+    if unlisted:
+        raise _corrupt(path, f"{unlisted} are not in {_INFO}'s file list")
+    for f, entry in files.items():
         p = path / f
         if not p.is_file():
             raise _corrupt(path, f"{f} is missing")
-        if p.stat().st_size != size:
-            raise _corrupt(path, f"{f} has {p.stat().st_size} bytes, the record says {size}")
+        if p.stat().st_size != entry.get("size"):
+            raise _corrupt(path, f"{f} has {p.stat().st_size} bytes, the record says {entry.get('size')}")
+        if sha256_file(p) != entry.get("sha256"):
+            raise _corrupt(path, f"{f} fails its sha256 check")
     try:
         weights = load_file(str(path / _WEIGHTS))
     except (SafetensorError, OSError) as e:

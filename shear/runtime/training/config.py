@@ -82,7 +82,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Write a checkpoint every this many steps (and at the last step); 0 disables checkpoints."""
     resume: bool = True
-    """Resume from the latest checkpoint in ``checkpoint_dir`` when there is one."""
+    """Resume from the latest checkpoint in ``checkpoint_dir`` when there is one; it must have been written
+    by the same run (config, starting weights, data, run options, shear version), else a
+    :class:`~shear.errors.CheckpointError` names what differs. ``False`` starts over and replaces them."""
     log_every: int = 10
     """Report loss and tokens/s to the progress callback every this many steps."""
 

@@ -4,7 +4,10 @@
 the LoRA adapters only) on micro-batches from a :class:`~shear.runtime.training.batches.BatchStream`:
 
 1. check what trains (non-LoRA params are frozen when LoRA exists; nothing trainable is an error);
-2. seed everything, or resume from the newest checkpoint in ``config.checkpoint_dir``;
+2. seed everything, or resume from the newest checkpoint in ``config.checkpoint_dir`` — only when it
+   was written by the same run: same config, same starting weights, same data, same ``run_options``
+   and shear version (:mod:`~shear.runtime.training.fingerprint`); else a :class:`CheckpointError`
+   names what differs. A resumed run says so in ``TrainResult.warnings`` ("resumed from step N");
 3. per step: ``grad_accum`` micro-batches, loss summed over target tokens and divided by the step's
    total (over all ranks), backward (gradient sync on the last micro-batch only), clip,
    ``optimizer.step()``, ``zero_grad()``, ``scheduler.step()``, then ``after_optimizer_step`` hooks;
@@ -47,6 +50,7 @@ from shear.runtime.training.checkpoints import (
 )
 from shear.runtime.training.config import TrainConfig
 from shear.runtime.training.distributed import Parallel, detect_parallel
+from shear.runtime.training.fingerprint import RunFingerprint
 from shear.runtime.training.hooks import TrainHook, TrainState
 from shear.runtime.training.lora import is_lora_param
 from shear.runtime.training.loss import (
@@ -186,12 +190,21 @@ def _report(progress: Any, log: StepLog | None, steps: int) -> None:
         progress(log)
 
 
-def _restore(ckpt: TrainCheckpoint, state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig) -> None:
+def _restore(
+    ckpt: TrainCheckpoint, state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, run: RunFingerprint,
+) -> None:
     mismatch = config.resume_mismatch(ckpt.info.get("config", {}))
     if mismatch:
         raise CheckpointError(
             f"checkpoint {ckpt.path} was written with another config ({'; '.join(mismatch)}); resume with the "
             "same config, or start over with resume=False or a new checkpoint_dir"
+        )
+    other = run.differences(ckpt.info.get("fingerprint"))
+    if other:
+        done = " finished" if ckpt.info.get("finished") else ""
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} belongs to another{done} run ({'; '.join(other)}); it is not resumed. Use a new "
+            f"checkpoint_dir, delete {ckpt.path.parent}, or start over with resume=False"
         )
     saved_hooks = ckpt.state["hooks"]
     if len(saved_hooks) != len(hooks):
@@ -216,7 +229,7 @@ def _restore(ckpt: TrainCheckpoint, state: TrainState, hooks: Sequence[TrainHook
     state.tokens = int(ckpt.info["tokens"])
 
 
-def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig) -> None:
+def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, run: RunFingerprint) -> None:
     rng_tensors, rng_plain = capture_rng()
     extra = {
         "optimizer": state.optimizer.state_dict(),
@@ -227,7 +240,7 @@ def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig) ->
     }
     info = {
         "losses": state.losses, "tokens": state.tokens, "config": config.to_dict(), "rng": rng_plain,
-        "world_size": state.world_size,
+        "world_size": state.world_size, "fingerprint": run.to_dict(), "finished": state.step == config.steps,
     }
     assert config.checkpoint_dir is not None
     save_checkpoint(config.checkpoint_dir, state.step, model=state.model, extra=extra, info=info)
@@ -269,13 +282,16 @@ def train(
     progress: Progress = None,
     accelerator: Any = None,
     loss_fn: LossFn | None = None,
+    run_options: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters for ``config.steps`` steps; see the module doc.
 
     ``hooks`` see a :class:`TrainState` after every optimizer step; ``progress`` gets a report every
     ``config.log_every`` steps; ``accelerator`` (an ``accelerate.Accelerator``) makes the run
     data-parallel (also detected from an initialised ``torch.distributed``); ``loss_fn`` replaces
-    the token-summed causal-LM loss. The model is left in the train/eval mode it came in.
+    the token-summed causal-LM loss; ``run_options`` (JSON-able) are the caller's options that change
+    the result beyond ``config`` (a pass's ratio, ...): a checkpoint of other options is not resumed.
+    The model is left in the train/eval mode it came in.
     """
     warnings: list[str] = []
     hooks = list(hooks)
@@ -291,14 +307,21 @@ def train(
         world_size=par.world_size, accelerator=accelerator, batches=batches,
     )
     ckpt: TrainCheckpoint | None = None
+    run = RunFingerprint(model="", data="")
     if config.checkpoint_dir is not None:
+        stream_digest = getattr(batches, "fingerprint", None)
+        run = RunFingerprint.of(model, data=stream_digest() if callable(stream_digest) else "", options=run_options)
         if par.is_main:
             remove_stale_temporaries(config.checkpoint_dir)
         par.barrier()
         latest = latest_checkpoint(config.checkpoint_dir) if config.resume else None
         if latest is not None:
             ckpt = load_checkpoint(latest)
-            _restore(ckpt, state, hooks, config)
+            _restore(ckpt, state, hooks, config, run)
+            warnings.append(
+                f"the run in {config.checkpoint_dir} had already finished at step {ckpt.step}; its result is reused"
+                if ckpt.info.get("finished") else f"resumed from step {ckpt.step} of {config.steps} ({ckpt.path})"
+            )
     if ckpt is None:
         seed_everything(config.seed)
 
@@ -366,7 +389,7 @@ def train(
             _report(bar, log, 1)
             if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
                 if par.is_main:
-                    _save(state, hooks, config)
+                    _save(state, hooks, config, run)
                 par.barrier()
         wall = time.perf_counter() - t0
     for hook in hooks:
