@@ -32,7 +32,7 @@ from shear.graph.groups import PruningGroup, Role
 from shear.graph.ir import Graph, LoraComposite, Overlap
 from shear.graph.pins import pin_kinds
 
-__all__ = ["FoldedGraph", "BlockRun", "fold", "display_kind", "KINDS"]
+__all__ = ["FoldedGraph", "BlockRun", "fold", "display_kind", "repeated_container", "split_block", "KINDS"]
 
 KINDS: tuple[str, ...] = ("channel", "head", "kv family", "residual")
 """Display kinds of pruning groups, the ones a drawing colours differently."""
@@ -52,8 +52,12 @@ def display_kind(p: PruningGroup) -> str:
     return p.kind if p.kind in KINDS else "channel"
 
 
-def _container(names: list[str]) -> str | None:
-    """The ``prefix`` whose numbered children ``prefix.<i>`` appear under the most distinct indices."""
+def repeated_container(names: list[str]) -> str | None:
+    """The ``prefix`` whose numbered children ``prefix.<i>`` appear under the most distinct indices.
+
+    >>> repeated_container(["model.layers.0.mlp", "model.layers.1.mlp", "model.embed_tokens"])
+    'model.layers'
+    """
     seen: dict[str, set[int]] = {}
     for name in names:
         for m in _INDEX.finditer(name):
@@ -61,6 +65,32 @@ def _container(names: list[str]) -> str | None:
             seen.setdefault(prefix, set()).add(int(m.group(1)))
     best = max(seen.items(), key=lambda kv: (len(kv[1]), -len(kv[0])), default=None)
     return best[0] if best is not None and len(best[1]) > 1 else None
+
+
+def split_block(container: str | None, name: str) -> tuple[str, int, str] | None:
+    """``(head, index, tail)`` with ``head + str(index) + tail == name`` for a name in block ``index``.
+
+    >>> split_block("model.layers", "base_model.model.model.layers.12.mlp/channel")
+    ('base_model.model.model.layers.', 12, '.mlp/channel')
+    >>> split_block("model.layers", "model.norm") is None
+    True
+    """
+    if container is None:
+        return None
+    if container == "":
+        m = re.match(r"(\d+)(?=[./]|$)", name)
+        return ("", int(m.group(1)), name[m.end() :]) if m else None
+    prefix = container + "."
+    at = name.find(prefix)
+    while at > 0 and name[at - 1] != ".":
+        at = name.find(prefix, at + 1)
+    if at < 0:
+        return None
+    m = re.match(r"(\d+)(?=[./]|$)", name[at + len(prefix) :])
+    if m is None:
+        return None
+    head = name[: at + len(prefix)]
+    return head, int(m.group(1)), name[len(head) + m.end() :]
 
 
 @dataclass(frozen=True)
@@ -112,23 +142,7 @@ class FoldedGraph:
     signatures: dict[int, tuple[object, ...]] = field(default_factory=dict)
 
     def _split(self, name: str) -> tuple[str, int, str] | None:
-        """``(head, index, tail)`` with ``head + str(index) + tail == name``, or ``None``."""
-        if self.container is None:
-            return None
-        if self.container == "":
-            m = re.match(r"(\d+)(?=[./]|$)", name)
-            return ("", int(m.group(1)), name[m.end() :]) if m else None
-        prefix = self.container + "."
-        at = name.find(prefix)
-        while at > 0 and name[at - 1] != ".":
-            at = name.find(prefix, at + 1)
-        if at < 0:
-            return None
-        m = re.match(r"(\d+)(?=[./]|$)", name[at + len(prefix) :])
-        if m is None:
-            return None
-        head = name[: at + len(prefix)]
-        return head, int(m.group(1)), name[len(head) + m.end() :]
+        return split_block(self.container, name)
 
     def block_of(self, name: str) -> int | None:
         """The block index of a module/parameter/group name, ``None`` outside every block."""
@@ -214,7 +228,7 @@ def _differences(fg: FoldedGraph, first: int, other: int) -> tuple[str, ...]:
 def fold(g: Graph) -> FoldedGraph:
     """Group the blocks of ``g`` into runs of identical ones (see the module docstring)."""
     names = [m for p in g.pruning_groups for m in p.modules] + [c.module for c in g.composites]
-    fg = FoldedGraph(graph=g, container=_container(names))
+    fg = FoldedGraph(graph=g, container=repeated_container(names))
     for p in g.pruning_groups:
         where = _group_blocks(fg, p)
         if len(where) == 1 and None not in where:
