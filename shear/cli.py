@@ -9,7 +9,7 @@ Example (shell)::
     shear inspect ./tiny-llama                     # the pruning groups as a table
     shear draw ./tiny-llama -o groups.svg          # node groups, composites, overlaps
     shear prune ./tiny-llama --passes "random{ratio=0.3,seed=0},erase" -o ./tiny-llama-pruned
-    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out
+    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out --report   # + out/report.html
 
 Exit status: 0 on success, 1 on a shear error (message on stderr), 2 on bad usage.
 """
@@ -145,6 +145,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ShearError("give either --passes or --pipeline, not both")
     spec = args.pipeline or args.passes
     passes = resolve_pipeline(spec) if spec else None  # fail on a typo before loading the model
+    report = _report_path(args)
     model = load_model(args.model)
     small = shear.compile(
         model,
@@ -162,7 +163,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out.print(small.shear_report)
     shear.save(small, args.output)
     out.print(f"saved to {args.output}")
+    if report is not None:
+        from shear.reporting import write_html
+
+        out.print(f"report: {write_html(small.shear_report.details, report)}")
     return 0
+
+
+def _report_path(args: argparse.Namespace) -> Path | None:
+    """``--report [PATH]``: where report.html goes (``<output>/report.html`` without a path), checked
+    before any work: an existing file is kept unless ``--overwrite`` is given."""
+    if args.report is None:
+        return None
+    path = Path(args.report) if args.report else Path(args.output) / "report.html"
+    if path.is_dir() or (path.exists() and not getattr(args, "overwrite", False)):
+        raise ShearError(f"--report {path}: exists already; give another path (or --overwrite to replace a file)")
+    return path
 
 
 def _text_data(model_dir: str, spec: str) -> object | None:
@@ -264,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check of erased models")
     p.add_argument("--debug", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-dir", default=None, help="write the IR after every pass to this directory")
+    p.add_argument(
+        "--report", nargs="?", const="", default=None, metavar="PATH",
+        help="write report.html (one self-contained page: passes, widths per layer, training, the folded IR); "
+        "default path <output>/report.html",
+    )  # fmt: skip
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("passes", help="list the registered passes, their options and docs")

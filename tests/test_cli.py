@@ -146,3 +146,13 @@ def test_prune_with_lhspg_on_the_tiny_trained_llama_and_corpus_data(tmp_path: Pa
     small = shear.load(out)
     full = sum(p.numel() for p in shear.zoo.load_tiny_llama().model.parameters())
     assert abs(1 - sum(p.numel() for p in small.parameters()) / full - 0.2) <= 0.01
+
+
+def test_prune_writes_the_html_report(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    r = run_cli("prune", str(tiny_dir), "--passes", "random{ratio=0.3,seed=0},erase", "-o", str(out), "--report")
+    assert r.returncode == 0, r.stderr
+    page = (out / "report.html").read_text()
+    assert f"report: {out / 'report.html'}" in r.stdout and '<section id="widths">' in page
+    again = run_cli("prune", str(tiny_dir), "--passes", "erase", "-o", str(tmp_path / "b"), "--report", str(out / "report.html"))
+    assert again.returncode != 0 and "exists already" in again.stderr and not (tmp_path / "b").exists()
