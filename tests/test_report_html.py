@@ -86,6 +86,7 @@ def test_compile_writes_a_report_of_a_baseline(tmp_path: Path) -> None:
         and 'class="chart heatmap"' in parts["widths"]
     )
     assert "<svg" in parts["ir"] and "sg-model_layers_x_mlp_channel" in parts["ir"]
+    assert ">mlp/channel (channel)</li>" in parts["ir"] and ">residual (residual)</li>" in parts["ir"]
     assert path.stat().st_size < 200_000
     assert "details" not in small.shear_report.to_dict()
 

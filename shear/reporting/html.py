@@ -389,9 +389,8 @@ def _ir(d: ReportData) -> str:
         cls = group_class(fg.template(p.name))
         if cls not in seen:
             kind = display_kind(p)
-            label = (
-                fg.local(fg.template(p.name)) if fg.block_of(p.name) is not None else _short(p.name)
-            ) + f" ({kind})"
+            where = fg.local(p.name) if fg.block_of(p.name) is not None else _short(p.name)
+            label = f"{where} ({kind})"
             seen[cls] = (label, KIND_COLOURS[kind])
     legend = "".join(
         f'<li data-group="{cls}" style="border-color:{colour}">{escape(label)}</li>'
