@@ -9,7 +9,8 @@ Example (shell)::
     shear inspect ./tiny-llama                     # the pruning groups as a table
     shear draw ./tiny-llama -o groups.svg          # node groups, composites, overlaps
     shear prune ./tiny-llama --passes "random{ratio=0.3,seed=0},erase" -o ./tiny-llama-pruned
-    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out --report   # + out/report.html
+    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out   # and out/report.html
+    shear prune ./smollm2 --ratio 0.2 --budget quick -o ./smollm2-pruned
 
 Exit status: 0 on success, 1 on a shear error (message on stderr), 2 on bad usage.
 """
@@ -144,14 +145,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.passes and args.pipeline:
         raise ShearError("give either --passes or --pipeline, not both")
     spec = args.pipeline or args.passes
+    if spec and (args.ratio is not None or args.budget != "auto"):
+        raise ShearError("--ratio and --budget set the LoRAShear pipeline; give them without --passes/--pipeline")
     passes = resolve_pipeline(spec) if spec else None  # fail on a typo before loading the model
     report = _report_path(args)
     model = load_model(args.model)
+    data = _text_data(args.model, args.data)
+    if passes is None:
+        passes = _budget_pipeline(model, data, args)
     small = shear.compile(
         model,
         passes,
         example_inputs=_example_inputs(model, args.seq_len),
-        data=_text_data(args.model, args.data),
+        data=data,
         verify=not args.no_verify,
         inplace=False,  # the untouched model is the dense reference of recovery and EBFT
         device=args.device,
@@ -170,10 +176,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_pipeline(model: Any, data: object | None, args: argparse.Namespace) -> Any:
+    """The LoRAShear pipeline with ``--ratio`` and ``--budget`` for a causal LM with data, else ``None``
+    (``shear.compile``'s default for the model); says which budget on stderr."""
+    from shear.passes import resolve_pipeline
+    from shear.passes.budgets import auto_budget, lorashear_pipeline
+    from shear.passes.pipeline import LORASHEAR_PIPELINE, default_pipeline
+
+    if data is None or tuple(default_pipeline(model)) != LORASHEAR_PIPELINE:
+        if args.ratio is not None or args.budget != "auto":
+            raise ShearError("--ratio/--budget need a causal LM and text (--data); give --passes for this model")
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    name = auto_budget(params) if args.budget == "auto" else args.budget
+    spec = lorashear_pipeline(0.2 if args.ratio is None else args.ratio, name)
+    why = f"auto for {params / 1e6:,.1f}M parameters" if args.budget == "auto" else "--budget"
+    print(f"LoRAShear with budget {name} ({why}): {spec}", file=sys.stderr)
+    return resolve_pipeline(spec)
+
+
 def _report_path(args: argparse.Namespace) -> Path | None:
-    """``--report [PATH]``: where report.html goes (``<output>/report.html`` without a path), checked
-    before any work: an existing file is kept unless ``--overwrite`` is given."""
-    if args.report is None:
+    """Where report.html goes (``--report PATH``, default ``<output>/report.html``; ``--no-report``:
+    nowhere), checked before any work: an existing file is kept unless ``--overwrite`` is given."""
+    if args.no_report:
         return None
     path = Path(args.report) if args.report else Path(args.output) / "report.html"
     if path.is_dir() or (path.exists() and not getattr(args, "overwrite", False)):
@@ -281,10 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-dir", default=None, help="write the IR after every pass to this directory")
     p.add_argument(
-        "--report", nargs="?", const="", default=None, metavar="PATH",
-        help="write report.html (one self-contained page: passes, widths per layer, training, the folded IR); "
-        "default path <output>/report.html",
-    )  # fmt: skip
+        "--ratio", type=float, default=None,
+        help="share of the parameters the LoRAShear pipeline removes (default 0.2); not with --passes",
+    )
+    p.add_argument(
+        "--budget", default="auto", choices=("auto", "quick", "default", "paper"),
+        help="LoRAShear training budget: quick (a few steps per stage), default (tens), paper (thousands, "
+        "for a GPU); auto: default up to 2B parameters, else quick (shear.passes.budgets)",
+    )
+    p.add_argument(
+        "--report", default=None, metavar="PATH",
+        help="where report.html goes (default <output>/report.html): one self-contained page with the "
+        "passes, widths per layer, training and the folded IR",
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("passes", help="list the registered passes, their options and docs")
