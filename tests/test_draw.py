@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import build
+from models import ARCHS, build
 
 import shear
-from shear.graph.draw import KIND_COLOURS, group_class, to_dot
+from shear.graph.draw import KIND_COLOURS, group_class, to_dot, to_svg
 from shear.graph.fold import display_kind, fold
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -125,3 +125,21 @@ def test_thirty_layer_lora_drawing_fits_a_screen(tmp_path: Path) -> None:
     w, h = _svg_size(svg)
     assert w <= SCREEN_PT[0] and h <= SCREEN_PT[1], (w, h)
     assert "x 29 identical (layers 1-29)" in svg and svg.count("LoRA r=4") == 7
+
+
+@needs_dot
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_draws_folded_and_fits(arch: str) -> None:
+    model, inputs = build(arch, lora=True)
+    g = shear.trace(model, inputs)
+    f = fold(g)
+    svg = html.unescape(to_svg(g))
+    w, h = _svg_size(svg)
+    assert w <= SCREEN_PT[0] and h <= SCREEN_PT[1], (w, h)
+    if arch == "cnn":
+        assert f.container is None and svg.count("LoRA r=8") == len(
+            g.composites
+        )  # nothing repeats: drawn whole
+    else:
+        assert [(r.first, r.last, r.full) for r in f.runs] == [(0, 1, 0)] and "x 1 identical (layer 1)" in svg
+        assert 0 < svg.count("LoRA r=8") == len(g.composites) // 2
