@@ -251,14 +251,25 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     records = manager.run(ctx)
     summary: CompileReport = builder.finish(ctx, records)
     summary.verify_max_diff = check.max_diff if check is not None else None
-    from shear.reporting import collect, write_html
-
-    summary.details = collect(ctx, summary)
-    if report is not None:
-        write_html(summary.details, report)
+    _attach_report(ctx, summary, report)
     result = ctx.model
     object.__setattr__(result, "shear_report", summary)  # a plain attribute, not a submodule or buffer
     return result
+
+
+def _attach_report(ctx: Context, summary: CompileReport, path: str | os.PathLike[str] | None) -> None:
+    """Gather the HTML report's data into ``summary.details`` and write the page to ``path``.
+
+    The pruned model matters more than its report: a failure here becomes a warning, not an error.
+    """
+    from shear.reporting import collect, write_html
+
+    try:
+        summary.details = collect(ctx, summary)
+        if path is not None:
+            write_html(summary.details, path)
+    except Exception as e:  # noqa: BLE001 - reported, and the model is still returned
+        summary.warnings.append(f"report: could not write {path or 'the report data'}: {type(e).__name__}: {e}")
 
 
 def _default_passes(model: nn.Module, data: Any) -> tuple[list[str], list[str]]:

@@ -201,3 +201,11 @@ def test_report_in_headless_chromium(lorashear_report, tmp_path: Path) -> None:
     finally:
         browser.close()
         pw.stop()
+
+
+def test_a_report_that_cannot_be_written_is_a_warning(tmp_path: Path) -> None:
+    model, inputs = build("llama")
+    (tmp_path / "taken").mkdir()
+    small = shear.compile(model, "random{ratio=0.3,seed=0},erase", example_inputs=inputs, report=tmp_path / "taken")
+    assert small.shear_report.params_after < small.shear_report.params_before  # the model is still returned
+    assert any(w.startswith("report: could not write") for w in small.shear_report.warnings)
