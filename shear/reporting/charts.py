@@ -211,7 +211,10 @@ def lines(
         out.append(
             f'<text x="{left - 4}" y="{Y(t) + 3:.1f}" text-anchor="end" font-size="9" {_FONT}>{_fmt(t)}</text>'
         )
+    integer_x = all(float(p[0]).is_integer() for p in pts)
     for t in _ticks(x0, x1, 8):
+        if integer_x and not float(t).is_integer():
+            continue
         out.append(
             f'<text x="{X(t):.1f}" y="{top + ph + 14}" text-anchor="middle" font-size="9" {_FONT}>{_fmt(t)}</text>'
         )
