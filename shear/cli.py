@@ -9,7 +9,8 @@ Example (shell)::
     shear inspect ./tiny-llama                     # the pruning groups as a table
     shear draw ./tiny-llama -o groups.svg          # node groups, composites, overlaps
     shear prune ./tiny-llama --passes "random{ratio=0.3,seed=0},erase" -o ./tiny-llama-pruned
-    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out
+    shear prune ./tiny-llama --pipeline lorashear.toml -o ./out   # and out/report.html
+    shear prune ./smollm2 --ratio 0.2 --budget quick -o ./smollm2-pruned
 
 Outputs never replace a user's files: ``-o`` must be a new path or an empty directory unless
 ``--overwrite`` is given, and is never the input folder, a file or the current directory; it is
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shear.errors import DataError, ModelLoadError, PipelineError, ShearError
+from shear.errors import DataError, ModelLoadError, OutputError, PipelineError, ShearError
 
 __all__ = ["main", "load_model", "build_parser"]
 
@@ -157,19 +158,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
             'e.g. --passes "random{ratio=0.3,seed=0},erase"'
         )
     spec = args.pipeline if args.pipeline is not None else args.passes
+    if spec is not None and (args.ratio is not None or args.budget != "auto"):
+        raise ShearError("--ratio and --budget set the LoRAShear pipeline; give them without --passes/--pipeline")
     passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
     # before any work: a run's output must not replace the user's files, nor fail to save at the end
     inputs = [args.model] + [p for p in (args.data, args.pipeline, args.dump_dir) if p and Path(p).exists()]
     output = check_output_dir(
         args.output, overwrite=args.overwrite, inputs=inputs, needed_bytes=tree_size(Path(args.model).expanduser())
     )
+    report = _report_path(args)
     model = load_model(args.model)
     tokenizer = _tokenizer(args.model)
+    data = _text_data(args.model, args.data, tokenizer)
+    if passes is None:
+        passes = _budget_pipeline(model, data, args)
     small = shear.compile(
         model,
         passes,
         example_inputs=_example_inputs(model, args.seq_len),
-        data=_text_data(args.model, args.data, tokenizer),
+        data=data,
         verify=not args.no_verify,
         inplace=False,  # the untouched model is the dense reference of recovery and EBFT
         device=args.device,
@@ -179,8 +186,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     out = _console()
     out.print(small.shear_report)
-    shear.save(small, output, overwrite=args.overwrite, tokenizer=tokenizer)
+    inside = report is not None and report.parent.resolve() == output.resolve()
+    if report is not None and inside:  # part of the saved folder: listed and hashed in its manifest
+        from shear.reporting import render
+
+        extra = {report.name: render(small.shear_report.details)}
+    else:
+        extra = {}
+    shear.save(small, output, overwrite=args.overwrite, tokenizer=tokenizer, files=extra)
     out.print(f"saved to {args.output}" + (" (with the tokenizer)" if tokenizer is not None else ""))
+    if report is not None and not inside:
+        from shear.reporting import write_html
+
+        write_html(small.shear_report.details, report)
+    if report is not None:
+        out.print(f"report: {report}")
     return 0
 
 
@@ -210,6 +230,38 @@ def _read_text(file: Path) -> str:
             f"--data: {file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it (e.g. iconv -t utf-8) "
             "or remove it from the folder"
         ) from e
+
+
+def _budget_pipeline(model: Any, data: object | None, args: argparse.Namespace) -> Any:
+    """The LoRAShear pipeline with ``--ratio`` and ``--budget`` for a causal LM with data, else ``None``
+    (``shear.compile``'s default for the model); says which budget on stderr."""
+    from shear.passes import resolve_pipeline
+    from shear.passes.budgets import auto_budget, lorashear_pipeline
+    from shear.passes.pipeline import LORASHEAR_PIPELINE, default_pipeline
+
+    if data is None or tuple(default_pipeline(model)) != LORASHEAR_PIPELINE:
+        if args.ratio is not None or args.budget != "auto":
+            raise ShearError("--ratio/--budget need a causal LM and text (--data); give --passes for this model")
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    name = auto_budget(params) if args.budget == "auto" else args.budget
+    spec = lorashear_pipeline(0.2 if args.ratio is None else args.ratio, name)
+    why = f"auto for {params / 1e6:,.1f}M parameters" if args.budget == "auto" else "--budget"
+    print(f"LoRAShear with budget {name} ({why}): {spec}", file=sys.stderr)
+    return resolve_pipeline(spec)
+
+
+def _report_path(args: argparse.Namespace) -> Path | None:
+    """Where report.html goes (``--report PATH``, default ``<output>/report.html``; ``--no-report``:
+    nowhere), checked before any work: an existing file is kept unless ``--overwrite`` is given."""
+    if args.no_report:
+        return None
+    path = (Path(args.report) if args.report else Path(args.output) / "report.html").expanduser().resolve()
+    if not args.report:
+        return path  # inside the output folder, which check_output_dir has cleared
+    if path.is_dir() or (path.exists() and not getattr(args, "overwrite", False)):
+        raise OutputError(f"--report {path}: exists already; give another path (or --overwrite to replace a file)")
+    return path
 
 
 def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
@@ -311,6 +363,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the equivalence check of erased models")
     p.add_argument("--debug", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-dir", default=None, help="write the IR after every pass to this directory")
+    p.add_argument(
+        "--ratio", type=float, default=None,
+        help="share of the parameters the LoRAShear pipeline removes (default 0.2); not with --passes",
+    )
+    p.add_argument(
+        "--budget", default="auto", choices=("auto", "quick", "default", "paper"),
+        help="LoRAShear training budget: quick (a few steps per stage), default (tens), paper (thousands, "
+        "for a GPU); auto: default up to 2B parameters, else quick (shear.passes.budgets)",
+    )
+    p.add_argument(
+        "--report", default=None, metavar="PATH",
+        help="where report.html goes (default <output>/report.html): one self-contained page with the "
+        "passes, widths per layer, training and the folded IR",
+    )
+    p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("passes", help="list the registered passes, their options and docs")

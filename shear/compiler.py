@@ -171,6 +171,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     debug: bool = False,
     dump_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    report: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Run a pruning pipeline on ``model`` and return the transformed model with its report.
 
@@ -189,6 +190,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         debug: check IR invariants after every pass (also on under pytest or ``SHEAR_DEBUG=1``).
         dump_dir: write the printed IR (and SVG with graphviz) after every pass.
         progress: render progress bars with rich on stderr.
+        report: write the self-contained HTML report (:mod:`shear.reporting`) to this path.
 
     Returns:
         The transformed model, same class as the input where the passes keep it (codegen slices
@@ -263,11 +265,27 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         hooks.append(check)
     manager.hooks = hooks
     records = manager.run(ctx)
-    report: CompileReport = builder.finish(ctx, records)
-    report.verify_max_diff = check.max_diff if check is not None else None
+    summary: CompileReport = builder.finish(ctx, records)
+    summary.verify_max_diff = check.max_diff if check is not None else None
+    _attach_report(ctx, summary, report)
     result = ctx.model
-    object.__setattr__(result, "shear_report", report)  # a plain attribute, not a submodule or buffer
+    object.__setattr__(result, "shear_report", summary)  # a plain attribute, not a submodule or buffer
     return result
+
+
+def _attach_report(ctx: Context, summary: CompileReport, path: str | os.PathLike[str] | None) -> None:
+    """Gather the HTML report's data into ``summary.details`` and write the page to ``path``.
+
+    The pruned model matters more than its report: a failure here becomes a warning, not an error.
+    """
+    from shear.reporting import collect, write_html
+
+    try:
+        summary.details = collect(ctx, summary)
+        if path is not None:
+            write_html(summary.details, path)
+    except Exception as e:  # noqa: BLE001 - reported, and the model is still returned
+        summary.warnings.append(f"report: could not write {path or 'the report data'}: {type(e).__name__}: {e}")
 
 
 def _default_passes(model: nn.Module, data: Any) -> tuple[list[str], list[str]]:

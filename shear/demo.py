@@ -6,7 +6,8 @@
 Loads SmolLM2-135M-Instruct from its registry package (converted and cached on first use),
 measures perplexity on each source of the committed validation corpus and a greedy generation,
 prunes with the strongest pipeline this checkout has (see :data:`PIPELINES`), measures again, and
-writes ``report.md``, ``report.json`` and the node-group drawing ``groups.svg`` (``groups.dot``
+writes ``report.md``, ``report.json``, the self-contained page ``report.html`` and the folded
+node-group drawing ``groups.svg`` of the LoRA-wrapped IR the pipeline pruned (``groups.dot``
 without graphviz) under ``--out`` (default ``out/demo``). Nothing is downloaded.
 
 Example:
@@ -79,6 +80,7 @@ class DemoResult:
     generations: list[dict[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     drawing: str | None = None
+    html_report: str | None = None
     compile_report: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -193,12 +195,28 @@ def _generate(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[str]
     ]
 
 
-def _draw(model: Any, example: dict[str, Any], out: Path) -> str:
+def _draw(model: Any, example: dict[str, Any], out: Path, graph: Any = None) -> str:
+    """The folded node-group drawing of ``graph`` (the IR the pipeline pruned), else of ``model`` traced."""
     import shear
 
-    graph = shear.trace(model, example)
+    graph = graph if graph is not None else shear.trace(model, example)
     path = shear.draw(graph, out / "groups.svg")
     return str(path)
+
+
+def _write_html(result: DemoResult, details: Any, out: Path) -> Path:
+    """``report.html``: the pipeline's report data plus the demo's perplexities and generations."""
+    from shear.reporting import ReportData, write_html
+
+    details = details if details is not None else ReportData(title="", notes=[result.pruning])
+    details.title = f"shear demo: {result.model}"
+    details.model = details.model or result.model
+    details.perplexity = {
+        "before": result.ppl_before.get("sources", {}),
+        "after": (result.ppl_after or {}).get("sources") or {},
+    }
+    details.generations = result.generations
+    return write_html(details, out / "report.html")
 
 
 def _ppl_table(result: DemoResult) -> str:
@@ -299,6 +317,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
 
     pipeline, why = choose_pipeline(args.ratio, args.pipeline, args.quick, args.out)
     result.pipeline = pipeline
+    details = None
     example = {"input_ids": tokenizer(texts["kjv"][:400], return_tensors="pt")["input_ids"][:, :32]}
     if pipeline is None:
         result.pruning = f"pruning is not available yet: {why}"
@@ -321,6 +340,7 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         result.pruning = why
         report = getattr(small, "shear_report", None)
         result.compile_report = str(report) if report is not None else None
+        details = getattr(report, "details", None)
         result.settings["verify_max_diff"] = getattr(report, "verify_max_diff", None)
         result.params_after = _params(small)
         console.print(
@@ -342,14 +362,15 @@ def run_demo(args: argparse.Namespace) -> DemoResult:
         t = time.perf_counter()
         try:
             with console.status("tracing and drawing node groups"):
-                result.drawing = _draw(model, example, args.out)
+                result.drawing = _draw(model, example, args.out, getattr(details, "graph", None))
         except Exception as e:  # noqa: BLE001 - the drawing is optional; say why it is missing
             result.drawing = None
             console.print(f"[yellow]no node-group drawing: {type(e).__name__}: {e}[/]")
         result.seconds["draw"] = time.perf_counter() - t
     result.seconds["total"] = time.perf_counter() - start
+    result.html_report = str(_write_html(result, details, args.out))
     path = write_report(result, args.out)
-    console.print(f"report: {path}  (total {result.seconds['total']:.0f} s)")
+    console.print(f"report: {path}, {result.html_report}  (total {result.seconds['total']:.0f} s)")
     return result
 
 

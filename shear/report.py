@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ class CompileReport:
     warnings: list[str] = field(default_factory=list)
     verify_max_diff: float | None = None
     """Largest |small - masked| seen by the equivalence check (``None`` when it did not run)."""
+    details: Any = field(default=None, repr=False, compare=False)
+    """What the HTML report shows (:class:`shear.reporting.ReportData`: the graph, the passes' results);
+    not part of :meth:`to_dict`."""
 
     @property
     def seconds(self) -> float:
@@ -77,8 +81,10 @@ class CompileReport:
         return [g for g in self.groups if g.removed or g.zeroed]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (JSON-serialisable)."""
-        return dataclasses.asdict(self)
+        """Plain data (JSON-serialisable); ``details`` left out."""
+        out = dataclasses.asdict(dataclasses.replace(self, details=None))
+        out.pop("details", None)
+        return out
 
     def __rich__(self) -> Any:
         from rich.console import Group
@@ -186,16 +192,15 @@ class ReportBuilder:
     def finish(self, ctx: Context, records: list[PassRecord]) -> CompileReport:
         """The report, once the pipeline ran (``records`` from the pass manager)."""
         model = ctx.model
-        shapes_after = _param_shapes(model)
+        # a LoRA wrapper renames the weights the groups name; merging it back names them plainly again
+        shapes_after = _aliases(_param_shapes(model), self.groups)
+        self.shapes_before = _aliases(self.shapes_before, self.groups)
         tensors = _tensors(model)
         groups = []
         for g in self.groups:
             size_after = _size_after(g, self.shapes_before, shapes_after)
-            try:
-                per_before = g.structure_numel(self.shapes_before)
-                per_after = g.structure_numel(shapes_after) if size_after else 0
-            except KeyError:
-                per_before = per_after = 0
+            per_before = _structure_numel(g, self.shapes_before)
+            per_after = _structure_numel(g, shapes_after) if size_after else 0
             zero_now = zero_structures(g, tensors) if size_after == g.size else ()
             pruned = self.zero.get(g.id, ())
             groups.append(
@@ -219,6 +224,34 @@ class ReportBuilder:
             params_after=sum(t.numel() for t in model.parameters()),
             warnings=list(ctx.warnings),
         )
+
+
+def _plain_param(name: str) -> str:
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def _aliases(shapes: dict[str, tuple[int, ...]], groups: tuple[PruningGroup, ...]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` plus, for every member the groups name that it lacks, the shape of the same weight
+    under its name with (or without) a peft LoRA wrapper."""
+    plain = {_plain_param(n): v for n, v in shapes.items()}
+    out = dict(shapes)
+    for g in groups:
+        for m in g.members:
+            if m.param not in out and _plain_param(m.param) in plain:
+                out[m.param] = plain[_plain_param(m.param)]
+    return out
+
+
+def _structure_numel(g: PruningGroup, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Parameters one structure owns among the tensors in ``shapes`` (adapters a merge removed, or
+    that did not exist yet, are not counted)."""
+    total = 0
+    for m in g.members:
+        shape = shapes.get(m.param)
+        if m.is_buffer or shape is None or m.dim >= len(shape):
+            continue
+        total += m.k * math.prod(s for d, s in enumerate(shape) if d != m.dim)
+    return total
 
 
 def _size_after(g: PruningGroup, before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]]) -> int:

@@ -146,3 +146,35 @@ def test_prune_with_lhspg_on_the_tiny_trained_llama_and_corpus_data(tmp_path: Pa
     small = shear.load(out)
     full = sum(p.numel() for p in shear.zoo.load_tiny_llama().model.parameters())
     assert abs(1 - sum(p.numel() for p in small.parameters()) / full - 0.2) <= 0.01
+
+
+def test_prune_writes_the_html_report(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    r = run_cli("prune", str(tiny_dir), "--passes", "random{ratio=0.3,seed=0},erase", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    page = (out / "report.html").read_text()  # next to the model by default
+    assert f"report: {out / 'report.html'}" in r.stdout and '<section id="widths">' in page
+    assert shear.load(out) is not None  # the report is listed and hashed in the saved folder's manifest
+    again = run_cli("prune", str(tiny_dir), "--passes", "erase", "-o", str(tmp_path / "b"), "--report", str(out / "report.html"))
+    assert again.returncode != 0 and "exists already" in again.stderr and not (tmp_path / "b").exists()
+    assert main(["prune", str(tiny_dir), "--passes", "erase", "-o", str(tmp_path / "c"), "--no-report"]) == 0
+    assert not (tmp_path / "c" / "report.html").exists()
+
+
+def test_prune_with_a_named_budget(tmp_path: Path) -> None:
+    """``shear prune MODEL --ratio 0.2 --budget quick``: the LoRAShear pipeline with the quick step counts."""
+    from shear.passes.budgets import lorashear_pipeline
+    from shear.zoo import TINY_LLAMA_DIR
+
+    out = tmp_path / "pruned"
+    r = run_cli("prune", str(TINY_LLAMA_DIR), "--ratio", "0.2", "--budget", "quick", "--data", "corpus", "-o", str(out),
+                timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"LoRAShear with budget quick (--budget): {lorashear_pipeline(0.2, 'quick')}" in r.stderr
+    small = shear.load(out)
+    full = sum(p.numel() for p in shear.zoo.load_tiny_llama().model.parameters())
+    assert abs(1 - sum(p.numel() for p in small.parameters()) / full - 0.2) <= 0.01
+    page = (out / "report.html").read_text()
+    assert "LHSPG loss per step" in page and "not run: recover-dynamic" not in page
+    bad = run_cli("prune", str(TINY_LLAMA_DIR), "--passes", "erase", "--budget", "paper", "-o", str(tmp_path / "x"))
+    assert bad.returncode == 1 and "without --passes" in bad.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from model_fixtures import SMOLLM2_SKIP, require_packages, shared_cache_dir
 
-from shear.demo import BUDGETS, PIPELINES, DemoResult, choose_pipeline, parse_args, write_report
+from shear.demo import BUDGETS, PIPELINES, DemoResult, _write_html, choose_pipeline, parse_args, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,9 @@ def test_report_without_pruning(tmp_path: Path) -> None:
     md = write_report(result, tmp_path).read_text()
     assert "pruning is not available yet" in md and "| kjv | 5 | 2.00 | - |" in md
     assert json.loads((tmp_path / "report.json").read_text())["params_before"] == 10
+    page = _write_html(result, None, tmp_path).read_text()
+    assert "shear demo: toy" in page and "pruning is not available yet" in page and "&quot; there&quot;" not in page
+    assert "<pre class='gen'> there</pre>" in page and "not run: lhspg" in page
 
 
 @pytest.mark.models
@@ -66,7 +70,16 @@ def test_demo_quick_end_to_end(tmp_path: Path, tmp_path_factory: pytest.TempPath
     assert report["generations"][0]["before"]
     md = (out / "report.md").read_text()
     assert "## Greedy generations" in md and "ppl before" in md
+    page = (out / "report.html").read_text()
+    assert 0 < len(page) <= 2_000_000 and '<section id="ir">' in page and "perplexity before" in page
+    if report["drawing"] and report["drawing"].endswith(".svg"):
+        svg = (out / "groups.svg").read_text()
+        size = re.search(r'<svg width="([\d.]+)pt" height="([\d.]+)pt"', svg)
+        assert size and float(size.group(1)) <= 1600 and float(size.group(2)) <= 1000, size
+        assert "x 29 identical (layers 1&#45;29)" in svg
     if report["pipeline"] is not None:
+        if report["drawing"] and report["pipeline"].startswith("lora"):
+            assert "LoRA r=" in (out / "groups.svg").read_text()  # the LoRA-wrapped IR it pruned
         assert report["params_after"] < report["params_before"]
         assert set(report["ppl_after"]["sources"]) == set(report["ppl_before"]["sources"])
         assert all("after" in g for g in report["generations"])

@@ -324,12 +324,14 @@ def test_full_ir_printout_lists_nodes(traced) -> None:
 
 def test_draw(traced, tmp_path: Path) -> None:
     _, _, g = traced[("llama", True)]
-    dot = shear.graph.to_dot(g)
+    dot = shear.graph.to_dot(g, fold=False)
     assert dot.count("peripheries=2") == 14  # LoRA composites boxed
     assert "overlap output" in dot and "cluster_G" in dot and "unprunable" in dot
     out = tmp_path / "g.dot"
-    shear.draw(g, out)
+    shear.draw(g, out, fold=False)
     assert out.read_text() == dot
+    shear.draw(g, out)  # folded by default (tests/test_draw.py)
+    assert out.read_text() == shear.graph.to_dot(g) != dot
     import shutil
 
     if shutil.which("dot") is None:

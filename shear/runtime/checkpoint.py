@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shear.errors import CheckpointError, GraphError
+from shear.errors import CheckpointError, GraphError, OutputError
 from shear.runtime.files import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.runtime.hf_config import candidate_config_updates, hf_base_model, refresh_config
 from shear.runtime.masks import TensorTable
@@ -65,7 +65,7 @@ _BUFFERS = "shear_buffers.safetensors"
 _MANIFEST = "shear.json"
 _ADAPTER = "adapter"
 _PROGRAM = "program.pt2"
-_DATA_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".md")
+_DATA_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".md", ".html")
 """What a checkpoint directory may hold besides the program: data formats that load without running code."""
 
 
@@ -161,6 +161,7 @@ def _record_files(tmp: Path, manifest: dict[str, Any]) -> None:
 
 def save(
     model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False, tokenizer: Any = None,
+    files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``model`` (a transformers model, a PeftModel around one, or any nn.Module) to ``path``.
 
@@ -169,6 +170,8 @@ def save(
     instant). A file, the current directory or a read-only directory is never replaced
     (:class:`~shear.errors.OutputError`, before anything is written). ``tokenizer`` (anything with
     ``save_pretrained``) is saved next to the model so the directory is usable on its own.
+    ``files`` adds text files (name -> content, e.g. ``{"report.html": ...}``) that are listed and
+    hashed in the manifest like the rest; only data suffixes (``.json``, ``.md``, ``.html``, ...).
 
     Example:
         >>> shear.save(small, "out/pruned", tokenizer=tok)                  # doctest: +SKIP
@@ -178,8 +181,12 @@ def save(
     """
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
     path = check_output_dir(path, overwrite=overwrite, needed_bytes=needed)
+    extra = dict(files or {})
+    bad = [f for f in extra if "/" in f or f.startswith(".") or not f.endswith(_DATA_SUFFIXES)]
+    if bad:
+        raise OutputError(f"save: extra files {bad} must be plain names ending in one of {_DATA_SUFFIXES}")
     if isinstance(model, torch.fx.GraphModule) and "shear_inputs" in model.meta:
-        return _save_graph_module(model, path, tokenizer)
+        return _save_graph_module(model, path, tokenizer, extra)
     hf = hf_base_model(model)
     if hf is not None:
         refresh_config(model)
@@ -216,12 +223,20 @@ def save(
             }
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        _write_extra(tmp, extra)
         _record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
 
-def _save_graph_module(gm: torch.fx.GraphModule, path: Path, tokenizer: Any = None) -> Path:
+def _write_extra(tmp: Path, files: Mapping[str, str]) -> None:
+    for name, text in files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+
+
+def _save_graph_module(
+    gm: torch.fx.GraphModule, path: Path, tokenizer: Any = None, files: Mapping[str, str] | None = None
+) -> Path:
     from shear.runtime.graph_codegen import export_graph_module
 
     program = export_graph_module(gm)
@@ -235,6 +250,7 @@ def _save_graph_module(gm: torch.fx.GraphModule, path: Path, tokenizer: Any = No
         torch.export.save(program, str(tmp / _PROGRAM))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        _write_extra(tmp, files or {})
         _record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
