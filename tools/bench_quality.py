@@ -243,6 +243,148 @@ class Bench:
         return model
 
 
+# -- the ablation at equal budget (--ablation) ---------------------------------------------------
+
+OOD_SOURCES: dict[str, tuple[str, str]] = {
+    "licences": ("/usr/share/common-licenses", "*"),
+    "perlpod": ("/usr/share/perl/5.36/pod", "*.pod"),
+    "vimhelp": ("/usr/share/vim/vim90/doc", "*.txt"),
+    "changelogs": ("/usr/share/doc", "*/changelog.Debian.gz"),
+}
+"""Out-of-domain held-out text: Debian packages' texts the committed corpus does not contain (legal
+prose, Perl manuals, Vim's help, Debian changelogs), read offline from this machine; sources whose
+folder is missing are left out and the table says which were used."""
+
+
+def ood_windows(tokenizer: Any, seq_len: int, windows: int, chars: int = 200_000) -> dict[str, torch.Tensor]:
+    """``[windows, seq_len]`` token windows per out-of-domain source: files in sorted order, the
+    first ``chars`` characters, cut into non-overlapping windows."""
+    import glob
+    import gzip
+
+    out: dict[str, torch.Tensor] = {}
+    for name, (folder, pattern) in OOD_SOURCES.items():
+        files = sorted(f for f in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(f))
+        text, n = [], 0
+        for f in files:
+            raw = gzip.open(f).read() if f.endswith(".gz") else Path(f).read_bytes()
+            piece = raw.decode("utf-8", errors="replace")
+            text.append(piece)
+            n += len(piece)
+            if n >= chars:
+                break
+        ids = tokenizer("\n\n".join(text)[:chars], return_tensors="pt").input_ids[0]
+        w = min(windows, ids.numel() // seq_len)
+        if w:
+            out[name] = ids[: w * seq_len].view(w, seq_len)
+    return out
+
+
+ABLATION = Profile(
+    seq_len=256, batch=4, lhspg="warmup=8,periods=4,steps_per_period=8", kd="",
+    rounds=2, steps_per_round=5, recover_lr=2e-4, eval_windows=8, calib=8, ebft_epochs=0, ebft_lr=0.0,
+)
+"""The issue's budget: 60 optimizer steps of 4 x 256 tokens (61k tokens) per method."""
+
+
+def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int, calib: int, seq_len: int,
+                   batch: int, lr: float) -> torch.nn.Module:
+    """LLM-Pruner-style baseline in plain torch + peft: first-order Taylor importance
+    ``sum |W * dL/dW|`` of every MLP channel (gate and up rows, down column) on ``calib`` calibration
+    windows, the same ``remove`` channels cut from every layer, then LoRA r=8 on every linear for
+    ``steps`` steps of ``batch x seq_len`` tokens, merged."""
+    from shear.runtime.training import TokenBatches, TrainConfig, ensure_lora, train
+
+    model = copy.deepcopy(model)
+    mlps = [layer.mlp for layer in model.model.layers]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mlps:
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            lin.weight.requires_grad_(True)
+    ids = data.calibration(calib, seq_len, seed=0)
+    for i in range(0, ids.shape[0], 4):
+        chunk = ids[i : i + 4]
+        model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
+    with torch.no_grad():
+        for m in mlps:
+            g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+            score = (g * g.grad).abs().sum(1) + (u * u.grad).abs().sum(1) + (d * d.grad).abs().sum(0)
+            keep = score.argsort(descending=True)[: score.numel() - remove].sort().values
+            for lin, dim in ((m.gate_proj, 0), (m.up_proj, 0), (m.down_proj, 1)):
+                lin.weight = torch.nn.Parameter(lin.weight.index_select(dim, keep).clone(), requires_grad=False)
+                lin.out_features, lin.in_features = lin.weight.shape
+    model.config.intermediate_size = mlps[0].gate_proj.out_features
+    model, _ = ensure_lora(model, r=8)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch, seq_len=seq_len)
+    train(model, TokenBatches(data.train, batch, seq_len, seed=0), config)
+    return model.merge_and_unload()
+
+
+class Ablation(Bench):
+    """Rows at one parameter budget and one token budget: the baseline and LoRAShear variants."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.p = ABLATION
+        emb = self.model.get_input_embeddings().weight.numel()
+        self.total = base_param_count(self.model)
+        self.body = self.total - emb
+        self.ood = ood_windows(self.data.tokenizer, self.p.seq_len, self.p.eval_windows)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        from shear.data.text import window_perplexity
+
+        ppl = self.data.perplexity(model, seq_len=self.p.seq_len, max_windows=self.p.eval_windows)
+        ppl.update({f"ood:{k}": window_perplexity(model, w) for k, w in self.ood.items()})
+        return ppl
+
+    def steps(self) -> int:
+        p = self.p
+        return 8 + 4 * 8 + 2 * p.rounds * p.steps_per_round
+
+    def pipeline(self, ratio: float, *, kinds: str = "", kd: bool = True, distill: str = "",
+                 lhspg: str = "", steps_per_round: int = 0) -> str:
+        p = self.p
+        kd_pass = f"knowledge-distribution{{{kinds.lstrip(',')}}}," if kd else ""
+        return (
+            f"lora,discover-groups,{kd_pass}"
+            f"lhspg{{ratio={ratio},{lhspg or p.lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}}},erase,"
+            f"recover-dynamic{{max_rounds={p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
+            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}}},merge-lora"
+        )
+
+    def rows_at(self, share: float) -> dict[str, Any]:
+        """Row name -> what makes it, at ``share`` of the non-embedding parameters removed."""
+        ratio = round(share * self.body / self.total, 4)
+        layers = self.model.config.num_hidden_layers
+        per_channel = 3 * self.model.config.hidden_size
+        remove = round(share * self.body / (layers * per_channel))
+        p = self.p
+        ch = ",kinds=[channel]"
+        dist = ",distill=0.5,distill_temperature=1.0"
+        return {
+            "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
+                self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
+                batch=p.batch, lr=p.recover_lr),
+            "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio)),
+            "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
+            "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
+            "LoRAShear channels + distill": lambda: self.compile(self.pipeline(ratio, kinds=ch, distill=dist)),
+            "LoRAShear channels, global": lambda: self.compile(self.pipeline(ratio, kinds=ch + ",selection=global")),
+            # the same saliency, all structures zeroed at the first step, then 2 x 2 x 15 recovery steps
+            "one-shot channels + recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
+        }
+
+    def ablate(self, share: float) -> None:
+        rows = self.rows_at(share)
+        for name in self.args.only or list(rows):
+            if name not in rows:
+                raise SystemExit(f"unknown row {name!r}; rows: {list(rows)}")
+            self.run(name, share, rows[name])
+
+
 class _Stop(Exception):
     pass
 
@@ -303,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON next to --out")
     parser.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                         help="methods not to run, by their row name (e.g. to run the rest side by side)")
+    parser.add_argument("--ablation", type=float, default=0.0, metavar="SHARE",
+                        help="run the ablation rows at this share of the non-embedding parameters (e.g. 0.2) instead")
+    parser.add_argument("--only", nargs="*", default=[], metavar="ROW", help="with --ablation: these rows only")
     parser.add_argument("--table-only", nargs="*", type=Path, metavar="JSON",
                         help="run nothing: write the table of the JSON next to --out, with the rows of these "
                              "JSON files (runs made side by side, e.g. --ratios ... and --ratios --unstructured 0.5) appended")
@@ -318,9 +463,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.perf_counter()
     load = os.getloadavg()[0]
-    bench = Bench(args)
+    bench = Ablation(args) if args.ablation else Bench(args)
     print(f"{bench.name}: {base_param_count(bench.model):,} parameters; load average {load:.2f}", flush=True)
     bench.run("dense", 0.0, lambda: copy.deepcopy(bench.model))
+    if isinstance(bench, Ablation):
+        bench.ablate(args.ablation)
+        note = f"load average at start {load:.2f}; this invocation took {(time.perf_counter() - start) / 60:.1f} min."
+        table = _table(bench.name, False, bench.p, bench.rows, note)
+        print(table)
+        args.out.write_text(table + "\n")
+        return
     for ratio in args.ratios:
         bench.structured(ratio)
     if args.unstructured > 0:
