@@ -222,8 +222,12 @@ class LHSPG(Pass):
     """Calibration sequences for data-driven saliency criteria (activation, taylor)."""
     selection: str = "uniform"
     """``uniform`` (same fraction of every group, topped up to the target) or ``global``."""
-    kinds: tuple[str, ...] = ("channel", "head")
-    """Group kinds LHSPG may prune (add ``residual`` to prune the hidden width too)."""
+    kinds: tuple[str, ...] = ("channel",)
+    """Group kinds LHSPG may prune: MLP channels by default; ``kinds=[channel,head]`` adds attention
+    heads (kv-head families), ``residual`` the hidden width. Heads are off by default: on
+    SmolLM2-135M at 20% of the non-embedding parameters and 61k training tokens, pruning heads too
+    left LoRAShear at in-domain / out-of-domain ppl 48.8 / 56.5 against 40.8 / 43.3 for channels only
+    (dense 28.6 / 28.2): one of SmolLM2's 3 kv-head families is a third of a layer's attention."""
     round_to: int = 1
     """Keep multiples of this many structures in groups at least that large (8 for fast kernels)."""
     tolerance: float = 0.005
