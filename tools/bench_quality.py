@@ -343,15 +343,16 @@ class Ablation(Bench):
         p = self.p
         return 8 + 4 * 8 + 2 * p.rounds * p.steps_per_round
 
-    def pipeline(self, ratio: float, *, kinds: str = "", kd: bool = True, distill: str = "",
-                 lhspg: str = "", steps_per_round: int = 0) -> str:
+    def pipeline(self, ratio: float, *, kinds: str = "", kd: bool | str = True, distill: str = "",
+                 lhspg: str = "", steps_per_round: int = 0, recover: str = "") -> str:
         p = self.p
-        kd_pass = f"knowledge-distribution{{{kinds.lstrip(',')}}}," if kd else ""
+        kd_opts = kinds.lstrip(",") + (kd if isinstance(kd, str) else "")
+        kd_pass = f"knowledge-distribution{{{kd_opts}}}," if kd is not False else ""
         return (
             f"lora,discover-groups,{kd_pass}"
             f"lhspg{{ratio={ratio},{lhspg or p.lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}}},erase,"
             f"recover-dynamic{{max_rounds={p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
-            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}}},merge-lora"
+            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}}},merge-lora"
         )
 
     def rows_at(self, share: float) -> dict[str, Any]:
@@ -371,11 +372,28 @@ class Ablation(Bench):
             "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
             "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
             "LoRAShear channels + distill": lambda: self.compile(self.pipeline(ratio, kinds=ch, distill=dist)),
-            "LoRAShear channels, global": lambda: self.compile(self.pipeline(ratio, kinds=ch + ",selection=global")),
+            "LoRAShear channels + distill (KL only)": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, distill=",distill=1.0,distill_temperature=1.0")),
+            "LoRAShear channels, no KD + distill": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=False, distill=dist)),
+            "LoRAShear (old default) + distill": lambda: self.compile(self.pipeline(ratio, distill=dist)),
+            "LoRAShear channels, global": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg=p.lhspg + ",selection=global")),
+            "LoRAShear channels, KD gamma=0.2": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=",gamma=0.2")),
+            "LoRAShear channels, taylor saliency": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch + ',saliency="taylor1=1"')),
+            # two pretraining rounds, then two instruction rounds, of 5 steps: pretraining only, 4 rounds
+            "LoRAShear channels, pretrain-only recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, recover=",stages=pretrain").replace(f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+            "one-shot channels, no KD + recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=False, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
             # the same saliency, all structures zeroed at the first step, then 2 x 2 x 15 recovery steps
             "one-shot channels + recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
         }
+
+    def table(self, note: str) -> str:
+        return ablation_table(self.name, self.p, self.rows, self.body, self.steps(), list(self.ood), note)
 
     def ablate(self, share: float) -> None:
         rows = self.rows_at(share)
@@ -383,6 +401,41 @@ class Ablation(Bench):
             if name not in rows:
                 raise SystemExit(f"unknown row {name!r}; rows: {list(rows)}")
             self.run(name, share, rows[name])
+
+
+def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int, steps: int, ood: list[str],
+                   note: str) -> str:
+    """Markdown: in-domain and out-of-domain mean perplexity per row, and each row's gap to dense
+    as a multiple of the LLM-Pruner-style baseline's gap."""
+    def means(r: dict[str, Any]) -> tuple[float, float]:
+        ind = [v for k, v in r["ppl"].items() if not k.startswith("ood:")]
+        out = [v for k, v in r["ppl"].items() if k.startswith("ood:")]
+        return statistics.mean(ind), statistics.mean(out)
+
+    dense = next(r for r in rows if r["method"] == "dense")
+    base = next((r for r in rows if r["method"].startswith("LLM-Pruner")), None)
+    d_in, d_out = means(dense)
+    b_in, b_out = means(base) if base else (float("nan"), float("nan"))
+    head = ["method", "params", "removed (non-embedding)", "in-domain ppl", "out-of-domain ppl",
+            "gap vs baseline's (in / out)", "wall s"]
+    lines = [
+        f"### Ablation on {name}: equal parameters, equal tokens",
+        "",
+        f"Every pruned row removes its share of the {body:,} non-embedding parameters and trains for "
+        f"{steps} optimizer steps of {p.batch} x {p.seq_len} tokens ({steps * p.batch * p.seq_len:,} tokens). "
+        f"Perplexity: mean over sources of {p.eval_windows} windows x {p.seq_len} tokens each; in-domain = the "
+        f"corpus' validation split, out-of-domain = {', '.join(ood)}. {note}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    for r in rows:
+        m_in, m_out = means(r)
+        removed = (dense["params"] - r["params"]) / body
+        gap = "" if r is dense else f"{(m_in - d_in) / (b_in - d_in):.2f}x / {(m_out - d_out) / (b_out - d_out):.2f}x"
+        lines.append(f"| {r['method']} | {r['params']:,} | {removed:.1%} | {m_in:.2f} | {m_out:.2f} | {gap} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines)
 
 
 class _Stop(Exception):
@@ -453,6 +506,15 @@ def main(argv: list[str] | None = None) -> None:
                              "JSON files (runs made side by side, e.g. --ratios ... and --ratios --unstructured 0.5) appended")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
+    if args.table_only is not None and args.ablation:
+        rows = _merge(args.out, args.table_only)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        bench = Ablation(args)
+        bench.rows = rows
+        table = bench.table(f"Rows merged from {1 + len(args.table_only)} runs made side by side on the same cores.")
+        print(table)
+        args.out.write_text(table + "\n")
+        return
     if args.table_only is not None:
         rows = _merge(args.out, args.table_only)
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -468,8 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.run("dense", 0.0, lambda: copy.deepcopy(bench.model))
     if isinstance(bench, Ablation):
         bench.ablate(args.ablation)
-        note = f"load average at start {load:.2f}; this invocation took {(time.perf_counter() - start) / 60:.1f} min."
-        table = _table(bench.name, False, bench.p, bench.rows, note)
+        note = f"Load average at start {load:.2f}; this invocation took {(time.perf_counter() - start) / 60:.1f} min."
+        table = bench.table(note)
         print(table)
         args.out.write_text(table + "\n")
         return
