@@ -381,7 +381,7 @@ class Ablation(Bench):
                 ratio, kinds=ch, lhspg=p.lhspg + ",selection=global")),
             "LoRAShear channels, KD gamma=0.2": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=",gamma=0.2")),
             "LoRAShear channels, taylor saliency": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch + ',saliency="taylor1=1"')),
+                ratio, kinds=ch, lhspg=p.lhspg + ',saliency="taylor1=1"')),
             # two pretraining rounds, then two instruction rounds, of 5 steps: pretraining only, 4 rounds
             "LoRAShear channels, pretrain-only recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, recover=",stages=pretrain").replace(f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
