@@ -32,6 +32,16 @@ Usage:
     python tools/bench_quality.py --resume       # go on after an interruption: rows already in
                                                  # the JSON next to --out are kept, not re-run
 
+The ablation (``--ablation SHARE``): at SHARE of the non-embedding parameters and one token budget
+(60 steps of 4 x 256 tokens), the LLM-Pruner-style baseline (Taylor on MLP channels, the same count
+cut in every layer, LoRA r=8 on every linear) and LoRAShear variants (heads or not, knowledge
+distribution on/off, distillation, one-shot vs progressive, global selection, saliency, recovery
+stages), each evaluated in domain (the corpus' validation split) and out of domain (Debian texts the
+corpus does not contain: licences, Perl manuals, Vim's help, changelogs):
+
+    python tools/bench_quality.py --quick --ablation 0.2 --out abl.md          # tiny LLaMA, ~25 min
+    python tools/bench_quality.py --ablation 0.2 --only "LLM-Pruner-style (MLP)" "LoRAShear channels" --out a.md
+
 Each finished row is written to the JSON at once, so an interrupted run loses at most one row.
 Parts may run side by side, one thread each (with two OpenMP threads per part on 2 shared cores,
 one row ran for 70+ min instead of ~26), and be merged into one table:

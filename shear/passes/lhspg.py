@@ -225,9 +225,9 @@ class LHSPG(Pass):
     kinds: tuple[str, ...] = ("channel",)
     """Group kinds LHSPG may prune: MLP channels by default; ``kinds=[channel,head]`` adds attention
     heads (kv-head families), ``residual`` the hidden width. Heads are off by default: on
-    SmolLM2-135M at 20% of the non-embedding parameters and 61k training tokens, pruning heads too
-    left LoRAShear at in-domain / out-of-domain ppl 48.8 / 56.5 against 40.8 / 43.3 for channels only
-    (dense 28.6 / 28.2): one of SmolLM2's 3 kv-head families is a third of a layer's attention."""
+    SmolLM2-135M at 20% of the non-embedding parameters, pruning them too was most of LoRAShear's
+    loss to plain Taylor pruning of MLP channels + LoRA at the same token budget (one of SmolLM2's 3
+    kv-head families is a third of a layer's attention)."""
     round_to: int = 1
     """Keep multiples of this many structures in groups at least that large (8 for fast kernels)."""
     tolerance: float = 0.005
