@@ -373,12 +373,13 @@ class Ablation(Bench):
         remove = round(share * self.body / (layers * per_channel))
         p = self.p
         ch = ",kinds=[channel]"
+        heads = ",kinds=[channel,head]"  # the defaults before this ablation
         dist = ",distill=0.5,distill_temperature=1.0"
         return {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
                 batch=p.batch, lr=p.recover_lr),
-            "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio)),
+            "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio, kinds=heads)),
             "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
             "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
             "LoRAShear channels + distill": lambda: self.compile(self.pipeline(ratio, kinds=ch, distill=dist)),
@@ -386,7 +387,7 @@ class Ablation(Bench):
                 ratio, kinds=ch, distill=",distill=1.0,distill_temperature=1.0")),
             "LoRAShear channels, no KD + distill": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, kd=False, distill=dist)),
-            "LoRAShear (old default) + distill": lambda: self.compile(self.pipeline(ratio, distill=dist)),
+            "LoRAShear (old default) + distill": lambda: self.compile(self.pipeline(ratio, kinds=heads, distill=dist)),
             "LoRAShear channels, global": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, lhspg=p.lhspg + ",selection=global")),
             "LoRAShear channels, KD gamma=0.2": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=",gamma=0.2")),
@@ -420,7 +421,7 @@ def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int,
     def means(r: dict[str, Any]) -> tuple[float, float]:
         ind = [v for k, v in r["ppl"].items() if not k.startswith("ood:")]
         out = [v for k, v in r["ppl"].items() if k.startswith("ood:")]
-        return statistics.mean(ind), statistics.mean(out)
+        return statistics.mean(ind), statistics.mean(out) if out else float("nan")
 
     dense = next(r for r in rows if r["method"] == "dense")
     base = next((r for r in rows if r["method"].startswith("LLM-Pruner")), None)
