@@ -80,7 +80,7 @@ def test_planted_node_group_ranks_first_and_weights_are_restored(
     base = data.perplexity(model, seq_len=32, max_windows=8)["bigram"]
     assert base < 3.0  # the model learned the language, so perplexity is meaningful
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ctx = _run(model, data, f"knowledge-distribution{{proxy=random,seq_len=32,max_windows=8,out_dir='{tmp_path}'}}")
+    ctx = _run(model, data, f"knowledge-distribution{{proxy=random,kinds=[channel,head],seq_len=32,max_windows=8,out_dir='{tmp_path}'}}")
     kd: KnowledgeDistribution = ctx.results["knowledge-distribution"]
     graph = ctx.results["graph"]
     planted_ng = next(ng for ng in graph.node_groups if ng.name == PLANTED)
@@ -116,8 +116,8 @@ def test_gamma_bounds_and_magnitude_proxy(planted: tuple[torch.nn.Module, TextDa
     assert kd.unprunable_groups == frozenset() and kd.proxy == "magnitude" and not kd.figures
     every = _run(model, data, "knowledge-distribution{gamma=1,seq_len=32,max_windows=2}")
     kd1 = every.results["knowledge-distribution"]
-    assert kd1.unprunable_groups == {
-        g.id for g in every.results["graph"].prunable_groups if g.kind in ("channel", "head")
+    assert kd1.unprunable_groups == {  # the default kinds: MLP channels
+        g.id for g in every.results["graph"].prunable_groups if g.kind == "channel"
     }
     assert all(math.isfinite(e.ppl) for e in kd1.entries)
 

@@ -17,8 +17,8 @@ from shear.zoo import load_tiny_llama
 
 PIPELINE = (
     "lora{{r=4}},discover-groups,"
-    'knowledge-distribution{{max_windows=1,seq_len=64,gamma=0.3,out_dir="{out}"}},'
-    "lhspg{{ratio={ratio},periods=2,steps_per_period=3,warmup=1,batch_size=2,seq_len=64,lr=0.002}},"
+    'knowledge-distribution{{max_windows=1,seq_len=64,gamma=0.3,kinds=[channel,head],out_dir="{out}"}},'
+    "lhspg{{ratio={ratio},kinds=[channel,head],periods=2,steps_per_period=3,warmup=1,batch_size=2,seq_len=64,lr=0.002}},"
     "erase,"
     "recover-dynamic{{stages=pretrain+instruct,max_rounds=1,steps_per_round=2,batch_size=2,seq_len=64,eval_windows=1}},"
     "merge-lora"

@@ -103,3 +103,22 @@ def test_compat_snapshot_and_compare(tmp_path: Path) -> None:
     pruned_less["suites"] = {"llama": {"passed": 3, "failed": 1, "failures": ["t::x[llama]"]}}
     text, worse = compat.compare(snap, pruned_less)
     assert worse and "same / **prunable groups changed**" in text and "- t::x[llama]" in text
+
+
+def test_bench_quality_ablation_baseline_row(tmp_path: Path) -> None:
+    """The LLM-Pruner-style row: the same count of MLP channels cut from every layer, LoRA trained
+    and merged; rows carry out-of-domain perplexities where the Debian texts are installed."""
+    bench = _load("bench_quality")
+    out = tmp_path / "a.md"
+    bench.main(["--quick", "--ablation", "0.2", "--only", "LLM-Pruner-style (MLP)", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "LLM-Pruner-style (MLP)"]
+    dense, base = rows
+    # tiny LLaMA: 4 layers, hidden 128, 787,584 non-embedding parameters; 20% of them = 103 channels a layer
+    assert dense["params"] - base["params"] == 4 * 3 * 128 * 103
+    assert set(dense["ppl"]) == set(base["ppl"])
+    ood = [k for k in dense["ppl"] if k.startswith("ood:")]
+    assert len(ood) == sum(Path(folder).is_dir() for folder, _ in bench.OOD_SOURCES.values())
+    table = out.read_text()
+    assert "out-of-domain ppl" in table and "| LLM-Pruner-style (MLP) | 891,520 | 20.1% |" in table
+    assert "| 1.00x / 1.00x |" in table or not ood

@@ -32,6 +32,16 @@ Usage:
     python tools/bench_quality.py --resume       # go on after an interruption: rows already in
                                                  # the JSON next to --out are kept, not re-run
 
+The ablation (``--ablation SHARE``): at SHARE of the non-embedding parameters and one token budget
+(60 steps of 4 x 256 tokens), the LLM-Pruner-style baseline (Taylor on MLP channels, the same count
+cut in every layer, LoRA r=8 on every linear) and LoRAShear variants (heads or not, knowledge
+distribution on/off, distillation, one-shot vs progressive, global selection, saliency, recovery
+stages), each evaluated in domain (the corpus' validation split) and out of domain (Debian texts the
+corpus does not contain: licences, Perl manuals, Vim's help, changelogs):
+
+    python tools/bench_quality.py --quick --ablation 0.2 --out abl.md          # tiny LLaMA, ~25 min
+    python tools/bench_quality.py --ablation 0.2 --only "LLM-Pruner-style (MLP)" "LoRAShear channels" --out a.md
+
 Each finished row is written to the JSON at once, so an interrupted run loses at most one row.
 Parts may run side by side, one thread each (with two OpenMP threads per part on 2 shared cores,
 one row ran for 70+ min instead of ~26), and be merged into one table:
@@ -243,6 +253,202 @@ class Bench:
         return model
 
 
+# -- the ablation at equal budget (--ablation) ---------------------------------------------------
+
+OOD_SOURCES: dict[str, tuple[str, str]] = {
+    "licences": ("/usr/share/common-licenses", "*"),
+    "perlpod": ("/usr/share/perl/5.36/pod", "*.pod"),
+    "vimhelp": ("/usr/share/vim/vim90/doc", "*.txt"),
+    "changelogs": ("/usr/share/doc", "*/changelog.Debian.gz"),
+}
+"""Out-of-domain held-out text: Debian packages' texts the committed corpus does not contain (legal
+prose, Perl manuals, Vim's help, Debian changelogs), read offline from this machine; sources whose
+folder is missing are left out and the table says which were used."""
+
+
+def ood_windows(tokenizer: Any, seq_len: int, windows: int, chars: int = 200_000) -> dict[str, torch.Tensor]:
+    """``[windows, seq_len]`` token windows per out-of-domain source: files in sorted order, the
+    first ``chars`` characters, cut into non-overlapping windows."""
+    import glob
+    import gzip
+
+    out: dict[str, torch.Tensor] = {}
+    for name, (folder, pattern) in OOD_SOURCES.items():
+        files = sorted(f for f in glob.glob(os.path.join(folder, pattern)) if os.path.isfile(f))
+        text, n = [], 0
+        for f in files:
+            raw = gzip.open(f).read() if f.endswith(".gz") else Path(f).read_bytes()
+            piece = raw.decode("utf-8", errors="replace")
+            text.append(piece)
+            n += len(piece)
+            if n >= chars:
+                break
+        ids = tokenizer("\n\n".join(text)[:chars], return_tensors="pt").input_ids[0]
+        w = min(windows, ids.numel() // seq_len)
+        if w:
+            out[name] = ids[: w * seq_len].view(w, seq_len)
+    return out
+
+
+ABLATION = Profile(
+    seq_len=256, batch=4, lhspg="warmup=8,periods=4,steps_per_period=8", kd="",
+    rounds=2, steps_per_round=5, recover_lr=2e-4, eval_windows=8, calib=8, ebft_epochs=0, ebft_lr=0.0,
+)
+"""The issue's budget: 60 optimizer steps of 4 x 256 tokens (61k tokens) per method."""
+
+
+def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int, calib: int, seq_len: int,
+                   batch: int, lr: float) -> torch.nn.Module:
+    """LLM-Pruner-style baseline in plain torch + peft: first-order Taylor importance
+    ``sum |W * dL/dW|`` of every MLP channel (gate and up rows, down column) on ``calib`` calibration
+    windows, the same ``remove`` channels cut from every layer, then LoRA r=8 on every linear for
+    ``steps`` steps of ``batch x seq_len`` tokens, merged."""
+    from shear.runtime.training import TokenBatches, TrainConfig, ensure_lora, train
+
+    model = copy.deepcopy(model)
+    mlps = [layer.mlp for layer in model.model.layers]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mlps:
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            lin.weight.requires_grad_(True)
+    ids = data.calibration(calib, seq_len, seed=0)
+    for i in range(0, ids.shape[0], 4):
+        chunk = ids[i : i + 4]
+        model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
+    with torch.no_grad():
+        for m in mlps:
+            g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+            score = (g * g.grad).abs().sum(1) + (u * u.grad).abs().sum(1) + (d * d.grad).abs().sum(0)
+            keep = score.argsort(descending=True)[: score.numel() - remove].sort().values
+            for lin, dim in ((m.gate_proj, 0), (m.up_proj, 0), (m.down_proj, 1)):
+                lin.weight = torch.nn.Parameter(lin.weight.index_select(dim, keep).clone(), requires_grad=False)
+                lin.out_features, lin.in_features = lin.weight.shape
+    model.config.intermediate_size = mlps[0].gate_proj.out_features
+    model, _ = ensure_lora(model, r=8)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch, seq_len=seq_len)
+    train(model, TokenBatches(data.train, batch, seq_len, seed=0), config)
+    return model.merge_and_unload()
+
+
+class Ablation(Bench):
+    """Rows at one parameter budget and one token budget: the baseline and LoRAShear variants."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.p = ABLATION
+        emb = self.model.get_input_embeddings().weight.numel()
+        self.total = base_param_count(self.model)
+        self.body = self.total - emb
+        self.ood = ood_windows(self.data.tokenizer, self.p.seq_len, self.p.eval_windows)
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        from shear.data.text import window_perplexity
+
+        ppl = self.data.perplexity(model, seq_len=self.p.seq_len, max_windows=self.p.eval_windows)
+        ppl.update({f"ood:{k}": window_perplexity(model, w) for k, w in self.ood.items()})
+        return ppl
+
+    def steps(self) -> int:
+        p = self.p
+        return 8 + 4 * 8 + 2 * p.rounds * p.steps_per_round
+
+    def pipeline(self, ratio: float, *, kinds: str = "", kd: bool | str = True, distill: str = "",
+                 lhspg: str = "", steps_per_round: int = 0, recover: str = "") -> str:
+        p = self.p
+        kd_opts = kinds.lstrip(",") + (kd if isinstance(kd, str) else "")
+        kd_pass = f"knowledge-distribution{{{kd_opts}}}," if kd is not False else ""
+        return (
+            f"lora,discover-groups,{kd_pass}"
+            f"lhspg{{ratio={ratio},{lhspg or p.lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}}},erase,"
+            f"recover-dynamic{{max_rounds={p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
+            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}}},merge-lora"
+        )
+
+    def rows_at(self, share: float) -> dict[str, Any]:
+        """Row name -> what makes it, at ``share`` of the non-embedding parameters removed."""
+        ratio = round(share * self.body / self.total, 4)
+        layers = self.model.config.num_hidden_layers
+        per_channel = 3 * self.model.config.hidden_size
+        remove = round(share * self.body / (layers * per_channel))
+        p = self.p
+        ch = ",kinds=[channel]"
+        heads = ",kinds=[channel,head]"  # the defaults before this ablation
+        dist = ",distill=0.5,distill_temperature=1.0"
+        return {
+            "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
+                self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
+                batch=p.batch, lr=p.recover_lr),
+            "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio, kinds=heads)),
+            "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
+            "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
+            "LoRAShear channels + distill": lambda: self.compile(self.pipeline(ratio, kinds=ch, distill=dist)),
+            "LoRAShear channels + distill (KL only)": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, distill=",distill=1.0,distill_temperature=1.0")),
+            "LoRAShear channels, no KD + distill": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=False, distill=dist)),
+            "LoRAShear (old default) + distill": lambda: self.compile(self.pipeline(ratio, kinds=heads, distill=dist)),
+            "LoRAShear channels, global": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg=p.lhspg + ",selection=global")),
+            "LoRAShear channels, KD gamma=0.2": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=",gamma=0.2")),
+            "LoRAShear channels, taylor saliency": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg=p.lhspg + ',saliency="taylor1=1"')),
+            # two pretraining rounds, then two instruction rounds, of 5 steps: pretraining only, 4 rounds
+            "LoRAShear channels, pretrain-only recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, recover=",stages=pretrain").replace(f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+            "one-shot channels, no KD + recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=False, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
+            # the same saliency, all structures zeroed at the first step, then 2 x 2 x 15 recovery steps
+            "one-shot channels + recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
+        }
+
+    def table(self, note: str) -> str:
+        return ablation_table(self.name, self.p, self.rows, self.body, self.steps(), list(self.ood), note)
+
+    def ablate(self, share: float) -> None:
+        rows = self.rows_at(share)
+        for name in self.args.only or list(rows):
+            if name not in rows:
+                raise SystemExit(f"unknown row {name!r}; rows: {list(rows)}")
+            self.run(name, share, rows[name])
+
+
+def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int, steps: int, ood: list[str],
+                   note: str) -> str:
+    """Markdown: in-domain and out-of-domain mean perplexity per row, and each row's gap to dense
+    as a multiple of the LLM-Pruner-style baseline's gap."""
+    def means(r: dict[str, Any]) -> tuple[float, float]:
+        ind = [v for k, v in r["ppl"].items() if not k.startswith("ood:")]
+        out = [v for k, v in r["ppl"].items() if k.startswith("ood:")]
+        return statistics.mean(ind), statistics.mean(out) if out else float("nan")
+
+    dense = next(r for r in rows if r["method"] == "dense")
+    base = next((r for r in rows if r["method"].startswith("LLM-Pruner")), None)
+    d_in, d_out = means(dense)
+    b_in, b_out = means(base) if base else (float("nan"), float("nan"))
+    head = ["method", "params", "removed (non-embedding)", "in-domain ppl", "out-of-domain ppl",
+            "gap vs baseline's (in / out)", "wall s"]
+    lines = [
+        f"### Ablation on {name}: equal parameters, equal tokens",
+        "",
+        f"Every pruned row removes its share of the {body:,} non-embedding parameters and trains for "
+        f"{steps} optimizer steps of {p.batch} x {p.seq_len} tokens ({steps * p.batch * p.seq_len:,} tokens). "
+        f"Perplexity: mean over sources of {p.eval_windows} windows x {p.seq_len} tokens each; in-domain = the "
+        f"corpus' validation split, out-of-domain = {', '.join(ood)}. {note}",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
+    for r in rows:
+        m_in, m_out = means(r)
+        removed = (dense["params"] - r["params"]) / body
+        gap = "" if r is dense else f"{(m_in - d_in) / (b_in - d_in):.2f}x / {(m_out - d_out) / (b_out - d_out):.2f}x"
+        lines.append(f"| {r['method']} | {r['params']:,} | {removed:.1%} | {m_in:.2f} | {m_out:.2f} | {gap} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 class _Stop(Exception):
     pass
 
@@ -303,11 +509,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON next to --out")
     parser.add_argument("--skip", nargs="*", default=[], metavar="METHOD",
                         help="methods not to run, by their row name (e.g. to run the rest side by side)")
+    parser.add_argument("--ablation", type=float, default=0.0, metavar="SHARE",
+                        help="run the ablation rows at this share of the non-embedding parameters (e.g. 0.2) instead")
+    parser.add_argument("--only", nargs="*", default=[], metavar="ROW", help="with --ablation: these rows only")
     parser.add_argument("--table-only", nargs="*", type=Path, metavar="JSON",
                         help="run nothing: write the table of the JSON next to --out, with the rows of these "
                              "JSON files (runs made side by side, e.g. --ratios ... and --ratios --unstructured 0.5) appended")
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
+    if args.table_only is not None and args.ablation:
+        rows = _merge(args.out, args.table_only)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        bench = Ablation(args)
+        bench.rows = rows
+        table = bench.table(f"Rows merged from {1 + len(args.table_only)} runs made side by side on the same cores.")
+        print(table)
+        args.out.write_text(table + "\n")
+        return
     if args.table_only is not None:
         rows = _merge(args.out, args.table_only)
         args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -318,9 +536,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.perf_counter()
     load = os.getloadavg()[0]
-    bench = Bench(args)
+    bench = Ablation(args) if args.ablation else Bench(args)
     print(f"{bench.name}: {base_param_count(bench.model):,} parameters; load average {load:.2f}", flush=True)
     bench.run("dense", 0.0, lambda: copy.deepcopy(bench.model))
+    if isinstance(bench, Ablation):
+        bench.ablate(args.ablation)
+        note = f"Load average at start {load:.2f}; this invocation took {(time.perf_counter() - start) / 60:.1f} min."
+        table = bench.table(note)
+        print(table)
+        args.out.write_text(table + "\n")
+        return
     for ratio in args.ratios:
         bench.structured(ratio)
     if args.unstructured > 0:

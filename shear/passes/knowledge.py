@@ -255,9 +255,10 @@ class KnowledgeDistributionAnalysis(Pass):
     """Which structures are zeroed: lowest magnitude, seeded random, or lowest ``ctx.results['saliency']``."""
     include: Literal["all", "basic", "composed"] = "all"
     """Which node groups to analyse (composed ones exist only in LoRA models)."""
-    kinds: tuple[str, ...] = ("channel", "head")
-    """Pruning-group kinds to analyse, as ``lhspg{kinds}``: marking a space LHSPG never prunes (the
-    residual width by default) unprunable would waste a share of ``gamma``."""
+    kinds: tuple[str, ...] = ("channel",)
+    """Pruning-group kinds to analyse, as ``lhspg{kinds}`` (both default to MLP channels): marking a
+    space LHSPG never prunes (heads and the residual width by default) unprunable would waste a share
+    of ``gamma``."""
     seq_len: int = 128
     """Tokens per validation window."""
     max_windows: int | None = 8

@@ -84,6 +84,7 @@ from shear.runtime.recovery import (
     relative_gain,
     source_weights,
 )
+from shear.runtime.training.distill import check_distill_options
 
 __all__ = ["RecoverDynamic", "RecoveryResult", "RecoveryRound"]
 
@@ -249,7 +250,15 @@ class RecoverDynamic(Pass):
     out_dir: Path | None = None
     """Where the figure goes (PNG and SVG); default ``ctx.results['dump_dir']``, else no figure."""
 
+    distill: float = 0.0
+    """Weight of the logit KL to the dense teacher, as in ``lhspg`` (0: labels only)."""
+    distill_temperature: float = 1.0
+    """Temperature of the distillation softmaxes."""
+    teacher: str = "dense-model"
+    """Key of ``ctx.results`` holding the dense teacher."""
+
     def __post_init__(self) -> None:
+        check_distill_options(self.name, self.distill, self.distill_temperature)
         if self.stages not in ("pretrain,instruct", "pretrain+instruct", "pretrain", "instruct"):
             raise PipelineError(
                 "recover-dynamic: stages must be 'pretrain,instruct' (or 'pretrain+instruct'), 'pretrain' or "
@@ -408,6 +417,9 @@ class _Run:
             TokenBatches({s: data.train[s] for s in sources}, p.batch_size, p.seq_len, seed=p.seed) if sources else None
         )
         self.pad_id = _pad_id(data.tokenizer)
+        from shear.passes.lhspg import distill_loss
+
+        self.loss_fn = distill_loss(ctx, p.name, p.teacher, p.distill, p.distill_temperature)
         limit = max_positions(ctx.model)
         self.instr_train = _with_response(ctx, data.instructions, "instructions", limit)
         self.instr_val = _with_response(ctx, data.instructions_val, "instructions_val", limit)
@@ -514,7 +526,7 @@ class _Run:
             checkpoint_every=p.checkpoint_every if ckpt else 0,
         )
         options = {**options_of(p), "stage": stage, "round": k}
-        trained = train(self.ctx.model, stream, config, progress=self.bar, run_options=options)
+        trained = train(self.ctx.model, stream, config, progress=self.bar, run_options=options, loss_fn=self.loss_fn)
         for w in getattr(trained, "warnings", []):
             if f"recover-dynamic: {w}" not in self.ctx.warnings:
                 self.ctx.warn(f"recover-dynamic: {w}")

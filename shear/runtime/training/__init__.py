@@ -6,6 +6,7 @@
   with exact resume, data parallelism through accelerate / torch.distributed;
 * :class:`TrainHook`, :class:`TrainState` — called after every optimizer step (LHSPG edits here);
 * :func:`ensure_lora`, :func:`lora_layers`, :func:`merge_and_reset_lora` — the adapters;
+* :class:`DistillLoss` — cross-entropy plus a chunked KL to the dense teacher's logits;
 * :class:`PeakMemory` and byte counters — memory of a run.
 
 Example:
@@ -24,6 +25,7 @@ from shear.runtime.training.checkpoints import (
     save_checkpoint,
 )
 from shear.runtime.training.config import SCHEDULERS, TrainConfig
+from shear.runtime.training.distill import DistillLoss, chunked_distill_sums
 from shear.runtime.training.distributed import Parallel, detect_parallel
 from shear.runtime.training.hooks import TrainHook, TrainState
 from shear.runtime.training.loop import LossFn, select_trainable, train
@@ -50,6 +52,6 @@ __all__ = [
     "TrainCheckpoint", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
     "Parallel", "detect_parallel",
     "MemoryStats", "PeakMemory", "tensor_bytes", "frozen_bytes", "lora_state_bytes",
-    "causal_lm_loss_sum", "count_targets",
+    "causal_lm_loss_sum", "count_targets", "DistillLoss", "chunked_distill_sums",
     "seed_everything", "capture_rng", "restore_rng",
 ]
