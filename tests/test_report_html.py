@@ -21,8 +21,8 @@ from shear.reporting import SECTIONS, ReportData, render
 
 LORASHEAR = (
     "lora{r=4},discover-groups,"
-    "knowledge-distribution{max_windows=1,seq_len=32,gamma=0.3},"
-    "lhspg{ratio=0.3,periods=2,steps_per_period=2,warmup=1,batch_size=1,seq_len=32,lr=0.002},"
+    "knowledge-distribution{max_windows=1,seq_len=32,gamma=0.3,kinds=[channel,head]},"
+    "lhspg{ratio=0.3,periods=2,steps_per_period=2,warmup=1,batch_size=1,seq_len=32,lr=0.002,kinds=[channel,head]},"
     "erase,"
     "recover-dynamic{max_rounds=1,steps_per_round=1,batch_size=1,seq_len=32,eval_windows=1},"
     "merge-lora"
