@@ -13,6 +13,7 @@ from typing import Any
 from shear.errors import (
     CheckpointError,
     DataError,
+    ExportError,
     GraphError,
     ModelLoadError,
     PassError,
@@ -30,6 +31,7 @@ _LAZY = {
     "draw": ("shear.graph", "draw"),
     "save": ("shear.runtime.checkpoint", "save"),
     "load": ("shear.runtime.checkpoint", "load"),
+    "export": ("shear.runtime.export", "export"),
 }
 """Public functions imported on first use, so ``import shear`` stays light (torch loads later)."""
 
@@ -47,6 +49,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CheckpointError",
     "DataError",
+    "ExportError",
     "GraphError",
     "ModelLoadError",
     "PassError",
@@ -60,4 +63,5 @@ __all__ = [
     "draw",
     "save",
     "load",
+    "export",
 ]

@@ -1,0 +1,317 @@
+"""GGUF export: metadata, per-layer width arrays, tokenizer and every tensor read back with gguf's own reader.
+
+The file is checked against the model, not against the writer's code: q/k rows are put back in
+transformers' order by an independent inverse of llama.cpp's rope layout. Running the file in
+llama.cpp is the slow test at the end (it needs llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import shear
+from shear.errors import ExportError
+from shear.zoo import load_tiny_llama
+
+gguf = pytest.importorskip("gguf")
+
+HEAD_DIM = 32  # the tiny LLaMA: hidden 128, 4 query / 2 kv heads of 32, MLP 384, 4 layers, vocab 2048
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[nn.Module, object]:
+    model, tokenizer, _, _ = load_tiny_llama()
+    return model, tokenizer
+
+
+def _nonuniform(model: nn.Module) -> nn.Module:
+    """Odd layers lose a kv head (and its two query heads); layer i loses 40·(i+1) MLP channels."""
+    masked = load_tiny_llama().model
+    masked.load_state_dict(model.state_dict())
+    hd = HEAD_DIM
+    with torch.no_grad():
+        for i, layer in enumerate(masked.model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            if i % 2:
+                a.k_proj.weight[hd : 2 * hd] = 0
+                a.v_proj.weight[hd : 2 * hd] = 0
+                a.q_proj.weight[2 * hd : 4 * hd] = 0
+                a.o_proj.weight[:, 2 * hd : 4 * hd] = 0
+            n = 40 * (i + 1)
+            mlp.gate_proj.weight[:n] = 0
+            mlp.up_proj.weight[:n] = 0
+            mlp.down_proj.weight[:, :n] = 0
+    return shear.compile(masked, "discover-groups,erase")
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny: tuple[nn.Module, object]) -> nn.Module:
+    return _nonuniform(tiny[0])
+
+
+def _fields(reader: object) -> dict[str, object]:
+    return {k: f.contents() for k, f in reader.fields.items()}  # type: ignore[attr-defined]
+
+
+def _unpermute(t: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's adjacent-pair rope rows back to transformers' half-split order."""
+    rows = t.shape[0]
+    return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def _expected(model: nn.Module, *, permuted: bool) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """GGUF name -> (tensor in transformers' order, heads to un-permute or None)."""
+    inner = model.model
+    out: dict[str, tuple[torch.Tensor, int | None]] = {"token_embd.weight": (inner.embed_tokens.weight, None)}
+    for i, layer in enumerate(inner.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        heads_q = a.q_proj.weight.shape[0] // HEAD_DIM if permuted else None
+        heads_k = a.k_proj.weight.shape[0] // HEAD_DIM if permuted else None
+        out |= {
+            f"blk.{i}.attn_norm.weight": (layer.input_layernorm.weight, None),
+            f"blk.{i}.attn_q.weight": (a.q_proj.weight, heads_q),
+            f"blk.{i}.attn_k.weight": (a.k_proj.weight, heads_k),
+            f"blk.{i}.attn_v.weight": (a.v_proj.weight, None),
+            f"blk.{i}.attn_output.weight": (a.o_proj.weight, None),
+            f"blk.{i}.ffn_norm.weight": (layer.post_attention_layernorm.weight, None),
+            f"blk.{i}.ffn_gate.weight": (mlp.gate_proj.weight, None),
+            f"blk.{i}.ffn_up.weight": (mlp.up_proj.weight, None),
+            f"blk.{i}.ffn_down.weight": (mlp.down_proj.weight, None),
+        }
+    out["output_norm.weight"] = (inner.norm.weight, None)
+    return out
+
+
+def _check_tensors(path: Path, model: nn.Module, dtype: str) -> None:
+    reader = gguf.GGUFReader(str(path))
+    expected = _expected(model, permuted=True)
+    got = {t.name: t for t in reader.tensors}
+    assert set(got) == set(expected), "the tied lm_head is not written; every other tensor is"
+    for name, (tensor, heads) in expected.items():
+        t = got[name]
+        want = tensor.detach().float().numpy()
+        assert tuple(int(s) for s in t.shape) == tuple(reversed(want.shape)), (
+            name
+        )  # GGUF lists ne: innermost first
+        data = np.asarray(t.data)
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        data = data.astype(np.float32).reshape(want.shape)
+        if heads is not None:
+            data = _unpermute(data, heads)
+        if want.ndim == 1 or dtype == "f32":
+            np.testing.assert_array_equal(data, want, err_msg=name)
+        else:
+            rounded = tensor.detach().to(shear.runtime.gguf_export.DTYPES[dtype]).float().numpy()
+            np.testing.assert_array_equal(data, rounded, err_msg=name)
+
+
+def test_dense_tiny_llama_is_a_plain_llama_file(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    path = shear.export(model, tmp_path / "tiny.gguf", format="gguf", dtype="f32", tokenizer=tokenizer)
+    f = _fields(gguf.GGUFReader(str(path)))
+    assert f["general.architecture"] == "llama"
+    assert (f["llama.block_count"], f["llama.embedding_length"]) == (4, 128)
+    assert (
+        f["llama.attention.head_count"],
+        f["llama.attention.head_count_kv"],
+        f["llama.feed_forward_length"],
+    ) == (4, 2, 384)
+    assert f["llama.attention.key_length"] == f["llama.rope.dimension_count"] == HEAD_DIM
+    assert f["llama.rope.freq_base"] == 10000.0
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert f["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    _check_tensors(path, model, "f32")
+
+
+def test_tokenizer_is_written_as_byte_level_bpe(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    path = shear.export(model, tmp_path / "tiny.gguf", tokenizer=tokenizer)
+    f = _fields(gguf.GGUFReader(str(path)))
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"]) == ("gpt2", "gpt-2")
+    tokens = f["tokenizer.ggml.tokens"]
+    assert len(tokens) == 2048
+    assert all(tokens[i] == t for t, i in spec["model"]["vocab"].items())
+    assert f["tokenizer.ggml.merges"] == [
+        " ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]
+    ]
+    types = f["tokenizer.ggml.token_type"]
+    assert types[0] == gguf.TokenType.CONTROL  # <|endoftext|>, a special added token
+    assert set(types[1:]) == {gguf.TokenType.NORMAL}
+    assert f["tokenizer.ggml.bos_token_id"] == f["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert f["tokenizer.ggml.add_bos_token"] is False
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_nonuniform_prune_writes_per_layer_arrays(
+    pruned: nn.Module, tiny: tuple[nn.Module, object], tmp_path: Path, dtype: str
+) -> None:
+    path = shear.export(pruned, tmp_path / "pruned.gguf", dtype=dtype, tokenizer=tiny[1])
+    f = _fields(gguf.GGUFReader(str(path)))
+    assert f["general.architecture"] == "deci"  # llama.cpp's LLaMA graph that reads widths per layer
+    assert f["deci.attention.head_count"] == [4, 2, 4, 2]
+    assert f["deci.attention.head_count_kv"] == [2, 1, 2, 1]
+    assert f["deci.feed_forward_length"] == [344, 304, 264, 224]
+    assert f["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32}[dtype]
+    _check_tensors(path, pruned, dtype)
+
+
+def test_pruned_residual_width_and_rescaled_epsilon(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    small = shear.compile(tiny[0], "discover-groups,random{ratio=0.3,seed=0},erase")
+    path = shear.export(small, tmp_path / "small.gguf", dtype="f32", tokenizer=tiny[1])
+    f = _fields(gguf.GGUFReader(str(path)))
+    width = small.model.embed_tokens.weight.shape[1]
+    assert width < 128 and f["llama.embedding_length"] == width
+    assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(
+        small.model.norm.variance_epsilon, rel=1e-6
+    )
+    _check_tensors(path, small, "f32")
+
+
+def test_untied_lm_head_is_written(tmp_path: Path, tiny: tuple[nn.Module, object]) -> None:
+    model = load_tiny_llama().model
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() * 2)
+    path = shear.export(model, tmp_path / "untied.gguf", dtype="f32", tokenizer=tiny[1])
+    got = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    np.testing.assert_array_equal(
+        np.asarray(got["output.weight"].data), model.lm_head.weight.detach().numpy()
+    )
+
+
+def test_lora_adapters_are_refused_or_merged(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_tiny_llama().model
+    lora = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
+    with pytest.raises(ExportError, match="unmerged LoRA adapters.*merge_lora=True"):
+        shear.export(lora, tmp_path / "lora.gguf", tokenizer=tiny[1])
+    assert not any(tmp_path.iterdir()), "a refused export writes nothing"
+    path = shear.export(lora, tmp_path / "lora.gguf", dtype="f32", tokenizer=tiny[1], merge_lora=True)
+    assert any("lora_A" in n for n, _ in lora.named_parameters()), (
+        "merging for the file leaves the model as it was"
+    )
+    merged = lora.merge_and_unload()
+    _check_tensors(path, merged, "f32")
+
+
+def test_existing_output_is_kept_unless_forced(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"user data")
+    with pytest.raises(ExportError, match="already exists.*force=True"):
+        shear.export(tiny[0], out, tokenizer=tiny[1])
+    assert out.read_bytes() == b"user data"
+    shear.export(tiny[0], out, tokenizer=tiny[1], force=True)
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"], "no temporary file is left behind"
+    with pytest.raises(ExportError, match="is a directory"):
+        shear.export(tiny[0], tmp_path, tokenizer=tiny[1])
+
+
+def test_what_gguf_cannot_hold_is_refused(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    out = tmp_path / "x.gguf"
+    with pytest.raises(ExportError, match="pass tokenizer="):
+        shear.export(model, out)
+    with pytest.raises(ExportError, match="unknown export format 'onnx'"):
+        shear.export(model, out, format="onnx", tokenizer=tokenizer)
+    with pytest.raises(ExportError, match="dtype 'q4'"):
+        shear.export(model, out, dtype="q4", tokenizer=tokenizer)
+    with pytest.raises(ExportError, match="not a transformers model"):
+        shear.export(nn.Linear(2, 2), out, tokenizer=tokenizer)
+
+    odd = load_tiny_llama().model
+    attn = odd.model.layers[2].self_attn
+    attn.head_dim = 16  # pretend layer 2's heads were cut to half their width
+    with pytest.raises(ExportError, match=r"head_dim differs between layers \(\[16, 32\]\)"):
+        shear.export(odd, out, tokenizer=tokenizer)
+
+    odd = load_tiny_llama().model
+    odd.model.layers[1].input_layernorm.variance_epsilon = 1e-6
+    with pytest.raises(ExportError, match="epsilons differ"):
+        shear.export(odd, out, tokenizer=tokenizer)
+
+    odd = load_tiny_llama().model
+    odd.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    with pytest.raises(ExportError, match="rope scaling 'yarn'"):
+        shear.export(odd, out, tokenizer=tokenizer)
+    assert not out.exists() and not any(tmp_path.iterdir())
+
+
+def test_other_architectures_are_refused(tmp_path: Path, tiny: tuple[nn.Module, object]) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=2048))
+    with pytest.raises(ExportError, match=r"LLaMA family \(llama, mistral, qwen2\); GPT2LMHeadModel"):
+        shear.export(gpt2, tmp_path / "g.gguf", tokenizer=tiny[1])
+
+
+def test_cli_export(tmp_path: Path, pruned: nn.Module, tiny: tuple[nn.Module, object]) -> None:
+    from shear.cli import main
+
+    shear.save(pruned, tmp_path / "pruned")
+    out = tmp_path / "pruned.gguf"
+    assert main(["export", str(tmp_path / "pruned"), "-o", str(out), "--dtype", "f32"]) == 1, (
+        "no tokenizer next to it"
+    )
+    tiny[1].save_pretrained(tmp_path / "tok")
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "pruned"),
+                "-o",
+                str(out),
+                "--dtype",
+                "f32",
+                "--tokenizer",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
+    _check_tensors(out, pruned, "f32")
+    assert (
+        main(["export", str(tmp_path / "pruned"), "-o", str(out), "--tokenizer", str(tmp_path / "tok")]) == 1
+    )
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "pruned"),
+                "-o",
+                str(out),
+                "--tokenizer",
+                str(tmp_path / "tok"),
+                "--force",
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_pruned_file(
+    pruned: nn.Module, tiny: tuple[nn.Module, object], tmp_path: Path
+) -> None:
+    """llama.cpp's logits for the non-uniform tiny model match shear's within f16 rounding."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path = shear.export(pruned, tmp_path / "pruned.gguf", dtype="f16", tokenizer=tiny[1])
+    ids = [int(i) for i in torch.randint(1, 2048, (24,), generator=torch.Generator().manual_seed(0))]
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    with torch.no_grad():
+        want = pruned(torch.tensor([ids])).logits[0].float().numpy()
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel < 1e-2, f"max |diff| / max |logit| = {rel:.2e}"
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
