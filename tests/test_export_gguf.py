@@ -65,20 +65,23 @@ def _unpermute(t: np.ndarray, n_head: int) -> np.ndarray:
     return t.reshape(n_head, rows // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def _expected(model: nn.Module, *, permuted: bool) -> dict[str, tuple[torch.Tensor, int | None]]:
+def _expected(
+    model: nn.Module, *, permuted: bool, head_dim: int = HEAD_DIM
+) -> dict[str, tuple[torch.Tensor, int | None]]:
     """GGUF name -> (tensor in transformers' order, heads to un-permute or None)."""
     inner = model.model
     out: dict[str, tuple[torch.Tensor, int | None]] = {"token_embd.weight": (inner.embed_tokens.weight, None)}
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
     for i, layer in enumerate(inner.layers):
         a, mlp = layer.self_attn, layer.mlp
-        heads_q = a.q_proj.weight.shape[0] // HEAD_DIM if permuted else None
-        heads_k = a.k_proj.weight.shape[0] // HEAD_DIM if permuted else None
+        out[f"blk.{i}.attn_norm.weight"] = (layer.input_layernorm.weight, None)
+        for proj, name in names.items():
+            linear = getattr(a, proj)
+            heads = linear.weight.shape[0] // head_dim if permuted and proj in ("q_proj", "k_proj") else None
+            out[f"blk.{i}.{name}.weight"] = (linear.weight, heads)
+            if linear.bias is not None:
+                out[f"blk.{i}.{name}.bias"] = (linear.bias, heads)
         out |= {
-            f"blk.{i}.attn_norm.weight": (layer.input_layernorm.weight, None),
-            f"blk.{i}.attn_q.weight": (a.q_proj.weight, heads_q),
-            f"blk.{i}.attn_k.weight": (a.k_proj.weight, heads_k),
-            f"blk.{i}.attn_v.weight": (a.v_proj.weight, None),
-            f"blk.{i}.attn_output.weight": (a.o_proj.weight, None),
             f"blk.{i}.ffn_norm.weight": (layer.post_attention_layernorm.weight, None),
             f"blk.{i}.ffn_gate.weight": (mlp.gate_proj.weight, None),
             f"blk.{i}.ffn_up.weight": (mlp.up_proj.weight, None),
@@ -88,9 +91,11 @@ def _expected(model: nn.Module, *, permuted: bool) -> dict[str, tuple[torch.Tens
     return out
 
 
-def _check_tensors(path: Path, model: nn.Module, dtype: str) -> None:
+def _check_tensors(
+    path: Path, model: nn.Module, dtype: str, *, permuted: bool = True, head_dim: int = HEAD_DIM
+) -> None:
     reader = gguf.GGUFReader(str(path))
-    expected = _expected(model, permuted=True)
+    expected = _expected(model, permuted=permuted, head_dim=head_dim)
     got = {t.name: t for t in reader.tensors}
     assert set(got) == set(expected), "the tied lm_head is not written; every other tensor is"
     for name, (tensor, heads) in expected.items():
@@ -253,6 +258,55 @@ def test_other_architectures_are_refused(tmp_path: Path, tiny: tuple[nn.Module, 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=2048))
     with pytest.raises(ExportError, match=r"LLaMA family \(llama, mistral, qwen2\); GPT2LMHeadModel"):
         shear.export(gpt2, tmp_path / "g.gguf", tokenizer=tiny[1])
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16))  # fmt: skip
+    with pytest.raises(ExportError, match="model_type 'qwen3'"):
+        shear.export(qwen3, tmp_path / "q.gguf", tokenizer=tiny[1])
+    assert not any(tmp_path.iterdir())
+
+
+def _family(arch: str) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    if arch == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)).eval()
+    return tf.MistralForCausalLM(tf.MistralConfig(sliding_window=None, **common)).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_qwen2_and_mistral(arch: str, tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
+    """Uniform: their own llama.cpp architecture (Qwen2 keeps its half-split rope rows); per-layer
+    widths: deci, with Qwen2's q/k biases reordered like its weights."""
+    model = _family(arch)
+    path = shear.export(model, tmp_path / "u.gguf", dtype="f32", tokenizer=tiny[1])
+    native = {"qwen2": "qwen2", "mistral": "llama"}[arch]
+    f = _fields(gguf.GGUFReader(str(path)))
+    assert f["general.architecture"] == native
+    assert f[f"{native}.attention.head_count"] == 4
+    _check_tensors(path, model, "f32", permuted=native == "llama", head_dim=16)
+
+    with torch.no_grad():
+        a = model.model.layers[1].self_attn  # drop kv head 1 and its query heads 2, 3 in layer 1
+        for t in (a.k_proj.weight, a.v_proj.weight, a.q_proj.weight):
+            t[t.shape[0] // 2 :] = 0
+        for t in (a.k_proj.bias, a.v_proj.bias, a.q_proj.bias):
+            if t is not None:
+                t[t.shape[0] // 2 :] = 0
+        a.o_proj.weight[:, 32:] = 0
+        model.model.layers[2].mlp.gate_proj.weight[:30] = 0
+        model.model.layers[2].mlp.up_proj.weight[:30] = 0
+    small = shear.compile(model, "discover-groups,erase")
+    path = shear.export(small, tmp_path / "n.gguf", dtype="f32", tokenizer=tiny[1])
+    f = _fields(gguf.GGUFReader(str(path)))
+    assert f["general.architecture"] == "deci"
+    assert (f["deci.attention.head_count"], f["deci.attention.head_count_kv"]) == ([4, 2, 4], [2, 1, 2])
+    assert f["deci.feed_forward_length"] == [96, 96, 66]
+    _check_tensors(path, small, "f32", permuted=True, head_dim=16)
 
 
 def test_cli_export(tmp_path: Path, pruned: nn.Module, tiny: tuple[nn.Module, object]) -> None:
