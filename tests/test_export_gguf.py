@@ -353,19 +353,62 @@ def test_cli_export(tmp_path: Path, pruned: nn.Module, tiny: tuple[nn.Module, ob
     )
 
 
+def _llama_cpp_python() -> str | None:
+    """An interpreter with llama-cpp-python: $SHEAR_LLAMA_CPP_PYTHON, or this one when it has it."""
+    import importlib.util
+    import os
+    import sys
+
+    if os.environ.get("SHEAR_LLAMA_CPP_PYTHON"):
+        return os.environ["SHEAR_LLAMA_CPP_PYTHON"]
+    return sys.executable if importlib.util.find_spec("llama_cpp") else None
+
+
 @pytest.mark.slow
-def test_llama_cpp_runs_the_pruned_file(
-    pruned: nn.Module, tiny: tuple[nn.Module, object], tmp_path: Path
+@pytest.mark.parametrize("which", ["nonuniform", "uniform"])
+def test_llama_cpp_runs_the_exported_file(
+    which: str, pruned: nn.Module, tiny: tuple[nn.Module, object], tmp_path: Path
 ) -> None:
-    """llama.cpp's logits for the non-uniform tiny model match shear's within f16 rounding."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path = shear.export(pruned, tmp_path / "pruned.gguf", dtype="f16", tokenizer=tiny[1])
-    ids = [int(i) for i in torch.randint(1, 2048, (24,), generator=torch.Generator().manual_seed(0))]
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
-    llm.eval(ids)
-    got = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    """llama.cpp's logits for the exported tiny model match shear's within f16 rounding, and greedy
+    decoding picks the same tokens."""
+    import importlib.util
+
+    python = _llama_cpp_python()
+    if python is None:
+        pytest.skip(
+            "llama-cpp-python is not installed (set SHEAR_LLAMA_CPP_PYTHON to an interpreter that has it)"
+        )
+    spec = importlib.util.spec_from_file_location(
+        "_gguf_check", Path(__file__).parents[1] / "tools" / "gguf_check.py"
+    )
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    model = (
+        pruned
+        if which == "nonuniform"
+        else shear.compile(tiny[0], "discover-groups,random{ratio=0.3,seed=0},erase")
+    )
+    path = shear.export(model, tmp_path / "m.gguf", dtype="f16", tokenizer=tiny[1])
+    text = "The quick brown fox jumps over the lazy dog. 12345 times!"
+    ids = tiny[1](text)["input_ids"]
     with torch.no_grad():
-        want = pruned(torch.tensor([ids])).logits[0].float().numpy()
-    rel = np.abs(got - want).max() / np.abs(want).max()
+        want = model(torch.tensor([ids])).logits[0].float().numpy()
+        cont = model.generate(torch.tensor([ids[:6]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[
+            0, 6:
+        ].tolist()
+    request = {
+        "gguf": str(path),
+        "logits_ids": ids,
+        "prompt_ids": ids[:6],
+        "new": 8,
+        "text": text,
+        "threads": 1,
+    }
+    got = tool.run_client(python, request, tmp_path)
+    rel = np.abs(got["logits"] - want).max() / np.abs(want).max()
     assert rel < 1e-2, f"max |diff| / max |logit| = {rel:.2e}"
-    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
+    assert (got["logits"].argmax(-1) == want.argmax(-1)).mean() > 0.9
+    assert got["greedy"] == cont
+    assert got["tokens"] == ids

@@ -1,0 +1,195 @@
+"""Run shear's GGUF export in llama.cpp and compare it with the PyTorch model it came from.
+
+For each model (SmolLM2-135M-Instruct pruned non-uniformly by a short LoRAShear run, pruned
+uniformly by ``random``, and dense) this exports a GGUF file, runs it in llama.cpp
+(``tools/llama_cpp_client.py`` in the interpreter given by ``--client-python``, whose environment
+has ``llama-cpp-python``; not a shear dependency) and compares on held-out text of shear's corpus:
+
+* next-token logits at every position: max |diff| relative to the largest |logit| (f16 weights
+  and llama.cpp's f16 KV cache put it near 1e-3), and how often the argmax agrees;
+* the greedy continuation of a prompt (``--new`` tokens), token by token;
+* the tokenizer: llama.cpp's ids for a held-out passage against transformers';
+* file size and llama.cpp's greedy decoding speed (tokens/s on ``--threads`` threads).
+
+The non-uniform model keeps its LoRA adapters unmerged, so the export folds them in
+(``merge_lora=True``) and the comparison checks that too. The uniform model is also saved with
+``save_pretrained`` and reloaded with a plain ``AutoModelForCausalLM.from_pretrained``.
+
+Runtime: 5-15 minutes on a shared 2-core CPU, most of it the LoRAShear prune; each llama.cpp
+check takes seconds. Example::
+
+    python tools/gguf_check.py --client-python /path/to/llamacpp-venv/bin/python --out /tmp/gguf-check
+    python tools/gguf_check.py --models uniform --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NONUNIFORM = (
+    "lora,discover-groups,"
+    "lhspg{ratio=0.2,periods=2,steps_per_period=3,warmup=1,seq_len=64,batch_size=2,calibration=2,selection=global},"
+    "erase"
+)
+"""A short LoRAShear run: LHSPG with global selection gives every layer its own widths."""
+UNIFORM = "discover-groups,random{ratio=0.25,seed=0},erase"
+"""The same fraction of every group (heads, MLP channels and the residual width)."""
+CLIENT = Path(__file__).resolve().with_name("llama_cpp_client.py")
+
+
+def widths(model: Any) -> dict[str, list[int]]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.model.layers
+    hd = layers[0].self_attn.head_dim
+
+    def rows(m: Any) -> int:
+        while hasattr(m, "base_layer"):
+            m = m.base_layer
+        return int(m.weight.shape[0])
+
+    return {
+        "heads": [rows(layer.self_attn.q_proj) // hd for layer in layers],
+        "kv_heads": [rows(layer.self_attn.k_proj) // hd for layer in layers],
+        "ffn": [rows(layer.mlp.gate_proj) for layer in layers],
+        "hidden": [int(base.model.embed_tokens.weight.shape[1])],
+    }
+
+
+def run_client(python: str, request: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Run the llama.cpp side in ``python`` (its own environment) and read its answer."""
+    req, ans = workdir / "request.json", workdir / "answer.json"
+    req.write_text(json.dumps(request))
+    done = subprocess.run(
+        [python, str(CLIENT), str(req), str(ans)], capture_output=True, text=True, timeout=1800
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"llama.cpp client failed:\n{done.stderr[-3000:]}")
+    answer = json.loads(ans.read_text())
+    answer["logits"] = np.load(answer["logits"])
+    return answer
+
+
+def reload_plain(model: Any, folder: Path, ids: list[int]) -> float:
+    """Max |diff| of logits after save_pretrained and a plain from_pretrained (uniform widths only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(folder)
+    again = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        return float((again(x).logits - model(x).logits).abs().max())
+
+
+def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    import shear
+
+    t0 = time.perf_counter()
+    if kind == "dense":
+        small = model
+    else:
+        small = shear.compile(model, NONUNIFORM if kind == "nonuniform" else UNIFORM, data=data).eval()
+    prune_s = time.perf_counter() - t0
+    out = Path(args.out)
+    path = out / f"smollm2-{kind}-{args.dtype}.gguf"
+    has_lora = hasattr(small, "peft_config")
+    t0 = time.perf_counter()
+    shear.export(small, path, tokenizer=tokenizer, dtype=args.dtype, merge_lora=has_lora, force=True)
+    export_s = time.perf_counter() - t0
+    reference = small.merge_and_unload().eval() if has_lora else small
+
+    ids = [int(i) for i in data.validation[args.source][: args.tokens]]
+    prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    text = tokenizer.decode(data.validation[args.source][:300])
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0].float().numpy()
+        cont = reference.generate(torch.tensor([prompt]), max_new_tokens=args.new, min_new_tokens=args.new,
+                                  do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        request = {"gguf": str(path), "logits_ids": ids, "prompt_ids": prompt, "new": args.new, "text": text,
+                   "threads": args.threads}  # fmt: skip
+        got = run_client(args.client_python, request, Path(tmp))
+        plain = reload_plain(reference, Path(tmp) / "hf", ids) if kind == "uniform" else None
+    diff = np.abs(got["logits"] - want)
+    prefix = next(
+        (i for i, (a, b) in enumerate(zip(got["greedy"], cont)) if a != b), min(len(cont), len(got["greedy"]))
+    )
+    import gguf
+
+    return {
+        "model": kind,
+        "pipeline": {"dense": "", "uniform": UNIFORM, "nonuniform": NONUNIFORM}[kind],
+        "widths": widths(small),
+        "params": sum(p.numel() for p in reference.parameters()),
+        "prune_s": round(prune_s, 1),
+        "export_s": round(export_s, 1),
+        "gguf": path.name,
+        "arch": str(gguf.GGUFReader(str(path)).fields["general.architecture"].contents()),
+        "file_mib": round(path.stat().st_size / 2**20, 2),
+        "dtype": args.dtype,
+        "client": got["client"],
+        "tokens": len(ids),
+        "max_abs_diff": float(diff.max()),
+        "max_abs_logit": float(np.abs(want).max()),
+        "max_rel_diff": float(diff.max() / np.abs(want).max()),
+        "argmax_agreement": float((got["logits"].argmax(-1) == want.argmax(-1)).mean()),
+        "greedy_same": got["greedy"] == cont,
+        "greedy_common_prefix": prefix,
+        "greedy_llama_cpp": tokenizer.decode(got["greedy"]),
+        "greedy_shear": tokenizer.decode(cont),
+        "tokenizer_same": got["tokens"] == tokenizer(text, add_special_tokens=False)["input_ids"],
+        "llama_cpp_tokens_per_s": round(args.new / got["greedy_s"], 1),
+        "threads": args.threads,
+        "from_pretrained_max_abs_diff": plain,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["nonuniform", "uniform", "dense"],
+                        choices=["nonuniform", "uniform", "dense"])  # fmt: skip
+    parser.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"])
+    parser.add_argument("--client-python", default=sys.executable,
+                        help="interpreter whose environment has llama-cpp-python (default: this one)")  # fmt: skip
+    parser.add_argument("--out", default="/tmp/gguf-check", help="folder for the .gguf files and report.json")
+    parser.add_argument("--source", default="shakespeare", help="held-out corpus source for the logits")
+    parser.add_argument("--tokens", type=int, default=128, help="held-out tokens compared")
+    parser.add_argument("--new", type=int, default=32, help="greedy tokens generated")
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from shear.data import TextData
+    from shear.zoo import load_smollm2
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    model, tokenizer, _, _ = load_smollm2()
+    data = TextData.from_corpus(tokenizer, max_train_chars=100_000, instructions=64)
+    results = []
+    for kind in args.models:
+        r = check(kind, model, tokenizer, data, args)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        (Path(args.out) / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    ok = all(r["max_rel_diff"] < 1e-2 and r["argmax_agreement"] > 0.95 for r in results)
+    print("OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
