@@ -9,7 +9,9 @@ has ``llama-cpp-python``; not a shear dependency) and compares on held-out text 
   and llama.cpp's f16 KV cache put it near 1e-3), and how often the argmax agrees;
 * the greedy continuation of a prompt (``--new`` tokens), token by token;
 * the tokenizer: llama.cpp's ids for a held-out passage against transformers';
-* file size and llama.cpp's greedy decoding speed (tokens/s on ``--threads`` threads).
+* file size and llama.cpp's greedy decoding speed (tokens/s on ``--threads`` threads);
+* with ``--quantize Q4_K_M``: llama.cpp's own quantizer on the exported file, its size,
+  perplexity on the held-out tokens against the f16 file's, and its greedy continuation.
 
 The non-uniform model keeps its LoRA adapters unmerged, so the export folds them in
 (``merge_lora=True``) and the comparison checks that too. The uniform model is also saved with
@@ -78,6 +80,14 @@ def run_client(python: str, request: dict[str, Any], workdir: Path) -> dict[str,
     return answer
 
 
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp of the mean next-token cross-entropy of ``ids`` under ``logits`` (float64)."""
+    x = logits[:-1].astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    logp = x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    return float(np.exp(-logp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
 def reload_plain(model: Any, folder: Path, ids: list[int]) -> float:
     """Max |diff| of logits after save_pretrained and a plain from_pretrained (uniform widths only)."""
     import torch
@@ -121,6 +131,18 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
                    "threads": args.threads}  # fmt: skip
         got = run_client(args.client_python, request, Path(tmp))
         plain = reload_plain(reference, Path(tmp) / "hf", ids) if kind == "uniform" else None
+        quant = None
+        if args.quantize:
+            qpath = out / f"smollm2-{kind}-{args.quantize}.gguf"
+            q = run_client(args.client_python, {**request, "quantize": {"out": str(qpath), "ftype": args.quantize}},
+                           Path(tmp))  # fmt: skip
+            quant = {
+                "ftype": args.quantize,
+                "file_mib": round(qpath.stat().st_size / 2**20, 2),
+                "perplexity": perplexity(q["logits"], ids),
+                "greedy": tokenizer.decode(q["greedy"]),
+                "tokens_per_s": round(args.new / q["greedy_s"], 1),
+            }
     diff = np.abs(got["logits"] - want)
     prefix = next(
         (i for i, (a, b) in enumerate(zip(got["greedy"], cont)) if a != b), min(len(cont), len(got["greedy"]))
@@ -152,6 +174,9 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
         "llama_cpp_tokens_per_s": round(args.new / got["greedy_s"], 1),
         "threads": args.threads,
         "from_pretrained_max_abs_diff": plain,
+        "perplexity_shear": perplexity(want, ids),
+        "perplexity_llama_cpp": perplexity(got["logits"], ids),
+        "quantized": quant,
     }
 
 
@@ -164,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="interpreter whose environment has llama-cpp-python (default: this one)")  # fmt: skip
     parser.add_argument("--out", default="/tmp/gguf-check", help="folder for the .gguf files and report.json")
     parser.add_argument("--source", default="shakespeare", help="held-out corpus source for the logits")
-    parser.add_argument("--tokens", type=int, default=128, help="held-out tokens compared")
+    parser.add_argument("--tokens", type=int, default=256, help="held-out tokens compared")
     parser.add_argument("--new", type=int, default=32, help="greedy tokens generated")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--quantize", default="", help="also quantize with llama.cpp, e.g. Q4_K_M, and compare"
+    )
     args = parser.parse_args(argv)
 
     import torch

@@ -9,7 +9,8 @@ As a script it reads a JSON request and writes a JSON answer::
     python tools/llama_cpp_client.py request.json answer.json
 
 request: ``{"gguf": path, "logits_ids": [...], "prompt_ids": [...], "new": 32, "text": "...",
-"threads": 2}``; answer: ``{"client": ..., "logits": file.npy, "greedy": [...],
+"threads": 2}``, optionally ``"quantize": {"out": path, "ftype": "Q4_K_M"}`` to quantize first
+and run the quantized file; answer: ``{"client": ..., "logits": file.npy, "greedy": [...],
 "greedy_s": seconds, "tokens": [...]}`` (the logits array is written next to the answer).
 """
 
@@ -60,9 +61,24 @@ def open_client(path: str, *, n_ctx: int = 512, threads: int = 2) -> Any:
     return _LlamaCppPython(path, n_ctx, threads)
 
 
+def quantize(source: str, target: str, ftype: str, threads: int) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``), e.g. ``ftype="Q4_K_M"``."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(source.encode(), target.encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize({source} -> {ftype}) failed")
+
+
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[0]).read_text())
     answer_path = Path(argv[1])
+    if request.get("quantize"):
+        q = request["quantize"]
+        quantize(request["gguf"], q["out"], q["ftype"], request.get("threads", 2))
+        request["gguf"] = q["out"]
     ids, prompt = request["logits_ids"], request["prompt_ids"]
     client = open_client(request["gguf"], n_ctx=max(512, len(ids) + 8, len(prompt) + request["new"] + 8),
                          threads=request.get("threads", 2))  # fmt: skip
