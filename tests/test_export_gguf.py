@@ -1,8 +1,10 @@
 """GGUF export: metadata, per-layer width arrays, tokenizer and every tensor read back with gguf's own reader.
 
 The file is checked against the model, not against the writer's code: q/k rows are put back in
-transformers' order by an independent inverse of llama.cpp's rope layout. Running the file in
-llama.cpp is the slow test at the end (it needs llama-cpp-python).
+transformers' order by an independent inverse of llama.cpp's rope layout, and a numpy forward
+pass that reads only the file and follows llama.cpp's graphs (adjacent-pair rope for llama/deci,
+half-split for qwen2, per-layer head and MLP counts) reproduces the model's logits. Running the
+file in llama.cpp itself is the slow test at the end (it needs llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -117,6 +119,81 @@ def _check_tensors(
             np.testing.assert_array_equal(data, rounded, err_msg=name)
 
 
+def _gguf_forward(path: Path, ids: list[int]) -> np.ndarray:
+    """Logits of the GGUF file computed the way llama.cpp's graphs do, from the file alone (numpy, fp32).
+
+    Sizes come from the metadata (per-layer arrays where present); ``llama``/``deci`` rotate
+    adjacent pairs of a head (ggml's NORM rope), ``qwen2`` its two halves (NEOX).
+    """
+    reader = gguf.GGUFReader(str(path))
+    f = _fields(reader)
+    arch = f["general.architecture"]
+
+    def key(name: str, layer: int | None = None) -> object:
+        v = f[f"{arch}.{name}"]
+        return v[layer] if isinstance(v, list) and layer is not None else v
+
+    tensors = {}
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        tensors[t.name] = data.astype(np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
+    eps, hd, base = (
+        key("attention.layer_norm_rms_epsilon"),
+        key("attention.key_length"),
+        key("rope.freq_base"),
+    )
+
+    def rms(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    n = len(ids)
+    pos = np.arange(n)[:, None]
+
+    def rope(x: np.ndarray) -> np.ndarray:  # [n, heads, hd]
+        theta = pos * base ** (-np.arange(0, hd, 2) / hd)  # [n, hd/2]
+        cos, sin = np.cos(theta)[:, None], np.sin(theta)[:, None]
+        if arch == "qwen2":
+            a, b = x[..., : hd // 2], x[..., hd // 2 :]
+            return np.concatenate([a * cos - b * sin, a * sin + b * cos], -1)
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, a * sin + b * cos
+        return out
+
+    def linear(x: np.ndarray, name: str) -> np.ndarray:
+        y = x @ tensors[f"{name}.weight"].T
+        return y + tensors[f"{name}.bias"] if f"{name}.bias" in tensors else y
+
+    x = tensors["token_embd.weight"][ids]
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(int(key("block_count"))):
+        n_head, n_kv = int(key("attention.head_count", i)), int(key("attention.head_count_kv", i))
+        h = rms(x, tensors[f"blk.{i}.attn_norm.weight"])
+        q = rope(linear(h, f"blk.{i}.attn_q").reshape(n, n_head, hd))
+        k = rope(linear(h, f"blk.{i}.attn_k").reshape(n, n_kv, hd))
+        v = linear(h, f"blk.{i}.attn_v").reshape(n, n_kv, hd)
+        k, v = np.repeat(k, n_head // n_kv, axis=1), np.repeat(v, n_head // n_kv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        att = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(n, n_head * hd)
+        x = x + linear(att, f"blk.{i}.attn_output")
+        h = rms(x, tensors[f"blk.{i}.ffn_norm.weight"])
+        gate = linear(h, f"blk.{i}.ffn_gate")
+        x = x + linear(gate / (1 + np.exp(-gate)) * linear(h, f"blk.{i}.ffn_up"), f"blk.{i}.ffn_down")
+    head = tensors.get("output.weight", tensors["token_embd.weight"])
+    return rms(x, tensors["output_norm.weight"]) @ head.T
+
+
+def _logits_match(path: Path, model: nn.Module, atol: float = 1e-4) -> None:
+    ids = [int(i) for i in torch.randint(0, 2048, (20,), generator=torch.Generator().manual_seed(1))]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = _gguf_forward(path, ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol * np.abs(want).max())
+
+
 def test_dense_tiny_llama_is_a_plain_llama_file(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
     model, tokenizer = tiny
     path = shear.export(model, tmp_path / "tiny.gguf", format="gguf", dtype="f32", tokenizer=tokenizer)
@@ -133,6 +210,7 @@ def test_dense_tiny_llama_is_a_plain_llama_file(tiny: tuple[nn.Module, object], 
     assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
     assert f["general.file_type"] == gguf.LlamaFileType.ALL_F32
     _check_tensors(path, model, "f32")
+    _logits_match(path, model)
 
 
 def test_tokenizer_is_written_as_byte_level_bpe(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
@@ -166,6 +244,7 @@ def test_nonuniform_prune_writes_per_layer_arrays(
     assert f["deci.feed_forward_length"] == [344, 304, 264, 224]
     assert f["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32}[dtype]
     _check_tensors(path, pruned, dtype)
+    _logits_match(path, pruned, atol={"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2}[dtype])
 
 
 def test_pruned_residual_width_and_rescaled_epsilon(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
@@ -205,8 +284,11 @@ def test_lora_adapters_are_refused_or_merged(tiny: tuple[nn.Module, object], tmp
     assert any("lora_A" in n for n, _ in lora.named_parameters()), (
         "merging for the file leaves the model as it was"
     )
+    with torch.no_grad():
+        want = lora(torch.tensor([[1, 2, 3]])).logits
     merged = lora.merge_and_unload()
     _check_tensors(path, merged, "f32")
+    np.testing.assert_allclose(_gguf_forward(path, [1, 2, 3]), want[0].double().numpy(), rtol=0, atol=1e-4)
 
 
 def test_existing_output_is_kept_unless_forced(tiny: tuple[nn.Module, object], tmp_path: Path) -> None:
@@ -289,6 +371,7 @@ def test_qwen2_and_mistral(arch: str, tiny: tuple[nn.Module, object], tmp_path: 
     assert f["general.architecture"] == native
     assert f[f"{native}.attention.head_count"] == 4
     _check_tensors(path, model, "f32", permuted=native == "llama", head_dim=16)
+    _logits_match(path, model)
 
     with torch.no_grad():
         a = model.model.layers[1].self_attn  # drop kv head 1 and its query heads 2, 3 in layer 1
@@ -307,6 +390,7 @@ def test_qwen2_and_mistral(arch: str, tiny: tuple[nn.Module, object], tmp_path: 
     assert (f["deci.attention.head_count"], f["deci.attention.head_count_kv"]) == ([4, 2, 4], [2, 1, 2])
     assert f["deci.feed_forward_length"] == [96, 96, 66]
     _check_tensors(path, small, "f32", permuted=True, head_dim=16)
+    _logits_match(path, small)
 
 
 def test_cli_export(tmp_path: Path, pruned: nn.Module, tiny: tuple[nn.Module, object]) -> None:
