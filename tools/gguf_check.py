@@ -13,7 +13,8 @@ has ``llama-cpp-python``; not a shear dependency) and compares on held-out text 
 * with ``--quantize Q4_K_M``: llama.cpp's own quantizer on the exported file, its size,
   perplexity on the held-out tokens against the f16 file's, and its greedy continuation.
 
-The non-uniform model keeps its LoRA adapters unmerged, so the export folds them in
+Pruned models are saved under ``--out`` and reused by the next run. The non-uniform model keeps
+its LoRA adapters unmerged, so the export folds them in
 (``merge_lora=True``) and the comparison checks that too. The uniform model is also saved with
 ``save_pretrained`` and reloaded with a plain ``AutoModelForCausalLM.from_pretrained``.
 
@@ -105,13 +106,17 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
 
     import shear
 
+    out = Path(args.out)
+    saved = out / f"smollm2-{kind}"
     t0 = time.perf_counter()
     if kind == "dense":
         small = model
+    elif (saved / "shear.json").is_file():  # pruned by an earlier run
+        small = shear.load(saved).eval()
     else:
         small = shear.compile(model, NONUNIFORM if kind == "nonuniform" else UNIFORM, data=data).eval()
+        shear.save(small, saved)
     prune_s = time.perf_counter() - t0
-    out = Path(args.out)
     path = out / f"smollm2-{kind}-{args.dtype}.gguf"
     has_lora = hasattr(small, "peft_config")
     t0 = time.perf_counter()
