@@ -58,3 +58,36 @@ def test_uniform_prune_reloads_with_plain_from_pretrained(tmp_path: Path, save: 
         want = small(input_ids=ids).logits
     got = _reload_in_fresh_process(folder, ids, tmp_path)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_shared_selection_keeps_every_layer_alike(tmp_path: Path) -> None:
+    """``selection="shared"`` (LHSPG's option, the budget's rule): per-layer scores pick the
+    structures, every layer removes the same count, and the result loads in stock transformers.
+    ``uniform`` tops its fraction up group by group and leaves the layers uneven at this target."""
+    from shear.runtime.budget import ParamBudget, zero_to_budget
+
+    model = load_tiny_llama().model
+    ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))
+    groups = [
+        g for g in shear.trace(model, (ids,)).pruning_groups if g.prunable and g.kind in ("channel", "head")
+    ]
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.id: torch.rand(g.size, generator=gen) for g in groups}
+    budget = ParamBudget(model, groups)
+    uneven = budget.counts(0.2, scores, selection="uniform")
+    shared = budget.counts(0.2, scores, selection="shared")
+    channels = [g.id for g in groups if g.kind == "channel"]
+    assert len({uneven[g] for g in channels}) > 1
+    assert len({shared[g] for g in channels}) == 1
+    assert abs(budget.reduction(shared) - 0.2) <= 0.005
+
+    zero_to_budget(model, groups, scores, 0.2, selection="shared")
+    small = shear.compile(model, "discover-groups,erase")
+    widths = {m.mlp.gate_proj.out_features for m in small.model.layers}
+    assert widths == {384 - shared[channels[0]]}
+    small.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        want = small(input_ids=ids).logits
+    torch.testing.assert_close(
+        _reload_in_fresh_process(tmp_path / "m", ids, tmp_path), want, rtol=0, atol=1e-5
+    )
