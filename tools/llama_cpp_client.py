@@ -40,7 +40,7 @@ class _LlamaCppPython:
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
-        return np.asarray(self.llm.scores[: len(ids)], dtype=np.float32)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32, copy=True)  # scores is reused by later evals
 
     def greedy(self, ids: list[int], n: int) -> list[int]:
         self.llm.reset()
