@@ -7,7 +7,8 @@ has ``llama-cpp-python``; not a shear dependency) and compares on held-out text 
 
 * next-token logits at every position: max |diff| relative to the largest |logit| (f16 weights
   and llama.cpp's f16 KV cache put it near 1e-3), and how often the argmax agrees;
-* the greedy continuation of a prompt (``--new`` tokens), token by token;
+* the greedy continuation of a prompt (``--new`` tokens), token by token, and where they part,
+  shear's logit margin between its token and llama.cpp's (a near tie that f16 rounding flips);
 * the tokenizer: llama.cpp's ids for a held-out passage against transformers';
 * file size and llama.cpp's greedy decoding speed (tokens/s on ``--threads`` threads);
 * with ``--quantize Q4_K_M``: llama.cpp's own quantizer on the exported file, its size,
@@ -152,6 +153,15 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
     prefix = next(
         (i for i, (a, b) in enumerate(zip(got["greedy"], cont)) if a != b), min(len(cont), len(got["greedy"]))
     )
+    margin = None
+    if prefix < min(
+        len(cont), len(got["greedy"])
+    ):  # how close shear's own choice was at the first difference
+        with torch.no_grad():
+            last = reference(torch.tensor([prompt + cont[:prefix]])).logits[0, -1]
+        margin = float(last[cont[prefix]] - last[got["greedy"][prefix]])
+    import os
+
     import gguf
 
     return {
@@ -173,11 +183,13 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
         "argmax_agreement": float((got["logits"].argmax(-1) == want.argmax(-1)).mean()),
         "greedy_same": got["greedy"] == cont,
         "greedy_common_prefix": prefix,
+        "greedy_divergence_margin": margin,
         "greedy_llama_cpp": tokenizer.decode(got["greedy"]),
         "greedy_shear": tokenizer.decode(cont),
         "tokenizer_same": got["tokens"] == tokenizer(text, add_special_tokens=False)["input_ids"],
         "llama_cpp_tokens_per_s": round(args.new / got["greedy_s"], 1),
         "threads": args.threads,
+        "load_average": round(os.getloadavg()[0], 1),
         "from_pretrained_max_abs_diff": plain,
         "perplexity_shear": perplexity(want, ids),
         "perplexity_llama_cpp": perplexity(got["logits"], ids),
