@@ -479,9 +479,7 @@ def test_llama_cpp_runs_the_exported_file(
     ids = tiny[1](text)["input_ids"]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].float().numpy()
-        cont = model.generate(torch.tensor([ids[:6]]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[
-            0, 6:
-        ].tolist()
+        cont = tool.greedy_ids(model, ids[:6], 8)
     request = {
         "gguf": str(path),
         "logits_ids": ids,

@@ -82,6 +82,18 @@ def run_client(python: str, request: dict[str, Any], workdir: Path) -> dict[str,
     return answer
 
 
+def greedy_ids(model: Any, ids: list[int], n: int) -> list[int]:
+    """``n`` argmax tokens after ``ids``, as the llama.cpp side decodes (no eos or length rules of
+    ``generate``: its min_new_tokens masks eos, which llama.cpp's loop does not)."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp of the mean next-token cross-entropy of ``ids`` under ``logits`` (float64)."""
     x = logits[:-1].astype(np.float64)
@@ -130,8 +142,7 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
     text = tokenizer.decode(data.validation[args.source][:300])
     with torch.no_grad():
         want = reference(torch.tensor([ids])).logits[0].float().numpy()
-        cont = reference.generate(torch.tensor([prompt]), max_new_tokens=args.new, min_new_tokens=args.new,
-                                  do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
+    cont = greedy_ids(reference, prompt, args.new)
     with tempfile.TemporaryDirectory() as tmp:
         request = {"gguf": str(path), "logits_ids": ids, "prompt_ids": prompt, "new": args.new, "text": text,
                    "threads": args.threads}  # fmt: skip
