@@ -145,7 +145,7 @@ class ParamBudget:
         ``uniform`` removes the same fraction of every group (bisection on the fraction; group
         sizes quantise it, so the lowest-scored structures of the finest groups top it up);
         ``global`` ranks all structures by score divided by the mean score of their group kind,
-        cheapest first. ``shared`` is ``uniform`` topped up one whole class of groups (same kind
+        cheapest first (kept counts rounded up to ``round_to`` and topped up in its steps). ``shared`` is ``uniform`` topped up one whole class of groups (same kind
         and size: the same structure in every layer) at a time, so those groups keep equal counts.
         ``round_to`` keeps multiples of it in groups at least that large.
         Raises PipelineError when the target is out of reach.
@@ -165,6 +165,9 @@ class ParamBudget:
             counts = self._uniform(target, ids, round_to)
         elif selection == "global":
             counts = self._global(target, ids, scores)
+            if round_to > 1:  # keep multiples of round_to: round each kept count up, the top-up below refills
+                counts = {g: n if self.groups[g].size < round_to else self.groups[g].size - min(
+                    self.groups[g].size, -(-(self.groups[g].size - n) // round_to) * round_to) for g, n in counts.items()}  # fmt: skip
         else:
             raise PipelineError(f"selection must be 'uniform', 'shared' or 'global', got {selection!r}")
         if self.reduction(counts) < target - tolerance:
