@@ -1,7 +1,7 @@
 """Run shear's GGUF export in llama.cpp and compare it with the PyTorch model it came from.
 
-For each model (SmolLM2-135M-Instruct pruned non-uniformly by a short LoRAShear run, pruned
-uniformly by ``random``, and dense) this exports a GGUF file, runs it in llama.cpp
+For each model (SmolLM2-135M-Instruct pruned by a short LoRAShear run with per-layer widths,
+optionally rounded to multiples of 32, or with the same widths in every layer, and dense) this exports a GGUF file, runs it in llama.cpp
 (``tools/llama_cpp_client.py`` in the interpreter given by ``--client-python``, whose environment
 has ``llama-cpp-python``; not a shear dependency) and compares on held-out text of shear's corpus:
 
@@ -14,13 +14,13 @@ has ``llama-cpp-python``; not a shear dependency) and compares on held-out text 
 * with ``--quantize Q4_K_M``: llama.cpp's own quantizer on the exported file, its size,
   perplexity on the held-out tokens against the f16 file's, and its greedy continuation.
 
-Pruned models are saved under ``--out`` and reused by the next run. The non-uniform model keeps
-its LoRA adapters unmerged, so the export folds them in
-(``merge_lora=True``) and the comparison checks that too. The uniform model is also saved with
-``save_pretrained`` and reloaded with a plain ``AutoModelForCausalLM.from_pretrained``.
+Pruned models are saved under ``--out`` and reused by the next run. The pruned models keep their
+LoRA adapters unmerged, so the export folds them in (``merge_lora=True``) and the comparison
+checks that too. The uniform model, merged, is also saved with ``save_pretrained`` and reloaded
+with a plain ``AutoModelForCausalLM.from_pretrained``.
 
-Runtime: 5-15 minutes on a shared 2-core CPU, most of it the LoRAShear prune; each llama.cpp
-check takes seconds. Example::
+Runtime: about 22 minutes per pruned model on a loaded, shared 2-core CPU (the LoRAShear prune;
+the export and each llama.cpp check take under a minute). Example::
 
     python tools/gguf_check.py --client-python /path/to/llamacpp-venv/bin/python --out /tmp/gguf-check
     python tools/gguf_check.py --models uniform --dtype bf16
@@ -39,14 +39,16 @@ from typing import Any
 
 import numpy as np
 
-NONUNIFORM = (
-    "lora,discover-groups,"
-    "lhspg{ratio=0.2,periods=2,steps_per_period=3,warmup=1,seq_len=64,batch_size=2,calibration=2,selection=global},"
-    "erase"
-)
-"""A short LoRAShear run: LHSPG with global selection gives every layer its own widths."""
-UNIFORM = "discover-groups,random{ratio=0.25,seed=0},erase"
-"""The same fraction of every group (heads, MLP channels and the residual width)."""
+_LHSPG = "lhspg{ratio=0.2,periods=2,steps_per_period=3,warmup=1,seq_len=64,batch_size=2,calibration=2"
+PIPELINES = {
+    "dense": "",
+    "nonuniform": f"lora,discover-groups,{_LHSPG},selection=global}},erase",
+    "nonuniform32": f"lora,discover-groups,{_LHSPG},selection=global,round_to=32}},erase",
+    "uniform": f"lora,discover-groups,{_LHSPG},selection=shared}},erase",
+}
+"""Short LoRAShear runs (20% of the parameters): ``global`` selection gives every layer its own
+widths (``round_to=32``: multiples of 32, which llama.cpp's quantizer blocks), ``shared`` the same
+widths in every layer (stock transformers loads it)."""
 CLIENT = Path(__file__).resolve().with_name("llama_cpp_client.py")
 
 
@@ -127,7 +129,7 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
     elif (saved / "shear.json").is_file():  # pruned by an earlier run
         small = shear.load(saved).eval()
     else:
-        small = shear.compile(model, NONUNIFORM if kind == "nonuniform" else UNIFORM, data=data).eval()
+        small = shear.compile(model, PIPELINES[kind], data=data).eval()
         shear.save(small, saved)
     prune_s = time.perf_counter() - t0
     path = out / f"smollm2-{kind}-{args.dtype}.gguf"
@@ -177,7 +179,7 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
 
     return {
         "model": kind,
-        "pipeline": {"dense": "", "uniform": UNIFORM, "nonuniform": NONUNIFORM}[kind],
+        "pipeline": PIPELINES[kind],
         "widths": widths(small),
         "params": sum(p.numel() for p in reference.parameters()),
         "prune_s": round(prune_s, 1),
@@ -210,8 +212,9 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["nonuniform", "uniform", "dense"],
-                        choices=["nonuniform", "uniform", "dense"])  # fmt: skip
+    parser.add_argument(
+        "--models", nargs="+", default=["nonuniform", "uniform", "dense"], choices=sorted(PIPELINES)
+    )
     parser.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"])
     parser.add_argument("--client-python", default=sys.executable,
                         help="interpreter whose environment has llama-cpp-python (default: this one)")  # fmt: skip
