@@ -19,7 +19,7 @@ LoRA adapters unmerged, so the export folds them in (``merge_lora=True``) and th
 checks that too. The uniform model, merged, is also saved with ``save_pretrained`` and reloaded
 with a plain ``AutoModelForCausalLM.from_pretrained``.
 
-Runtime: about 22 minutes per pruned model on a loaded, shared 2-core CPU (the LoRAShear prune;
+Runtime: 13 to 22 minutes per pruned model on a loaded, shared 2-core CPU (the LoRAShear prune;
 the export and each llama.cpp check take under a minute). Example::
 
     python tools/gguf_check.py --client-python /path/to/llamacpp-venv/bin/python --out /tmp/gguf-check
