@@ -13,6 +13,7 @@ from typing import Any
 from shear.errors import (
     CheckpointError,
     DataError,
+    ExportError,
     GraphError,
     InputError,
     ModelLoadError,
@@ -32,6 +33,7 @@ _LAZY = {
     "draw": ("shear.graph", "draw"),
     "save": ("shear.runtime.checkpoint", "save"),
     "load": ("shear.runtime.checkpoint", "load"),
+    "export": ("shear.runtime.export", "export"),
 }
 """Public functions imported on first use, so ``import shear`` stays light (torch loads later)."""
 
@@ -49,6 +51,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CheckpointError",
     "DataError",
+    "ExportError",
     "GraphError",
     "InputError",
     "ModelLoadError",
@@ -64,4 +67,5 @@ __all__ = [
     "draw",
     "save",
     "load",
+    "export",
 ]

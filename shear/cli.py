@@ -11,6 +11,7 @@ Example (shell)::
     shear prune ./tiny-llama --passes "random{ratio=0.3,seed=0},erase" -o ./tiny-llama-pruned
     shear prune ./tiny-llama --pipeline lorashear.toml -o ./out   # and out/report.html
     shear prune ./smollm2 --ratio 0.2 --budget quick -o ./smollm2-pruned
+    shear export ./tiny-llama-pruned -o pruned.gguf --tokenizer ./tiny-llama   # llama.cpp
 
 Outputs never replace a user's files: ``-o`` must be a new path or an empty directory unless
 ``--overwrite`` is given, and is never the input folder, a file or the current directory; it is
@@ -293,6 +294,19 @@ def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
     return TextData.from_texts(tokenizer, train, held)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import shear
+    from shear.runtime.gguf_export import check_output
+
+    check_output(args.output, force=args.force)  # before the model loads
+    model = load_model(args.model)
+    tokenizer = args.tokenizer or args.model
+    path = shear.export(model, args.output, format=args.format, tokenizer=tokenizer, dtype=args.dtype,
+                        merge_lora=args.merge_lora, force=args.force, pre=args.pre)  # fmt: skip
+    _console().print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -327,7 +341,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per action)."""
     parser = argparse.ArgumentParser(prog="shear", description="Structured pruning of PyTorch LLMs as a compiler.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,export,passes}")
 
     def model_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -379,6 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="write a model for a serving engine (GGUF for llama.cpp)",
+                       description="write a model for a serving engine (GGUF for llama.cpp)")  # fmt: skip
+    p.add_argument("model", help="local model directory (save_pretrained or shear.save); never a hub id")
+    p.add_argument("-o", "--output", required=True, help="file to write, e.g. model.gguf")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"], help="weight type (default f16)")
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: the model folder)")
+    p.add_argument("--merge-lora", action="store_true", help="fold unmerged LoRA adapters into the written weights")
+    p.add_argument("--pre", default=None, help="llama.cpp pre-tokenizer name, when shear cannot tell it")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("passes", help="list the registered passes, their options and docs")
     p.add_argument("name", nargs="?", help="show one pass in full")

@@ -25,6 +25,7 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "TrainingError",
+    "ExportError",
 ]
 
 
@@ -76,3 +77,8 @@ class ModelLoadError(ShearError):
 
 class TrainingError(ShearError):
     """A training run cannot start or go on (nothing trainable, non-finite loss, ...); names the fix."""
+
+
+class ExportError(ShearError):
+    """A model cannot be written in a serving format (architecture, widths or adapters the format cannot
+    hold, a missing tokenizer, an existing output path); names what and the fix. Nothing is written."""

@@ -46,7 +46,7 @@ def _lora(model):
 # -- budget --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("selection", ["uniform", "global"])
+@pytest.mark.parametrize("selection", ["uniform", "shared", "global"])
 @pytest.mark.parametrize("ratio", [0.2, 0.5])
 def test_budget_hits_target_and_predicts_erased_count(tiny, ratio, selection):
     model, graph, ids = _lora(tiny[0])

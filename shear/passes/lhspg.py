@@ -221,7 +221,8 @@ class LHSPG(Pass):
     calibration: int = 8
     """Calibration sequences for data-driven saliency criteria (activation, taylor)."""
     selection: str = "uniform"
-    """``uniform`` (same fraction of every group, topped up to the target) or ``global``."""
+    """``uniform`` (same fraction of every group, topped up to the target), ``shared`` (same count in
+    every layer: stock ``from_pretrained`` and vLLM load the result) or ``global``."""
     kinds: tuple[str, ...] = ("channel",)
     """Group kinds LHSPG may prune: MLP channels by default; ``kinds=[channel,head]`` adds attention
     heads (kv-head families), ``residual`` the hidden width. Heads are off by default: on
@@ -259,8 +260,8 @@ class LHSPG(Pass):
                 raise PipelineError(f"lhspg: {opt} must be at least 1, got {getattr(self, opt)}")
         if self.warmup < 0:
             raise PipelineError(f"lhspg: warmup must be >= 0, got {self.warmup}")
-        if self.selection not in ("uniform", "global"):
-            raise PipelineError(f"lhspg: selection must be 'uniform' or 'global', got {self.selection!r}")
+        if self.selection not in ("uniform", "shared", "global"):
+            raise PipelineError(f"lhspg: selection must be 'uniform', 'shared' or 'global', got {self.selection!r}")
         parse_weights(self.saliency)
 
     @property

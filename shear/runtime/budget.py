@@ -9,7 +9,10 @@ depends only on the counts, not on which structures go:
 :class:`ParamBudget` evaluates that exactly (tied tensors counted once, LoRA adapters and buffers
 not counted) and :meth:`ParamBudget.counts` finds per-group counts that hit a target reduction:
 the same fraction in every group (``uniform``), topped up by the lowest-scored structures of the
-finest groups, or a global ranking of scores normalised per group kind (``global``).
+finest groups, or a global ranking of scores normalised per group kind (``global``), or the same
+count in every group of the same kind and size (``shared``): every layer keeps the same widths,
+so stock loaders (``from_pretrained``, vLLM) rebuild the model; each layer's scores still pick
+which of its structures go.
 
 Example:
     >>> budget = ParamBudget(model, graph.prunable_groups)                     # doctest: +SKIP
@@ -142,7 +145,9 @@ class ParamBudget:
         ``uniform`` removes the same fraction of every group (bisection on the fraction; group
         sizes quantise it, so the lowest-scored structures of the finest groups top it up);
         ``global`` ranks all structures by score divided by the mean score of their group kind,
-        cheapest first. ``round_to`` keeps multiples of it in groups at least that large.
+        cheapest first (kept counts rounded up to ``round_to`` and topped up in its steps). ``shared`` is ``uniform`` topped up one whole class of groups (same kind
+        and size: the same structure in every layer) at a time, so those groups keep equal counts.
+        ``round_to`` keeps multiples of it in groups at least that large.
         Raises PipelineError when the target is out of reach.
         """
         if not 0.0 < target < 1.0:
@@ -156,14 +161,44 @@ class ParamBudget:
                 f"the eligible groups can remove at most {most:.1%} of {self.total:,} parameters, less than the "
                 f"target {target:.1%}; lower the ratio, allow more group kinds, or mark fewer groups unprunable"
             )
-        if selection == "uniform":
+        if selection in ("uniform", "shared"):
             counts = self._uniform(target, ids, round_to)
         elif selection == "global":
             counts = self._global(target, ids, scores)
+            if round_to > 1:  # keep multiples of round_to: round each kept count up, the top-up below refills
+                counts = {g: n if self.groups[g].size < round_to else self.groups[g].size - min(
+                    self.groups[g].size, -(-(self.groups[g].size - n) // round_to) * round_to) for g, n in counts.items()}  # fmt: skip
         else:
-            raise PipelineError(f"selection must be 'uniform' or 'global', got {selection!r}")
+            raise PipelineError(f"selection must be 'uniform', 'shared' or 'global', got {selection!r}")
         if self.reduction(counts) < target - tolerance:
-            counts = self._top_up(counts, target, ids, scores, round_to, tolerance)
+            if selection == "shared":
+                counts = self._top_up_shared(counts, target, ids, round_to, tolerance)
+            else:
+                counts = self._top_up(counts, target, ids, scores, round_to, tolerance)
+        return counts
+
+    def _top_up_shared(
+        self, counts: dict[int, int], target: float, ids: list[int], round_to: int, tolerance: float
+    ) -> dict[int, int]:
+        """Add one step to every group of a (kind, size) class at once, the smallest such increment first."""
+        counts = dict(counts)
+        classes: dict[tuple[str, int], list[int]] = {}
+        for gid in ids:
+            classes.setdefault((self.groups[gid].kind, self.groups[gid].size), []).append(gid)
+        while self.reduction(counts) < target - tolerance:
+            best: dict[int, int] | None = None
+            best_gain = math.inf
+            for (_, size), members in classes.items():
+                step = round_to if round_to > 1 and size >= round_to else 1
+                if any(counts[g] + step > size - 1 for g in members):
+                    continue
+                trial = {**counts, **{g: counts[g] + step for g in members}}
+                gain = self.reduction(trial) - self.reduction(counts)
+                if 0 < gain < best_gain:
+                    best, best_gain = trial, gain
+            if best is None:
+                break
+            counts = best
         return counts
 
     def _fraction_counts(self, r: float, ids: list[int], round_to: int) -> dict[int, int]:
