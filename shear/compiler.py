@@ -25,6 +25,7 @@ from shear.passes.base import Context, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
 from shear.report import CompileReport, ReportBuilder
+from shear.runtime.devices import model_device
 from shear.runtime.verify import NOISE_FACTOR, rounding_noise
 
 __all__ = ["compile", "default_example_inputs", "call_model", "EquivalenceCheck"]
@@ -39,8 +40,8 @@ def default_example_inputs(model: nn.Module, seq_len: int = 16) -> dict[str, tor
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 0:
         seq_len = min(seq_len, limit)
-    gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (1, seq_len), generator=gen)}
+    gen = torch.Generator().manual_seed(0)  # drawn on the CPU: the same ids on every device
+    return {"input_ids": torch.randint(0, vocab, (1, seq_len), generator=gen).to(model_device(model))}
 
 
 def _to_device(x: Any, device: torch.device | None) -> Any:
@@ -225,7 +226,9 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         model = model.to(dev)
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    example_inputs = _to_device(example_inputs, dev)
+    # inputs follow the weights (a model already on a GPU needs no device=...)
+    target = dev if dev is not None else model_device(model)
+    example_inputs = _to_device(example_inputs, None if target.type == "meta" else target)
     ctx = Context(
         model=model,
         example_inputs=example_inputs,

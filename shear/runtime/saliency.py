@@ -57,6 +57,7 @@ from torch import nn
 from shear.errors import DataError, PipelineError
 from shear.graph.groups import Member, PruningGroup
 from shear.graph.ir import LoraComposite
+from shear.runtime.devices import model_device
 from shear.runtime.masks import TensorTable
 
 __all__ = [
@@ -200,12 +201,6 @@ def _rowsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).double().sum(dim=1)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -236,7 +231,8 @@ def loss_gradients(
     Frozen base weights of a LoRA model get ``requires_grad`` only for the duration; their gradient
     is the gradient w.r.t. the effective weight ``W + s·BA`` (the two enter the output as a sum).
     Every parameter's ``requires_grad`` and ``.grad`` are restored afterwards; the model is run in
-    eval mode (no dropout).
+    eval mode (no dropout). Gradients come back in the parameter's dtype (bf16 for a bf16 model),
+    never as a full fp32 copy of the model: callers upcast one tensor at a time.
     """
     ids = _check_ids(calibration_ids, "loss gradients")
     table = TensorTable(model)
@@ -245,7 +241,7 @@ def loss_gradients(
     params = list({id(p): p for p in model.parameters()}.values())
     saved = [(p, p.requires_grad, p.grad) for p in params]
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     try:
         for p in params:
             p.requires_grad_(False)
@@ -259,7 +255,7 @@ def loss_gradients(
             loss = _lm_loss(model, batch) * (batch.shape[0] / n)
             loss.backward()
         return {
-            name: (t.grad.detach().float() if t.grad is not None else torch.zeros_like(t, dtype=torch.float32))
+            name: (t.grad.detach() if t.grad is not None else torch.zeros_like(t))
             for name, t in targets.items()
         }
     finally:
@@ -314,7 +310,7 @@ def input_norms(
     for canon, (mod, d) in owners.items():
         handles.append(mod.register_forward_pre_hook(hook_for(canon, int(table.tensors[canon].shape[d]))))
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     try:
         model.eval()
         for i in range(0, ids.shape[0], max(1, batch_size)):
@@ -421,7 +417,7 @@ def compute_saliency(
             if canon in lora and D is None:
                 notes.append(f"{canon}: LoRA factors do not match the weight's shape; LoRA ignored for it")
             E = W + D if D is not None else W
-            G = grads.get(canon) if mode == "loss" else (D if mode == "lora" else None)
+            G = grads.pop(canon, None) if mode == "loss" else (D if mode == "lora" else None)
             for dim in dims:
                 red: dict[str, torch.Tensor] = {}
                 if "magnitude" in active:
@@ -429,7 +425,7 @@ def compute_saliency(
                 if "cosine" in active and D is not None:
                     red["ww"], red["dd"], red["wd"] = _rowsum(W * W, dim), _rowsum(D * D, dim), _rowsum(W * D, dim)
                 if taylor and G is not None:
-                    p = E * G.to(E.device)
+                    p = E * G.to(E.device, torch.float32)
                     red["eg"], red["eg2"] = _rowsum(p, dim), _rowsum(p * p, dim)
                 if "activation" in active and canon in xnorms:
                     norm, in_dim = xnorms[canon]
@@ -513,7 +509,7 @@ def taylor_importance(
             W = table.tensors[canon].detach().float()
             D = _delta(table, lora[canon], W.shape) if canon in lora else None
             E = W + D if D is not None else W
-            p = (E * grads[canon].to(E.device)).abs()
+            p = (E * grads.pop(canon).to(E.device, torch.float32)).abs()
             for ms in members.values():
                 for c, m in ms:
                     if c == canon and (canon, m.dim) not in rows:
