@@ -137,6 +137,13 @@ class EquivalenceCheck:
             if record.changed:
                 self._ref = None  # weights changed: take a new reference before the next pass
             return
+        own = record.stats.get("max_diff")
+        if self.tol is None and isinstance(own, float):
+            # the pass verified itself under the same policy (erase, with what it rescaled on purpose)
+            self.max_diff = max(own, self.max_diff or 0.0)
+            record.stats["verify_max_diff"] = own
+            self._ref = None
+            return
         try:
             out = self._forward(ctx.model)
         except Exception as e:

@@ -93,6 +93,16 @@ def test_compile_erases_a_16_bit_model_and_verifies_it(tiny_llama, dtype):
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_narrower_residual_stream_verifies_in_16_bits(dtype):
+    """Erasing residual channels rescales the RMS norms; in 16 bits that rounding is a real change,
+    which verification accounts for exactly (it is not an erasure error)."""
+    model = _llama_shape().to(dtype)
+    small = shear.compile(model, "discover-groups,random{ratio=0.25,seed=0,kinds=[residual]},erase", example_inputs=IDS)
+    assert small.config.hidden_size < model.config.hidden_size
+    assert small.shear_report.verify_max_diff is not None and small.shear_report.verify_max_diff <= 1e-3
+
+
 def test_upcast_holds_one_block_in_fp32_at_a_time():
     model = _llama_shape().bfloat16()
     seen: list[int] = []

@@ -305,7 +305,11 @@ def codegen(
     params_before = plan.numel(after=False)
     if plan.empty:
         return model, ErasureReport(plan, params_before, params_before)
-    recording = _verify.record(model, example_inputs) if verify and example_inputs is not None else None
+    recording = (
+        _verify.record(model, example_inputs, overrides=_norm_references(model, plan))
+        if verify and example_inputs is not None
+        else None
+    )
     if emit == "graph":
         return _emit_graph(model, plan, example_inputs, recording, params_before, atol, rtol, "")
     masked = (_shared_structure_copy(model) if inplace else model) if emit == "auto" else None
@@ -327,6 +331,21 @@ def codegen(
             reason = f"the sliced module tree cannot run: {str(e).split('. A module')[0].removeprefix('verify: ')}"
             return _emit_graph(masked, plan, example_inputs, recording, params_before, atol, rtol, reason)
     return small, report
+
+
+def _norm_references(model: nn.Module, plan: ErasurePlan) -> dict[int, torch.Tensor]:
+    """``id(norm weight)`` -> the fp32 weight with which the masked model computes what the small
+    model's rescaled and (in 16 bits) rounded norm computes; empty for fp32 and wider models."""
+    out: dict[int, torch.Tensor] = {}
+    for module_name, (d, d_new) in plan.norms.items():
+        module = _get_module(model, module_name)
+        spec = find_rms_norm(module)
+        w = getattr(module, "weight", None)
+        if spec is None or not isinstance(w, torch.Tensor) or d == d_new:
+            continue
+        if w.dtype in (torch.float16, torch.bfloat16):
+            out[id(w)] = spec.reference_weight(w, d, d_new)
+    return out
 
 
 EMIT_MODES = ("auto", "module", "graph")

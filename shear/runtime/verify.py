@@ -34,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,13 +128,16 @@ def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 @contextmanager
-def upcast(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+def upcast(
+    model: nn.Module, dtype: torch.dtype = torch.float32, overrides: Mapping[int, torch.Tensor] | None = None
+) -> Iterator[None]:
     """Run ``model`` in ``dtype`` holding one converted unit at a time (a block, or a module's own tensors).
 
     Forward hooks convert the floating parameters and buffers of a unit to ``dtype`` when its forward
     starts and put the originals back when it ends; nothing is copied when the model already is in
     ``dtype``. Inputs are not converted (the embedding's converted weight makes the hidden states
-    ``dtype``; pass float inputs in ``dtype`` yourself).
+    ``dtype``; pass float inputs in ``dtype`` yourself). ``overrides`` maps ``id(tensor)`` to the
+    ``dtype`` value to use in place of that tensor (see :func:`record`).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).bfloat16()
@@ -143,7 +146,10 @@ def upcast(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[Non
         >>> y.dtype, net[0].weight.dtype
         (torch.float32, torch.bfloat16)
     """
-    if all(t.dtype == dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()):
+    overrides = overrides or {}
+    if not overrides and all(
+        t.dtype == dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
+    ):
         yield
         return
     handles = []
@@ -155,9 +161,9 @@ def upcast(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[Non
             for kind in ("_parameters", "_buffers"):
                 slots = getattr(m, kind)
                 for name, t in list(slots.items()):
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and (t.dtype != dtype or id(t) in overrides):
                         held.append((m, kind, name, t))
-                        new = t.detach().to(dtype)
+                        new = overrides[id(t)] if id(t) in overrides else t.detach().to(dtype)
                         slots[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
 
     def restore(unit: nn.Module) -> None:
@@ -224,10 +230,15 @@ def _hooks(model: nn.Module, fn: Any, pre: Any = None) -> Iterator[None]:
             h.remove()
 
 
-def record(model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20) -> Recording:
+def record(
+    model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20, overrides: Mapping[int, torch.Tensor] | None = None
+) -> Recording:
     """Run the (masked) ``model`` once and keep copies of its outputs for :func:`check`.
 
-    A 16-bit model runs in fp32 (:func:`upcast`), so the recording is free of 16-bit rounding."""
+    A 16-bit model runs in fp32 (:func:`upcast`), so the recording is free of 16-bit rounding.
+    ``overrides`` (``id(tensor)`` -> fp32 value) stand in for tensors that erasing changes on
+    purpose: a norm rescaled for a narrower residual width, rounded to 16 bits
+    (:meth:`~shear.graph.norms.RmsNormSpec.reference_weight`)."""
     rec = Recording(final=[])
     used = 0
 
@@ -241,7 +252,7 @@ def record(model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20) -> R
         used += size
         rec.modules[(name, i)] = [t.detach().clone() for t in ts]  # clone: later in-place ops (ReLU) mutate
 
-    with _eval_no_grad(model), upcast(model, compute_dtype(model_dtype(model))), _hooks(model, keep):
+    with _eval_no_grad(model), upcast(model, compute_dtype(model_dtype(model)), overrides), _hooks(model, keep):
         out = call_model(model, inputs)
     rec.final = [t.detach().clone() for t in flatten_tensors(out)]
     return rec
