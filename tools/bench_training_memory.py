@@ -13,6 +13,10 @@ reset in between):
 * ``erase``     — erase in place, verified in fp32 one block at a time;
 * ``recovery``  — LoRA training steps on the erased model (what ``recover-dynamic`` runs).
 
+``phase added MB`` is the phase's own high-water mark above the memory at its start: what the phase
+itself allocates (gradients, activations, logits, temporaries), free of what earlier steps left
+(the traced graph, the libraries loaded after the baseline).
+
 Columns: peak (process high-water mark minus the memory before the model was built), peak /
 weight bytes, and where it goes: weights, LoRA state (adapters + grads + AdamW moments, fp32), the
 rest (activations, the loss, temporaries, allocator slack). On CUDA the peak is
@@ -146,7 +150,8 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
         peak = meter.stats.peak_bytes - base
         w = frozen_bytes(ctx.model)
         rows.append({"phase": phase, "peak_mb": peak / MB, "ratio": peak / weights, "weights_mb": w / MB,
-                     "lora_mb": lora / MB, "rest_mb": max(0, peak - w - lora) / MB, "note": note})
+                     "lora_mb": lora / MB, "rest_mb": max(0, peak - w - lora) / MB,
+                     "added_mb": meter.stats.added_bytes / MB, "note": note})
         print(f"{phase}: peak {peak / MB:.0f} MB = {peak / weights:.2f}x weights; {note}", file=sys.stderr, flush=True)
 
     graph = ctx.results["graph"]
@@ -184,11 +189,11 @@ def _print_phases(args: argparse.Namespace, rows: list[dict[str, float | str]]) 
           f"vocab {args.vocab}, {args.dtype} on {args.device} ({meta['method']}), LoRA r={args.rank}, "
           f"batch {args.batch} x {args.seq}; weights {float(meta['weights_mb']):.0f} MB; after: {meta['dtypes']}")
     print(f"| {'phase':<9} | {'peak MB':>8} | {'peak / weights':>14} | {'weights MB':>10} | {'LoRA state MB':>13} "
-          f"| {'rest MB':>8} | note |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+          f"| {'rest MB':>8} | {'phase added MB':>14} | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows[:-1]:
         print(f"| {r['phase']:<9} | {float(r['peak_mb']):>8.0f} | {float(r['ratio']):>14.2f} | {float(r['weights_mb']):>10.0f} "
-              f"| {float(r['lora_mb']):>13.1f} | {float(r['rest_mb']):>8.0f} | {r['note']} |")
+              f"| {float(r['lora_mb']):>13.1f} | {float(r['rest_mb']):>8.0f} | {float(r['added_mb']):>14.0f} | {r['note']} |")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ __all__ = [
     "compute_saliency",
     "taylor_importance",
     "loss_gradients",
+    "loss_gradient_rowsums",
     "input_norms",
     "lora_deltas",
     "structure_reduce",
@@ -265,6 +266,79 @@ def loss_gradients(
         model.train(was_training)
 
 
+def loss_gradient_rowsums(
+    model: nn.Module,
+    needed: Mapping[str, Iterable[int]],
+    calibration_ids: torch.Tensor,
+    *,
+    effective: Callable[[str], torch.Tensor],
+    batch_size: int = 4,
+) -> dict[tuple[str, int], torch.Tensor]:
+    """``(canonical name, dim)`` -> float64 row sums of ``E ⊙ G`` along ``dim``, without keeping ``G``.
+
+    ``G`` is the mean loss gradient of the weight (as :func:`loss_gradients`), ``E = effective(name)``
+    its effective fp32 weight. Each gradient is consumed by a post-accumulate-grad hook the moment
+    autograd finishes it and then dropped, so at most one weight's gradient exists at a time: the
+    memory of taylor1 on a 16-bit 7B model is that of its largest weight, not a second model. The
+    product is linear in ``G``, so summing per batch gives the row sums of the mean gradient (up to
+    float rounding).
+
+    Example:
+        >>> rows = loss_gradient_rowsums(model, {"model.layers.0.mlp.up_proj.weight": {0}}, ids,
+        ...                              effective=lambda n: table.tensors[n].float())  # doctest: +SKIP
+    """
+    ids = _check_ids(calibration_ids, "loss gradients")
+    table = TensorTable(model)
+    targets = {c: table.tensors[c] for c in needed if isinstance(table.tensors[c], nn.Parameter)}
+    params = list({id(p): p for p in model.parameters()}.values())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+
+    def consume(canon: str) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            g, p.grad = p.grad, None
+            if g is None:
+                return
+            with torch.no_grad():
+                prod = effective(canon) * g.to(torch.float32)
+                for dim in needed[canon]:
+                    r = _rowsum(prod, dim)
+                    sums[(canon, dim)] = r if (canon, dim) not in sums else sums[(canon, dim)] + r
+
+        return hook
+
+    was_training = model.training
+    device = model_device(model)
+    handles = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for canon, t in targets.items():
+            t.requires_grad_(True)
+            handles.append(t.register_post_accumulate_grad_hook(consume(canon)))
+        model.eval()
+        n = ids.shape[0]
+        for i in range(0, n, max(1, batch_size)):
+            batch = ids[i : i + batch_size].to(device)
+            (_lm_loss(model, batch) * (batch.shape[0] / n)).backward()
+        return sums
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag, grad in saved:
+            p.grad = grad
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _effective(table: TensorTable, lora: Mapping[str, list[tuple[str, str, float]]], canon: str) -> torch.Tensor:
+    """``W + Σ s·B A`` in fp32 (``W`` alone when the adapters do not fit its shape)."""
+    W = table.tensors[canon].detach().float()
+    D = _delta(table, lora[canon], W.shape) if canon in lora else None
+    return W + D if D is not None else W
+
+
 def _input_dim(module: nn.Module) -> int | None:
     """Which dim of ``module.weight`` indexes input features (1 for Linear, 0 for transformers Conv1D)."""
     if isinstance(module, nn.Linear):
@@ -403,8 +477,15 @@ def compute_saliency(
             needed.setdefault(canon, set()).add(m.dim)
     grads: dict[str, torch.Tensor] = {}
     xnorms: dict[str, tuple[torch.Tensor, int]] = {}
+    streamed: dict[tuple[str, int], torch.Tensor] | None = None
     if mode == "loss" and calibration_ids is not None:
-        grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
+        low = any(table.tensors[c].dtype in (torch.float16, torch.bfloat16) for c in needed)
+        if low and "taylor2" not in active:  # 16-bit weights: no gradient kept beyond its own backward step
+            streamed = loss_gradient_rowsums(
+                model, needed, calibration_ids, effective=lambda c: _effective(table, lora, c), batch_size=batch_size
+            )
+        else:
+            grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
     if "activation" in active and calibration_ids is not None:
         xnorms = input_norms(model, needed, calibration_ids, batch_size=batch_size)
 
@@ -427,6 +508,8 @@ def compute_saliency(
                 if taylor and G is not None:
                     p = E * G.to(E.device, torch.float32)
                     red["eg"], red["eg2"] = _rowsum(p, dim), _rowsum(p * p, dim)
+                elif streamed is not None and (canon, dim) in streamed:
+                    red["eg"] = streamed[(canon, dim)]
                 if "activation" in active and canon in xnorms:
                     norm, in_dim = xnorms[canon]
                     shape = [1] * E.dim()
