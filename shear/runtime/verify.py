@@ -171,6 +171,10 @@ def upcast(
             getattr(m, kind)[name] = t
 
     for unit, whole in _units(model):
+        if type(unit) is nn.Embedding and id(unit.weight) not in overrides:
+            # a lookup is exact in any dtype: convert what it returns, not a (vocab-sized) table
+            handles.append(unit.register_forward_hook(lambda _u, _a, out: out.to(dtype) if out.is_floating_point() else out))
+            continue
         handles.append(unit.register_forward_pre_hook(lambda u, _a, w=whole: convert(u, w)))
         handles.append(unit.register_forward_hook(lambda u, _a, _o: restore(u)))
     try:
