@@ -133,7 +133,7 @@ def upcast(
 ) -> Iterator[None]:
     """Run ``model`` in ``dtype`` holding one converted unit at a time (a block, or a module's own tensors).
 
-    Forward hooks convert the floating parameters and buffers of a unit to ``dtype`` when its forward
+    Forward hooks convert the floating parameters and buffers of a unit narrower than ``dtype`` when its forward
     starts and put the originals back when it ends; nothing is copied when the model already is in
     ``dtype``. Inputs are not converted (the embedding's converted weight makes the hidden states
     ``dtype``; pass float inputs in ``dtype`` yourself). ``overrides`` maps ``id(tensor)`` to the
@@ -147,9 +147,12 @@ def upcast(
         (torch.float32, torch.bfloat16)
     """
     overrides = overrides or {}
-    if not overrides and all(
-        t.dtype == dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
-    ):
+    bits = torch.finfo(dtype).bits
+
+    def narrower(t: torch.Tensor) -> bool:
+        return t.is_floating_point() and torch.finfo(t.dtype).bits < bits
+
+    if not overrides and not any(narrower(t) for t in [*model.parameters(), *model.buffers()]):
         yield
         return
     handles = []
@@ -161,7 +164,7 @@ def upcast(
             for kind in ("_parameters", "_buffers"):
                 slots = getattr(m, kind)
                 for name, t in list(slots.items()):
-                    if isinstance(t, torch.Tensor) and t.is_floating_point() and (t.dtype != dtype or id(t) in overrides):
+                    if isinstance(t, torch.Tensor) and (narrower(t) or id(t) in overrides):
                         held.append((m, kind, name, t))
                         new = overrides[id(t)] if id(t) in overrides else t.detach().to(dtype)
                         slots[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
