@@ -5,7 +5,10 @@ intermediate 2816), prune uniformly at random (``random`` pass over every prunab
 channels, kv-head families, residual width) to about 20% and 50% fewer parameters, erase, and time
 prefill (batch 1 and 8) and per-token decode with a KV cache (batch 1 and 8). Efficiency =
 (dense latency / pruned latency) / (dense params / pruned params): 1.0 is ideal, the goal is >= 0.9.
-``--round-to 8`` keeps every pruned width a multiple of 8.
+``--round-to 8`` keeps every pruned width a multiple of 8 (64 / 128 for tensor cores; k-quants
+pack rows in 256s). ``--device cuda --dtype bfloat16 --shape 1b`` (or ``7b``) times a LLaMA-3.2-1B
+or LLaMA-2-7B shape with random weights built directly in that dtype on that device; CUDA timings
+synchronise the device.
 
 Timings are medians of ``--repeats`` runs; the load average is printed first because two-thread
 OpenMP degrades badly when another process shares the cores.
@@ -13,6 +16,7 @@ OpenMP degrades badly when another process shares the cores.
 Usage:
     python tools/bench_speed.py                       # full shape, ~2-4 minutes on 2 cores
     python tools/bench_speed.py --hidden 256 --layers 2 --repeats 2   # smoke
+    python tools/bench_speed.py --device cuda --dtype bfloat16 --shape 7b --seq 512 --round-to 1 64 128
 """
 
 from __future__ import annotations
@@ -34,12 +38,26 @@ from shear.runtime.codegen import codegen, plan_erasure
 __all__ = ["main"]
 
 
+SHAPES = {
+    "1b": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 128256},
+    "7b": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 32, "intermediate": 11008, "vocab": 32000},
+}
+"""Presets: LLaMA-3.2-1B and LLaMA-2-7B shapes (random weights)."""
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
+    _sync()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -48,7 +66,7 @@ def _latencies(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, f
     out: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 8):
-        ids = torch.randint(0, args.vocab, (batch, args.seq), generator=gen)
+        ids = torch.randint(0, args.vocab, (batch, args.seq), generator=gen).to(args.device)
         with torch.no_grad():
             out[f"prefill b{batch}"] = _median_time(lambda ids=ids: model(input_ids=ids, use_cache=False), args.repeats)
             short = ids[:, :8]
@@ -101,18 +119,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--round-to", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a preset shape (overrides the size options)")
+    ap.add_argument("--targets", type=float, nargs="*", default=[0.2, 0.5], help="parameter reductions to time")
     args = ap.parse_args(argv)
+    for k, v in SHAPES.get(args.shape or "", {}).items():
+        setattr(args, k, v)
     torch.set_num_threads(args.threads)
-    print(f"load average {os.getloadavg()}, {args.threads} threads, torch {torch.__version__}")
+    device = torch.device(args.device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"load average {os.getloadavg()}, {args.threads} threads, torch {torch.__version__}, {card}, {args.dtype}")
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
-                      vocab_size=args.vocab, max_position_embeddings=512, head_dim=args.hidden // args.heads)
-    dense = LlamaForCausalLM(cfg).eval()
-    example = torch.randint(0, args.vocab, (1, 16))
+                      vocab_size=args.vocab, max_position_embeddings=max(512, args.seq + args.new_tokens + 8),
+                      head_dim=args.hidden // args.heads)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # built in its dtype: no fp32 copy of a 7B
+    try:
+        with device:
+            dense = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    example = torch.randint(0, args.vocab, (1, 16)).to(device)
     rows = [("dense", 1, dense)]
     for round_to in args.round_to:
-        for target in (0.2, 0.5):
+        for target in args.targets:
             rows.append((f"-{target:.0%} round_to={round_to}", round_to, _prune(dense, target, round_to, example)))
     n_dense = sum(p.numel() for p in dense.parameters())
     base = _latencies(dense, args)

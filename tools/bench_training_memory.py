@@ -1,26 +1,35 @@
-"""Peak memory of LoRA training: full logits vs the chunked loss, with and without gradient checkpointing.
+"""Peak memory of LoRAShear on a LLaMA shape in bf16: where it goes, phase by phase; and loss modes.
 
-Builds a small LLaMA (default hidden 512, 8 layers, vocab 32000, untied head) in fp32, adds LoRA
-(r=8 on every block Linear) with :func:`~shear.runtime.training.ensure_lora`, trains a few steps
-with :func:`~shear.runtime.training.train`, and prints per mode:
+Default: the **phases** table. Builds a LLaMA-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads,
+SwiGLU 8192, vocab 128256, tied; ``--layers`` fewer to fit a small machine) with random weights
+directly in ``--dtype`` (bf16: no fp32 copy is ever made), adds LoRA r=8 (adapters fp32), and runs,
+each phase measured on its own (the allocator's free memory is trimmed and the high-water mark
+reset in between):
 
-* frozen MB — base weights and buffers;
-* LoRA state MB — LoRA params + their grads + AdamW's two moments;
-* peak MB — everything training held at its peak, weights included: on CUDA
-  ``max_memory_allocated``; on CPU the peak RSS (VmHWM) minus the RSS before the model was built
-  (so the interpreter and libraries are left out);
-* ratio — peak / (frozen + LoRA state): 1.0 would mean no activations at all;
-* tok/s.
+* ``saliency``  — LHSPG's scorer (activation + taylor1) on calibration windows: the gradients of the
+  frozen weights stay in their dtype and are upcast one tensor at a time;
+* ``lhspg``     — warm-up and one period of LHSPG through the pass (saliency again at the period
+  start, the per-step decay, the merge);
+* ``erase``     — erase in place, verified in fp32 one block at a time;
+* ``recovery``  — LoRA training steps on the erased model (what ``recover-dynamic`` runs).
 
-Modes: ``full logits`` (the whole ``(batch, seq, vocab)`` logits, ``loss_chunk_tokens=None``),
-``chunked loss`` (the default: 256 tokens of logits at a time), each without and with gradient
-checkpointing. Each mode runs in a fresh subprocess so that memory the allocator kept from one run does not
-count in the next.
+``phase added MB`` is the phase's own high-water mark above the memory at its start: what the phase
+itself allocates (gradients, activations, logits, temporaries), free of what earlier steps left
+(the traced graph, the libraries loaded after the baseline).
+
+Columns: peak (process high-water mark minus the memory before the model was built), peak /
+weight bytes, and where it goes: weights, LoRA state (adapters + grads + AdamW moments, fp32), the
+rest (activations, the loss, temporaries, allocator slack). On CUDA the peak is
+``max_memory_allocated``.
+
+``--modes``: the older table, full logits vs the chunked loss, with and without gradient checkpointing,
+each in a fresh subprocess.
 
 Usage:
-    python tools/bench_training_memory.py                      # ~1 minute on 2 CPU cores
-    python tools/bench_training_memory.py --layers 2 --steps 2 # smoke
-    python tools/bench_training_memory.py --device cuda --batch 8 --seq 1024
+    python tools/bench_training_memory.py                       # 1B shape, bf16, CPU (~3 min, 8 GB)
+    python tools/bench_training_memory.py --layers 4            # smaller machine
+    python tools/bench_training_memory.py --device cuda --batch 4 --seq 512
+    python tools/bench_training_memory.py --modes --hidden 512 --layers 8 --vocab 32000 --dtype float32
 """
 
 from __future__ import annotations
@@ -40,11 +49,12 @@ from shear.runtime.training import (
     ensure_lora,
     frozen_bytes,
     lora_state_bytes,
+    tensor_bytes,
     train,
 )
 from shear.runtime.training.memory import current_rss_bytes
 
-__all__ = ["main", "measure"]
+__all__ = ["main", "measure", "measure_phases", "llama_shape"]
 
 MB = 1 << 20
 
@@ -63,12 +73,7 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     before = current_rss_bytes() if device.type == "cpu" else 0
-    cfg = LlamaConfig(
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
-        max_position_embeddings=max(args.seq, 128), tie_word_embeddings=False,
-    )
-    model, msg = ensure_lora(LlamaForCausalLM(cfg).to(device), r=args.rank)
+    model, msg = ensure_lora(llama_shape(args), r=args.rank)
     checkpointing, chunk = MODES[mode]
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, bf16=args.bf16,
                        gradient_checkpointing=checkpointing, loss_chunk_tokens=chunk, log_every=args.steps)
@@ -86,37 +91,151 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
     }
 
 
+def llama_shape(args: argparse.Namespace) -> LlamaForCausalLM:
+    """A LLaMA of ``args``' shape with random weights, built directly in ``args.dtype`` on ``args.device``."""
+    cfg = LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads, vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, 128), tie_word_embeddings=args.tied, use_cache=False,
+    )
+    dtype = getattr(torch, args.dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            return LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _trim() -> None:
+    """Give freed memory back to the OS, so one phase's peak does not start from another's leftovers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
+    """Run saliency, LHSPG, erase and recovery on a LLaMA shape; one row per phase."""
+    from shear.data import TextData
+    from shear.passes.base import Context
+    from shear.passes.discover import DiscoverGroups
+    from shear.passes.erase import Erase
+    from shear.passes.lhspg import LHSPG, _calibration, _eligible, _scorer
+    from shear.runtime.saliency import parse_weights
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    before = current_rss_bytes() if device.type == "cpu" else 0
+    model = llama_shape(args)
+    weights = tensor_bytes([*model.parameters(), *model.buffers()])
+    model, _ = ensure_lora(model, r=args.rank)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab, (args.batch * args.seq * 16,), generator=gen)
+    data = TextData(tokenizer=None, train={"random": tokens}, validation={"random": tokens[: args.seq * 4]})
+    ids = {"input_ids": torch.randint(0, args.vocab, (1, 16), generator=gen).to(device)}
+    ctx = Context(model=model, example_inputs=ids, data=data, device=device)
+    DiscoverGroups().run(ctx)
+    lhspg = LHSPG(ratio=0.2, warmup=1, periods=1, steps_per_period=args.steps, batch_size=args.batch,
+                  seq_len=args.seq, calibration=args.calibration, lora_r=args.rank)
+    rows: list[dict[str, float | str]] = []
+
+    def row(phase: str, meter: PeakMemory, lora: int, note: str) -> None:
+        base = before if meter.stats.method != "cuda_max_allocated" else 0
+        peak = meter.stats.peak_bytes - base
+        w = frozen_bytes(ctx.model)
+        rows.append({"phase": phase, "peak_mb": peak / MB, "ratio": peak / weights, "weights_mb": w / MB,
+                     "lora_mb": lora / MB, "rest_mb": max(0, peak - w - lora) / MB,
+                     "added_mb": meter.stats.added_bytes / MB, "note": note})
+        print(f"{phase}: peak {peak / MB:.0f} MB = {peak / weights:.2f}x weights; {note}", file=sys.stderr, flush=True)
+
+    graph = ctx.results["graph"]
+    eligible = _eligible(ctx, graph, lhspg.kinds)
+    w = parse_weights(lhspg.saliency)
+    score = _scorer(graph, eligible, w, _calibration(data, args.calibration, args.seq, 0, w))
+    _trim()
+    with PeakMemory(device) as meter:
+        score(ctx.model)
+    row("saliency", meter, 0, f"{lhspg.saliency}, {args.calibration} x {args.seq} tokens")
+    _trim()
+    with PeakMemory(device) as meter:
+        lhspg.run(ctx)
+    result = ctx.results["lhspg"]
+    row("lhspg", meter, lora_state_bytes(ctx.model), f"{lhspg.total_steps} steps, {result.train.tokens_per_s:.0f} tok/s")
+    _trim()
+    with PeakMemory(device) as meter:
+        Erase().run(ctx)
+    report = ctx.results["erase"]
+    row("erase", meter, 0, f"-{1 - report.params_after / report.params_before:.0%} params, max diff {report.max_diff:.2g}")
+    _trim()
+    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, log_every=args.steps)
+    with PeakMemory(device) as meter:
+        trained = train(ctx.model, TokenBatches.from_config({"random": tokens}, tcfg), tcfg)
+    row("recovery", meter, lora_state_bytes(ctx.model), f"{args.steps} steps, {trained.tokens_per_s:.0f} tok/s")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") + (" lora" if "lora_" in n else " frozen")
+                     for n, p in ctx.model.named_parameters()})
+    rows.append({"phase": "_meta", "weights_mb": weights / MB, "method": meter.stats.method, "dtypes": ", ".join(dtypes)})
+    return rows
+
+
+def _print_phases(args: argparse.Namespace, rows: list[dict[str, float | str]]) -> None:
+    meta = rows[-1]
+    print(f"LLaMA hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads or args.heads} heads, "
+          f"vocab {args.vocab}, {args.dtype} on {args.device} ({meta['method']}), LoRA r={args.rank}, "
+          f"batch {args.batch} x {args.seq}; weights {float(meta['weights_mb']):.0f} MB; after: {meta['dtypes']}")
+    print(f"| {'phase':<9} | {'peak MB':>8} | {'peak / weights':>14} | {'weights MB':>10} | {'LoRA state MB':>13} "
+          f"| {'rest MB':>8} | {'phase added MB':>14} | note |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows[:-1]:
+        print(f"| {r['phase']:<9} | {float(r['peak_mb']):>8.0f} | {float(r['ratio']):>14.2f} | {float(r['weights_mb']):>10.0f} "
+              f"| {float(r['lora_mb']):>13.1f} | {float(r['rest_mb']):>8.0f} | {float(r['added_mb']):>14.0f} | {r['note']} |")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--intermediate", type=int, default=1376)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=8192)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--tied", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--calibration", type=int, default=2, help="calibration windows of the saliency phase")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: auto, only on CUDA with bf16)")
+    p.add_argument("--modes", action="store_true", help="the loss-mode table instead of the phases")
     p.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    """Run every mode (each in a subprocess) and print the table; returns its rows."""
+    """Print the phases table (or, with ``--modes``, run every mode in a subprocess); returns its rows."""
     args = _parser().parse_args(argv)
     if args.one:
         print(json.dumps(measure(args, args.one)))
         return []
+    if not args.modes:
+        rows = measure_phases(args)
+        _print_phases(args, rows)
+        return rows  # type: ignore[return-value]
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     rows = []
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, *passthrough, "--one", mode], check=True,
                              capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, LoRA r={args.rank}, "
+    print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}, LoRA r={args.rank}, "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} steps on {args.device} ({rows[0]['method']}); "
           f"{rows[0]['lora_msg']}")
     print(f"| {'mode':<18} | {'frozen MB':>10} | {'LoRA state MB':>14} | {'peak MB':>9} | {'ratio':>7} | {'tok/s':>8} | {'loss':>8} |")

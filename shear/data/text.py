@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError
+from shear.runtime.devices import model_device
 
 if TYPE_CHECKING:
     from shear.passes.base import Context
@@ -200,12 +201,6 @@ class TextData:
         }
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def window_perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) of a causal LM over ``[w, L]`` windows (each window scored alone).
@@ -221,7 +216,7 @@ def window_perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: in
         output_head,
     )
 
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0

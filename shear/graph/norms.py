@@ -60,6 +60,27 @@ class RmsNormSpec:
     weight_offset: float = 0.0
     """The norm multiplies by ``weight + weight_offset`` (Gemma stores ``weight`` around 0, offset 1)."""
 
+    def _scale_(self, w: torch.Tensor, ratio: float) -> torch.Tensor:
+        return w.add_(self.weight_offset).mul_(ratio**0.5).sub_(self.weight_offset)
+
+    def reference_weight(self, weight: torch.Tensor, d: int, d_new: int) -> torch.Tensor:
+        """The fp32 weight under which the norm over ``d`` channels computes exactly what the norm
+        rescaled to ``d_new`` (:meth:`rescale`, rounded to ``weight``'s dtype) computes.
+
+        In fp32 the rescaled weight is exact up to 1e-7; in bf16 rounding it moves outputs by up to
+        2^-9 of their size, a real change of the function. Verification computes the masked
+        reference with this weight, so it compares like with like in any dtype.
+
+        Example:
+            >>> spec = RmsNormSpec("eps")
+            >>> w = torch.full((4,), 0.3, dtype=torch.bfloat16)
+            >>> ref = spec.reference_weight(w, 4, 3)
+            >>> ref.dtype, bool((ref - 0.3).abs().max() < 2e-3), bool(ref[0] != w[0].float())
+            (torch.float32, True, True)
+        """
+        small = self._scale_(weight.detach().clone(), d / d_new)
+        return (small.float() + self.weight_offset) / (d / d_new) ** 0.5 - self.weight_offset
+
     def rescale(self, module: nn.Module, d: int, d_new: int) -> None:
         """Make ``module`` over ``d_new`` channels equal the same norm over ``d`` with zeros added.
 
@@ -76,7 +97,7 @@ class RmsNormSpec:
                 "mark its space unprunable"
             )
         with torch.no_grad():
-            w.add_(self.weight_offset).mul_(ratio**0.5).sub_(self.weight_offset)
+            self._scale_(w, ratio)
         eps = getattr(module, self.eps_attr)
         if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
             eps = torch.finfo(w.dtype).eps

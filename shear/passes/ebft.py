@@ -56,6 +56,7 @@ from shear.runtime.blockwise import (
     trainable_parameters,
     unwrap_model,
 )
+from shear.runtime.devices import model_device
 
 __all__ = [
     "EBFT",
@@ -120,7 +121,6 @@ def dense_teacher(ctx: Context, key: str = "dense-model") -> nn.Module:
     return teacher
 
 
-
 def explicit_masks(ctx: Context) -> Mapping[str, torch.Tensor] | None:
     """Keep masks a sparsity pass left in ``ctx.results["masks"]`` (anything with a ``.masks`` dict)."""
     masks = getattr(ctx.results.get("masks"), "masks", None)
@@ -149,12 +149,6 @@ def kept_residual_channels(ctx: Context, teacher_width: int, student_width: int)
         "and ctx.results holds no erase report that says which residual channels were kept (run ebft in the "
         "same pipeline as 'erase'), so block outputs cannot be compared; or keep the residual stream unpruned"
     )
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _to(obj: Any, dev: torch.device) -> Any:
@@ -234,8 +228,8 @@ class EBFT(Pass):
         ids = calibration_ids(ctx, self.name, self.nsamples, self.seq_len, self.seed)
         xs = capture_block_inputs(student, ids, batch_size=self.batch_size, blocks=s_blocks)
         xt = capture_block_inputs(teacher, ids, batch_size=self.batch_size, blocks=t_blocks)
-        dev = _device(student)
-        if _device(teacher) != dev:  # the caller's model stays where it is; its blocks visit as copies
+        dev = model_device(student)
+        if model_device(teacher) != dev:  # the caller's model stays where it is; its blocks visit as copies
             xt = BlockInputs(_to(xt.hidden, dev), _to(xt.args, dev), _to(xt.kwargs, dev))
         kept = None if xs.width == xt.width else kept_residual_channels(ctx, xt.width, xs.width)
         explicit = explicit_masks(ctx)
@@ -246,7 +240,7 @@ class EBFT(Pass):
         revived_warned = False
         with ctx.progress(total=len(s_blocks), description="ebft") as bar:
             for i, (sb, tb) in enumerate(zip(s_blocks, t_blocks, strict=True)):
-                x_t = _advance(tb if _device(tb) == dev else copy.deepcopy(tb).to(dev), x_t, xt, i)
+                x_t = _advance(tb if model_device(tb) == dev else copy.deepcopy(tb).to(dev), x_t, xt, i)
                 targets = x_t if kept is None else [y.index_select(-1, kept.to(y.device)) for y in x_t]
                 x_u = _advance(sb, x_u, xs, i)
                 masks = infer_masks(sb, explicit, names=names)

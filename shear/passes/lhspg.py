@@ -101,6 +101,10 @@ class LhspgHook(TrainHook):
         """Scores of the weights before training (the first period reuses them when warmup is 0)."""
         self.period = -1
         self.decaying: dict[int, torch.Tensor] = {}
+        self.held: dict[int, torch.Tensor] = {}
+        """Group id -> bool mask over ``decaying[gid]``, on the weights' device: structures the
+        half-space projection zeroed this period (folded into ``zeroed`` at the period's end, so the
+        per-step work reads nothing back to the host)."""
         self.zeroed: dict[int, torch.Tensor] = {g: torch.zeros(0, dtype=torch.long) for g in counts}
         self.history: list[dict[str, Any]] = []
         self.projected = 0
@@ -122,6 +126,7 @@ class LhspgHook(TrainHook):
             decaying[gid] = s.argsort()[:new].sort().values
             moved += new
         self.decaying = decaying
+        self.held = {}
         self.period = period
         self.history.append({"period": period, "moved": moved})
 
@@ -150,17 +155,13 @@ class LhspgHook(TrainHook):
             self.views.hold_zero(self.zeroed, state.optimizer)
             return
         lam = 1.0 / (self.tp - t)
-        projected = self.views.decay(self.decaying, lam, eps=self.eps, optimizer=state.optimizer)
-        for gid, idx in projected.items():
-            self.projected += int(idx.numel())
-            self.zeroed[gid] = torch.cat([self.zeroed[gid], idx]).unique()
-            keep = ~torch.isin(self.decaying[gid], idx)
-            self.decaying[gid] = self.decaying[gid][keep]
+        self.views.decay(self.decaying, lam, eps=self.eps, optimizer=state.optimizer, held=self.held)
         self.views.hold_zero(self.zeroed, state.optimizer)
         if t == self.tp - 1:
+            self.projected += sum(int(m.sum()) for m in self.held.values())
             for gid, idx in self.decaying.items():
                 self.zeroed[gid] = torch.cat([self.zeroed[gid], idx]).unique()
-            self.decaying = {}
+            self.decaying, self.held = {}, {}
             self.history[-1]["loss"] = float(state.losses[-1]) if state.losses else float("nan")
             self.history[-1]["zero"] = sum(int(v.numel()) for v in self.zeroed.values())
             self._merge(state)
@@ -170,12 +171,20 @@ class LhspgHook(TrainHook):
     # -- checkpointing ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
+        # structures projected this period are saved as zeroed (as they would be held after a resume)
+        decaying, zeroed, projected = dict(self.decaying), dict(self.zeroed), self.projected
+        for gid, mask in self.held.items():
+            hit = mask.cpu()
+            if bool(hit.any()):
+                zeroed[gid] = torch.cat([zeroed[gid], decaying[gid][hit]]).unique()
+                decaying[gid] = decaying[gid][~hit]
+                projected += int(hit.sum())
         return {
             "period": self.period,
-            "decaying": {str(g): v.clone() for g, v in self.decaying.items()},
-            "zeroed": {str(g): v.clone() for g, v in self.zeroed.items()},
+            "decaying": {str(g): v.clone() for g, v in decaying.items()},
+            "zeroed": {str(g): v.clone() for g, v in zeroed.items()},
             "history": [dict(h) for h in self.history],
-            "projected": self.projected,
+            "projected": projected,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,6 +193,7 @@ class LhspgHook(TrainHook):
         self.zeroed = {int(g): v.long() for g, v in state["zeroed"].items()}
         self.history = [dict(h) for h in state["history"]]
         self.projected = int(state["projected"])
+        self.held = {}
 
 
 @register_pass

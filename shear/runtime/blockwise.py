@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from shear.errors import PipelineError
+from shear.runtime.devices import model_device
 
 __all__ = [
     "BLOCK_PATHS",
@@ -132,12 +133,6 @@ class BlockInputs:
         return int(self.hidden[0].shape[-1])
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _call_lm(model: nn.Module, ids: torch.Tensor) -> None:
     kwargs: dict[str, Any] = {"input_ids": ids}
     if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
@@ -166,7 +161,7 @@ def capture_block_inputs(
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise PipelineError(f"calibration ids must be a [n, seq_len] long tensor, got {tuple(ids.shape)} {ids.dtype}")
     blocks = decoder_blocks(model) if blocks is None else blocks
-    device = _model_device(model)
+    device = model_device(model)
     n_blocks = len(blocks)
     out = BlockInputs(hidden=[], args=[[] for _ in range(n_blocks)], kwargs=[[] for _ in range(n_blocks)])
     seen: list[bool] = [False] * n_blocks

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError, PipelineError
+from shear.runtime.devices import model_device
 
 if TYPE_CHECKING:
     from shear.passes.progress import ProgressBar
@@ -179,13 +180,6 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _check_ids(ids: torch.Tensor) -> None:
     if ids.dim() != 2 or ids.dtype != torch.long or ids.shape[0] == 0:
         raise DataError(f"calibration ids must be a non-empty [n, seq_len] long tensor, got {tuple(ids.shape)} {ids.dtype}")
@@ -208,7 +202,7 @@ def collect_stats(
     """
     _check_ids(ids)
     layers = target_linears(model) if layers is None else layers
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

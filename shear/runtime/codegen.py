@@ -305,10 +305,14 @@ def codegen(
     params_before = plan.numel(after=False)
     if plan.empty:
         return model, ErasureReport(plan, params_before, params_before)
-    recording = _verify.record(model, example_inputs) if verify and example_inputs is not None else None
+    recording = (
+        _verify.record(model, example_inputs, overrides=_norm_references(model, plan))
+        if verify and example_inputs is not None
+        else None
+    )
     if emit == "graph":
         return _emit_graph(model, plan, example_inputs, recording, params_before, atol, rtol, "")
-    masked = (_shared_structure_copy(model) if inplace else model) if emit == "auto" else None
+    masked = (_masked_skeleton(model, plan) if inplace else model) if emit == "auto" else None
     small = model if inplace else copy.deepcopy(model)
     apply_plan(small, plan)
     compatible = refresh_config(small)
@@ -325,19 +329,68 @@ def codegen(
             if masked is None or e.__cause__ is None:  # a numeric mismatch, not a failure to run
                 raise
             reason = f"the sliced module tree cannot run: {str(e).split('. A module')[0].removeprefix('verify: ')}"
+            if inplace:
+                masked = _refill(masked, small, plan)
             return _emit_graph(masked, plan, example_inputs, recording, params_before, atol, rtol, reason)
     return small, report
+
+
+def _norm_references(model: nn.Module, plan: ErasurePlan) -> dict[int, torch.Tensor]:
+    """``id(norm weight)`` -> the fp32 weight with which the masked model computes what the small
+    model's rescaled and (in 16 bits) rounded norm computes; empty for fp32 and wider models."""
+    out: dict[int, torch.Tensor] = {}
+    for module_name, (d, d_new) in plan.norms.items():
+        module = _get_module(model, module_name)
+        spec = find_rms_norm(module)
+        w = getattr(module, "weight", None)
+        if spec is None or not isinstance(w, torch.Tensor) or d == d_new:
+            continue
+        if w.dtype in (torch.float16, torch.bfloat16):
+            out[id(w)] = spec.reference_weight(w, d, d_new)
+    return out
 
 
 EMIT_MODES = ("auto", "module", "graph")
 """What :func:`codegen` may emit: see its ``emit`` argument."""
 
 
-def _shared_structure_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares every tensor (cheap): the masked original, kept while
-    ``apply_plan`` slices ``model`` in place (it rebinds tensors and never writes the old ones)."""
+def _masked_skeleton(model: nn.Module, plan: ErasurePlan) -> nn.Module:
+    """A copy of the module tree for the fallback to a GraphModule that costs no second model.
+
+    Tensors that erasing cuts become meta placeholders (:func:`_refill` rebuilds them from the small
+    model, only if the fallback runs); all others, and the norm weights that erasing rescales, are
+    shared (``apply_plan`` rebinds tensors and never writes the old ones). Erasing in place thus
+    peaks near the size of the model, not twice it.
+    """
+    table = TensorTable(model)
+    keep = {id(getattr(_get_module(model, n), "weight", None)) for n in plan.norms}
     memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for name in plan.cuts:
+        t = table.tensors[table.resolve(name)]
+        if id(t) not in keep:
+            ph = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            memo[id(t)] = nn.Parameter(ph, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else ph
     return copy.deepcopy(model, memo)
+
+
+def _refill(skeleton: nn.Module, small: nn.Module, plan: ErasurePlan) -> nn.Module:
+    """The masked model again: every placeholder of ``skeleton`` becomes the small model's tensor with
+    zeros at the erased indices. Erased primary slices were zero; erased secondary slices only ever
+    multiplied them, so the function is the masked model's."""
+    st, kt = TensorTable(skeleton), TensorTable(small)
+    for name, dims in plan.cuts.items():
+        canon = st.resolve(name)
+        if st.tensors[canon].device.type != "meta":
+            continue
+        t = kt.tensors[kt.resolve(name)].detach()
+        for dim, idx in sorted(dims.items()):
+            shape = list(t.shape)
+            shape[dim] = plan.shapes[name][dim]
+            stays = torch.ones(shape[dim], dtype=torch.bool)
+            stays[idx] = False
+            t = t.new_zeros(shape).index_copy_(dim, stays.nonzero().flatten().to(t.device), t)
+        st.replace(canon, t)
+    return skeleton
 
 
 def _emit_graph(

@@ -80,6 +80,7 @@ class StructureViews:
             links[base] = LoraLink(a, b, float(c.scaling[0]))
             b_names.add(b)
         self.links = links
+        self._flat_cache: dict[tuple[object, ...], torch.Tensor] = {}
         self.groups: dict[int, PruningGroup] = {g.id: g for g in groups if g.prunable}
         self.views: dict[int, list[_View]] = {}
         self.b_rows: dict[int, list[tuple[str, torch.Tensor]]] = {}
@@ -99,15 +100,37 @@ class StructureViews:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    def _flat(self, positions: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``positions[idx].flatten()`` on ``device``, cached: the index sets of a period are reused by
+        every step, so after the first step no index tensor crosses to the weights' device again."""
+        if idx.device.type != "cpu":
+            return positions.to(idx.device)[idx].flatten().to(device)
+        key = (id(positions), device, idx.dtype, idx.numel(), idx.numpy().tobytes())
+        flat = self._flat_cache.get(key)
+        if flat is None:
+            if len(self._flat_cache) >= 1024:
+                self._flat_cache.clear()
+            flat = self._flat_cache[key] = positions[idx].flatten().to(device)
+        return flat
+
+    def _base(self, v: _View, idx: torch.Tensor) -> torch.Tensor:
+        """``[n, ...]`` fp32 slices of structures ``idx`` of the tensor of ``v`` (no LoRA)."""
+        t = self.table.tensors[v.tensor].detach()
+        return t.index_select(v.dim, self._flat(v.positions, idx, t.device)).movedim(v.dim, 0).float()
+
+    def _with_lora(self, v: _View, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (from :meth:`_base`) plus ``s * (B A)`` on the LoRA rows of ``v``."""
+        if v.lora is None:
+            return x
+        a = self.table.tensors[v.lora.a].detach().float()
+        b = self.table.tensors[v.lora.b].detach()
+        return x + v.lora.scaling * (b.index_select(0, self._flat(v.positions, idx, b.device)).float() @ a)
+
     def _slice(self, v: _View, idx: torch.Tensor, *, with_lora: bool = True) -> torch.Tensor:
         """``[n, numel]`` slices of structures ``idx`` for view ``v``: W (+ s * B @ A on LoRA rows)."""
-        t = self.table.tensors[v.tensor].detach()
-        flat = v.positions[idx].flatten().to(t.device)
-        x = t.index_select(v.dim, flat).movedim(v.dim, 0).float()
-        if with_lora and v.lora is not None:
-            a = self.table.tensors[v.lora.a].detach().float()
-            b = self.table.tensors[v.lora.b].detach().float()
-            x = x + v.lora.scaling * (b.index_select(0, flat) @ a)
+        x = self._base(v, idx)
+        if with_lora:
+            x = self._with_lora(v, idx, x)
         return x.reshape(len(idx), -1)
 
     def effective(self, gid: int, idx: torch.Tensor) -> torch.Tensor:
@@ -123,7 +146,7 @@ class StructureViews:
 
     def _write(self, v: _View, idx: torch.Tensor, values: torch.Tensor) -> None:
         t = self.table.tensors[v.tensor]
-        flat = v.positions[idx].flatten().to(t.device)
+        flat = self._flat(v.positions, idx, t.device)
         shape = list(t.shape)
         shape[v.dim] = flat.numel()
         moved = [shape[v.dim]] + [s for d, s in enumerate(shape) if d != v.dim]
@@ -133,13 +156,15 @@ class StructureViews:
     def _zero_b(self, gid: int, idx: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         for v in self.views[gid]:
             if v.lora is not None:
-                self._zero_rows(v.lora.b, v.positions[idx].flatten(), optimizer)
+                self._zero_rows(v.lora.b, v.positions, idx, optimizer)
         for name, positions in self.b_rows[gid]:
-            self._zero_rows(name, positions[idx].flatten(), optimizer)
+            self._zero_rows(name, positions, idx, optimizer)
 
-    def _zero_rows(self, name: str, rows: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    def _zero_rows(
+        self, name: str, positions: torch.Tensor, idx: torch.Tensor, optimizer: torch.optim.Optimizer | None
+    ) -> None:
         t = self.table.tensors[name]
-        rows = rows.to(t.device)
+        rows = self._flat(positions, idx, t.device)
         with torch.no_grad():
             t.index_fill_(0, rows, 0)
         if optimizer is not None:
@@ -154,11 +179,17 @@ class StructureViews:
         *,
         eps: float = 0.0,
         optimizer: torch.optim.Optimizer | None = None,
+        held: dict[int, torch.Tensor] | None = None,
     ) -> dict[int, torch.Tensor]:
         """One LHSPG step on decaying structures; returns, per group, the ones the projection zeroed.
 
         The half-space test compares the new slice with the base slice ``W_g``, which is the
-        structure's effective value before the optimizer step (``B_g`` was reset after the last one).
+        structure's effective value before the step (``B_g`` was reset after the last one).
+
+        With ``held`` (group id -> bool mask over ``idx_by_group[gid]`` on the weights' device,
+        created when missing and updated in place) nothing is read back to the host: structures the
+        projection zeroed in an earlier step are held at zero, newly projected ones join the mask,
+        and the returned dict is empty. This is how the training hook calls it, once per step.
         """
         if not 0.0 <= lam <= 1.0:
             raise PipelineError(f"decay factor lambda must be in [0, 1], got {lam}")
@@ -166,19 +197,27 @@ class StructureViews:
         for gid, idx in idx_by_group.items():
             if idx.numel() == 0:
                 continue
-            slices = [self._slice(v, idx) for v in self.views[gid]]
-            old = [self._slice(v, idx, with_lora=False) for v in self.views[gid]]
-            new = [(1.0 - lam) * s for s in slices]
+            views = self.views[gid]
+            old = [self._base(v, idx) for v in views]
+            new = [((1.0 - lam) * self._with_lora(v, idx, o)).reshape(len(idx), -1) for v, o in zip(views, old)]
+            old = [o.reshape(len(idx), -1) for o in old]
             inner = torch.stack([(n * o).sum(dim=1) for n, o in zip(new, old)]).sum(dim=0)
             norm2 = torch.stack([(o * o).sum(dim=1) for o in old]).sum(dim=0)
-            flip: torch.Tensor = (
-                (inner < eps * norm2) & (norm2 > 0) if lam < 1.0 else torch.ones(len(idx), dtype=torch.bool)
-            )
-            for v, n in zip(self.views[gid], new):
-                n[flip.to(n.device)] = 0
-                self._write(v, idx, n)
+            if lam < 1.0:
+                flip = (inner < eps * norm2) & (norm2 > 0)
+            else:
+                flip = torch.ones(len(idx), dtype=torch.bool, device=inner.device)
+            if held is not None:
+                before = held.get(gid)
+                if before is None:
+                    before = held[gid] = torch.zeros(len(idx), dtype=torch.bool, device=inner.device)
+                if lam < 1.0:
+                    before |= flip
+                flip = flip | before
+            for v, n in zip(views, new):
+                self._write(v, idx, n.masked_fill_(flip.to(n.device).unsqueeze(1), 0))
             self._zero_b(gid, idx, optimizer)
-            if lam < 1.0 and bool(flip.any()):
+            if held is None and lam < 1.0 and bool(flip.any()):
                 projected[gid] = idx[flip.cpu()]
         return projected
 
@@ -190,7 +229,7 @@ class StructureViews:
             for v in self.views[gid]:
                 t = self.table.tensors[v.tensor]
                 with torch.no_grad():
-                    t.index_fill_(v.dim, v.positions[idx].flatten().to(t.device), 0)
+                    t.index_fill_(v.dim, self._flat(v.positions, idx, t.device), 0)
             self._zero_b(gid, idx, optimizer)
 
     def is_zero(self, gid: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError, PipelineError
+from shear.runtime.devices import model_device
 
 __all__ = [
     "WeightMode",
@@ -151,12 +152,6 @@ def relative_gain(before: float, after: float) -> float:
     return (before - after) / abs(before)
 
 
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def instruction_loss(
     model: nn.Module,
@@ -173,7 +168,7 @@ def instruction_loss(
     """
     if not examples:
         raise DataError("instruction_loss got no examples; TextData.from_corpus(..., instructions=N) adds some")
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0

@@ -47,7 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ from torch import nn
 from shear.errors import DataError, PipelineError
 from shear.graph.groups import Member, PruningGroup
 from shear.graph.ir import LoraComposite
+from shear.runtime.devices import model_device
 from shear.runtime.masks import TensorTable
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "compute_saliency",
     "taylor_importance",
     "loss_gradients",
+    "loss_gradient_rowsums",
     "input_norms",
     "lora_deltas",
     "structure_reduce",
@@ -200,12 +202,6 @@ def _rowsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).double().sum(dim=1)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -236,7 +232,8 @@ def loss_gradients(
     Frozen base weights of a LoRA model get ``requires_grad`` only for the duration; their gradient
     is the gradient w.r.t. the effective weight ``W + s·BA`` (the two enter the output as a sum).
     Every parameter's ``requires_grad`` and ``.grad`` are restored afterwards; the model is run in
-    eval mode (no dropout).
+    eval mode (no dropout). Gradients come back in the parameter's dtype (bf16 for a bf16 model),
+    never as a full fp32 copy of the model: callers upcast one tensor at a time.
     """
     ids = _check_ids(calibration_ids, "loss gradients")
     table = TensorTable(model)
@@ -245,7 +242,7 @@ def loss_gradients(
     params = list({id(p): p for p in model.parameters()}.values())
     saved = [(p, p.requires_grad, p.grad) for p in params]
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     try:
         for p in params:
             p.requires_grad_(False)
@@ -259,7 +256,7 @@ def loss_gradients(
             loss = _lm_loss(model, batch) * (batch.shape[0] / n)
             loss.backward()
         return {
-            name: (t.grad.detach().float() if t.grad is not None else torch.zeros_like(t, dtype=torch.float32))
+            name: (t.grad.detach() if t.grad is not None else torch.zeros_like(t))
             for name, t in targets.items()
         }
     finally:
@@ -267,6 +264,79 @@ def loss_gradients(
             p.grad = grad
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def loss_gradient_rowsums(
+    model: nn.Module,
+    needed: Mapping[str, Iterable[int]],
+    calibration_ids: torch.Tensor,
+    *,
+    effective: Callable[[str], torch.Tensor],
+    batch_size: int = 4,
+) -> dict[tuple[str, int], torch.Tensor]:
+    """``(canonical name, dim)`` -> float64 row sums of ``E ⊙ G`` along ``dim``, without keeping ``G``.
+
+    ``G`` is the mean loss gradient of the weight (as :func:`loss_gradients`), ``E = effective(name)``
+    its effective fp32 weight. Each gradient is consumed by a post-accumulate-grad hook the moment
+    autograd finishes it and then dropped, so at most one weight's gradient exists at a time: the
+    memory of taylor1 on a 16-bit 7B model is that of its largest weight, not a second model. The
+    product is linear in ``G``, so summing per batch gives the row sums of the mean gradient (up to
+    float rounding).
+
+    Example:
+        >>> rows = loss_gradient_rowsums(model, {"model.layers.0.mlp.up_proj.weight": {0}}, ids,
+        ...                              effective=lambda n: table.tensors[n].float())  # doctest: +SKIP
+    """
+    ids = _check_ids(calibration_ids, "loss gradients")
+    table = TensorTable(model)
+    targets = {c: table.tensors[c] for c in needed if isinstance(table.tensors[c], nn.Parameter)}
+    params = list({id(p): p for p in model.parameters()}.values())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+
+    def consume(canon: str) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            g, p.grad = p.grad, None
+            if g is None:
+                return
+            with torch.no_grad():
+                prod = effective(canon) * g.to(torch.float32)
+                for dim in needed[canon]:
+                    r = _rowsum(prod, dim)
+                    sums[(canon, dim)] = r if (canon, dim) not in sums else sums[(canon, dim)] + r
+
+        return hook
+
+    was_training = model.training
+    device = model_device(model)
+    handles = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for canon, t in targets.items():
+            t.requires_grad_(True)
+            handles.append(t.register_post_accumulate_grad_hook(consume(canon)))
+        model.eval()
+        n = ids.shape[0]
+        for i in range(0, n, max(1, batch_size)):
+            batch = ids[i : i + batch_size].to(device)
+            (_lm_loss(model, batch) * (batch.shape[0] / n)).backward()
+        return sums
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag, grad in saved:
+            p.grad = grad
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _effective(table: TensorTable, lora: Mapping[str, list[tuple[str, str, float]]], canon: str) -> torch.Tensor:
+    """``W + Σ s·B A`` in fp32 (``W`` alone when the adapters do not fit its shape)."""
+    W = table.tensors[canon].detach().float()
+    D = _delta(table, lora[canon], W.shape) if canon in lora else None
+    return W + D if D is not None else W
 
 
 def _input_dim(module: nn.Module) -> int | None:
@@ -314,7 +384,7 @@ def input_norms(
     for canon, (mod, d) in owners.items():
         handles.append(mod.register_forward_pre_hook(hook_for(canon, int(table.tensors[canon].shape[d]))))
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     try:
         model.eval()
         for i in range(0, ids.shape[0], max(1, batch_size)):
@@ -407,8 +477,15 @@ def compute_saliency(
             needed.setdefault(canon, set()).add(m.dim)
     grads: dict[str, torch.Tensor] = {}
     xnorms: dict[str, tuple[torch.Tensor, int]] = {}
+    streamed: dict[tuple[str, int], torch.Tensor] | None = None
     if mode == "loss" and calibration_ids is not None:
-        grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
+        low = any(table.tensors[c].dtype in (torch.float16, torch.bfloat16) for c in needed)
+        if low and "taylor2" not in active:  # 16-bit weights: no gradient kept beyond its own backward step
+            streamed = loss_gradient_rowsums(
+                model, needed, calibration_ids, effective=lambda c: _effective(table, lora, c), batch_size=batch_size
+            )
+        else:
+            grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
     if "activation" in active and calibration_ids is not None:
         xnorms = input_norms(model, needed, calibration_ids, batch_size=batch_size)
 
@@ -421,7 +498,7 @@ def compute_saliency(
             if canon in lora and D is None:
                 notes.append(f"{canon}: LoRA factors do not match the weight's shape; LoRA ignored for it")
             E = W + D if D is not None else W
-            G = grads.get(canon) if mode == "loss" else (D if mode == "lora" else None)
+            G = grads.pop(canon, None) if mode == "loss" else (D if mode == "lora" else None)
             for dim in dims:
                 red: dict[str, torch.Tensor] = {}
                 if "magnitude" in active:
@@ -429,8 +506,10 @@ def compute_saliency(
                 if "cosine" in active and D is not None:
                     red["ww"], red["dd"], red["wd"] = _rowsum(W * W, dim), _rowsum(D * D, dim), _rowsum(W * D, dim)
                 if taylor and G is not None:
-                    p = E * G.to(E.device)
+                    p = E * G.to(E.device, torch.float32)
                     red["eg"], red["eg2"] = _rowsum(p, dim), _rowsum(p * p, dim)
+                elif streamed is not None and (canon, dim) in streamed:
+                    red["eg"] = streamed[(canon, dim)]
                 if "activation" in active and canon in xnorms:
                     norm, in_dim = xnorms[canon]
                     shape = [1] * E.dim()
@@ -513,7 +592,7 @@ def taylor_importance(
             W = table.tensors[canon].detach().float()
             D = _delta(table, lora[canon], W.shape) if canon in lora else None
             E = W + D if D is not None else W
-            p = (E * grads[canon].to(E.device)).abs()
+            p = (E * grads.pop(canon).to(E.device, torch.float32)).abs()
             for ms in members.values():
                 for c, m in ms:
                     if c == canon and (canon, m.dim) not in rows:

@@ -10,8 +10,17 @@ Deep models in fp32 are not exact: erasing zeros changes the order of floating-p
 through 30 layers with large activations (SmolLM2's logits reach ~35) that moves the logits by up
 to ~1e-4 of their scale, about as far as the masked model itself is from exact arithmetic. When a
 difference exceeds the plain tolerance, :func:`rounding_noise` measures that floor (the small model
-in float64 against itself in its own dtype; skipped above :data:`NOISE_BUDGET_BYTES`), and the check
-accepts ``diff <= atol + rtol * scale + NOISE_FACTOR * noise``.
+in float64 against itself in its own compute dtype), and the check accepts
+``diff <= atol + rtol * scale + NOISE_FACTOR * noise`` (:func:`allowed`, the one tolerance policy,
+which ``shear.compile``'s equivalence check uses too).
+
+Low precision: a 16-bit model is never compared in 16 bits (a right erase of a LLaMA-7B shape in
+bf16 moves the logits by 0.43, as far as some wrong ones). :func:`record` and :func:`check` run it
+in fp32 with :func:`upcast`, which converts one decoder block (or one module outside the blocks) at
+a time during its own forward and puts the 16-bit tensors back after it: the weights are exactly
+the 16-bit values, so masked and small model differ by fp32 summation noise only, and the memory is
+that of the model plus one fp32 block. The float64 reference of :func:`rounding_noise` streams the
+same way, so it needs no copy of the model at any size.
 
 Example:
     >>> import torch
@@ -25,7 +34,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,15 +42,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import VerifyError
+from shear.errors import ShearError, VerifyError
+from shear.runtime.devices import model_dtype
 
 __all__ = [
-    "call_model", "flatten_tensors", "Recording", "record", "check", "tolerance", "rounding_noise",
-    "NOISE_BUDGET_BYTES", "NOISE_FACTOR",
+    "call_model", "flatten_tensors", "Recording", "record", "check", "tolerance", "allowed", "rounding_noise",
+    "compute_dtype", "upcast", "NOISE_BUDGET_BYTES", "NOISE_FACTOR",
 ]
 
 NOISE_BUDGET_BYTES = 4 << 30
-"""Largest float64 copy of a model :func:`rounding_noise` makes (about 500M parameters)."""
+"""Largest float64 copy of a whole model :func:`rounding_noise` makes (about 500M parameters); a
+larger model is upcast block by block (:func:`upcast`) instead of copied."""
 NOISE_FACTOR = 3.0
 """|small - masked| <= |small - exact| + |exact - masked|: the measured noise of the small model,
 plus up to twice that for the masked one."""
@@ -67,11 +78,116 @@ def flatten_tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype verification computes in for a model of ``dtype``: fp32 for 16-bit models, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """Default ``(atol, rtol)`` for comparing outputs of ``dtype``: max|a-b| <= atol + rtol * max|ref|."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return 1e-2, 1e-2
+    """``(atol, rtol)`` for comparing outputs computed in ``dtype``: max|a-b| <= atol + rtol * max|ref|.
+
+    16-bit models are compared in fp32 (:func:`compute_dtype`), so they get fp32's tolerance.
+    """
+    del dtype  # one policy: every comparison is computed in fp32 or wider
     return 1e-5, 1e-4
+
+
+def allowed(scale: float, noise: float | None = None, *, atol: float | None = None, rtol: float | None = None) -> float:
+    """The largest accepted max |small - masked|: ``atol + rtol * scale + NOISE_FACTOR * noise``.
+
+    ``scale`` is max |masked output|; ``noise`` the measured :func:`rounding_noise` (``None``: not
+    measured). ``atol``/``rtol`` default to :func:`tolerance`.
+
+    Example:
+        >>> allowed(10.0)
+        0.00101
+        >>> allowed(10.0, noise=0.01) > allowed(10.0)
+        True
+    """
+    d_atol, d_rtol = tolerance(torch.float32)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    return atol + rtol * scale + NOISE_FACTOR * (noise or 0.0)
+
+
+def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """``(module, whole)`` pairs that :func:`upcast` converts one at a time: each decoder block as a
+    whole, and every other module with tensors of its own (just those)."""
+    from shear.runtime.blockwise import decoder_blocks
+
+    try:
+        blocks = list(decoder_blocks(model))
+    except ShearError:
+        blocks = []
+    inside = {id(m) for b in blocks for m in b.modules()}
+    units: list[tuple[nn.Module, bool]] = [(b, True) for b in blocks]
+    for m in model.modules():
+        if id(m) not in inside and (m._parameters or m._buffers):
+            units.append((m, False))
+    return units
+
+
+@contextmanager
+def upcast(
+    model: nn.Module, dtype: torch.dtype = torch.float32, overrides: Mapping[int, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Run ``model`` in ``dtype`` holding one converted unit at a time (a block, or a module's own tensors).
+
+    Forward hooks convert the floating parameters and buffers of a unit narrower than ``dtype`` when its forward
+    starts and put the originals back when it ends; nothing is copied when the model already is in
+    ``dtype``. Inputs are not converted (the embedding's converted weight makes the hidden states
+    ``dtype``; pass float inputs in ``dtype`` yourself). ``overrides`` maps ``id(tensor)`` to the
+    ``dtype`` value to use in place of that tensor (see :func:`record`).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).bfloat16()
+        >>> with upcast(net):
+        ...     y = net(torch.randn(2, 4))
+        >>> y.dtype, net[0].weight.dtype
+        (torch.float32, torch.bfloat16)
+    """
+    overrides = overrides or {}
+    bits = torch.finfo(dtype).bits
+
+    def narrower(t: torch.Tensor) -> bool:
+        return t.is_floating_point() and torch.finfo(t.dtype).bits < bits
+
+    if not overrides and not any(narrower(t) for t in [*model.parameters(), *model.buffers()]):
+        yield
+        return
+    handles = []
+    saved: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
+
+    def convert(unit: nn.Module, whole: bool) -> None:
+        held = saved.setdefault(id(unit), [])
+        for m in unit.modules() if whole else [unit]:
+            for kind in ("_parameters", "_buffers"):
+                slots = getattr(m, kind)
+                for name, t in list(slots.items()):
+                    if isinstance(t, torch.Tensor) and (narrower(t) or id(t) in overrides):
+                        held.append((m, kind, name, t))
+                        new = overrides[id(t)] if id(t) in overrides else t.detach().to(dtype)
+                        slots[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+
+    def restore(unit: nn.Module) -> None:
+        for m, kind, name, t in reversed(saved.pop(id(unit), [])):
+            getattr(m, kind)[name] = t
+
+    for unit, whole in _units(model):
+        if type(unit) is nn.Embedding and id(unit.weight) not in overrides:
+            # a lookup is exact in any dtype: convert what it returns, not a (vocab-sized) table
+            handles.append(unit.register_forward_hook(lambda _u, _a, out: out.to(dtype) if out.is_floating_point() else out))
+            continue
+        handles.append(unit.register_forward_pre_hook(lambda u, _a, w=whole: convert(u, w)))
+        handles.append(unit.register_forward_hook(lambda u, _a, _o: restore(u)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for key in list(saved):
+            for m, kind, name, t in reversed(saved.pop(key)):
+                getattr(m, kind)[name] = t
 
 
 @dataclass
@@ -121,8 +237,15 @@ def _hooks(model: nn.Module, fn: Any, pre: Any = None) -> Iterator[None]:
             h.remove()
 
 
-def record(model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20) -> Recording:
-    """Run the (masked) ``model`` once and keep copies of its outputs for :func:`check`."""
+def record(
+    model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20, overrides: Mapping[int, torch.Tensor] | None = None
+) -> Recording:
+    """Run the (masked) ``model`` once and keep copies of its outputs for :func:`check`.
+
+    A 16-bit model runs in fp32 (:func:`upcast`), so the recording is free of 16-bit rounding.
+    ``overrides`` (``id(tensor)`` -> fp32 value) stand in for tensors that erasing changes on
+    purpose: a norm rescaled for a narrower residual width, rounded to 16 bits
+    (:meth:`~shear.graph.norms.RmsNormSpec.reference_weight`)."""
     rec = Recording(final=[])
     used = 0
 
@@ -136,7 +259,7 @@ def record(model: nn.Module, inputs: Any, *, budget_bytes: int = 256 << 20) -> R
         used += size
         rec.modules[(name, i)] = [t.detach().clone() for t in ts]  # clone: later in-place ops (ReLU) mutate
 
-    with _eval_no_grad(model), _hooks(model, keep):
+    with _eval_no_grad(model), upcast(model, compute_dtype(model_dtype(model)), overrides), _hooks(model, keep):
         out = call_model(model, inputs)
     rec.final = [t.detach().clone() for t in flatten_tensors(out)]
     return rec
@@ -152,7 +275,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, floa
             continue
         compared = True
         if x.numel():
-            diff = max(diff, float((x.detach().float() - y.detach().float()).abs().max()))
+            diff = max(diff, float((x.detach().float() - y.detach().to(x.device).float()).abs().max()))
             scale = max(scale, float(y.detach().float().abs().max()))
     return diff, scale, compared
 
@@ -162,13 +285,10 @@ def check(
 ) -> float:
     """Run the small ``model``; return the max |small - masked| over comparable final outputs.
 
-    Raises VerifyError when a final output differs beyond ``atol + rtol * max|masked|``, naming the
-    first module (in completion order) whose same-shaped output already diverged.
+    Raises VerifyError when a final output differs beyond :func:`allowed` (``atol + rtol * max|masked|``
+    plus the measured rounding noise), naming the first module (in completion order) whose
+    same-shaped output already diverged. A 16-bit model is run in fp32 (:func:`upcast`).
     """
-    dtype = next((t.dtype for t in recording.final if t.is_floating_point()), torch.float32)
-    d_atol, d_rtol = tolerance(dtype)
-    atol = d_atol if atol is None else atol
-    rtol = d_rtol if rtol is None else rtol
     first: list[tuple[str, float]] = []
 
     def compare(name: str, i: int, out: Any) -> None:
@@ -178,7 +298,7 @@ def check(
         if ref is None:
             return
         diff, scale, compared = _max_diff(flatten_tensors(out), ref)
-        if compared and diff > atol + rtol * scale:
+        if compared and diff > allowed(scale, atol=atol, rtol=rtol):
             first.append((f"{name}" + (f" (call {i})" if i else ""), diff))
 
     running: list[str] = []
@@ -191,7 +311,7 @@ def check(
             running.pop()
         compare(name, i, out)
 
-    with _eval_no_grad(model), _hooks(model, leave, enter):
+    with _eval_no_grad(model), upcast(model, compute_dtype(model_dtype(model))), _hooks(model, leave, enter):
         try:
             out = call_model(model, inputs)
         except Exception as e:
@@ -209,9 +329,11 @@ def check(
             "shape (e.g. with its head) or pass verify=False"
         )
     noise = None
-    if diff > atol + rtol * scale:
+    if diff > allowed(scale, atol=atol, rtol=rtol):
         noise = rounding_noise(model, inputs, flatten_tensors(out))
-    if diff > atol + rtol * scale + NOISE_FACTOR * (noise or 0.0):
+    if diff > allowed(scale, noise, atol=atol, rtol=rtol):
+        d_atol, d_rtol = tolerance(torch.float32)
+        atol, rtol = d_atol if atol is None else atol, d_rtol if rtol is None else rtol
         where = f"first diverging module: {first[0][0]} (max diff {first[0][1]:.3g})" if first else (
             "no recorded module output diverged first" + ("" if recording.complete else " (recording was cut by its memory budget)")
         )
@@ -236,8 +358,9 @@ def _to_double(x: Any) -> Any:
 
 def rounding_noise(model: nn.Module, inputs: Any, outputs: list[torch.Tensor]) -> float | None:
     """max |outputs - model in float64| over floating outputs of equal shape: how far ``model``'s own
-    evaluation (``outputs``, in its dtype) is from exact arithmetic. ``None`` when the float64 copy
-    would exceed :data:`NOISE_BUDGET_BYTES` or the copy cannot run.
+    evaluation (``outputs``, in its compute dtype) is from exact arithmetic. A model up to
+    :data:`NOISE_BUDGET_BYTES` in float64 is copied whole; a larger one is run in float64 one block at
+    a time (:func:`upcast`). ``None`` when the float64 run fails.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -246,12 +369,14 @@ def rounding_noise(model: nn.Module, inputs: Any, outputs: list[torch.Tensor]) -
         True
     """
     size = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) * 8
-    if size > NOISE_BUDGET_BYTES:
-        return None
     try:
-        exact = copy.deepcopy(model).double()
-        with _eval_no_grad(exact):
-            ref = flatten_tensors(call_model(exact, _to_double(inputs)))
+        if size <= NOISE_BUDGET_BYTES:
+            exact = copy.deepcopy(model).double()
+            with _eval_no_grad(exact):
+                ref = flatten_tensors(call_model(exact, _to_double(inputs)))
+        else:
+            with _eval_no_grad(model), upcast(model, torch.float64):
+                ref = flatten_tensors(call_model(model, _to_double(inputs)))
     except Exception:  # noqa: BLE001 - no noise floor is the conservative answer
         return None
     diff, _, compared = _max_diff(outputs, ref)

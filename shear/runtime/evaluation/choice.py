@@ -23,6 +23,7 @@ from torch import nn
 
 from shear.data.tasks import MultipleChoice
 from shear.errors import DataError
+from shear.runtime.devices import model_device
 
 __all__ = ["ChoiceResult", "option_logprobs", "score_choices"]
 
@@ -50,7 +51,7 @@ def option_logprobs(model: nn.Module, tokenizer: Any, item: MultipleChoice) -> l
     seqs = [ctx + o for o in opts]
     length = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = torch.full((len(seqs), length), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for i, s in enumerate(seqs):

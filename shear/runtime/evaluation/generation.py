@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shear.runtime.devices import model_device
+
 __all__ = ["greedy_generate"]
 
 
@@ -27,7 +29,7 @@ def greedy_generate(
     else:
         text = prompt
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError
+from shear.runtime.devices import model_device
 
 __all__ = [
     "PerplexityResult",
@@ -131,13 +132,6 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
-def _device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.inference_mode()
 def perplexity(
     model: nn.Module,
@@ -164,7 +158,7 @@ def perplexity(
         raise DataError(
             f"{name}: needs at least 2 tokens for perplexity, got {len(ids)}; pass a longer text."
         )
-    device = _device(model)
+    device = model_device(model)
     tokens = torch.tensor(ids, dtype=torch.long)
     windows = sliding_windows(len(ids), window, stride)
     was_training = model.training

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from shear.errors import CheckpointError, PipelineError, TrainingError
+from shear.runtime.devices import model_device
 from shear.runtime.training.batches import BatchStream
 from shear.runtime.training.checkpoints import (
     TrainCheckpoint,
@@ -141,11 +142,7 @@ def _check_stream(batches: BatchStream, config: TrainConfig, par: Parallel) -> B
 
 
 def _device_of(model: nn.Module, par: Parallel) -> torch.device:
-    if par.device is not None:
-        return par.device
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    return par.device if par.device is not None else model_device(model)
 
 
 def _enable_checkpointing(model: nn.Module, warnings: list[str]) -> Callable[[], None]:
@@ -345,12 +342,14 @@ def train(
         if bar is not None and start_step and hasattr(bar, "advance"):
             bar.advance(start_step)
         while state.step < config.steps:
-            micro = [_to(next(batches), device) for _ in range(config.grad_accum)]
-            local = torch.tensor(
-                [sum(count_targets(b["labels"]) for b in micro), sum(_input_tokens(b) for b in micro)],
-                dtype=torch.float64, device=device,
-            )
-            targets, tokens = (int(x) for x in par.sum(local).tolist())
+            host = [next(batches) for _ in range(config.grad_accum)]
+            # counted on the host batches, before they move: no device sync unless ranks must agree
+            counts = [sum(count_targets(b["labels"]) for b in host), sum(_input_tokens(b) for b in host)]
+            if par.distributed:
+                local = torch.tensor(counts, dtype=torch.float64, device=device)
+                counts = [int(x) for x in par.sum(local).tolist()]
+            targets, tokens = counts
+            micro = [_to(b, device) for b in host]
             if loss_fn is None and targets == 0:
                 raise TrainingError(f"step {state.step + 1} has no target tokens (all labels are -100); check the data")
             loss_total = torch.zeros((), dtype=torch.float64, device=device)

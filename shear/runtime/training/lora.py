@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from shear.errors import TrainingError
+from shear.runtime.devices import seeded_draw
 
 __all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param", "lora_target_names"]
 
@@ -123,7 +124,8 @@ def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None 
 
     ``W += B @ A * scaling`` is computed in fp32 and cast back to the base weight's dtype; A is reset
     Kaiming-uniform (a=sqrt(5), as peft does, drawing from ``generator`` or the global RNG) and B to
-    zero, in place, so optimizer references stay valid (reset their state yourself if wanted, see
+    zero; ``generator`` is a seeded CPU generator whatever the device of the adapters (the draw is
+    made on the CPU and copied, so a CUDA run re-draws the same A as a CPU run), in place, so optimizer references stay valid (reset their state yourself if wanted, see
     :func:`~shear.runtime.training.optim.reset_optimizer_state`). The model's function is unchanged up
     to rounding. Returns the number of adapters merged.
     """
@@ -153,7 +155,10 @@ def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None 
             if bias is not None and getattr(base, "bias", None) is not None:
                 base.bias.copy_((base.bias.float() + bias.float() * float(layer.scaling[adapter])).to(base.bias.dtype))
                 bias.zero_()
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            if generator is None or generator.device == a.device:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            else:  # a CPU generator: draw on the CPU and copy, the same numbers on any device
+                seeded_draw(a, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
             b.zero_()
             merged += 1
     return merged

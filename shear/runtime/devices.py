@@ -1,0 +1,62 @@
+"""Where a model lives, and random draws that are the same on every device.
+
+Device and dtype are read from the weights, never assumed. :func:`model_device` is the one place
+that answers "which device is this model on"; :func:`seeded_draw` fills a tensor on any device from
+a seeded CPU generator (draw on the CPU, then copy), so a run gives the same numbers on a GPU as on
+the CPU and a CPU generator is never handed to a CUDA kernel (which raises).
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 2)
+    >>> model_device(net), model_dtype(net)
+    (device(type='cpu'), torch.float32)
+    >>> w = torch.empty(2, 3)
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> _ = seeded_draw(w, lambda t: torch.nn.init.uniform_(t, generator=gen))
+    >>> torch.equal(w, torch.empty(2, 3).uniform_(generator=torch.Generator().manual_seed(0)))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["model_device", "model_dtype", "seeded_draw"]
+
+
+def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of ``model``'s first parameter (then buffer); ``default`` for a model with neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device(default)
+
+
+def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of ``model``'s first floating parameter: the precision its frozen weights are kept in."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return default
+
+
+@torch.no_grad()
+def seeded_draw(tensor: torch.Tensor, draw: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    """Fill ``tensor`` in place with ``draw`` run on a CPU tensor of its shape and dtype, then copied.
+
+    ``draw`` calls an in-place initialiser with a CPU ``torch.Generator`` (``uniform_``,
+    ``kaiming_uniform_``, ...). On a CPU tensor it runs in place, so results are bit-identical to
+    calling the initialiser directly; on any other device the CPU draw is copied over. Meta tensors
+    are left as they are (they hold no values).
+    """
+    if tensor.device.type == "cpu":
+        draw(tensor)
+    elif tensor.device.type != "meta":
+        host = torch.empty(tensor.shape, dtype=tensor.dtype)
+        draw(host)
+        tensor.copy_(host)
+    return tensor
