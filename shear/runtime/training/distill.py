@@ -25,7 +25,6 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shear.errors import PipelineError
 from shear.runtime.training.batches import IGNORE_INDEX
-from shear.runtime.training.loss import count_targets, head_bypassed, logits_of, output_head
+from shear.runtime.training.loss import count_targets, forward_kwargs, head_bypassed, logits_of, output_head
 
 __all__ = ["DistillLoss", "chunked_distill_sums", "check_distill_options"]
 
@@ -90,15 +89,6 @@ def chunked_distill_sums(
     return total[0], total[1]
 
 
-def _kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-        kwargs["use_cache"] = False
-    return kwargs
-
-
 @contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
     was = model.training
@@ -140,14 +130,14 @@ class DistillLoss:
         plain = output_head(model) is not None and output_head(self.teacher) is not None
         if plain:
             with torch.no_grad(), _eval(self.teacher), head_bypassed(self.teacher) as t_head:
-                t_hidden = logits_of(self.teacher(**_kwargs(self.teacher, batch)))
+                t_hidden = logits_of(self.teacher(**forward_kwargs(self.teacher, batch)))
             with head_bypassed(model) as head:
-                hidden = logits_of(model(**_kwargs(model, batch)))
+                hidden = logits_of(model(**forward_kwargs(model, batch)))
             return chunked_distill_sums(hidden, head, t_hidden, t_head, labels, chunk=self.chunk,
                                         temperature=self.temperature)
         with torch.no_grad(), _eval(self.teacher):
-            t_logits = logits_of(self.teacher(**_kwargs(self.teacher, batch)))
-        logits = logits_of(model(**_kwargs(model, batch)))
+            t_logits = logits_of(self.teacher(**forward_kwargs(self.teacher, batch)))
+        logits = logits_of(model(**forward_kwargs(model, batch)))
         ident = nn.Identity()
         return chunked_distill_sums(logits, ident, t_logits, ident, labels, chunk=self.chunk,
                                     temperature=self.temperature)

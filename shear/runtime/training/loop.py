@@ -58,6 +58,7 @@ from shear.runtime.training.loss import (
     causal_lm_loss_sum,
     chunked_causal_lm_loss_sum,
     count_targets,
+    forward_kwargs,
     head_bypassed,
     logits_of,
     output_head,
@@ -247,21 +248,12 @@ def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, to
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _forward_kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-        kwargs["use_cache"] = False
-    return kwargs
-
-
 def _lm_loss_sum(run_model: nn.Module, model: nn.Module, batch: Mapping[str, torch.Tensor], chunk: int | None) -> torch.Tensor:
     """The token-summed causal-LM loss of one micro-batch; with ``chunk``, without the full logits."""
     if chunk is None:
-        return causal_lm_loss_sum(logits_of(run_model(**_forward_kwargs(model, batch))), batch["labels"])
+        return causal_lm_loss_sum(logits_of(run_model(**forward_kwargs(model, batch))), batch["labels"])
     with head_bypassed(model) as head:
-        hidden = logits_of(run_model(**_forward_kwargs(model, batch)))
+        hidden = logits_of(run_model(**forward_kwargs(model, batch)))
     return chunked_causal_lm_loss_sum(hidden, head, batch["labels"], chunk=chunk)
 
 

@@ -29,7 +29,7 @@ logits at a time. The sum and the gradients equal the full computation's (float 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,8 +41,8 @@ from torch.utils.checkpoint import checkpoint
 from shear.runtime.training.batches import IGNORE_INDEX
 
 __all__ = [
-    "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "logits_of", "head_bypassed",
-    "output_head", "PLAIN_HEAD_MODEL_TYPES",
+    "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "forward_kwargs", "logits_of",
+    "head_bypassed", "output_head", "PLAIN_HEAD_MODEL_TYPES",
 ]
 
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "phi3"})
@@ -155,3 +155,14 @@ def chunked_causal_lm_loss_sum(
         else:
             total = total + _chunk_loss(head, part, piece)
     return total
+
+
+def forward_kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments of a causal LM's training forward for ``batch``: ids, the attention mask
+    when there is one, and ``use_cache=False`` for models that keep a cache."""
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    return kwargs
