@@ -142,7 +142,7 @@ def bars(
 
     out = _open(w, h, title, "bars")
     if symlog:
-        decades = [10.0**k for k in range(-2, 7)]
+        decades = [10.0**k for k in range(0, 7)]  # below 1, log10(1 + v) is ~0: labels would overlap 0
         ticks = [0.0] + [s * d for d in decades for s in (1, -1) if lo <= s * d <= hi]
     else:
         ticks = _ticks(lo, hi)
