@@ -423,7 +423,10 @@ def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int,
         out = [v for k, v in r["ppl"].items() if k.startswith("ood:")]
         return statistics.mean(ind), statistics.mean(out) if out else float("nan")
 
-    dense = next(r for r in rows if r["method"] == "dense")
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    if dense is None:  # a part run with --skip dense: its rows are in the JSON already
+        raise SystemExit("the ablation table needs the dense row: merge this part into a run that has it, "
+                         "e.g. --out a.md --table-only this.json")
     base = next((r for r in rows if r["method"].startswith("LLM-Pruner")), None)
     d_in, d_out = means(dense)
     b_in, b_out = means(base) if base else (float("nan"), float("nan"))
