@@ -149,6 +149,9 @@ class Bench:
             "wall_s": wall,
             "peak_mb": meter.stats.added_bytes / 2**20,
         }
+        report = getattr(model, "shear_report", None)
+        if report is not None:  # where the time went, pass by pass
+            row["pass_s"] = {f"{i}:{r.name}": round(r.seconds, 1) for i, r in enumerate(report.passes)}
         rec = _recovery(model)
         if rec is not None:
             row["recovery_steps"], row["recovery_tokens"] = rec
@@ -331,6 +334,10 @@ def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int
     return model.merge_and_unload()
 
 
+PASS_TOKENS = 1024
+"""Leading validation tokens per source that passes read (knowledge-distribution, recover-dynamic)."""
+
+
 class Ablation(Bench):
     """Rows at one parameter budget and one token budget: the baseline and LoRAShear variants."""
 
@@ -343,9 +350,15 @@ class Ablation(Bench):
         self.ood = ood_windows(self.data.tokenizer, self.p.seq_len, self.p.eval_windows)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """In-domain: validation windows after the first :data:`PASS_TOKENS` of each source, the text
+        the passes' own decisions read (knowledge distribution's 8 x 128-token windows, recovery's
+        4 x 256), so no row is scored on text it was selected on; out-of-domain: :func:`ood_windows`."""
         from shear.data.text import window_perplexity
 
-        ppl = self.data.perplexity(model, seq_len=self.p.seq_len, max_windows=self.p.eval_windows)
+        ppl = {}
+        for name, ids in self.data.validation.items():
+            n = min(self.p.eval_windows, (ids.numel() - PASS_TOKENS) // self.p.seq_len)
+            ppl[name] = window_perplexity(model, ids[PASS_TOKENS : PASS_TOKENS + n * self.p.seq_len].view(n, -1))
         ppl.update({f"ood:{k}": window_perplexity(model, w) for k, w in self.ood.items()})
         return ppl
 
@@ -375,6 +388,7 @@ class Ablation(Bench):
         ch = ",kinds=[channel]"
         heads = ",kinds=[channel,head]"  # the defaults before this ablation
         dist = ",distill=0.5,distill_temperature=1.0"
+        act = ',saliency="activation=1"'
         return {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
@@ -401,6 +415,10 @@ class Ablation(Bench):
             # the same saliency, all structures zeroed at the first step, then 2 x 2 x 15 recovery steps
             "one-shot channels + recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
+            "LoRAShear channels, activation": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg=p.lhspg + act)),
+            "one-shot channels, activation + recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1" + act, steps_per_round=15)),
         }
 
     def table(self, note: str) -> str:
@@ -438,7 +456,7 @@ def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int,
         f"Every pruned row removes its share of the {body:,} non-embedding parameters and trains for "
         f"{steps} optimizer steps of {p.batch} x {p.seq_len} tokens ({steps * p.batch * p.seq_len:,} tokens). "
         f"Perplexity: mean over sources of {p.eval_windows} windows x {p.seq_len} tokens each; in-domain = the "
-        f"corpus' validation split, out-of-domain = {', '.join(ood)}. {note}",
+        f"corpus' validation split after the first {PASS_TOKENS:,} tokens of each source (the passes read those), out-of-domain = {', '.join(ood)}. {note}",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join("---" for _ in head) + "|",
