@@ -152,3 +152,12 @@ def test_fsdp_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
     resumed, info = _result(tmp_path, "killed")
     assert any("resumed from step 3 of 7" in w for w in info["warnings"]), info["warnings"]
     assert all(torch.equal(plain[k], resumed[k]) for k in plain)
+
+
+def test_shard_helpers_docstring_example() -> None:
+    import doctest
+
+    import shear.runtime.sharded as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0

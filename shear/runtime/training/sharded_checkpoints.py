@@ -178,7 +178,7 @@ def load_sharded_checkpoint(
     rank, world = _rank()
     record = check_sharded_checkpoint(path, world)
     msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optimizer": osd}
+    state: dict[str, Any] = {"model": msd, "optimizer": osd}
     load(state, checkpoint_id=str(path / _DCP))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     mine = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
