@@ -25,6 +25,7 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "TrainingError",
+    "DistributedError",
     "ExportError",
 ]
 
@@ -82,3 +83,8 @@ class TrainingError(ShearError):
 class ExportError(ShearError):
     """A model cannot be written in a serving format (architecture, widths or adapters the format cannot
     hold, a missing tokenizer, an existing output path); names what and the fix. Nothing is written."""
+
+
+class DistributedError(TrainingError):
+    """Multi-process training was asked for but cannot run as asked (no process group for FSDP, an
+    unknown parallel strategy); names the launch command or setting that fixes it."""

@@ -35,7 +35,7 @@ from shear.runtime.training import (
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ["batches", "config", "distributed", "hooks", "lora", "loss", "memory", "optim", "result", "rng",
-           "checkpoints", "loop"]
+           "checkpoints", "loop", "fsdp", "sharded_checkpoints"]
 
 
 def _env() -> dict[str, str]:

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -111,8 +112,10 @@ class LhspgHook(TrainHook):
 
     # -- schedule ---------------------------------------------------------------------------------
 
-    def _select(self, model: torch.nn.Module, period: int, scores: dict[int, torch.Tensor] | None = None) -> None:
-        scores = self.score(model) if scores is None else scores
+    def _select(self, state: Any, period: int, scores: dict[int, torch.Tensor] | None = None) -> None:
+        if scores is None:
+            with _whole_model(state) as model:  # FSDP2: scored on the gathered weights
+                scores = self.score(model)
         decaying: dict[int, torch.Tensor] = {}
         moved = 0
         for gid, n_final in self.counts.items():
@@ -139,15 +142,16 @@ class LhspgHook(TrainHook):
         reset_optimizer_state(state.optimizer, [p for _, p in state.trainable])
 
     def on_train_start(self, state: Any) -> None:
+        self.views.bind(state.model)  # the sharded copy under FSDP2
         if self.period < 0 and self.warmup == 0 and state.step == 0:
-            self._select(state.model, 0, self.initial_scores)
+            self._select(state, 0, self.initial_scores)
 
     def after_optimizer_step(self, state: Any) -> None:
         s = state.step
         if s <= self.warmup:
             self.views.hold_zero(self.zeroed, state.optimizer)
             if s == self.warmup:
-                self._select(state.model, 0)
+                self._select(state, 0)
             return
         k = s - self.warmup - 1
         period, t = divmod(k, self.tp)
@@ -166,7 +170,7 @@ class LhspgHook(TrainHook):
             self.history[-1]["zero"] = sum(int(v.numel()) for v in self.zeroed.values())
             self._merge(state)
             if period + 1 < self.periods:
-                self._select(state.model, period + 1)
+                self._select(state, period + 1)
 
     # -- checkpointing ----------------------------------------------------------------------------
 
@@ -401,6 +405,12 @@ def distill_loss(ctx: Context, owner: str, key: str, weight: float, temperature:
     except PipelineError as e:
         raise PipelineError(f"{owner}: distill={weight} {str(e).replace('ebft needs', 'needs')}") from None
     return DistillLoss(teacher, weight=weight, temperature=temperature)
+
+
+def _whole_model(state: Any) -> Any:
+    """``state.unsharded()`` (the whole weights under FSDP2), or the model itself for a plain state."""
+    unsharded = getattr(state, "unsharded", None)
+    return unsharded() if callable(unsharded) else nullcontext(state.model)
 
 
 def _plain(name: str) -> str:

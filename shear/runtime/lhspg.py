@@ -18,6 +18,10 @@ zeroed at once and stays zero. Structures already zero are held at zero (``B_g <
 moments cleared) so LoRA cannot rebuild them. Important structures are never touched between
 merges.
 
+Under FSDP2 the weights are ``DTensor`` shards and a structure's rows can span ranks: every read
+gathers the weight whole and every write puts each rank's block back (:mod:`shear.runtime.sharded`);
+:meth:`StructureViews.bind` points the views at the sharded model the training loop runs.
+
 Example:
     >>> views = StructureViews(model, graph.prunable_groups, graph.composites)       # doctest: +SKIP
     >>> views.decay({gid: torch.tensor([3, 7])}, lam=0.25, eps=0.0)                  # doctest: +SKIP
@@ -35,6 +39,7 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import LoraComposite
 from shear.runtime.masks import TensorTable
+from shear.runtime.sharded import gather, writable
 
 __all__ = ["StructureViews", "LoraLink"]
 
@@ -82,6 +87,7 @@ class StructureViews:
         self.links = links
         self._flat_cache: dict[tuple[object, ...], torch.Tensor] = {}
         self.groups: dict[int, PruningGroup] = {g.id: g for g in groups if g.prunable}
+        self._model = model
         self.views: dict[int, list[_View]] = {}
         self.b_rows: dict[int, list[tuple[str, torch.Tensor]]] = {}
         for g in self.groups.values():
@@ -97,6 +103,21 @@ class StructureViews:
                 views.append(_View(name, m.dim, m.positions, link))
             self.views[g.id] = views
             self.b_rows[g.id] = brows
+
+    def bind(self, model: nn.Module) -> None:
+        """Read and write the tensors of ``model`` from now on: a model with the same parameter names
+        (the FSDP2-sharded copy the training loop runs, or the original again)."""
+        if model is self._model:
+            return
+        table = TensorTable(model)
+        missing = [n for n in self.table.tensors if n not in table.tensors]
+        if missing:
+            raise PipelineError(
+                f"lhspg: the model to bind lacks {len(missing)} tensors of the traced one (e.g. {missing[0]!r}); "
+                "bind a model with the same parameter names"
+            )
+        self.table, self._model = table, model
+        self._flat_cache.clear()
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -115,15 +136,15 @@ class StructureViews:
 
     def _base(self, v: _View, idx: torch.Tensor) -> torch.Tensor:
         """``[n, ...]`` fp32 slices of structures ``idx`` of the tensor of ``v`` (no LoRA)."""
-        t = self.table.tensors[v.tensor].detach()
+        t = gather(self.table.tensors[v.tensor]).detach()
         return t.index_select(v.dim, self._flat(v.positions, idx, t.device)).movedim(v.dim, 0).float()
 
     def _with_lora(self, v: _View, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``x`` (from :meth:`_base`) plus ``s * (B A)`` on the LoRA rows of ``v``."""
         if v.lora is None:
             return x
-        a = self.table.tensors[v.lora.a].detach().float()
-        b = self.table.tensors[v.lora.b].detach()
+        a = gather(self.table.tensors[v.lora.a]).detach().float()
+        b = gather(self.table.tensors[v.lora.b]).detach()
         return x + v.lora.scaling * (b.index_select(0, self._flat(v.positions, idx, b.device)).float() @ a)
 
     def _slice(self, v: _View, idx: torch.Tensor, *, with_lora: bool = True) -> torch.Tensor:
@@ -150,8 +171,8 @@ class StructureViews:
         shape = list(t.shape)
         shape[v.dim] = flat.numel()
         moved = [shape[v.dim]] + [s for d, s in enumerate(shape) if d != v.dim]
-        with torch.no_grad():
-            t.index_copy_(v.dim, flat, values.reshape(moved).movedim(0, v.dim).to(t.dtype))
+        with torch.no_grad(), writable(t) as whole:
+            whole.index_copy_(v.dim, flat, values.reshape(moved).movedim(0, v.dim).to(t.dtype))
 
     def _zero_b(self, gid: int, idx: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         for v in self.views[gid]:
@@ -165,12 +186,13 @@ class StructureViews:
     ) -> None:
         t = self.table.tensors[name]
         rows = self._flat(positions, idx, t.device)
-        with torch.no_grad():
-            t.index_fill_(0, rows, 0)
+        with torch.no_grad(), writable(t) as whole:
+            whole.index_fill_(0, rows, 0)
         if optimizer is not None:
             for value in optimizer.state.get(t, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == t.shape:
-                    value.index_fill_(0, rows, 0)
+                    with torch.no_grad(), writable(value) as whole:
+                        whole.index_fill_(0, rows, 0)
 
     def decay(
         self,
@@ -228,8 +250,8 @@ class StructureViews:
                 continue
             for v in self.views[gid]:
                 t = self.table.tensors[v.tensor]
-                with torch.no_grad():
-                    t.index_fill_(v.dim, self._flat(v.positions, idx, t.device), 0)
+                with torch.no_grad(), writable(t) as whole:
+                    whole.index_fill_(v.dim, self._flat(v.positions, idx, t.device), 0)
             self._zero_b(gid, idx, optimizer)
 
     def is_zero(self, gid: int) -> torch.Tensor:

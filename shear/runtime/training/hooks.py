@@ -23,6 +23,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,10 @@ __all__ = ["TrainHook", "TrainState"]
 
 @dataclass
 class TrainState:
-    """What hooks see. ``model`` is the unwrapped model (no DDP/accelerate wrapper; same parameters).
+    """What hooks see. ``model`` is the unwrapped model (no DDP/accelerate wrapper; same parameters);
+    under FSDP2 it is the sharded copy the loop trains, whose parameters are ``DTensor`` shards (edit
+    them through :mod:`shear.runtime.sharded`, every rank alike), and :meth:`unsharded` gives a plain
+    model with the whole current weights for reading.
 
     ``optimizer`` is the plain torch AdamW (``optimizer.state[param]`` holds its moments),
     ``scheduler`` its LR schedule, ``step`` the optimizer steps done so far, ``losses`` the mean token
@@ -54,6 +59,26 @@ class TrainState:
     world_size: int = 1
     accelerator: Any = None
     batches: Any = None
+    source: nn.Module | None = None
+    """Under FSDP2: the caller's plain model, which :meth:`unsharded` fills with the current weights."""
+
+    @contextmanager
+    def unsharded(self) -> Iterator[nn.Module]:
+        """A plain model holding the current whole weights, to read (score, evaluate): ``model`` itself,
+        or under FSDP2 the caller's model with every shard gathered into it (a collective: every rank
+        enters it). Edits made to it are not written back to the shards."""
+        if self.source is None:
+            yield self.model
+            return
+        from shear.runtime.training.fsdp import write_back
+
+        write_back(self.model, self.source)
+        was_training = self.source.training
+        self.source.train(self.model.training)
+        try:
+            yield self.source
+        finally:
+            self.source.train(was_training)
 
     @property
     def trainable(self) -> list[tuple[str, nn.Parameter]]:

@@ -18,6 +18,12 @@ weights (CPU fp32; on GPU up to the determinism of its kernels). Under ``torchru
 ``accelerate launch`` the same call trains data-parallel: pass the ``Accelerator`` or initialise
 ``torch.distributed``; the batch stream is sharded by rank.
 
+With ``parallel="fsdp"`` (or ``SHEAR_PARALLEL=fsdp``, or an accelerate FSDP config) the loop trains an
+FSDP2-sharded copy of the model (:mod:`~shear.runtime.training.fsdp`): hooks see the sharded copy as
+``state.model`` (``state.unsharded()`` gives the whole weights for reading), checkpoints are sharded
+(:mod:`~shear.runtime.training.sharded_checkpoints`), and at the end the trained weights are
+gathered into the caller's ``model``, which stays a plain module.
+
 Example:
     >>> from shear.runtime.training import TrainConfig, TokenBatches, ensure_lora, train   # doctest: +SKIP
     >>> model, msg = ensure_lora(model)                                                    # doctest: +SKIP
@@ -52,6 +58,7 @@ from shear.runtime.training.checkpoints import (
 from shear.runtime.training.config import TrainConfig
 from shear.runtime.training.distributed import Parallel, detect_parallel
 from shear.runtime.training.fingerprint import RunFingerprint
+from shear.runtime.training.fsdp import fsdp_mesh, shard_copy, write_back
 from shear.runtime.training.hooks import TrainHook, TrainState
 from shear.runtime.training.lora import is_lora_param
 from shear.runtime.training.loss import (
@@ -67,6 +74,13 @@ from shear.runtime.training.memory import PeakMemory
 from shear.runtime.training.optim import build_optimizer, build_scheduler
 from shear.runtime.training.result import StepLog, TrainResult
 from shear.runtime.training.rng import capture_rng, restore_rng, seed_everything
+from shear.runtime.training.sharded_checkpoints import (
+    SHARDED_FORMAT,
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    read_record,
+    save_sharded_checkpoint,
+)
 
 __all__ = ["train", "select_trainable", "resolve_bf16", "LossFn", "Progress"]
 
@@ -188,36 +202,57 @@ def _report(progress: Any, log: StepLog | None, steps: int) -> None:
         progress(log)
 
 
-def _restore(
-    ckpt: TrainCheckpoint, state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, run: RunFingerprint,
-) -> None:
-    mismatch = config.resume_mismatch(ckpt.info.get("config", {}))
+def _check_resumable(path: Path, info: dict[str, Any], config: TrainConfig, run: RunFingerprint) -> None:
+    mismatch = config.resume_mismatch(info.get("config", {}))
     if mismatch:
         raise CheckpointError(
-            f"checkpoint {ckpt.path} was written with another config ({'; '.join(mismatch)}); resume with the "
+            f"checkpoint {path} was written with another config ({'; '.join(mismatch)}); resume with the "
             "same config, or start over with resume=False or a new checkpoint_dir"
         )
-    other = run.differences(ckpt.info.get("fingerprint"))
+    other = run.differences(info.get("fingerprint"))
     if other:
-        done = " finished" if ckpt.info.get("finished") else ""
+        done = " finished" if info.get("finished") else ""
         raise CheckpointError(
-            f"checkpoint {ckpt.path} belongs to another{done} run ({'; '.join(other)}); it is not resumed. Use a new "
-            f"checkpoint_dir, delete {ckpt.path.parent}, or start over with resume=False"
+            f"checkpoint {path} belongs to another{done} run ({'; '.join(other)}); it is not resumed. Use a new "
+            f"checkpoint_dir, delete {path.parent}, or start over with resume=False"
         )
+
+
+def _load(path: Path, state: TrainState, config: TrainConfig, run: RunFingerprint, par: Parallel) -> TrainCheckpoint:
+    """Read the checkpoint at ``path`` for this run: plain, or (FSDP) sharded straight into the model and optimizer."""
+    if not par.sharded:
+        if is_sharded_checkpoint(path):
+            world = (read_record(path) or {}).get("world_size")
+            raise CheckpointError(
+                f"checkpoint {path} was written by an FSDP run on {world} processes; resume it the same way "
+                f"(torchrun --nproc_per_node {world} with parallel='fsdp' or SHEAR_PARALLEL=fsdp), or start over "
+                "with resume=False or a new checkpoint_dir"
+            )
+        ckpt = load_checkpoint(path)
+        _check_resumable(ckpt.path, ckpt.info, config, run)
+        return ckpt
+    record = read_record(path)
+    if record is not None and record.get("format") == SHARDED_FORMAT:
+        _check_resumable(path, record, config, run)
+    return load_sharded_checkpoint(path, model=state.model, optimizer=state.optimizer)
+
+
+def _restore(ckpt: TrainCheckpoint, state: TrainState, hooks: Sequence[TrainHook]) -> None:
     saved_hooks = ckpt.state["hooks"]
     if len(saved_hooks) != len(hooks):
         raise CheckpointError(
             f"checkpoint {ckpt.path} holds the state of {len(saved_hooks)} hooks, this run has {len(hooks)}; "
             "resume with the same hooks, or start over with resume=False"
         )
-    try:
-        state.model.load_state_dict(ckpt.model_state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"checkpoint {ckpt.path} does not fit {type(state.model).__name__} ({e}); resume the same model "
-            "(same LoRA adapters), or start over with resume=False"
-        ) from e
-    state.optimizer.load_state_dict(ckpt.state["optimizer"])
+    if "optimizer" in ckpt.state:  # a sharded checkpoint loaded weights and optimizer already
+        try:
+            state.model.load_state_dict(ckpt.model_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} does not fit {type(state.model).__name__} ({e}); resume the same model "
+                "(same LoRA adapters), or start over with resume=False"
+            ) from e
+        state.optimizer.load_state_dict(ckpt.state["optimizer"])
     state.scheduler.load_state_dict(ckpt.state["scheduler"])
     state.batches.load_state_dict(ckpt.state["batches"])
     for hook, saved in zip(hooks, saved_hooks):
@@ -227,8 +262,24 @@ def _restore(
     state.tokens = int(ckpt.info["tokens"])
 
 
-def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, run: RunFingerprint) -> None:
+def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, run: RunFingerprint, par: Parallel) -> None:
+    """Rank 0 writes a plain checkpoint; under FSDP every rank writes its shards and its own states."""
     rng_tensors, rng_plain = capture_rng()
+    assert config.checkpoint_dir is not None
+    info = {
+        "losses": state.losses, "tokens": state.tokens, "config": config.to_dict(),
+        "world_size": state.world_size, "fingerprint": run.to_dict(), "finished": state.step == config.steps,
+    }
+    if par.sharded:
+        mine = {
+            "scheduler": state.scheduler.state_dict(), "batches": state.batches.state_dict(),
+            "hooks": [h.state_dict() for h in hooks], "rng": rng_tensors,
+        }
+        save_sharded_checkpoint(config.checkpoint_dir, state.step, model=state.model, optimizer=state.optimizer,
+                                rank_state=mine, rank_info=rng_plain, info=info)
+        return
+    if not par.is_main:
+        return
     extra = {
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
@@ -236,12 +287,7 @@ def _save(state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, ru
         "hooks": [h.state_dict() for h in hooks],
         "rng": rng_tensors,
     }
-    info = {
-        "losses": state.losses, "tokens": state.tokens, "config": config.to_dict(), "rng": rng_plain,
-        "world_size": state.world_size, "fingerprint": run.to_dict(), "finished": state.step == config.steps,
-    }
-    assert config.checkpoint_dir is not None
-    save_checkpoint(config.checkpoint_dir, state.step, model=state.model, extra=extra, info=info)
+    save_checkpoint(config.checkpoint_dir, state.step, model=state.model, extra=extra, info={**info, "rng": rng_plain})
 
 
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -272,6 +318,7 @@ def train(
     accelerator: Any = None,
     loss_fn: LossFn | None = None,
     run_options: Mapping[str, Any] | None = None,
+    parallel: str | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters for ``config.steps`` steps; see the module doc.
 
@@ -279,21 +326,29 @@ def train(
     ``config.log_every`` steps; ``accelerator`` (an ``accelerate.Accelerator``) makes the run
     data-parallel (also detected from an initialised ``torch.distributed``); ``loss_fn`` replaces
     the token-summed causal-LM loss; ``run_options`` (JSON-able) are the caller's options that change
-    the result beyond ``config`` (a pass's ratio, ...): a checkpoint of other options is not resumed.
+    the result beyond ``config`` (a pass's ratio, ...): a checkpoint of other options is not resumed;
+    ``parallel`` is ``"ddp"`` or ``"fsdp"`` (default: from the environment, see
+    :func:`~shear.runtime.training.distributed.requested_strategy`).
     The model is left in the train/eval mode it came in.
     """
     warnings: list[str] = []
     hooks = list(hooks)
-    par = detect_parallel(accelerator)
+    par = detect_parallel(accelerator, parallel)
     params = select_trainable(model, warnings)
+    given = batches
     batches = _check_stream(batches, config, par)
     device = _device_of(model, par)
     bf16 = resolve_bf16(config, device)
+    work = model
+    if par.sharded:  # FSDP2: train a sharded copy; its whole weights go back into ``model`` at the end
+        work = shard_copy(model, fsdp_mesh(par.device))
+        params = [p for p in work.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = build_scheduler(optimizer, config.scheduler, warmup_steps=config.warmup_steps, total_steps=config.steps)
     state = TrainState(
-        model=model, optimizer=optimizer, scheduler=scheduler, config=config, rank=par.rank,
+        model=work, optimizer=optimizer, scheduler=scheduler, config=config, rank=par.rank,
         world_size=par.world_size, accelerator=accelerator, batches=batches,
+        source=model if par.sharded else None,
     )
     ckpt: TrainCheckpoint | None = None
     run = RunFingerprint(model="", data="")
@@ -305,8 +360,8 @@ def train(
         par.barrier()
         latest = latest_checkpoint(config.checkpoint_dir) if config.resume else None
         if latest is not None:
-            ckpt = load_checkpoint(latest)
-            _restore(ckpt, state, hooks, config, run)
+            ckpt = _load(latest, state, config, run, par)
+            _restore(ckpt, state, hooks)
             warnings.append(
                 f"the run in {config.checkpoint_dir} had already finished at step {ckpt.step}; its result is reused"
                 if ckpt.info.get("finished") else f"resumed from step {ckpt.step} of {config.steps} ({ckpt.path})"
@@ -315,9 +370,9 @@ def train(
         seed_everything(config.seed)
 
     was_training = model.training
-    undo_checkpointing = _enable_checkpointing(model, warnings) if config.gradient_checkpointing else (lambda: None)
-    model.train()
-    run_model, run_optimizer = par.prepare(model, optimizer)
+    undo_checkpointing = _enable_checkpointing(work, warnings) if config.gradient_checkpointing else (lambda: None)
+    work.train()
+    run_model, run_optimizer = par.prepare(work, optimizer)
     for hook in hooks:
         hook.on_train_start(state)
     if ckpt is not None:  # after on_train_start, so its random draws do not shift the resumed stream
@@ -325,7 +380,7 @@ def train(
         del ckpt.model_state
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    chunked = config.loss_chunk_tokens if output_head(model) is not None else None
+    chunked = config.loss_chunk_tokens if output_head(work) is not None else None
     start_step, start_tokens = state.step, state.tokens
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -349,7 +404,7 @@ def train(
                 with par.no_sync(run_model, skip=i < len(micro) - 1):
                     with autocast():
                         if loss_fn is None:
-                            summed = _lm_loss_sum(run_model, model, batch, chunked)
+                            summed = _lm_loss_sum(run_model, work, batch, chunked)
                             loss = summed * (par.world_size / targets)
                             loss_total += summed.detach().double()
                         else:
@@ -379,13 +434,16 @@ def train(
                               (state.tokens - start_tokens) / elapsed)
             _report(bar, log, 1)
             if config.checkpoint_every and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
-                if par.is_main:
-                    _save(state, hooks, config, run)
+                _save(state, hooks, config, run, par)
                 par.barrier()
         wall = time.perf_counter() - t0
     for hook in hooks:
         hook.on_train_end(state)
     undo_checkpointing()
+    if work is not model:
+        write_back(work, model)
+    if batches is not given:  # a rank's shard is a copy: the caller's stream continues where the run ended
+        given.load_state_dict(batches.state_dict())
     model.train(was_training)
     stats = meter.stats
     return TrainResult(

@@ -28,6 +28,7 @@ from torch import nn
 
 from shear.errors import TrainingError
 from shear.runtime.devices import seeded_draw
+from shear.runtime.sharded import gather, writable
 
 __all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param", "lora_target_names"]
 
@@ -127,7 +128,8 @@ def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None 
     zero; ``generator`` is a seeded CPU generator whatever the device of the adapters (the draw is
     made on the CPU and copied, so a CUDA run re-draws the same A as a CPU run), in place, so optimizer references stay valid (reset their state yourself if wanted, see
     :func:`~shear.runtime.training.optim.reset_optimizer_state`). The model's function is unchanged up
-    to rounding. Returns the number of adapters merged.
+    to rounding. FSDP2-sharded (``DTensor``) weights and adapters are gathered whole per layer and
+    written back shard by shard (every rank must call it). Returns the number of adapters merged.
     """
     layers = lora_layers(model)
     if not layers:
@@ -145,20 +147,24 @@ def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None 
                 continue
             if getattr(layer, "use_dora", {}).get(adapter, False):
                 raise TrainingError(f"LoRA layer {name!r} uses DoRA, which merge_and_reset_lora does not fold; use plain LoRA")
-            a = layer.lora_A[adapter].weight
+            a_param = layer.lora_A[adapter].weight
             b = layer.lora_B[adapter].weight
-            delta = (b.float() @ a.float()) * float(layer.scaling[adapter])
+            delta = (gather(b).float() @ gather(a_param).float()) * float(layer.scaling[adapter])
             if getattr(layer, "fan_in_fan_out", False):
                 delta = delta.T
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            with writable(weight) as w:
+                w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
             bias = getattr(layer.lora_B[adapter], "bias", None)
             if bias is not None and getattr(base, "bias", None) is not None:
-                base.bias.copy_((base.bias.float() + bias.float() * float(layer.scaling[adapter])).to(base.bias.dtype))
+                with writable(base.bias) as base_bias:
+                    lora_bias = gather(bias).float() * float(layer.scaling[adapter])
+                    base_bias.copy_((base_bias.float() + lora_bias).to(base_bias.dtype))
                 bias.zero_()
-            if generator is None or generator.device == a.device:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            else:  # a CPU generator: draw on the CPU and copy, the same numbers on any device
-                seeded_draw(a, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
+            with writable(a_param) as a:  # drawn whole, so a sharded run re-draws the same A
+                if generator is None or generator.device == a.device:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+                else:  # a CPU generator: draw on the CPU and copy, the same numbers on any device
+                    seeded_draw(a, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator))
             b.zero_()
             merged += 1
     return merged

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from shear.runtime.sharded import writable
+
 __all__ = ["Schedule", "build_optimizer", "build_scheduler", "reset_optimizer_state"]
 
 
@@ -86,4 +88,5 @@ def reset_optimizer_state(
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             t = state.get(key)
             if isinstance(t, torch.Tensor) and t.dim() > 0:
-                t[index.to(t.device)] = 0
+                with writable(t) as whole:  # an FSDP2 shard: rows may live on other ranks
+                    whole[index.to(whole.device)] = 0
