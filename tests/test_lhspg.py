@@ -199,13 +199,15 @@ def test_lhspg_guarantees_on_the_tiny_trained_llama(tiny):
     for gid, n in hook.counts.items():
         assert int(views.is_zero(gid).sum()) == n
     # erase: the requested share of parameters goes, and the small model equals the LHSPG result
-    small = shear.compile(model, "erase", example_inputs={"input_ids": ids}, verify=1e-5, inplace=False)
+    # (to fp32 rounding: the logits reach ~16, where one ulp is 2e-6; measured 0.95e-5 to 1.15e-5
+    # depending on the last bits of the training run)
+    small = shear.compile(model, "erase", example_inputs={"input_ids": ids}, verify=2e-5, inplace=False)
     reduction = 1 - base_param_count(small) / budget.total
     assert abs(reduction - 0.3) <= 0.01
-    assert small.shear_report.verify_max_diff is not None and small.shear_report.verify_max_diff <= 1e-5
+    assert small.shear_report.verify_max_diff is not None and small.shear_report.verify_max_diff <= 2e-5
     with torch.no_grad():
         diff = (small(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
-    assert diff <= 1e-5
+    assert diff <= 2e-5
 
 
 class Kill(TrainHook):

@@ -133,8 +133,37 @@ def head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
         setattr(owner, name, head)
 
 
+class _SummedCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")`` in fp32 with
+    one fp32 copy of the logits, worked in place, instead of three to four (the upcast, log-softmax's
+    saved output, its gradient and the temporaries of its backward); backward recomputes the softmax
+    from the saved (16-bit) logits and returns the gradient in their dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        z = logits.to(torch.float32, copy=True)
+        keep = targets != IGNORE_INDEX
+        safe = torch.where(keep, targets, 0).unsqueeze(1)
+        picked = z.gather(1, safe).squeeze(1)
+        top = z.amax(dim=1, keepdim=True)
+        lse = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+        ctx.save_for_backward(logits, lse, safe, keep)
+        return ((lse - picked) * keep).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        logits, lse, safe, keep = ctx.saved_tensors
+        z = logits.to(torch.float32, copy=True)
+        z.sub_(lse.unsqueeze(1)).exp_()  # softmax
+        z.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=z.dtype))
+        z.mul_((grad * keep).unsqueeze(1).to(z.dtype))
+        return z.to(logits.dtype), None
+
+
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    out = _SummedCrossEntropy.apply(head(hidden), targets)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def chunked_causal_lm_loss_sum(
