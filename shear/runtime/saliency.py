@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,16 +179,47 @@ def lora_deltas(table: TensorTable, composites: Iterable[LoraComposite]) -> dict
     return out
 
 
-def _delta(table: TensorTable, adapters: list[tuple[str, str, float]], shape: torch.Size) -> torch.Tensor | None:
-    """``Σ s·B A`` in the base weight's shape, or None when the adapters are not plain linear ones."""
+def _delta(
+    table: TensorTable, adapters: list[tuple[str, str, float]], shape: torch.Size, rows: slice = slice(None)
+) -> torch.Tensor | None:
+    """``Σ s·B A`` in the base weight's shape (its ``rows`` along dim 0), or None when the adapters
+    are not plain linear ones."""
     total: torch.Tensor | None = None
     for a, b, s in adapters:
-        A, B = table.tensors[a].detach().float(), table.tensors[b].detach().float()
+        A, B = table.tensors[a].detach(), table.tensors[b].detach()
         if A.dim() != 2 or B.dim() != 2 or (B.shape[0], A.shape[1]) != tuple(shape):
             return None
-        d = s * (B @ A)
+        d = s * (B[rows].float() @ A.float())
         total = d if total is None else total + d
     return total
+
+
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""Elements of a weight that saliency holds in fp32 at once (16 MB): every criterion is a sum over
+elements, so a weight is scored in blocks of rows and never as whole fp32 copies (``W``, ``BA``,
+``W + BA``, products: six of them made the scoring of a 16-bit model peak at ~1.7x its weights)."""
+
+
+def _row_blocks(shape: Sequence[int]) -> list[slice]:
+    """Slices along dim 0 of a tensor of ``shape``, each of at most :data:`ROW_BLOCK_ELEMENTS` (>= 1 row)."""
+    if not shape:
+        return [slice(None)]
+    per = max(1, ROW_BLOCK_ELEMENTS // max(1, math.prod(shape[1:])))
+    return [slice(i, min(i + per, shape[0])) for i in range(0, shape[0], per)]
+
+
+def _add_rowsum(
+    acc: dict[Any, torch.Tensor], key: Any, block: torch.Tensor, dim: int, rows: slice, size: int
+) -> None:
+    """Add the :func:`_rowsum` along ``dim`` of ``block`` (the ``rows`` of a tensor with ``size``
+    indices along ``dim``) into ``acc[key]``."""
+    r = _rowsum(block, dim)
+    if dim == 0:
+        if key not in acc:
+            acc[key] = torch.zeros(size, dtype=torch.float64, device=r.device)
+        acc[key][rows] += r
+    else:
+        acc[key] = acc[key] + r if key in acc else r
 
 
 def structure_reduce(rows: torch.Tensor, member: Member) -> torch.Tensor:
@@ -213,7 +245,22 @@ def _logits(out: Any) -> torch.Tensor:
     return logits
 
 
+LOSS_CHUNK_TOKENS = 256
+"""Tokens whose logits the calibration loss computes at once (the training loop's default chunk)."""
+
+
 def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ``batch``. For a plain transformers head (``output_head``) the logits
+    are computed :data:`LOSS_CHUNK_TOKENS` tokens at a time and recomputed in backward, so the full
+    ``(batch, seq, vocab)`` fp32 logits (and their gradient) never exist: with a 128k vocabulary they
+    were most of the memory of taylor saliency."""
+    from shear.runtime.training.loss import chunked_causal_lm_loss_sum, head_bypassed, output_head
+
+    if output_head(model) is not None:
+        with head_bypassed(model) as head:
+            hidden = _logits(model(input_ids=batch, use_cache=False))
+        total = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=LOSS_CHUNK_TOKENS)
+        return total / batch[:, 1:].numel()
     logits = _logits(model(input_ids=batch, use_cache=False)).float()
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
@@ -271,21 +318,22 @@ def loss_gradient_rowsums(
     needed: Mapping[str, Iterable[int]],
     calibration_ids: torch.Tensor,
     *,
-    effective: Callable[[str], torch.Tensor],
+    effective: Callable[[str, slice], torch.Tensor],
     batch_size: int = 4,
 ) -> dict[tuple[str, int], torch.Tensor]:
     """``(canonical name, dim)`` -> float64 row sums of ``E ⊙ G`` along ``dim``, without keeping ``G``.
 
-    ``G`` is the mean loss gradient of the weight (as :func:`loss_gradients`), ``E = effective(name)``
-    its effective fp32 weight. Each gradient is consumed by a post-accumulate-grad hook the moment
-    autograd finishes it and then dropped, so at most one weight's gradient exists at a time: the
-    memory of taylor1 on a 16-bit 7B model is that of its largest weight, not a second model. The
-    product is linear in ``G``, so summing per batch gives the row sums of the mean gradient (up to
-    float rounding).
+    ``G`` is the mean loss gradient of the weight (as :func:`loss_gradients`), ``effective(name, rows)``
+    the ``rows`` (a slice of dim 0) of its effective fp32 weight ``E``. Each gradient is consumed by a
+    post-accumulate-grad hook the moment autograd finishes it and then dropped, so at most one
+    weight's gradient exists at a time, and it is reduced in blocks of rows
+    (:data:`ROW_BLOCK_ELEMENTS`): the memory of taylor1 on a 16-bit 7B model is that of its largest
+    weight in 16 bits, not a second model. The product is linear in ``G``, so summing per batch gives
+    the row sums of the mean gradient (up to float rounding).
 
     Example:
         >>> rows = loss_gradient_rowsums(model, {"model.layers.0.mlp.up_proj.weight": {0}}, ids,
-        ...                              effective=lambda n: table.tensors[n].float())  # doctest: +SKIP
+        ...                              effective=lambda n, r: table.tensors[n][r].float())  # doctest: +SKIP
     """
     ids = _check_ids(calibration_ids, "loss gradients")
     table = TensorTable(model)
@@ -300,10 +348,11 @@ def loss_gradient_rowsums(
             if g is None:
                 return
             with torch.no_grad():
-                prod = effective(canon) * g.to(torch.float32)
-                for dim in needed[canon]:
-                    r = _rowsum(prod, dim)
-                    sums[(canon, dim)] = r if (canon, dim) not in sums else sums[(canon, dim)] + r
+                for rows in _row_blocks(g.shape):
+                    prod = effective(canon, rows) * g[rows].to(torch.float32)
+                    for dim in needed[canon]:
+                        _add_rowsum(sums, (canon, dim), prod, dim, rows, g.shape[dim])
+                    del prod
 
         return hook
 
@@ -332,10 +381,13 @@ def loss_gradient_rowsums(
         model.train(was_training)
 
 
-def _effective(table: TensorTable, lora: Mapping[str, list[tuple[str, str, float]]], canon: str) -> torch.Tensor:
-    """``W + Σ s·B A`` in fp32 (``W`` alone when the adapters do not fit its shape)."""
-    W = table.tensors[canon].detach().float()
-    D = _delta(table, lora[canon], W.shape) if canon in lora else None
+def _effective(
+    table: TensorTable, lora: Mapping[str, list[tuple[str, str, float]]], canon: str, rows: slice = slice(None)
+) -> torch.Tensor:
+    """``W + Σ s·B A`` in fp32, its ``rows`` along dim 0 (``W`` alone when the adapters do not fit its shape)."""
+    t = table.tensors[canon].detach()
+    W = t[rows].float()
+    D = _delta(table, lora[canon], t.shape, rows) if canon in lora else None
     return W + D if D is not None else W
 
 
@@ -383,12 +435,18 @@ def input_norms(
 
     for canon, (mod, d) in owners.items():
         handles.append(mod.register_forward_pre_hook(hook_for(canon, int(table.tensors[canon].shape[d]))))
+    from shear.runtime.training.loss import head_bypassed, output_head
+
+    head = output_head(model)
+    # no norm is read at the head: skip it, and with it the (batch, seq, vocab) logits
+    skip_head = head is not None and all(mod is not head for mod, _ in owners.values())
     was_training = model.training
     device = model_device(model)
     try:
         model.eval()
-        for i in range(0, ids.shape[0], max(1, batch_size)):
-            model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
+        with head_bypassed(model) if skip_head else nullcontext():
+            for i in range(0, ids.shape[0], max(1, batch_size)):
+                model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -482,7 +540,7 @@ def compute_saliency(
         low = any(table.tensors[c].dtype in (torch.float16, torch.bfloat16) for c in needed)
         if low and "taylor2" not in active:  # 16-bit weights: no gradient kept beyond its own backward step
             streamed = loss_gradient_rowsums(
-                model, needed, calibration_ids, effective=lambda c: _effective(table, lora, c), batch_size=batch_size
+                model, needed, calibration_ids, effective=lambda c, r: _effective(table, lora, c, r), batch_size=batch_size
             )
         else:
             grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
@@ -493,31 +551,43 @@ def compute_saliency(
     notes: list[str] = []
     with torch.no_grad():
         for canon, dims in needed.items():
-            W = table.tensors[canon].detach().float()
-            D = _delta(table, lora[canon], W.shape) if canon in lora else None
-            if canon in lora and D is None:
+            t = table.tensors[canon].detach()
+            fits = canon in lora and _delta(table, lora[canon], t.shape, slice(0, 0)) is not None
+            if canon in lora and not fits:
                 notes.append(f"{canon}: LoRA factors do not match the weight's shape; LoRA ignored for it")
-            E = W + D if D is not None else W
-            G = grads.pop(canon, None) if mode == "loss" else (D if mode == "lora" else None)
+            grad = grads.pop(canon, None) if mode == "loss" else None
+            acc: dict[tuple[int, str], torch.Tensor] = {}
+            for blk in _row_blocks(t.shape):  # every criterion is a sum of per-element terms
+                W = t[blk].float()
+                D = _delta(table, lora[canon], t.shape, blk) if fits else None
+                E = W + D if D is not None else W
+                G = grad[blk] if grad is not None else (D if mode == "lora" else None)
+                for dim in dims:
+                    red: dict[str, torch.Tensor] = {}
+                    if "magnitude" in active:
+                        red["e2"] = E * E
+                    if "cosine" in active and D is not None:
+                        red["ww"], red["dd"], red["wd"] = W * W, D * D, W * D
+                    if taylor and G is not None:
+                        p = E * G.to(E.device, torch.float32)
+                        red["eg"], red["eg2"] = p, p * p
+                    if "activation" in active and canon in xnorms:
+                        norm, in_dim = xnorms[canon]
+                        norm = norm.to(E.device)[blk] if in_dim == 0 else norm.to(E.device)
+                        shape = [1] * E.dim()
+                        shape[in_dim] = -1
+                        a = E * norm.view(shape)
+                        red["act"] = a * a
+                    for key, v in red.items():
+                        _add_rowsum(acc, (dim, key), v, dim, blk, t.shape[dim])
+                    del red
+                del W, D, E, G
+            del grad
             for dim in dims:
-                red: dict[str, torch.Tensor] = {}
-                if "magnitude" in active:
-                    red["e2"] = _rowsum(E * E, dim)
-                if "cosine" in active and D is not None:
-                    red["ww"], red["dd"], red["wd"] = _rowsum(W * W, dim), _rowsum(D * D, dim), _rowsum(W * D, dim)
-                if taylor and G is not None:
-                    p = E * G.to(E.device, torch.float32)
-                    red["eg"], red["eg2"] = _rowsum(p, dim), _rowsum(p * p, dim)
-                elif streamed is not None and (canon, dim) in streamed:
-                    red["eg"] = streamed[(canon, dim)]
-                if "activation" in active and canon in xnorms:
-                    norm, in_dim = xnorms[canon]
-                    shape = [1] * E.dim()
-                    shape[in_dim] = -1
-                    a = E * norm.to(E.device).view(shape)
-                    red["act"] = _rowsum(a * a, dim)
-                rows[(canon, dim)] = {k: v.cpu() for k, v in red.items()}
-            del W, D, E, G
+                found = {key: v.cpu() for (d, key), v in acc.items() if d == dim}
+                if streamed is not None and (canon, dim) in streamed:
+                    found["eg"] = streamed[(canon, dim)].cpu()
+                rows[(canon, dim)] = found
 
     raw: dict[str, dict[int, torch.Tensor]] = {c: {} for c in active}
     no_lora: list[str] = []
