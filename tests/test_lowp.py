@@ -84,6 +84,26 @@ def test_a_right_erase_verifies_and_a_wrong_one_fails_in_every_dtype(tiny_llama,
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_verification_in_small_pieces_still_fails_a_wrong_erase(monkeypatch, tiny_llama, dtype):
+    """With a tiny conversion budget every block is converted layer by layer and the output head in
+    row blocks (as a 128k-vocabulary head or a 7B block is): the same verdicts, the same recording."""
+    model = _models(tiny_llama)["llama-shape"]
+    masked, small = _planted(model, dtype, wrong=False)
+    whole = verify.record(masked, IDS)
+    monkeypatch.setattr(verify, "UPCAST_BLOCK_BYTES", 4096)
+    assert all(not isinstance(u, transformers.models.llama.modeling_llama.LlamaDecoderLayer)
+               for u, _ in verify._units(masked))
+    pieces = verify.record(masked, IDS)
+    torch.testing.assert_close(pieces.final[0], whole.final[0], rtol=0, atol=1e-5)
+    assert verify.check(small, pieces, IDS) <= verify.allowed(float(pieces.final[0].abs().max()))
+    assert "forward" not in masked.lm_head.__dict__ and {p.dtype for p in masked.parameters()} == {dtype}
+
+    masked, small = _planted(model, dtype, wrong=True)
+    with pytest.raises(VerifyError, match="small model differs from the masked original"):
+        verify.check(small, verify.record(masked, IDS), IDS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_compile_erases_a_16_bit_model_and_verifies_it(tiny_llama, dtype):
     model = _llama_shape().to(dtype)
     small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0,kinds=[channel,head]},erase", example_inputs=IDS)

@@ -47,12 +47,19 @@ from shear.runtime.devices import model_dtype
 
 __all__ = [
     "call_model", "flatten_tensors", "Recording", "record", "check", "tolerance", "allowed", "rounding_noise",
-    "compute_dtype", "upcast", "NOISE_BUDGET_BYTES", "NOISE_FACTOR",
+    "compute_dtype", "upcast", "NOISE_BUDGET_BYTES", "NOISE_FACTOR", "UPCAST_BLOCK_BYTES",
 ]
 
-NOISE_BUDGET_BYTES = 4 << 30
-"""Largest float64 copy of a whole model :func:`rounding_noise` makes (about 500M parameters); a
-larger model is upcast block by block (:func:`upcast`) instead of copied."""
+NOISE_BUDGET_BYTES = 256 << 20
+"""Largest float64 copy of a whole model :func:`rounding_noise` makes (32M parameters); a larger
+model is upcast block by block (:func:`upcast`) instead of copied (a copy of a 1B model in float64
+is four times its bf16 weights)."""
+UPCAST_BLOCK_BYTES = 64 << 20
+"""The most :func:`upcast` converts at once, where it can split: a decoder block larger than this once
+converted is converted layer by layer, and a plain ``nn.Linear`` outside the blocks (the output head)
+is computed in blocks of output rows of at most this size. The fp32 copy of a tied 128k-vocabulary
+head is as large as the whole 16-bit model of a small LLaMA; an fp32 block of a LLaMA-1B shape is a
+quarter of its bf16 weights when only four layers are kept."""
 NOISE_FACTOR = 3.0
 """|small - masked| <= |small - exact| + |exact - masked|: the measured noise of the small model,
 plus up to twice that for the masked one."""
@@ -110,9 +117,24 @@ def allowed(scale: float, noise: float | None = None, *, atol: float | None = No
     return atol + rtol * scale + NOISE_FACTOR * (noise or 0.0)
 
 
-def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """``(module, whole)`` pairs that :func:`upcast` converts one at a time: each decoder block as a
-    whole, and every other module with tensors of its own (just those)."""
+def _floating_bytes(module: nn.Module, bits: int) -> int:
+    return sum(t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()) * bits // 8
+
+
+def _split(module: nn.Module, bits: int) -> list[nn.Module]:
+    """``module``, or (when converting it whole to ``bits`` would take more than
+    :data:`UPCAST_BLOCK_BYTES` and it is a plain container: no tensors of its own, not a peft LoRA
+    layer, whose adapters read each other's dtype) the :func:`_split` of its children."""
+    own = bool(module._parameters or module._buffers)
+    if own or hasattr(module, "base_layer") or _floating_bytes(module, bits) <= UPCAST_BLOCK_BYTES:
+        return [module]
+    return [u for child in module.children() for u in _split(child, bits)]
+
+
+def _units(model: nn.Module, bits: int = 32) -> list[tuple[nn.Module, bool]]:
+    """``(module, whole)`` pairs that :func:`upcast` converts one at a time (to ``bits``): each decoder
+    block as a whole (a block larger than :data:`UPCAST_BLOCK_BYTES` once converted: its submodules,
+    see :func:`_split`), and every other module with tensors of its own (just those)."""
     from shear.runtime.blockwise import decoder_blocks
 
     try:
@@ -120,7 +142,7 @@ def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     except ShearError:
         blocks = []
     inside = {id(m) for b in blocks for m in b.modules()}
-    units: list[tuple[nn.Module, bool]] = [(b, True) for b in blocks]
+    units: list[tuple[nn.Module, bool]] = [(u, True) for b in blocks for u in _split(b, bits)]
     for m in model.modules():
         if id(m) not in inside and (m._parameters or m._buffers):
             units.append((m, False))
@@ -131,13 +153,16 @@ def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 def upcast(
     model: nn.Module, dtype: torch.dtype = torch.float32, overrides: Mapping[int, torch.Tensor] | None = None
 ) -> Iterator[None]:
-    """Run ``model`` in ``dtype`` holding one converted unit at a time (a block, or a module's own tensors).
+    """Run ``model`` in ``dtype`` holding one converted unit at a time (a block or, for a large block,
+    each of its layers; or a module's own tensors).
 
     Forward hooks convert the floating parameters and buffers of a unit narrower than ``dtype`` when its forward
     starts and put the originals back when it ends; nothing is copied when the model already is in
     ``dtype``. Inputs are not converted (the embedding's converted weight makes the hidden states
     ``dtype``; pass float inputs in ``dtype`` yourself). ``overrides`` maps ``id(tensor)`` to the
-    ``dtype`` value to use in place of that tensor (see :func:`record`).
+    ``dtype`` value to use in place of that tensor (see :func:`record`). A large ``nn.Linear`` outside
+    the blocks (the output head) is never converted whole: its forward runs in blocks of output rows
+    (:data:`UPCAST_BLOCK_BYTES`), each converted on its own.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()).bfloat16()
@@ -173,10 +198,32 @@ def upcast(
         for m, kind, name, t in reversed(saved.pop(id(unit), [])):
             getattr(m, kind)[name] = t
 
-    for unit, whole in _units(model):
+    def blockwise(unit: nn.Linear) -> Any:
+        rows = max(1, UPCAST_BLOCK_BYTES // max(1, unit.weight.shape[1] * bits // 8))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w, b = unit.weight.detach(), unit.bias
+            out = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=dtype)
+            for i in range(0, w.shape[0], rows):
+                part = None if b is None else b.detach()[i : i + rows].to(dtype)
+                out[..., i : i + rows] = nn.functional.linear(x, w[i : i + rows].to(dtype), part)
+            return out
+
+        return forward
+
+    patched: list[nn.Module] = []
+    for unit, whole in _units(model, bits):
         if type(unit) is nn.Embedding and id(unit.weight) not in overrides:
             # a lookup is exact in any dtype: convert what it returns, not a (vocab-sized) table
             handles.append(unit.register_forward_hook(lambda _u, _a, out: out.to(dtype) if out.is_floating_point() else out))
+            continue
+        if (
+            type(unit) is nn.Linear and not whole and "forward" not in unit.__dict__ and narrower(unit.weight)
+            and not any(id(t) in overrides for t in unit.parameters(recurse=False))
+            and unit.weight.numel() * bits // 8 > UPCAST_BLOCK_BYTES
+        ):
+            unit.forward = blockwise(unit)  # type: ignore[method-assign]
+            patched.append(unit)
             continue
         handles.append(unit.register_forward_pre_hook(lambda u, _a, w=whole: convert(u, w)))
         handles.append(unit.register_forward_hook(lambda u, _a, _o: restore(u)))
@@ -185,6 +232,8 @@ def upcast(
     finally:
         for h in handles:
             h.remove()
+        for unit in patched:
+            del unit.forward
         for key in list(saved):
             for m, kind, name, t in reversed(saved.pop(key)):
                 getattr(m, kind)[name] = t
