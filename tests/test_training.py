@@ -81,6 +81,7 @@ def test_docstring_examples(module: str) -> None:
         (dict(steps=5, bf16="yes"), r"bf16 must be True, False or None"),
         (dict(steps=5, checkpoint_every=2), r"checkpoint_every=2 needs a checkpoint_dir"),
         (dict(steps=5, log_every=0), r"log_every"),
+        (dict(steps=5, gradient_checkpointing="yes"), r"gradient_checkpointing must be True, False or 'auto'"),
     ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
@@ -200,6 +201,72 @@ def test_gradient_checkpointing_gives_the_same_steps() -> None:
         out.append(train(model, TokenBatches.from_config({"a": pattern_tokens()}, cfg), cfg))
         assert not getattr(model.get_base_model(), "is_activation_checkpointing", False)  # switched back off
     assert out[0].losses == pytest.approx(out[1].losses, abs=1e-6)
+
+
+class _FakeDecoder(torch.nn.Module):
+    """Just what :func:`predict_activation_bytes` reads: a config and the weights' dtype."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, **config: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), config)()
+        self.w = torch.nn.Parameter(torch.zeros(1, dtype=dtype), requires_grad=False)
+
+
+def test_auto_checkpointing_decides_from_predicted_and_available_memory(tmp_path: Path) -> None:
+    from shear.runtime.training.memory import (
+        CHECKPOINTING_FRACTION,
+        activation_bytes,
+        auto_checkpointing,
+        available_bytes,
+        checkpointing_decision,
+        predict_activation_bytes,
+    )
+
+    shape = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+    seven_b = _FakeDecoder(**shape)
+    predicted = predict_activation_bytes(seven_b, 4, 512)
+    assert predicted == 4 * 512 * 32 * (38 * 4096 + 10 * 11008)  # the documented formula, 16-bit coefficients
+    assert predict_activation_bytes(_FakeDecoder(torch.float32, **shape), 4, 512) == activation_bytes(
+        batch=4, seq_len=512, hidden=4096, intermediate=11008, layers=32, dtype_bytes=4)
+    assert predict_activation_bytes(seven_b, 8, 512) == 2 * predicted  # linear in tokens
+    assert predict_activation_bytes(_FakeDecoder(hidden_size=64), 1, 8) is None  # no layer count: unknown
+
+    gib = 1 << 30
+    on, why = auto_checkpointing(seven_b, 4, 512, torch.device("cpu"), available=24 * gib)  # a 24 GB card
+    assert on and "exceed 50% of the 24.00 GiB available on cpu" in why
+    assert not auto_checkpointing(seven_b, 4, 512, torch.device("cpu"), available=66 * gib)[0]  # an idle 80 GB one
+    assert not auto_checkpointing(seven_b, 1, 64, torch.device("cpu"), available=24 * gib)[0]
+    assert checkpointing_decision(None, gib) == (False, "activation memory or available memory unknown")
+    assert checkpointing_decision(gib, None)[0] is False
+    assert checkpointing_decision(int(CHECKPOINTING_FRACTION * gib) + 1, gib)[0]
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000 kB\nMemAvailable:   2000000 kB\n")
+    assert available_bytes(torch.device("cpu"), meminfo) == 2000000 * 1024
+    assert available_bytes(torch.device("meta")) is None
+
+
+def test_auto_checkpointing_says_when_it_turns_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shear.runtime.training import loop
+
+    model, _ = build("llama", lora=True)
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16)
+    assert cfg.gradient_checkpointing == "auto"
+    calls: list[bool] = []
+    real = loop._enable_checkpointing
+
+    def spy(m: torch.nn.Module, w: list[str]):
+        calls.append(True)
+        return real(m, w)
+
+    monkeypatch.setattr(loop, "_enable_checkpointing", spy)
+    quiet = train(model, TokenBatches.from_config({"a": pattern_tokens()}, cfg), cfg)  # a tiny model: off
+    assert not calls and not any("checkpointing" in w for w in quiet.warnings)
+    monkeypatch.setattr(loop, "auto_checkpointing", lambda *a, **k: (True, "predicted 9 GiB, exceed 50% of 1 GiB"))
+    tight = train(model, TokenBatches.from_config({"a": pattern_tokens()}, cfg), cfg)
+    assert calls == [True]
+    assert any(w.startswith("gradient checkpointing is on: predicted 9 GiB") for w in tight.warnings)
+    assert not getattr(model.get_base_model(), "is_activation_checkpointing", False)  # switched back off
 
 
 def test_trainability_checks() -> None:

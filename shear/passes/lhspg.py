@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -251,8 +251,9 @@ class LHSPG(Pass):
     """Rank of the LoRA adapters added when the model has none."""
     seed: int = 0
     """Seeds the training run, the batch stream and the calibration windows."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass to save memory; ``auto``: when a step's predicted
+    activations exceed half the memory available on the model's device (``TrainConfig``)."""
     checkpoint_dir: str = ""
     """Write resumable checkpoints here (and resume from the latest one); empty disables them."""
     checkpoint_every: int = 0

@@ -242,7 +242,9 @@ class RecoverDynamic(Pass):
     """Rank of the LoRA adapters added when the model has none."""
     seed: int = 0
     """Seeds the data streams; round ``k`` trains with ``seed + k``."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass to save memory; ``auto``: when a step's predicted
+    activations exceed half the memory available on the model's device (``TrainConfig``)."""
     checkpoint_dir: str = ""
     """Write resumable checkpoints under ``<dir>/<stage>-<round>/`` (and resume from them); empty: none."""
     checkpoint_every: int = 0

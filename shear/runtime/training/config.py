@@ -28,9 +28,11 @@ SCHEDULERS = ("constant", "linear", "cosine")
 
 RESUME_KEYS = (
     "steps", "lr", "weight_decay", "batch_size", "grad_accum", "seq_len", "warmup_steps", "scheduler",
-    "max_grad_norm", "seed", "bf16", "gradient_checkpointing", "loss_chunk_tokens",
+    "max_grad_norm", "seed", "bf16", "loss_chunk_tokens",
 )
-"""Fields that must match a checkpoint's for an exact resume (the others only say where and how often)."""
+"""Fields that must match a checkpoint's for an exact resume (the others only say where and how often
+to checkpoint, or, ``gradient_checkpointing``, how much memory the same steps take: a run that ran out
+of memory may resume with it on)."""
 
 
 def _int(name: str, value: Any, low: int, fix: str) -> None:
@@ -71,8 +73,11 @@ class TrainConfig:
     """Seeds torch, python ``random`` and numpy at the start of a fresh run."""
     bf16: bool | None = None
     """bf16 autocast: ``None`` = on CUDA when the device supports bf16, fp32 elsewhere (CPU)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (non-reentrant) to save memory."""
+    gradient_checkpointing: bool | str = "auto"
+    """Recompute activations in the backward pass (non-reentrant) to save memory; ``"auto"`` turns it on
+    when a step's predicted activations exceed half the memory available on the model's device
+    (:func:`~shear.runtime.training.memory.auto_checkpointing`) and says so in ``TrainResult.warnings``.
+    The steps are the same either way."""
     loss_chunk_tokens: int | None = 256
     """Compute the causal-LM loss this many tokens at a time, never holding the full logits (for
     transformers LLaMA/Mistral/Qwen/GPT-2/OPT/Phi-3 heads; others and custom ``loss_fn`` use the full
@@ -108,9 +113,9 @@ class TrainConfig:
         _int("seed", self.seed, 0, "any non-negative int")
         if self.bf16 not in (None, True, False):
             raise PipelineError(f"TrainConfig.bf16 must be True, False or None (auto), got {self.bf16!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
             raise PipelineError(
-                f"TrainConfig.gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}"
+                f"TrainConfig.gradient_checkpointing must be True, False or 'auto', got {self.gradient_checkpointing!r}"
             )
         if self.loss_chunk_tokens is not None:
             _int("loss_chunk_tokens", self.loss_chunk_tokens, 1, "use None for the full-logits loss")

@@ -51,9 +51,11 @@ def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def options_of(obj: Any, *, skip: Iterable[str] = ("checkpoint_dir", "checkpoint_every")) -> dict[str, Any]:
+def options_of(
+    obj: Any, *, skip: Iterable[str] = ("checkpoint_dir", "checkpoint_every", "gradient_checkpointing")
+) -> dict[str, Any]:
     """The fields of a dataclass (a pass) as run options, without those that only say where or how often
-    to checkpoint.
+    to checkpoint, or how much memory the same steps take (gradient checkpointing).
 
     Example:
         >>> from dataclasses import dataclass

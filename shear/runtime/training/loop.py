@@ -70,7 +70,7 @@ from shear.runtime.training.loss import (
     logits_of,
     output_head,
 )
-from shear.runtime.training.memory import PeakMemory
+from shear.runtime.training.memory import PeakMemory, auto_checkpointing
 from shear.runtime.training.optim import build_optimizer, build_scheduler
 from shear.runtime.training.result import StepLog, TrainResult
 from shear.runtime.training.rng import capture_rng, restore_rng, seed_everything
@@ -370,7 +370,13 @@ def train(
         seed_everything(config.seed)
 
     was_training = model.training
-    undo_checkpointing = _enable_checkpointing(work, warnings) if config.gradient_checkpointing else (lambda: None)
+    checkpointing = config.gradient_checkpointing
+    if checkpointing == "auto":  # on when memory is tight and the model can do it; says so
+        on, why = auto_checkpointing(work, config.batch_size, config.seq_len, device)
+        checkpointing = on and callable(getattr(work, "gradient_checkpointing_enable", None))
+        if checkpointing:
+            warnings.append(f"gradient checkpointing is on: {why} (gradient_checkpointing=False turns it off)")
+    undo_checkpointing = _enable_checkpointing(work, warnings) if checkpointing else (lambda: None)
     work.train()
     run_model, run_optimizer = par.prepare(work, optimizer)
     for hook in hooks:
