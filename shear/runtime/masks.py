@@ -81,11 +81,27 @@ class TensorTable:
         self.tensors[canon] = new
 
 
+_BLOCK_ELEMENTS = 1 << 22
+
+
 def _nonzero_along(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Bool ``[t.shape[dim]]``: whether any element of each index along ``dim`` is non-zero (NaN counts)."""
+    """Bool ``[t.shape[dim]]``: whether any element of each index along ``dim`` is non-zero (NaN counts).
+
+    Read in blocks of rows of at most 4M elements: a whole ``ne(0)`` mask of a 128k-vocabulary
+    embedding (and its transposed copy) would be half the size of a small 16-bit model."""
     if t.shape[dim] == 0:
         return torch.zeros(0, dtype=torch.bool)
-    return t.detach().ne(0).movedim(dim, 0).reshape(t.shape[dim], -1).any(dim=1).cpu()
+    t = t.detach()
+    dim = dim % t.dim()
+    out = torch.zeros(t.shape[dim], dtype=torch.bool, device=t.device)
+    per = max(1, _BLOCK_ELEMENTS // max(1, t[:1].numel()))
+    for i in range(0, t.shape[0], per):
+        block = t[i : i + per].ne(0)
+        if dim == 0:
+            out[i : i + per] = block.reshape(block.shape[0], -1).any(dim=1)
+        else:
+            out |= block.movedim(dim, 0).reshape(t.shape[dim], -1).any(dim=1)
+    return out.cpu()
 
 
 def nonzero_structures(table: TensorTable, group: PruningGroup, members: Iterable[Member] | None = None) -> torch.Tensor:
