@@ -47,8 +47,8 @@ Example:
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,7 +246,8 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 LOSS_CHUNK_TOKENS = 256
-"""Tokens whose logits the calibration loss computes at once (the training loop's default chunk)."""
+"""Most tokens whose logits the calibration loss computes at once (fewer for a large vocabulary:
+:func:`~shear.runtime.training.loss.chunk_tokens`), as the training loop's default."""
 
 
 def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -254,12 +255,17 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     are computed :data:`LOSS_CHUNK_TOKENS` tokens at a time and recomputed in backward, so the full
     ``(batch, seq, vocab)`` fp32 logits (and their gradient) never exist: with a 128k vocabulary they
     were most of the memory of taylor saliency."""
-    from shear.runtime.training.loss import chunked_causal_lm_loss_sum, head_bypassed, output_head
+    from shear.runtime.training.loss import (
+        chunk_tokens,
+        chunked_causal_lm_loss_sum,
+        head_bypassed,
+        output_head,
+    )
 
     if output_head(model) is not None:
         with head_bypassed(model) as head:
             hidden = _logits(model(input_ids=batch, use_cache=False))
-        total = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=LOSS_CHUNK_TOKENS)
+        total = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=chunk_tokens(LOSS_CHUNK_TOKENS, head))
         return total / batch[:, 1:].numel()
     logits = _logits(model(input_ids=batch, use_cache=False)).float()
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -556,7 +562,7 @@ def compute_saliency(
             if canon in lora and not fits:
                 notes.append(f"{canon}: LoRA factors do not match the weight's shape; LoRA ignored for it")
             grad = grads.pop(canon, None) if mode == "loss" else None
-            acc: dict[tuple[int, str], torch.Tensor] = {}
+            sums: dict[tuple[int, str], torch.Tensor] = {}
             for blk in _row_blocks(t.shape):  # every criterion is a sum of per-element terms
                 W = t[blk].float()
                 D = _delta(table, lora[canon], t.shape, blk) if fits else None
@@ -579,12 +585,12 @@ def compute_saliency(
                         a = E * norm.view(shape)
                         red["act"] = a * a
                     for key, v in red.items():
-                        _add_rowsum(acc, (dim, key), v, dim, blk, t.shape[dim])
+                        _add_rowsum(sums, (dim, key), v, dim, blk, t.shape[dim])
                     del red
                 del W, D, E, G
             del grad
             for dim in dims:
-                found = {key: v.cpu() for (d, key), v in acc.items() if d == dim}
+                found = {key: v.cpu() for (d, key), v in sums.items() if d == dim}
                 if streamed is not None and (canon, dim) in streamed:
                     found["eg"] = streamed[(canon, dim)].cpu()
                 rows[(canon, dim)] = found

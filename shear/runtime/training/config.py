@@ -79,7 +79,8 @@ class TrainConfig:
     (:func:`~shear.runtime.training.memory.auto_checkpointing`) and says so in ``TrainResult.warnings``.
     The steps are the same either way."""
     loss_chunk_tokens: int | None = 256
-    """Compute the causal-LM loss this many tokens at a time, never holding the full logits (for
+    """Compute the causal-LM loss at most this many tokens at a time (fewer for vocabularies above 32k:
+    at most 8M logits per chunk, :func:`~shear.runtime.training.loss.chunk_tokens`), never holding the full logits (for
     transformers LLaMA/Mistral/Qwen/GPT-2/OPT/Phi-3 heads; others and custom ``loss_fn`` use the full
     logits). ``None`` computes the full logits."""
     checkpoint_dir: str | None = None

@@ -63,6 +63,7 @@ from shear.runtime.training.hooks import TrainHook, TrainState
 from shear.runtime.training.lora import is_lora_param
 from shear.runtime.training.loss import (
     causal_lm_loss_sum,
+    chunk_tokens,
     chunked_causal_lm_loss_sum,
     count_targets,
     forward_kwargs,
@@ -386,7 +387,8 @@ def train(
         del ckpt.model_state
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    chunked = config.loss_chunk_tokens if output_head(work) is not None else None
+    head = output_head(work)
+    chunked = None if head is None or config.loss_chunk_tokens is None else chunk_tokens(config.loss_chunk_tokens, head)
     start_step, start_tokens = state.step, state.tokens
     t0 = time.perf_counter()
     with ExitStack() as stack:

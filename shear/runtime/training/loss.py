@@ -42,7 +42,7 @@ from shear.runtime.training.batches import IGNORE_INDEX
 
 __all__ = [
     "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "forward_kwargs", "logits_of",
-    "head_bypassed", "output_head", "PLAIN_HEAD_MODEL_TYPES",
+    "head_bypassed", "output_head", "PLAIN_HEAD_MODEL_TYPES", "LOGITS_CHUNK_ELEMENTS", "chunk_tokens",
 ]
 
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "opt", "phi3"})
@@ -158,6 +158,24 @@ class _SummedCrossEntropy(torch.autograd.Function):
         z.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=z.dtype))
         z.mul_((grad * keep).unsqueeze(1).to(z.dtype))
         return z.to(logits.dtype), None
+
+
+LOGITS_CHUNK_ELEMENTS = 256 * 32768
+"""Most logits one chunk of the chunked loss computes: 256 tokens of a 32k vocabulary (32 MB in fp32);
+a larger vocabulary gets fewer tokens per chunk (:func:`chunk_tokens`)."""
+
+
+def chunk_tokens(chunk: int, head: nn.Module) -> int:
+    """Tokens per chunk for ``head``: at most ``chunk``, and at most :data:`LOGITS_CHUNK_ELEMENTS`
+    logits (at least 16 tokens), so a 128k vocabulary runs 64 tokens at a time, not 256.
+
+    Example:
+        >>> chunk_tokens(256, torch.nn.Linear(8, 128256, bias=False)), chunk_tokens(256, torch.nn.Linear(8, 32000))
+        (65, 256)
+    """
+    weight = getattr(head, "weight", None)
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+    return min(chunk, max(16, LOGITS_CHUNK_ELEMENTS // vocab)) if vocab else chunk
 
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
