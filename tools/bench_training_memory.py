@@ -22,12 +22,23 @@ weight bytes, and where it goes: weights, LoRA state (adapters + grads + AdamW m
 rest (activations, the loss, temporaries, allocator slack). On CUDA the peak is
 ``max_memory_allocated``.
 
+The CPU allocator: by default (``--malloc fixed``) glibc's mmap threshold is fixed at 256 KiB, so
+every tensor larger than that is its own mapping, returned to the OS when freed, and the peak RSS
+follows the live tensor bytes as ``max_memory_allocated`` does on CUDA. With glibc's default
+(``--malloc glibc``) the threshold grows to 32 MB as large blocks are freed, freed blocks below it
+stay in the heap, and the RSS peak also measures heap fragmentation (0.1x to 0.4x the weights here).
+To get the same behaviour in a CPU run of your own: ``MALLOC_MMAP_THRESHOLD_=262144``.
+
+``--checkpointing`` sets ``gradient_checkpointing`` of LHSPG and recovery (default ``auto``: on when a
+step's predicted activations exceed half the free memory); the note column says what it did.
+
 ``--modes``: the older table, full logits vs the chunked loss, with and without gradient checkpointing,
 each in a fresh subprocess.
 
 Usage:
     python tools/bench_training_memory.py                       # 1B shape, bf16, CPU (~3 min, 8 GB)
     python tools/bench_training_memory.py --layers 4            # smaller machine
+    python tools/bench_training_memory.py --layers 4 --batch 4 --seq 512 --checkpointing on
     python tools/bench_training_memory.py --device cuda --batch 4 --seq 512
     python tools/bench_training_memory.py --modes --hidden 512 --layers 8 --vocab 32000 --dtype float32
 """
@@ -38,6 +49,7 @@ import argparse
 import json
 import subprocess
 import sys
+from typing import Any, Literal
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -141,8 +153,10 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     ids = {"input_ids": torch.randint(0, args.vocab, (1, 16), generator=gen).to(device)}
     ctx = Context(model=model, example_inputs=ids, data=data, device=device)
     DiscoverGroups().run(ctx)
+    checkpointing: bool | Literal["auto"] = "auto" if args.checkpointing == "auto" else args.checkpointing == "on"
     lhspg = LHSPG(ratio=0.2, warmup=1, periods=1, steps_per_period=args.steps, batch_size=args.batch,
-                  seq_len=args.seq, calibration=args.calibration, lora_r=args.rank)
+                  seq_len=args.seq, calibration=args.calibration, lora_r=args.rank,
+                  gradient_checkpointing=checkpointing)
     rows: list[dict[str, float | str]] = []
 
     def row(phase: str, meter: PeakMemory, lora: int, note: str) -> None:
@@ -166,27 +180,47 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     with PeakMemory(device) as meter:
         lhspg.run(ctx)
     result = ctx.results["lhspg"]
-    row("lhspg", meter, lora_state_bytes(ctx.model), f"{lhspg.total_steps} steps, {result.train.tokens_per_s:.0f} tok/s")
+    row("lhspg", meter, lora_state_bytes(ctx.model),
+        f"{lhspg.total_steps} steps, {result.train.tokens_per_s:.0f} tok/s, {_checkpointing(args, result.train)}")
     _trim()
     with PeakMemory(device) as meter:
         Erase().run(ctx)
     report = ctx.results["erase"]
     row("erase", meter, 0, f"-{1 - report.params_after / report.params_before:.0%} params, max diff {report.max_diff:.2g}")
     _trim()
-    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, log_every=args.steps)
+    tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, log_every=args.steps,
+                       gradient_checkpointing=checkpointing)
     with PeakMemory(device) as meter:
         trained = train(ctx.model, TokenBatches.from_config({"random": tokens}, tcfg), tcfg)
-    row("recovery", meter, lora_state_bytes(ctx.model), f"{args.steps} steps, {trained.tokens_per_s:.0f} tok/s")
+    row("recovery", meter, lora_state_bytes(ctx.model),
+        f"{args.steps} steps, {trained.tokens_per_s:.0f} tok/s, {_checkpointing(args, trained)}")
     dtypes = sorted({str(p.dtype).removeprefix("torch.") + (" lora" if "lora_" in n else " frozen")
                      for n, p in ctx.model.named_parameters()})
     rows.append({"phase": "_meta", "weights_mb": weights / MB, "method": meter.stats.method, "dtypes": ", ".join(dtypes)})
     return rows
 
 
+def _checkpointing(args: argparse.Namespace, trained: Any) -> str:
+    if args.checkpointing != "auto":
+        return f"checkpointing {args.checkpointing}"
+    on = any(w.startswith("gradient checkpointing is on") for w in trained.warnings)
+    return f"checkpointing auto: {'on' if on else 'off'}"
+
+
+def _fix_mmap_threshold() -> bool:
+    """glibc: serve every allocation above 256 KiB from its own mapping (see the module doc)."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 256 << 10))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _print_phases(args: argparse.Namespace, rows: list[dict[str, float | str]]) -> None:
     meta = rows[-1]
     print(f"LLaMA hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads or args.heads} heads, "
-          f"vocab {args.vocab}, {args.dtype} on {args.device} ({meta['method']}), LoRA r={args.rank}, "
+          f"vocab {args.vocab}, {args.dtype} on {args.device} ({meta['method']}, malloc {args.malloc}), LoRA r={args.rank}, "
           f"batch {args.batch} x {args.seq}; weights {float(meta['weights_mb']):.0f} MB; after: {meta['dtypes']}")
     print(f"| {'phase':<9} | {'peak MB':>8} | {'peak / weights':>14} | {'weights MB':>10} | {'LoRA state MB':>13} "
           f"| {'rest MB':>8} | {'phase added MB':>14} | note |")
@@ -214,6 +248,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: auto, only on CUDA with bf16)")
+    p.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="gradient checkpointing of LHSPG and recovery")
+    p.add_argument("--malloc", choices=["fixed", "glibc"], default="fixed",
+                   help="CPU: fix glibc's mmap threshold at 256 KiB (RSS follows live tensors) or keep glibc's default")
     p.add_argument("--modes", action="store_true", help="the loss-mode table instead of the phases")
     p.add_argument("--one", choices=list(MODES), help=argparse.SUPPRESS)
     return p
@@ -222,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     """Print the phases table (or, with ``--modes``, run every mode in a subprocess); returns its rows."""
     args = _parser().parse_args(argv)
+    if args.device == "cpu" and args.malloc == "fixed" and not _fix_mmap_threshold():
+        args.malloc = "glibc (could not fix the mmap threshold)"
     if args.one:
         print(json.dumps(measure(args, args.one)))
         return []
