@@ -47,15 +47,17 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from shear.errors import DataError, PipelineError
+from shear.errors import DataError, PipelineError, ShearError
 from shear.graph.groups import Member, PruningGroup
 from shear.graph.ir import LoraComposite
 from shear.runtime.devices import model_device
@@ -273,6 +275,33 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
+def _checkpoint_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+@contextmanager
+def _checkpointed_blocks(model: nn.Module) -> Iterator[None]:
+    """Within the block, every decoder block of ``model`` runs under (non-reentrant) activation
+    checkpointing: a backward pass keeps the blocks' inputs and recomputes one block at a time, so
+    the calibration gradients of taylor saliency cost one block's activations, not the model's (on a
+    7B at 4 x 256 calibration tokens: 0.3 GB instead of 9 GB). Eval-mode forwards are deterministic,
+    so the gradients are the same. Models without known decoder blocks run as they are."""
+    from shear.runtime.blockwise import decoder_blocks
+
+    try:
+        blocks = list(decoder_blocks(model))
+    except ShearError:
+        blocks = []
+    patched = [b for b in blocks if "forward" not in b.__dict__]
+    for b in patched:
+        b.forward = partial(_checkpoint_call, b.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for b in patched:
+            del b.forward
+
+
 def _check_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long or ids.shape[1] < 2:
         raise DataError(f"{what}: calibration ids must be a [n, seq_len >= 2] long tensor (TextData.calibration(n, seq_len))")
@@ -306,10 +335,11 @@ def loss_gradients(
             t.requires_grad_(True)
         model.eval()
         n = ids.shape[0]
-        for i in range(0, n, max(1, batch_size)):
-            batch = ids[i : i + batch_size].to(device)
-            loss = _lm_loss(model, batch) * (batch.shape[0] / n)
-            loss.backward()
+        with _checkpointed_blocks(model):
+            for i in range(0, n, max(1, batch_size)):
+                batch = ids[i : i + batch_size].to(device)
+                loss = _lm_loss(model, batch) * (batch.shape[0] / n)
+                loss.backward()
         return {
             name: (t.grad.detach() if t.grad is not None else torch.zeros_like(t))
             for name, t in targets.items()
@@ -376,9 +406,10 @@ def loss_gradient_rowsums(
             handles.append(t.register_post_accumulate_grad_hook(consume(canon)))
         model.eval()
         n = ids.shape[0]
-        for i in range(0, n, max(1, batch_size)):
-            batch = ids[i : i + batch_size].to(device)
-            (_lm_loss(model, batch) * (batch.shape[0] / n)).backward()
+        with _checkpointed_blocks(model):
+            for i in range(0, n, max(1, batch_size)):
+                batch = ids[i : i + batch_size].to(device)
+                (_lm_loss(model, batch) * (batch.shape[0] / n)).backward()
         return sums
     finally:
         for h in handles:
