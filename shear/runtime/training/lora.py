@@ -119,6 +119,11 @@ def ensure_lora(
     return peft_model, f"added LoRA adapters (r={r}) to {n} linear layers"
 
 
+MERGE_BLOCK_ELEMENTS = 1 << 23
+"""Elements of a base weight :func:`merge_and_reset_lora` works on in fp32 at once (32 MB): the merge
+of a 16-bit weight never holds whole fp32 copies of it and of ``B @ A``."""
+
+
 @torch.no_grad()
 def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None = None) -> int:
     """Fold every active LoRA adapter into its base weight, then re-initialise the adapter.
@@ -149,11 +154,15 @@ def merge_and_reset_lora(model: nn.Module, *, generator: torch.Generator | None 
                 raise TrainingError(f"LoRA layer {name!r} uses DoRA, which merge_and_reset_lora does not fold; use plain LoRA")
             a_param = layer.lora_A[adapter].weight
             b = layer.lora_B[adapter].weight
-            delta = (gather(b).float() @ gather(a_param).float()) * float(layer.scaling[adapter])
+            left, right = gather(b).float(), gather(a_param).float()
             if getattr(layer, "fan_in_fan_out", False):
-                delta = delta.T
-            with writable(weight) as w:
-                w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+                left, right = right.T, left.T
+            scaling = float(layer.scaling[adapter])
+            with writable(weight) as w:  # in blocks of rows: no whole fp32 copies of W and B @ A
+                rows = max(1, MERGE_BLOCK_ELEMENTS // max(1, w[:1].numel()))
+                for i in range(0, w.shape[0], rows):
+                    delta = (left[i : i + rows] @ right) * scaling
+                    w[i : i + rows] = (w[i : i + rows].float() + delta.to(w.device)).to(w.dtype)
             bias = getattr(layer.lora_B[adapter], "bias", None)
             if bias is not None and getattr(base, "bias", None) is not None:
                 with writable(base.bias) as base_bias:
