@@ -201,7 +201,8 @@ ROW_BLOCK_ELEMENTS = 1 << 23
 elements, so a weight is scored in blocks of rows and never as whole fp32 copies (``W``, ``BA``,
 ``W + BA``, products: six of them made the scoring of a 16-bit model peak at ~1.7x its weights).
 32 MB is glibc's largest mmap threshold: each freed block goes back to the OS on the CPU instead of
-fragmenting the heap (with 16 MB blocks LHSPG's peak RSS was 1.9x the weights, with 32 MB 1.6x)."""
+fragmenting the heap (glibc's default malloc, LLaMA-1B shape: with 16 MB blocks LHSPG's peak RSS
+was 1.9x the weights, with 32 MB 1.6x)."""
 
 
 def _row_blocks(shape: Sequence[int]) -> list[slice]:
@@ -284,7 +285,7 @@ def _checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     """Within the block, every decoder block of ``model`` runs under (non-reentrant) activation
     checkpointing: a backward pass keeps the blocks' inputs and recomputes one block at a time, so
     the calibration gradients of taylor saliency cost one block's activations, not the model's (on a
-    7B at 4 x 256 calibration tokens: 0.3 GB instead of 9 GB). Eval-mode forwards are deterministic,
+    7B at 4 x 256 calibration tokens, predicted: 0.5 GB instead of 9 GB). Eval-mode forwards are deterministic,
     so the gradients are the same. Models without known decoder blocks run as they are."""
     from shear.runtime.blockwise import decoder_blocks
 
