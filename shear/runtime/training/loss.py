@@ -167,7 +167,7 @@ a larger vocabulary gets fewer tokens per chunk (:func:`chunk_tokens`)."""
 
 def chunk_tokens(chunk: int, head: nn.Module) -> int:
     """Tokens per chunk for ``head``: at most ``chunk``, and at most :data:`LOGITS_CHUNK_ELEMENTS`
-    logits (at least 16 tokens), so a 128k vocabulary runs 64 tokens at a time, not 256.
+    logits (at least 16 tokens), so a 128k vocabulary runs 65 tokens at a time, not 256.
 
     Example:
         >>> chunk_tokens(256, torch.nn.Linear(8, 128256, bias=False)), chunk_tokens(256, torch.nn.Linear(8, 32000))
