@@ -12,5 +12,6 @@ Example:
 """
 
 from shear.scale.plan import GroupFamily, PrunePlan, plan
+from shear.scale.stream import Stage, StreamReport, prune_streamed
 
-__all__ = ["GroupFamily", "PrunePlan", "plan"]
+__all__ = ["GroupFamily", "PrunePlan", "plan", "Stage", "StreamReport", "prune_streamed"]

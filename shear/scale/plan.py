@@ -32,7 +32,7 @@ from torch import nn
 
 from shear.errors import PipelineError
 from shear.scale.memory import MemoryLine, ModelShape, Training, format_bytes, lhspg_memory, streamed_memory
-from shear.scale.source import ModelSource, open_source
+from shear.scale.source import ModelSource, blocks_of, open_source
 
 __all__ = ["GroupFamily", "PrunePlan", "plan", "plan_source", "weight_bytes_of"]
 
@@ -147,7 +147,7 @@ def _families(src: ModelSource, counts: dict[int, int]) -> tuple[GroupFamily, ..
 
 def _model_shape(src: ModelSource, e: int) -> ModelShape:
     cfg = src.config
-    blocks = src.model.get_submodule(src.prefix)
+    blocks = blocks_of(src.model, src.prefix)
     block0 = blocks[0]
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)

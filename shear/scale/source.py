@@ -29,7 +29,7 @@ from torch import nn
 from shear.errors import CheckpointError, GraphError, ModelLoadError
 from shear.graph.ir import Graph
 
-__all__ = ["ModelSource", "open_source", "read_config", "meta_model", "block_prefix", "TRACE_TOKENS"]
+__all__ = ["ModelSource", "open_source", "read_config", "meta_model", "block_prefix", "blocks_of", "TRACE_TOKENS"]
 
 TRACE_TOKENS = 8
 """Length of the token sequence the template is traced with (shapes do not depend on it)."""
@@ -105,6 +105,14 @@ def block_prefix(model: nn.Module) -> str:
     raise GraphError(f"{type(model).__name__}: no decoder blocks at {', '.join(BLOCK_PATHS)}; cannot plan it block by block")
 
 
+def blocks_of(model: nn.Module, prefix: str) -> nn.ModuleList:
+    """The decoder blocks at ``prefix`` (see :func:`block_prefix`)."""
+    blocks = model.get_submodule(prefix)
+    if not isinstance(blocks, nn.ModuleList):
+        raise GraphError(f"{type(model).__name__}.{prefix} is a {type(blocks).__name__}, not a list of blocks")
+    return blocks
+
+
 def _two_block_config(config: Any) -> Any:
     small = copy.deepcopy(config)
     small.num_hidden_layers = 2
@@ -137,7 +145,7 @@ def open_source(path: str | os.PathLike[str], *, layers: str = "stamp") -> Model
     config, directory = read_config(path)
     model = meta_model(config)
     prefix = block_prefix(model)
-    n = len(model.get_submodule(prefix))
+    n = len(blocks_of(model, prefix))
     t0 = time.perf_counter()
     if layers == "all" or n < 3:
         graph, stamped = _trace(model), False
