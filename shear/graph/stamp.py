@@ -104,7 +104,7 @@ def stamp_layers(template: Graph, prefix: str, n: int) -> Graph:
     """
     if n < 1:
         raise GraphError(f"stamp_layers: need at least one block, got {n}")
-    blocks = {b for g in template.pruning_groups for b in _blocks_of(g, prefix)} - {None}
+    blocks = {b for g in template.pruning_groups for b in _blocks_of(g, prefix) if b is not None}
     if blocks != {0, 1}:
         raise GraphError(
             f"stamp_layers: the template must be traced with exactly 2 blocks under {prefix!r}, found blocks "
@@ -170,10 +170,10 @@ def stamp_layers(template: Graph, prefix: str, n: int) -> Graph:
     groups = tuple(replace(g, id=i, node_group=-1) for i, (_, _, g) in enumerate(stamped))
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in template.shapes.items():
-        b = block_index(name, prefix)
-        if b is None:
+        where = block_index(name, prefix)
+        if where is None:
             shapes[name] = shape
-        elif b == 0:
+        elif where == 0:
             for k in range(n):
                 shapes[_rename(name, prefix, 0, k)] = shape
     buffers = frozenset(
