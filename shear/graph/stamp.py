@@ -170,10 +170,10 @@ def stamp_layers(template: Graph, prefix: str, n: int) -> Graph:
     groups = tuple(replace(g, id=i, node_group=-1) for i, (_, _, g) in enumerate(stamped))
     shapes: dict[str, tuple[int, ...]] = {}
     for name, shape in template.shapes.items():
-        where = block_index(name, prefix)
-        if where is None:
+        at = block_index(name, prefix)
+        if at is None:
             shapes[name] = shape
-        elif where == 0:
+        elif at == 0:
             for k in range(n):
                 shapes[_rename(name, prefix, 0, k)] = shape
     buffers = frozenset(
