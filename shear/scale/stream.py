@@ -45,7 +45,7 @@ from shear.scale.shards import INDEX, ShardedCheckpoint
 from shear.scale.source import ModelSource, open_source
 from shear.scale.writer import SafetensorsWriter
 
-__all__ = ["Stage", "StreamReport", "prune_streamed", "write_pruned", "CRITERIA", "COPIED_FILES"]
+__all__ = ["Stage", "StreamReport", "prune_streamed", "write_pruned", "measure_stage", "CRITERIA", "COPIED_FILES"]
 
 CRITERIA = ("magnitude",)
 """Criteria that stream (they need weights but no training and no calibration data)."""
@@ -104,7 +104,7 @@ def _status_bytes(field_name: str) -> int:
 
 
 @contextmanager
-def _stage(name: str, out: list[Stage]) -> Iterator[None]:
+def measure_stage(name: str, out: list[Stage]) -> Iterator[None]:
     """Record the wall time and the peak RSS of the block (Linux VmHWM, reset at the start)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -286,16 +286,16 @@ def prune_streamed(
         raise PipelineError(f"stream-prune: ratio must be in (0, 1), got {ratio}")
     stages: list[Stage] = []
     source = Path(model).expanduser()
-    with _stage("plan (meta)", stages):
+    with measure_stage("plan (meta)", stages):
         ckpt = ShardedCheckpoint.open(source, integrity=integrity)
         out = _check_output(source, output, overwrite, needed=ckpt.nbytes())
         src = open_source(source, layers=layers)
         keys = tensor_keys(ckpt, src)
         budget = ParamBudget(src.model, src.graph.pruning_groups)
     tick = (lambda stage: (lambda name: progress(stage, name))) if progress is not None else (lambda stage: None)
-    with _stage("saliency (magnitude)", stages):
+    with measure_stage("saliency (magnitude)", stages):
         chosen = stream_magnitude(ckpt, src, ratio, round_to=round_to, keys=keys, on_tensor=tick("saliency"))
-    with _stage("erase + write", stages):
+    with measure_stage("erase + write", stages):
         with atomic_dir(out) as tmp:
             _, compatible = write_pruned(ckpt, src, chosen, tmp, keys=keys, on_tensor=tick("erase"))
     counts = {gid: int(idx.numel()) for gid, idx in chosen.items()}
