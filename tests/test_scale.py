@@ -237,3 +237,21 @@ def test_writer_streams_a_standard_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="expected a"):
         with SafetensorsWriter(tmp_path / "y.safetensors", [("a", torch.float32, (3, 5))]) as w:
             w.write("b", a)
+
+
+def test_bench_tool_writes_a_random_checkpoint_tensor_by_tensor(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_streaming", Path(__file__).parents[1] / "tools" / "bench_streaming.py")
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config = {**tool.LLAMA2_7B, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": VOCAB}
+    tool.write_random_checkpoint(tmp_path / "src", config, shard_bytes=40_000)
+    ckpt = ShardedCheckpoint.open(tmp_path / "src")
+    assert ckpt.sharded and len(ckpt.files) > 2
+    assert next(iter(ckpt.tensors.values())).dtype == torch.bfloat16
+    report = shear.prune_streamed(tmp_path / "src", tmp_path / "out", 0.25)
+    assert shear.load(tmp_path / "out").model.layers[0].mlp.up_proj.weight.shape == (72, 48)
+    assert report.params_after < report.params_before
