@@ -34,6 +34,8 @@ _LAZY = {
     "save": ("shear.runtime.checkpoint", "save"),
     "load": ("shear.runtime.checkpoint", "load"),
     "export": ("shear.runtime.export", "export"),
+    "plan": ("shear.scale.plan", "plan"),
+    "prune_streamed": ("shear.scale.stream", "prune_streamed"),
 }
 """Public functions imported on first use, so ``import shear`` stays light (torch loads later)."""
 
@@ -68,4 +70,6 @@ __all__ = [
     "save",
     "load",
     "export",
+    "plan",
+    "prune_streamed",
 ]

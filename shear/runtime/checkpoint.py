@@ -55,7 +55,7 @@ from shear.runtime.hf_config import candidate_config_updates, hf_base_model, ref
 from shear.runtime.masks import TensorTable
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
-__all__ = ["save", "load", "FORMAT", "VERSION"]
+__all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
 
 FORMAT = "shear-checkpoint"
 VERSION = 2
@@ -110,7 +110,7 @@ def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, buffers, aliases, grads
 
 
-def _module_attrs(model: nn.Module) -> dict[str, dict[str, float]]:
+def module_attributes(model: nn.Module) -> dict[str, dict[str, float]]:
     """Attributes that live outside tensors and erasure changes: RMS-norm epsilons."""
     out: dict[str, dict[str, float]] = {}
     for name, mod in _base_module(model).named_modules():
@@ -151,7 +151,7 @@ def _none_modules(model: nn.Module, hf: nn.Module | None) -> list[str]:
     return out
 
 
-def _record_files(tmp: Path, manifest: dict[str, Any]) -> None:
+def record_files(tmp: Path, manifest: dict[str, Any]) -> None:
     """Size and sha256 of every file written into ``tmp`` (the manifest itself excepted)."""
     manifest["files"] = {
         f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
@@ -202,7 +202,7 @@ def save(
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in {**tensors, **buffers}.items()},
         "aliases": aliases,
         "requires_grad": sorted(k for k, v in grads.items() if v),
-        "module_attrs": _module_attrs(model),
+        "module_attrs": module_attributes(model),
         "none_modules": _none_modules(model, hf),
         "peft": None,
         "files": {},
@@ -224,7 +224,7 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_extra(tmp, extra)
-        _record_files(tmp, manifest)
+        record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
@@ -251,7 +251,7 @@ def _save_graph_module(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_extra(tmp, files or {})
-        _record_files(tmp, manifest)
+        record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
@@ -480,6 +480,18 @@ def _check_config(path: Path, model: nn.Module) -> None:
         )
 
 
+def weight_files(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """The safetensors files holding the weights: ``model.safetensors``, or the shards a streamed
+    prune wrote (``manifest["weights"]``, each a plain ``.safetensors`` name the manifest hashes)."""
+    files = manifest.get("weights", [_WEIGHTS])
+    if not isinstance(files, list) or not files or any(
+        not isinstance(f, str) or "/" in f or f.startswith(".") or not f.endswith(".safetensors") or f not in manifest["files"]
+        for f in files
+    ):
+        raise CheckpointError(f"{path}/{_MANIFEST}: 'weights' must list safetensors files of the directory, got {files!r}")
+    return files
+
+
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -530,7 +542,9 @@ def load(
             f"{'...' if len(extra) > 5 else ''}"
         )
     try:
-        weights = load_file(str(path / _WEIGHTS), device=str(device))
+        weights: dict[str, torch.Tensor] = {}
+        for file in weight_files(path, manifest):
+            weights.update(load_file(str(path / file), device=str(device)))
         weights.update(load_file(str(path / _BUFFERS), device=str(device)))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read the safetensors files ({e}); the checkpoint is corrupt") from e
