@@ -251,8 +251,12 @@ class KnowledgeDistributionAnalysis(Pass):
     """Fraction of the structures of each of a node group's pruning groups zeroed for the measurement."""
     gamma: float = 0.1
     """Fraction of the analysed node groups (largest deviation first, rounded up) marked unprunable."""
-    proxy: Literal["magnitude", "random", "saliency"] = "magnitude"
-    """Which structures are zeroed: lowest magnitude, seeded random, or lowest ``ctx.results['saliency']``."""
+    proxy: Literal["magnitude", "activation", "random", "saliency"] = "magnitude"
+    """Which structures are zeroed: lowest magnitude, lowest activation saliency (Wanda-style
+    ``‖W ⊙ ‖X‖‖`` on ``calibration`` training windows, as LHSPG's default criterion scores them),
+    seeded random, or lowest ``ctx.results['saliency']``."""
+    calibration: int = 8
+    """Calibration training windows (``seq_len`` tokens) of the activation proxy."""
     include: Literal["all", "basic", "composed"] = "all"
     """Which node groups to analyse (composed ones exist only in LoRA models)."""
     kinds: tuple[str, ...] = ("channel",)
@@ -285,6 +289,11 @@ class KnowledgeDistributionAnalysis(Pass):
         scores: SaliencyScores | None = None
         if self.proxy == "magnitude":
             scores = compute_saliency(model, graph.pruning_groups, weights="magnitude=1", composites=graph.composites)
+        elif self.proxy == "activation":
+            ids = data.calibration(self.calibration, self.seq_len, seed=self.seed)
+            scores = compute_saliency(
+                model, graph.pruning_groups, weights="activation=1", calibration_ids=ids, composites=graph.composites
+            )
         elif self.proxy == "saliency":
             scores = ctx.results.get("saliency")
             if not isinstance(scores, SaliencyScores):
