@@ -343,7 +343,7 @@ class Ablation(Bench):
         self.ood = ood_windows(self.data.tokenizer, self.p.seq_len, self.p.eval_windows)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        from shear.data.text import window_perplexity
+        from shear.runtime.evaluation import window_perplexity
 
         ppl = self.data.perplexity(model, seq_len=self.p.seq_len, max_windows=self.p.eval_windows)
         ppl.update({f"ood:{k}": window_perplexity(model, w) for k, w in self.ood.items()})
