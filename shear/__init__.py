@@ -16,6 +16,8 @@ from shear.errors import (
     ExportError,
     GraphError,
     InputError,
+    KernelError,
+    ModelError,
     ModelLoadError,
     OutputError,
     PassError,
@@ -24,8 +26,7 @@ from shear.errors import (
     TraceError,
     VerifyError,
 )
-
-__version__ = "0.1.0"
+from shear.version import __version__
 
 _LAZY = {
     "compile": ("shear.compiler", "compile"),
@@ -56,6 +57,8 @@ __all__ = [
     "ExportError",
     "GraphError",
     "InputError",
+    "KernelError",
+    "ModelError",
     "ModelLoadError",
     "OutputError",
     "PassError",

@@ -353,7 +353,7 @@ class Ablation(Bench):
         """In-domain: validation windows after the first :data:`PASS_TOKENS` of each source, the text
         the passes' own decisions read (knowledge distribution's 8 x 128-token windows, recovery's
         4 x 256), so no row is scored on text it was selected on; out-of-domain: :func:`ood_windows`."""
-        from shear.data.text import window_perplexity
+        from shear.runtime.evaluation import window_perplexity
 
         ppl = {}
         for name, ids in self.data.validation.items():

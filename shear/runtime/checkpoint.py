@@ -53,6 +53,7 @@ from shear.errors import CheckpointError, GraphError, OutputError
 from shear.runtime.files import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.runtime.hf_config import candidate_config_updates, hf_base_model, refresh_config
 from shear.runtime.masks import TensorTable
+from shear.runtime.model_facts import base_weight_name, is_lora_param
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
 __all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
@@ -79,9 +80,7 @@ def _base_module(model: nn.Module) -> nn.Module:
 
 def _base_name(name: str) -> str | None:
     """Name of a tensor of a peft-injected base model in the plain base model (None for LoRA tensors)."""
-    if "lora_" in name:
-        return None
-    return name.replace(".base_layer.", ".")
+    return None if is_lora_param(name) else base_weight_name(name)
 
 
 def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str], dict[str, bool]]:
@@ -403,29 +402,12 @@ def _check_files(path: Path, manifest: dict[str, Any], integrity: bool) -> None:
             raise CheckpointError(f"{path}: {f} fails its sha256 check (corrupt); re-save the model")
 
 
-def _shear_classes() -> dict[str, type]:
-    """Model classes shear itself defines (reference models of :mod:`shear.zoo`)."""
-    out: dict[str, type] = {}
-    try:
-        import shear.zoo as zoo
-    except ImportError:  # pragma: no cover - the zoo is part of the package
-        return out
-    for name in getattr(zoo, "__all__", []):
-        obj = getattr(zoo, name, None)
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            out[obj.__name__] = obj
-    return out
-
-
 def _model_class(path: Path, name: str, classes: Sequence[type]) -> type:
-    """The class named ``name``: one the caller passed, shear's own, or transformers' own; never imported
-    from a module the file names."""
+    """The class named ``name``: one the caller passed or transformers' own; never imported from a module
+    the file names. (shear defines no model class of its own: :mod:`shear.zoo` loads transformers models.)"""
     for cls in classes:
         if cls.__name__ == name:
             return cls
-    own = _shear_classes().get(name)
-    if own is not None:
-        return own
     import transformers
     from transformers import PreTrainedModel
 
@@ -437,7 +419,7 @@ def _model_class(path: Path, name: str, classes: Sequence[type]) -> type:
     if isinstance(found, type) and issubclass(found, PreTrainedModel):
         return found
     raise CheckpointError(
-        f"{path}: model class {name!r} is not a transformers or shear class; shear never imports a module named "
+        f"{path}: model class {name!r} is not a transformers class; shear never imports a module named "
         f"in a checkpoint. Pass the class explicitly: shear.load(path, classes=[{name}])"
     )
 
@@ -507,7 +489,7 @@ def load(
 
     ``model``: for non-transformers models, an unpruned instance of the same architecture to resize and
     fill in place (transformers models are rebuilt from config.json; GraphModules from their program).
-    ``classes``: model classes besides transformers' and shear's that the checkpoint may name (a
+    ``classes``: model classes besides transformers' that the checkpoint may name (a
     transformers-style model class of your own); nothing is ever imported by a name read from the files.
     ``integrity`` checks sha256 (file sizes and the file list are always checked).
     The result is in eval mode; a PeftModel comes back with its adapters and freeze flags.

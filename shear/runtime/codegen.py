@@ -50,7 +50,7 @@ from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.runtime import verify as _verify
 from shear.runtime.hf_config import refresh_config
-from shear.runtime.masks import TensorTable, nonzero_structures
+from shear.runtime.masks import TensorTable, drop_indices, nonzero_structures
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
 __all__ = [
@@ -286,16 +286,6 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise GraphError(f"pruning group names module {name!r}, which the model does not have") from None
-
-
-def drop_indices(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``t`` without the flat indices ``dims[d]`` along each dimension ``d`` (a new tensor)."""
-    new = t.detach()
-    for dim, idx in sorted(dims.items()):
-        keep = torch.ones(new.shape[dim], dtype=torch.bool)
-        keep[idx] = False
-        new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
-    return new
 
 
 def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:
