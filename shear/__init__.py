@@ -16,6 +16,8 @@ from shear.errors import (
     ExportError,
     GraphError,
     InputError,
+    KernelError,
+    ModelError,
     ModelLoadError,
     OutputError,
     PassError,
@@ -24,8 +26,7 @@ from shear.errors import (
     TraceError,
     VerifyError,
 )
-
-__version__ = "0.1.0"
+from shear.version import __version__
 
 _LAZY = {
     "compile": ("shear.compiler", "compile"),
@@ -34,6 +35,8 @@ _LAZY = {
     "save": ("shear.runtime.checkpoint", "save"),
     "load": ("shear.runtime.checkpoint", "load"),
     "export": ("shear.runtime.export", "export"),
+    "plan": ("shear.scale.plan", "plan"),
+    "prune_streamed": ("shear.scale.stream", "prune_streamed"),
 }
 """Public functions imported on first use, so ``import shear`` stays light (torch loads later)."""
 
@@ -54,6 +57,8 @@ __all__ = [
     "ExportError",
     "GraphError",
     "InputError",
+    "KernelError",
+    "ModelError",
     "ModelLoadError",
     "OutputError",
     "PassError",
@@ -68,4 +73,6 @@ __all__ = [
     "save",
     "load",
     "export",
+    "plan",
+    "prune_streamed",
 ]

@@ -1,4 +1,4 @@
-"""The ``shear`` command line: inspect, draw and prune local models, and list the passes.
+"""The ``shear`` command line: inspect, draw, plan and prune local models, and list the passes.
 
 MODEL is always a local directory: a Hugging Face ``save_pretrained`` directory or a model saved
 with ``shear.save``. shear never downloads; a hub id gives a "download it first" error.
@@ -12,6 +12,8 @@ Example (shell)::
     shear prune ./tiny-llama --pipeline lorashear.toml -o ./out   # and out/report.html
     shear prune ./smollm2 --ratio 0.2 --budget quick -o ./smollm2-pruned
     shear export ./tiny-llama-pruned -o pruned.gguf --tokenizer ./tiny-llama   # llama.cpp
+    shear plan ./llama-405b --ratio 0.2 --world-size 64 --seq-len 4096   # config only: no weights read
+    shear stream-prune ./llama-7b --ratio 0.2 -o ./llama-7b-pruned   # tensor by tensor from the shards
 
 Outputs never replace a user's files: ``-o`` must be a new path or an empty directory unless
 ``--overwrite`` is given, and is never the input folder, a file or the current directory; it is
@@ -307,6 +309,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import resource
+
+    import shear
+
+    result = shear.plan(
+        args.model, args.ratio, world_size=args.world_size, batch=args.batch, seq_len=args.seq_len,
+        lora_r=args.lora_r, round_to=args.round_to, layers=args.layers,
+    )
+    print(result.format())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"measured: planning took {result.seconds:.1f} s, peak RSS of this process {peak:.0f} MB")
+    return 0
+
+
+def cmd_stream_prune(args: argparse.Namespace) -> int:
+    import shear
+
+    report = shear.prune_streamed(
+        args.model, args.output, args.ratio, criterion=args.criterion, round_to=args.round_to,
+        overwrite=args.overwrite, integrity=args.integrity,
+    )
+    print(report.format())
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -341,7 +369,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per action)."""
     parser = argparse.ArgumentParser(prog="shear", description="Structured pruning of PyTorch LLMs as a compiler.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,export,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,export,plan,stream-prune,passes}")
 
     def model_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -405,6 +433,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pre", default=None, help="llama.cpp pre-tokenizer name, when shear cannot tell it")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plan", help="plan a prune from the config alone: groups, sizes, predicted memory",
+                       description="plan a prune from the config alone (meta device, no weights read): groups, "
+                       "structure counts, the parameter count after pruning, and the predicted memory of each stage")
+    p.add_argument("model", help="model directory with config.json, or a config JSON file")
+    p.add_argument("--ratio", type=float, default=0.2, help="share of every prunable group to remove (default 0.2)")
+    p.add_argument("--world-size", type=int, default=8, help="GPUs sharing LHSPG under FSDP (default 8)")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--round-to", type=int, default=1, help="keep multiples of this per group (default 1)")
+    p.add_argument("--layers", default="stamp", choices=("stamp", "all"),
+                   help="stamp: trace 2 blocks and stamp the rest (default); all: trace every block")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("stream-prune", help="prune safetensors shards tensor by tensor (magnitude), never whole in memory",
+                       description="prune a safetensors checkpoint by structured magnitude at --ratio, reading and "
+                       "writing one tensor at a time; the output loads with shear.load")
+    p.add_argument("model", help="model directory: config.json and model.safetensors or sharded safetensors + index")
+    p.add_argument("-o", "--output", required=True, help="new directory for the pruned checkpoint (not inside the source)")
+    p.add_argument("--ratio", type=float, default=0.2, help="share of every prunable group to remove (default 0.2)")
+    p.add_argument("--criterion", default="magnitude", choices=("magnitude",), help="saliency criterion (default magnitude)")
+    p.add_argument("--round-to", type=int, default=1, help="keep multiples of this per group (default 1)")
+    p.add_argument("--integrity", action="store_true", help="also check the source shards' sha256 where shear.json lists them")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
+    p.set_defaults(func=cmd_stream_prune)
 
     p = sub.add_parser("passes", help="list the registered passes, their options and docs")
     p.add_argument("name", nargs="?", help="show one pass in full")

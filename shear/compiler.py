@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import PipelineError, ShearError, VerifyError
+from shear.errors import ModelError, PipelineError, ShearError, VerifyError
 from shear.passes.base import Context, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
 from shear.report import CompileReport, ReportBuilder
 from shear.runtime.devices import model_device, model_dtype
+from shear.runtime.model_facts import base_weight_name, forward_logits, is_lora_param
 from shear.runtime.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_noise, upcast
 
 __all__ = ["compile", "default_example_inputs", "call_model", "EquivalenceCheck"]
@@ -57,26 +58,12 @@ def _to_device(x: Any, device: torch.device | None) -> Any:
 
 
 def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Run ``model`` on example inputs (tuple, dict, or tensor) and return its main output tensor."""
-    if isinstance(inputs, Mapping):
-        kwargs = dict(inputs)
-        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-            kwargs.setdefault("use_cache", False)
-        out = model(**kwargs)
-    elif isinstance(inputs, (tuple, list)):
-        out = model(*inputs)
-    else:
-        out = model(inputs)
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise VerifyError(f"cannot find an output tensor in {type(out).__name__} to compare; pass verify=False")
+    """Run ``model`` on example inputs (tuple, dict, or tensor) and return its main output tensor
+    (:func:`shear.runtime.model_facts.forward_logits`); a :class:`VerifyError` when it has none."""
+    try:
+        return forward_logits(model, inputs)
+    except ModelError as e:
+        raise VerifyError(f"{e}; nothing to compare: pass verify=False") from None
 
 
 class EquivalenceCheck:
@@ -111,12 +98,10 @@ class EquivalenceCheck:
     def _shape_map(model: nn.Module) -> dict[str, tuple[int, ...]]:
         """Shapes of the model's own weights: LoRA adapters and peft's renaming do not count, so
         adding or merging adapters is not a shape change (erasing structures is)."""
-        from shear.runtime.budget import is_adapter_param
-
         return {
-            n.removeprefix("base_model.model.").replace(".base_layer.", "."): tuple(t.shape)
+            base_weight_name(n): tuple(t.shape)
             for n, t in model.named_parameters(remove_duplicate=False)
-            if not is_adapter_param(n)
+            if not is_lora_param(n)
         }
 
     def before_pass(self, p: Pass, ctx: Context) -> None:
@@ -221,9 +206,9 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         >>> small.shear_report.params_after < small.shear_report.params_before              # doctest: +SKIP
         True
     """
-    from shear.passes.progress import RichSink
     from shear.preflight import check_compile_inputs
     from shear.runtime.files import check_writable_dir
+    from shear.runtime.progress import RichSink
 
     notes: list[str] = []
     if isinstance(passes, str) and not passes.strip() or isinstance(passes, (list, tuple)) and not passes:

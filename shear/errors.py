@@ -1,6 +1,11 @@
 """One small error hierarchy: every error shear raises derives from :class:`ShearError`.
 
-Each message names the thing that failed (module, node, pass, file) and the fix.
+Each message names the thing that failed (module, node, pass, file) and the fix. Each layer raises
+its own: the IR :class:`GraphError`/:class:`TraceError`, the runtime kernels :class:`KernelError`,
+model facts :class:`ModelError`, training :class:`TrainingError`, data :class:`DataError`, the pass
+layer :class:`PassError`/:class:`PipelineError`; a pass turns a lower layer's error about its options
+into a :class:`PipelineError` that names the pass. ``tests/test_layers.py`` fails on a bare built-in
+``raise ValueError(...)`` anywhere in the package.
 
 Example:
     >>> try:
@@ -27,6 +32,8 @@ __all__ = [
     "TrainingError",
     "DistributedError",
     "ExportError",
+    "KernelError",
+    "ModelError",
 ]
 
 
@@ -51,7 +58,19 @@ class PassError(ShearError):
 
 
 class PipelineError(ShearError):
-    """A pipeline could not be built: unknown pass name, unknown or badly typed option, missing prerequisite."""
+    """A pipeline could not be built: unknown pass name, unknown or badly typed option, missing prerequisite.
+    Raised by the pass layer (passes, manager, pipeline parsing), never below it."""
+
+
+class KernelError(ShearError, ValueError):
+    """A runtime kernel (saliency, budget, sparsity masks, LHSPG, recovery weights, block-wise tuning,
+    calibration) cannot run on what it was given: an option out of range, statistics not collected, a
+    model it does not fit; names the argument and the fix. A ``ValueError`` too, as these once were."""
+
+
+class ModelError(ShearError, ValueError):
+    """The model, or what it returned, lacks what shear needs of it: no output tensor (logits) in its
+    output, no plain output head to bypass; names the model's type and the fix. A ``ValueError`` too."""
 
 
 class DataError(ShearError):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError, InputError
+from shear.runtime.model_facts import forward_logits
 
 __all__ = ["check_compile_inputs"]
 
@@ -101,11 +102,9 @@ def _check_dtypes(model: nn.Module, inputs: Any) -> None:
     ints = [(n, t) for n, t in _tensors(inputs) if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)]
     if not ints:
         return
-    from shear.compiler import call_model
-
     try:
         with torch.no_grad():
-            call_model(model, inputs)
+            forward_logits(model, inputs)
     except Exception as e:  # noqa: BLE001 - any failure here is the mismatch the caller must fix
         name, t = ints[0]
         raise InputError(

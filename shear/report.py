@@ -26,6 +26,7 @@ from torch import nn
 from shear.graph.groups import PruningGroup
 from shear.passes.base import Context, Pass
 from shear.passes.manager import PassRecord
+from shear.runtime.model_facts import base_weight_name
 
 __all__ = ["CompileReport", "GroupRecord", "PassRecord", "ReportBuilder", "zero_structures"]
 
@@ -226,19 +227,15 @@ class ReportBuilder:
         )
 
 
-def _plain_param(name: str) -> str:
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
-
 def _aliases(shapes: dict[str, tuple[int, ...]], groups: tuple[PruningGroup, ...]) -> dict[str, tuple[int, ...]]:
     """``shapes`` plus, for every member the groups name that it lacks, the shape of the same weight
     under its name with (or without) a peft LoRA wrapper."""
-    plain = {_plain_param(n): v for n, v in shapes.items()}
+    plain = {base_weight_name(n): v for n, v in shapes.items()}
     out = dict(shapes)
     for g in groups:
         for m in g.members:
-            if m.param not in out and _plain_param(m.param) in plain:
-                out[m.param] = plain[_plain_param(m.param)]
+            if m.param not in out and base_weight_name(m.param) in plain:
+                out[m.param] = plain[base_weight_name(m.param)]
     return out
 
 

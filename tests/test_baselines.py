@@ -8,7 +8,7 @@ from models import build
 from torch import nn
 
 import shear
-from shear.errors import DataError, PassError, PipelineError
+from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.passes import Context, parse_pipeline
 from shear.passes.magnitude import Magnitude, prune_lowest_norm, structure_norms
@@ -70,7 +70,7 @@ def test_nm_mask_keeps_largest_per_group() -> None:
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 8.0, 5.0, 6.0, 7.0]])
     assert nm_mask(scores, 2, 4).int().tolist() == [[1, 0, 1, 0, 1, 0, 0, 1]]
     assert nm_mask(scores, 1, 4).int().tolist() == [[1, 0, 1, 1, 1, 0, 1, 1]]
-    with pytest.raises(PipelineError, match="multiple of 4"):
+    with pytest.raises(KernelError, match="multiple of 4"):
         nm_mask(torch.ones(2, 6), 2, 4)
 
 
@@ -340,11 +340,11 @@ def test_weight_masks_mapping_and_errors() -> None:
     both = a | b
     assert both["weight"].sum() == 4 and set(both) == {"weight", "bias"} and both.masks is not None
     assert both.sparsity().total == pytest.approx(5 / 10)
-    with pytest.raises(PipelineError, match="must be a bool tensor"):
+    with pytest.raises(KernelError, match="must be a bool tensor"):
         WeightMasks({"weight": torch.ones(2, 4)})
-    with pytest.raises(PipelineError, match="does not have"):
+    with pytest.raises(KernelError, match="does not have"):
         WeightMasks({"nope": torch.ones(2, dtype=torch.bool)}).apply(lin)
-    with pytest.raises(PipelineError, match="has shape"):
+    with pytest.raises(KernelError, match="has shape"):
         WeightMasks({"weight": torch.ones(4, 2, dtype=torch.bool)}).apply(lin)
 
 

@@ -78,16 +78,9 @@ def test_folded_dot_draws_one_layer(llama_lora) -> None:
     assert "pinned here" in dot and "lora-rank" in dot and "pinned across layers" in dot
 
 
-def test_folded_dot_golden(llama_lora) -> None:
-    """Regenerate with SHEAR_UPDATE_GOLDEN=1 after an intended change; a missing file is a failure."""
-    import os
-
-    path = GOLDEN / "draw_llama_lora_folded.dot"
-    dot = to_dot(llama_lora)
-    if os.environ.get("SHEAR_UPDATE_GOLDEN"):
-        path.write_text(dot + "\n")
-    assert path.exists(), f"golden file {path} is missing: run with SHEAR_UPDATE_GOLDEN=1 to write it"
-    assert dot + "\n" == path.read_text()
+def test_folded_dot_golden(llama_lora, golden) -> None:
+    """Regenerate with ``pytest --update-golden`` after an intended change; a missing file is a failure."""
+    golden(GOLDEN / "draw_llama_lora_folded.dot", to_dot(llama_lora) + "\n")
 
 
 def test_differing_layers_unfold() -> None:

@@ -20,7 +20,7 @@ from models import VOCAB, build
 from torch import nn
 
 import shear
-from shear.errors import DataError, PassError, PipelineError
+from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.passes import parse_pipeline
 from shear.passes.base import Context, Pass, PassResult
 from shear.passes.ebft import EBFT, EBFTReport, KeepDense
@@ -377,9 +377,9 @@ def test_block_reconstruct_masks_and_never_worse() -> None:
     assert r.mse_after < r.mse_before and r.steps == 80 and len(r.losses) == 20
     assert r.mse_after == pytest.approx(block_mse(student, xs, ys))
     assert bool((student[0].weight[:, :4] == 0).all())
-    with pytest.raises(PipelineError, match="as many input chunks"):
+    with pytest.raises(KernelError, match="as many input chunks"):
         block_reconstruct(student, ys[:2], xs, masks)
-    with pytest.raises(PipelineError, match="residual widths"):
+    with pytest.raises(KernelError, match="residual widths"):
         block_reconstruct(student, [y[:, :4] for y in ys], xs, masks)
 
 
@@ -417,9 +417,9 @@ def test_missing_or_wrong_teacher() -> None:
 
 def test_model_without_decoder_blocks() -> None:
     cnn, _ = build("cnn")
-    with pytest.raises(PipelineError, match="TinyResNet has no decoder blocks"):
+    with pytest.raises(KernelError, match="TinyResNet has no decoder blocks"):
         decoder_blocks(cnn)
-    with pytest.raises(PipelineError, match="TinyResNet has no decoder blocks"):
+    with pytest.raises(KernelError, match="TinyResNet has no decoder blocks"):
         EBFT().run(Context(model=cnn, data=_ids(), results={"dense-model": copy.deepcopy(cnn)}))
 
 
@@ -439,7 +439,7 @@ def test_pruned_residual_width_or_block_count_is_refused() -> None:
 
 def test_lora_without_adapters_and_bad_options() -> None:
     dense, _ = build("llama")
-    with pytest.raises(PipelineError, match="no LoRA adapters"):
+    with pytest.raises(KernelError, match="no LoRA adapters"):
         EBFT(train="lora").run(Context(model=copy.deepcopy(dense), data=_ids(), results={"dense-model": dense}))
     with pytest.raises(PipelineError, match="epochs must be positive"):
         parse_pipeline("ebft{epochs=0}")

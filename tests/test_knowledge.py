@@ -162,3 +162,32 @@ def test_result_is_independent_of_model_copy(planted: tuple[torch.nn.Module, Tex
     b = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=random,seq_len=32,max_windows=2,seed=3}")
     ka, kb = a.results["knowledge-distribution"], b.results["knowledge-distribution"]
     assert ka.ranking == kb.ranking and [e.ppl for e in ka.entries] == [e.ppl for e in kb.entries]
+
+
+def test_activation_proxy_zeroes_the_lowest_activation_structures(planted: tuple[torch.nn.Module, TextData]) -> None:
+    """proxy=activation measures each node group with its lowest Wanda-style structures zeroed (the
+    criterion LHSPG prunes by), scored on ``calibration`` training windows; reproduced by hand here."""
+    from shear.runtime.saliency import compute_saliency
+
+    model, data = planted
+    ctx = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=activation,ratio=0.5,seq_len=32,max_windows=2,calibration=4}")
+    kd = ctx.results["knowledge-distribution"]
+    graph = ctx.results["graph"]
+    assert kd.proxy == "activation"
+    entry = next(e for e in kd.entries if e.name == PLANTED)
+    (gid,) = entry.pruning_groups
+    group = graph.pruning_groups[gid]
+    ids = data.calibration(4, 32, seed=0)
+    scores = compute_saliency(model, [group], weights="activation=1", calibration_ids=ids)
+    lowest = scores.lowest_in(gid, group.size // 2)
+    by_hand = copy.deepcopy(model)
+    params = dict(by_hand.named_parameters())
+    with torch.no_grad():
+        for m in group.primary:
+            params[m.param].index_fill_(m.dim, m.positions[lowest].flatten(), 0)
+    expected = pooled_perplexity(data.perplexity(by_hand, seq_len=32, max_windows=2))
+    assert entry.structures == int(lowest.numel())
+    assert entry.ppl == pytest.approx(expected, rel=1e-6)
+    # a magnitude-proxy run zeroes other structures in the planted group: the proxy is what chose them
+    mag = _run(copy.deepcopy(model), data, "knowledge-distribution{ratio=0.5,seq_len=32,max_windows=2}")
+    assert next(e for e in mag.results["knowledge-distribution"].entries if e.name == PLANTED).ppl != entry.ppl

@@ -16,7 +16,7 @@ import torch
 
 import shear
 from shear.data import TextData
-from shear.errors import DataError, PassError, PipelineError
+from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.trace import trace
 from shear.passes.base import Context
 from shear.passes.lhspg import LHSPG, LhspgHook
@@ -68,9 +68,9 @@ def test_budget_out_of_reach_names_the_maximum(tiny):
     model, graph, _ = _lora(tiny[0])
     heads = [g for g in graph.prunable_groups if g.kind == "head"]
     budget = ParamBudget(model, heads)
-    with pytest.raises(PipelineError, match="at most .* less than the target"):
+    with pytest.raises(KernelError, match="at most .* less than the target"):
         budget.counts(0.9, {}, tolerance=0.005)
-    with pytest.raises(PipelineError, match=r"must be in \(0, 1\)"):
+    with pytest.raises(KernelError, match=r"must be in \(0, 1\)"):
         budget.counts(1.0, {})
 
 

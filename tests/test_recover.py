@@ -15,7 +15,7 @@ import torch
 
 import shear
 from shear.data import TextData
-from shear.errors import DataError, PassError, PipelineError
+from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.passes.base import Context
 from shear.passes.options import build_pass
 from shear.passes.recover import RecoverDynamic, RecoveryResult
@@ -101,9 +101,9 @@ def test_degradation_gain_and_mean_log():
     assert math.isclose(relative_gain(4.0, 3.0), 0.25) and relative_gain(4.0, 5.0) < 0
     with pytest.raises(DataError, match="no dense perplexity for sources"):
         degradation({"x": 3.0}, {"a": 2.0})
-    with pytest.raises(PipelineError, match=r"floor must be in \[0, 1\]"):
+    with pytest.raises(KernelError, match=r"floor must be in \[0, 1\]"):
         source_weights({"a": 1.0}, floor=1.5)
-    with pytest.raises(PipelineError, match="temperature must be"):
+    with pytest.raises(KernelError, match="temperature must be"):
         source_weights({"a": 1.0}, temperature=0.0)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import shear
 from shear.data import TextData
-from shear.errors import DataError, PipelineError
+from shear.errors import DataError, KernelError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.graph.ir import LoraComposite
 from shear.passes import Context, PassManager, parse_pipeline
@@ -211,11 +211,11 @@ def test_parse_weights_forms_and_errors() -> None:
     a = parse_weights("magnitude=1,cosine=0.5")
     assert a == parse_weights({"magnitude": 1, "cosine": 0.5}) == parse_weights(["magnitude=1", "cosine=0.5"])
     assert set(a) == set(CRITERIA)
-    with pytest.raises(PipelineError, match="unknown criterion 'size'"):
+    with pytest.raises(KernelError, match="unknown criterion 'size'"):
         parse_weights("size=1")
-    with pytest.raises(PipelineError, match="all weights are zero"):
+    with pytest.raises(KernelError, match="all weights are zero"):
         parse_weights("magnitude=0")
-    with pytest.raises(PipelineError, match="must be a number"):
+    with pytest.raises(KernelError, match="must be a number"):
         parse_weights("magnitude=big")
     assert parse_pipeline("saliency{weights=[magnitude=1,activation=2]}") == [
         Saliency(weights=("magnitude=1", "activation=2"))

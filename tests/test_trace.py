@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -291,19 +290,13 @@ def test_group_lookup_error(traced) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "cnn"])
-def test_golden_ir(traced, arch: str) -> None:
+def test_golden_ir(traced, golden, arch: str) -> None:
     """The IR's structure is stable across torch/transformers releases: groups, spaces, sizes, pins by
     kind, composites and overlaps (``format_structure``), not the aten nodes upstream may rename.
-    Regenerate with SHEAR_UPDATE_GOLDEN=1 after an intended change; a missing file is a failure."""
+    Regenerate with ``pytest --update-golden`` after an intended change; a missing file is a failure."""
     for lora in (False, True):
         _, _, g = traced[(arch, lora)]
-        text = format_structure(g) + "\n"
-        path = GOLDEN / f"structure_{arch}{'_lora' if lora else ''}.txt"
-        if os.environ.get("SHEAR_UPDATE_GOLDEN"):
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(text)
-        assert path.exists(), f"golden file {path} is missing: run with SHEAR_UPDATE_GOLDEN=1 to write it"
-        assert text == path.read_text()
+        golden(GOLDEN / f"structure_{arch}{'_lora' if lora else ''}.txt", format_structure(g) + "\n")
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])

@@ -17,7 +17,7 @@ from _train_worker import EditHook, ddp_config, ddp_model, ddp_tokens, pattern_t
 from models import build
 from safetensors.torch import load_file
 
-from shear.errors import CheckpointError, DataError, PipelineError, TrainingError
+from shear.errors import CheckpointError, DataError, TrainingError
 from shear.runtime.training import (
     InstructionBatches,
     StepLog,
@@ -85,7 +85,7 @@ def test_docstring_examples(module: str) -> None:
     ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
-    with pytest.raises(PipelineError, match=match):
+    with pytest.raises(TrainingError, match=match):
         TrainConfig(**kwargs)
 
 
@@ -290,7 +290,7 @@ def test_trainability_checks() -> None:
     with pytest.raises(TrainingError, match=r"LoRA adapters of .* are all frozen"):
         train(model, batches, cfg)
     model, _ = build("llama", lora=True)
-    with pytest.raises(PipelineError, match=r"yields 2 rows per micro-batch but config.batch_size=4"):
+    with pytest.raises(TrainingError, match=r"yields 2 rows per micro-batch but config.batch_size=4"):
         train(model, batches, TrainConfig(steps=1, batch_size=4, seq_len=8))
 
 

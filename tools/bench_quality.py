@@ -353,7 +353,7 @@ class Ablation(Bench):
         """In-domain: validation windows after the first :data:`PASS_TOKENS` of each source, the text
         the passes' own decisions read (knowledge distribution's 8 x 128-token windows, recovery's
         4 x 256), so no row is scored on text it was selected on; out-of-domain: :func:`ood_windows`."""
-        from shear.data.text import window_perplexity
+        from shear.runtime.evaluation import window_perplexity
 
         ppl = {}
         for name, ids in self.data.validation.items():
@@ -389,6 +389,7 @@ class Ablation(Bench):
         heads = ",kinds=[channel,head]"  # the defaults before this ablation
         dist = ",distill=0.5,distill_temperature=1.0"
         act = ',saliency="activation=1"'
+        kd_act = ",proxy=activation"
         return {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
@@ -419,6 +420,12 @@ class Ablation(Bench):
                 ratio, kinds=ch, lhspg=p.lhspg + act)),
             "one-shot channels, activation + recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1" + act, steps_per_round=15)),
+            "LoRAShear channels, activation, KD activation": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=kd_act, lhspg=p.lhspg + act)),
+            "one-shot channels, activation, KD activation + recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=kd_act, lhspg="warmup=0,periods=1,steps_per_period=1" + act, steps_per_round=15)),
+            "LoRAShear channels, activation, KD activation + distill": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=kd_act, lhspg=p.lhspg + act, distill=dist)),
         }
 
     def table(self, note: str) -> str:

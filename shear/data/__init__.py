@@ -25,7 +25,8 @@ from shear.data.instructions import (
 from shear.data.layout import DATA_ENV, corpus_file, data_root, instructions_file, manifest_file
 from shear.data.sources import SOURCE_NAMES, SOURCES, SPLITS, SourceInfo
 from shear.data.tasks import MultipleChoice, define_word_task, next_line_task
-from shear.data.text import TextData, require_text_data, window_perplexity
+from shear.data.text import TextData, require_text_data
+from shear.runtime.evaluation import window_perplexity
 
 __all__ = [
     "ALPACA_PROMPT",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shear.errors import DataError
+
 __all__ = ["SourceInfo", "SOURCES", "SOURCE_NAMES", "SPLITS"]
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -36,7 +38,7 @@ class SourceInfo:
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.name != self.name.lower():
-            raise ValueError(f"source name {self.name!r} must be a lower-case identifier")
+            raise DataError(f"source name {self.name!r} must be a lower-case identifier")
 
 
 SOURCES: dict[str, SourceInfo] = {

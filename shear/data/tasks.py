@@ -19,21 +19,12 @@ from __future__ import annotations
 
 import random
 import re
-from typing import NamedTuple
 
 from shear.data.corpus import load_documents
 from shear.errors import DataError
+from shear.runtime.evaluation.choice import MultipleChoice
 
 __all__ = ["MultipleChoice", "next_line_task", "define_word_task"]
-
-
-class MultipleChoice(NamedTuple):
-    """A question: score ``context + option`` for each option; ``answer`` indexes the right one."""
-
-    context: str
-    options: tuple[str, ...]
-    answer: int
-    task: str
 
 
 def _lines(text: str) -> list[str]:

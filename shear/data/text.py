@@ -16,21 +16,25 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from shear.errors import DataError
-from shear.runtime.devices import model_device
+from shear.runtime.evaluation.perplexity import window_perplexity
 
-if TYPE_CHECKING:
-    from shear.passes.base import Context
+__all__ = ["TextData", "HasData", "calibration_ids", "require_text_data"]
 
-__all__ = ["TextData", "calibration_ids", "require_text_data", "window_perplexity"]
+
+class HasData(Protocol):
+    """What the pass helpers below read of a pass context: its ``data`` (a pass's ``Context`` has it).
+    Data sits below the passes, so it names this much of a context and not the class."""
+
+    @property
+    def data(self) -> Any: ...
 
 
 def _tokenize(tokenizer: Any, text: str, name: str) -> torch.Tensor:
@@ -190,7 +194,8 @@ class TextData:
         """Per-source perplexity on non-overlapping validation windows (fast; for analysis passes).
 
         For reported numbers use :func:`shear.runtime.evaluation.evaluate_perplexity`
-        (sliding windows with context); this one scores every token of each window.
+        (sliding windows with context); this one scores every token of each window
+        (:func:`shear.runtime.evaluation.window_perplexity`).
         """
         names = list(self.validation if sources is None else sources)
         if not names:
@@ -201,43 +206,7 @@ class TextData:
         }
 
 
-@torch.no_grad()
-def window_perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) of a causal LM over ``[w, L]`` windows (each window scored alone).
-
-    Example:
-        >>> window_perplexity(model, torch.randint(0, 100, (4, 32)))   # doctest: +SKIP
-        98.7
-    """
-    from shear.runtime.training.loss import (
-        causal_lm_loss_sum,
-        chunked_causal_lm_loss_sum,
-        head_bypassed,
-        output_head,
-    )
-
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    chunked = output_head(model) is not None  # never hold a whole batch of fp32 logits
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            batch = windows[i : i + batch_size].to(device)
-            if chunked:
-                with head_bypassed(model) as head:
-                    hidden = model(input_ids=batch, use_cache=False).logits
-                loss = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=1024)
-            else:
-                loss = causal_lm_loss_sum(model(input_ids=batch, use_cache=False).logits, batch)
-            nll += float(loss)
-            count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(nll / count) if count else float("nan")
-
-
-def require_text_data(ctx: Context, pass_name: str) -> TextData:
+def require_text_data(ctx: HasData, pass_name: str) -> TextData:
     """``ctx.data`` as a :class:`TextData`, or a DataError that says how to pass one.
 
     Example:
@@ -257,7 +226,7 @@ def require_text_data(ctx: Context, pass_name: str) -> TextData:
     )
 
 
-def calibration_ids(ctx: Context, pass_name: str, nsamples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def calibration_ids(ctx: HasData, pass_name: str, nsamples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``[n, seq_len]`` calibration ids for a pass: ``ctx.data`` itself when it is a ``[n, L]`` long
     tensor, else ``nsamples`` seeded windows of the :class:`TextData` in ``ctx.data``.
 

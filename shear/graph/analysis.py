@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from shear.errors import GraphError
 from shear.graph.groups import Role
 from shear.graph.spaces import SpaceTable
 
@@ -89,7 +90,7 @@ class DimAnalysis:
             if v is None:
                 return []
             if v and isinstance(v[0], list):
-                raise TypeError(f"node {arg.name} is a tuple; use getitem")
+                raise GraphError(f"node {arg.name} is a tuple; use getitem")
             return list(v)
         return []
 

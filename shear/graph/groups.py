@@ -138,7 +138,7 @@ class PruningGroup:
     def slices(self, i: int) -> Iterator[Slice]:
         """The slices structure ``i`` owns, primary first."""
         if not 0 <= i < self.size:
-            raise IndexError(f"structure {i} out of range for group {self.name} of size {self.size}")
+            raise GraphError(f"structure {i} out of range for group {self.name} of size {self.size}")
         for m in sorted(self.members, key=lambda m: m.role is not Role.PRIMARY):
             yield Slice(m.param, m.dim, tuple(int(x) for x in m.positions[i]), m.role)
 

@@ -81,6 +81,20 @@ class RmsNormSpec:
         small = self._scale_(weight.detach().clone(), d / d_new)
         return (small.float() + self.weight_offset) / (d / d_new) ** 0.5 - self.weight_offset
 
+    def scale_weight(self, weight: torch.Tensor, d: int, d_new: int) -> torch.Tensor:
+        """Rescale a norm ``weight`` in place for a width change ``d -> d_new`` (what :meth:`rescale`
+        does to the module's weight); return it. For weights that live outside a module, e.g. streamed
+        from a checkpoint tensor by tensor.
+
+        Example:
+            >>> RmsNormSpec("eps").scale_weight(torch.ones(2), 4, 1).tolist()
+            [2.0, 2.0]
+        """
+        if d_new != d:
+            with torch.no_grad():
+                self._scale_(weight, d / d_new)
+        return weight
+
     def rescale(self, module: nn.Module, d: int, d_new: int) -> None:
         """Make ``module`` over ``d_new`` channels equal the same norm over ``d`` with zeros added.
 
@@ -96,8 +110,7 @@ class RmsNormSpec:
                 f"norm {type(module).__name__} has no weight to absorb the width change {d} -> {d_new}; "
                 "mark its space unprunable"
             )
-        with torch.no_grad():
-            self._scale_(w, ratio)
+        self.scale_weight(w, d, d_new)
         eps = getattr(module, self.eps_attr)
         if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
             eps = torch.finfo(w.dtype).eps

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shear.errors import GraphError
+
 __all__ = ["SpaceTable", "Refinement"]
 
 
@@ -57,7 +59,7 @@ class SpaceTable:
     def new(self, size: int, label: str = "") -> int:
         """A fresh space of ``size`` indices."""
         if size < 1:
-            raise ValueError(f"space size must be positive, got {size}")
+            raise GraphError(f"space size must be positive, got {size}")
         self._parent.append(len(self._parent))
         self._size.append(size)
         self._label.append(label)
@@ -167,7 +169,7 @@ class SpaceTable:
         sizes = tuple(s for s in sizes if s != 1)
         r = self.find(x)
         if _prod(sizes) != self._size[r]:
-            raise ValueError(f"product {sizes} does not match space size {self._size[r]}")
+            raise GraphError(f"product {sizes} does not match space size {self._size[r]}")
         if len(sizes) <= 1:
             return (r,) if sizes else ()
         return self._cut(r, "prod", sizes)
@@ -177,7 +179,7 @@ class SpaceTable:
         sizes = tuple(s for s in sizes if s != 0)
         r = self.find(x)
         if sum(sizes) != self._size[r]:
-            raise ValueError(f"segments {sizes} do not match space size {self._size[r]}")
+            raise GraphError(f"segments {sizes} do not match space size {self._size[r]}")
         if len(sizes) == 1:
             return (r,)
         return self._cut(r, "sum", sizes)
@@ -256,7 +258,7 @@ class SpaceTable:
         if ra == rb:
             return ra
         if self._size[ra] != self._size[rb]:
-            raise ValueError(f"cannot join spaces of sizes {self._size[ra]} and {self._size[rb]}")
+            raise GraphError(f"cannot join spaces of sizes {self._size[ra]} and {self._size[rb]}")
         fa, fb = self._refine.get(ra), self._refine.get(rb)
         if ra > rb:  # keep the older id as root: stable names
             ra, rb, fa, fb = rb, ra, fb, fa

@@ -35,7 +35,7 @@ from torch import nn
 from shear.errors import PipelineError
 
 if TYPE_CHECKING:
-    from shear.passes.progress import ProgressBar, ProgressSink
+    from shear.runtime.progress import ProgressBar, ProgressSink
 
 __all__ = ["Pass", "PassResult", "Context", "PASS_REGISTRY", "register_pass"]
 
@@ -83,7 +83,7 @@ class Context:
             ...     for step in range(10):
             ...         bar.advance()
         """
-        from shear.passes.progress import open_bar
+        from shear.runtime.progress import open_bar
 
         with open_bar(self.progress_sink, total, description) as bar:
             yield bar

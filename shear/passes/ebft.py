@@ -57,6 +57,7 @@ from shear.runtime.blockwise import (
     unwrap_model,
 )
 from shear.runtime.devices import model_device
+from shear.runtime.model_facts import is_lora_param
 
 __all__ = [
     "EBFT",
@@ -245,7 +246,7 @@ class EBFT(Pass):
                 x_u = _advance(sb, x_u, xs, i)
                 masks = infer_masks(sb, explicit, names=names)
                 if self.train == "lora" and not revived_warned and any(
-                    m is not None and "lora_" not in n for n, m in masks.items()
+                    m is not None and not is_lora_param(n) for n, m in masks.items()
                 ):
                     ctx.warn(
                         "ebft: train='lora' leaves the sparse base weights untouched, but the LoRA update is "

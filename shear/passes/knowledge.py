@@ -51,6 +51,7 @@ from shear.graph.ir import Graph, NodeGroup
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable
+from shear.runtime.model_facts import strip_peft_prefix
 from shear.runtime.saliency import SaliencyScores, compute_saliency
 
 __all__ = ["KnowledgeDistributionAnalysis", "KnowledgeDistribution", "NodeGroupDeviation", "pooled_perplexity"]
@@ -105,7 +106,7 @@ class KnowledgeDistribution:
         for e in self.entries:
             if e.node_group == node_group:
                 return e
-        raise KeyError(node_group)
+        raise PassError(f"KnowledgeDistribution: node group {node_group} was not analysed; analysed: {[e.node_group for e in self.entries]}")
 
     def table(self) -> str:
         """A Markdown table of the node groups, most sensitive first."""
@@ -118,17 +119,10 @@ class KnowledgeDistribution:
         for rank, ng in enumerate(self.ranking, 1):
             e = self.entry(ng)
             lines.append(
-                f"| {rank} | {_short(e.name)} | {e.kind} | {e.structures} | {e.ppl:.3f} | "
+                f"| {rank} | {strip_peft_prefix(e.name)} | {e.kind} | {e.structures} | {e.ppl:.3f} | "
                 f"{e.deviation:+.3f} | {100 * e.relative:+.1f} | {'yes' if e.unprunable else ''} |"
             )
         return "\n".join(lines)
-
-
-def _short(name: str) -> str:
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name
 
 
 def pooled_perplexity(by_source: dict[str, float]) -> float:
@@ -251,8 +245,12 @@ class KnowledgeDistributionAnalysis(Pass):
     """Fraction of the structures of each of a node group's pruning groups zeroed for the measurement."""
     gamma: float = 0.1
     """Fraction of the analysed node groups (largest deviation first, rounded up) marked unprunable."""
-    proxy: Literal["magnitude", "random", "saliency"] = "magnitude"
-    """Which structures are zeroed: lowest magnitude, seeded random, or lowest ``ctx.results['saliency']``."""
+    proxy: Literal["magnitude", "activation", "random", "saliency"] = "magnitude"
+    """Which structures are zeroed: lowest magnitude, lowest activation saliency (Wanda-style
+    ``‖W ⊙ ‖X‖‖`` on ``calibration`` training windows, as LHSPG's default criterion scores them),
+    seeded random, or lowest ``ctx.results['saliency']``."""
+    calibration: int = 8
+    """Calibration training windows (``seq_len`` tokens) of the activation proxy."""
     include: Literal["all", "basic", "composed"] = "all"
     """Which node groups to analyse (composed ones exist only in LoRA models)."""
     kinds: tuple[str, ...] = ("channel",)
@@ -285,6 +283,11 @@ class KnowledgeDistributionAnalysis(Pass):
         scores: SaliencyScores | None = None
         if self.proxy == "magnitude":
             scores = compute_saliency(model, graph.pruning_groups, weights="magnitude=1", composites=graph.composites)
+        elif self.proxy == "activation":
+            ids = data.calibration(self.calibration, self.seq_len, seed=self.seed)
+            scores = compute_saliency(
+                model, graph.pruning_groups, weights="activation=1", calibration_ids=ids, composites=graph.composites
+            )
         elif self.proxy == "saliency":
             scores = ctx.results.get("saliency")
             if not isinstance(scores, SaliencyScores):
@@ -348,7 +351,7 @@ class KnowledgeDistributionAnalysis(Pass):
             finite = [e.deviation for e in entries if math.isfinite(e.deviation)]
             cap = max([abs(d) for d in finite] + [1.0]) * 10
             figures = plot_deviation(
-                [_short(e.name) + (" (lora)" if e.kind == "composed" else "") for e in entries],
+                [strip_peft_prefix(e.name) + (" (lora)" if e.kind == "composed" else "") for e in entries],
                 [e.deviation if math.isfinite(e.deviation) else cap for e in entries],
                 [e.unprunable for e in entries],
                 Path(out_dir) / "knowledge-distribution",
@@ -358,7 +361,7 @@ class KnowledgeDistributionAnalysis(Pass):
         else:
             note = "; no figure (set out_dir or compile(dump_dir=...))"
         ctx.results["knowledge-distribution"] = result
-        top = _short(ranking[0][0].node_group.name)
+        top = strip_peft_prefix(ranking[0][0].node_group.name)
         return PassResult(
             changed=False,
             message=(

@@ -47,6 +47,7 @@ from shear.graph.ir import Graph
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.budget import ParamBudget
 from shear.runtime.lhspg import StructureViews
+from shear.runtime.model_facts import strip_peft_prefix
 from shear.runtime.saliency import compute_saliency, parse_weights
 from shear.runtime.training.distill import DistillLoss, check_distill_options
 from shear.runtime.training.hooks import TrainHook
@@ -383,14 +384,14 @@ def _with_lora(ctx: Context, r: int) -> Graph:
     ctx.model, message = ensure_lora(ctx.model, r=r)
     if message:
         ctx.warn(f"lhspg: the model had no LoRA adapters; {message} (shear added them)")
-    old = {_plain(g.name): g for g in graph.pruning_groups}
+    old = {strip_peft_prefix(g.name): g for g in graph.pruning_groups}
     DiscoverGroups().run(ctx)
     new: Graph = ctx.results["graph"]
     kd = ctx.results.get("knowledge-distribution")
     if kd is not None:
-        blocked = {_plain(graph.pruning_groups[i].name) for i in kd.unprunable_groups}
+        blocked = {strip_peft_prefix(graph.pruning_groups[i].name) for i in kd.unprunable_groups}
         ctx.results["lhspg-unprunable"] = frozenset(
-            g.id for g in new.pruning_groups if _plain(g.name) in blocked and _plain(g.name) in old
+            g.id for g in new.pruning_groups if strip_peft_prefix(g.name) in blocked and strip_peft_prefix(g.name) in old
         )
     return new
 
@@ -412,10 +413,6 @@ def _whole_model(state: Any) -> Any:
     """``state.unsharded()`` (the whole weights under FSDP2), or the model itself for a plain state."""
     unsharded = getattr(state, "unsharded", None)
     return unsharded() if callable(unsharded) else nullcontext(state.model)
-
-
-def _plain(name: str) -> str:
-    return name.removeprefix("base_model.model.")
 
 
 def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...]) -> list[int]:

@@ -72,7 +72,7 @@ import torch
 from torch import nn
 
 from shear.data.text import TextData, require_text_data
-from shear.errors import DataError, PipelineError
+from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.hf_config import max_positions
 from shear.runtime.recovery import (
@@ -122,7 +122,7 @@ class RecoveryRound:
 
     def __post_init__(self) -> None:
         if self.weights and abs(sum(self.weights.values()) - 1.0) > 1e-6:
-            raise ValueError(f"round weights must sum to 1, got {self.weights}")
+            raise PassError(f"round weights must sum to 1, got {self.weights}")
 
     @property
     def mean_ppl(self) -> float:
@@ -288,7 +288,7 @@ class RecoverDynamic(Pass):
             )
         try:
             check_weight_options(self.floor, self.temperature, self.mixture)
-        except PipelineError as e:
+        except KernelError as e:
             raise PipelineError(f"recover-dynamic: {e}") from None
 
     @property

@@ -21,6 +21,7 @@ from typing import Any
 
 from shear.graph.fold import display_kind, repeated_container, split_block
 from shear.graph.ir import Graph
+from shear.runtime.model_facts import strip_peft_prefix
 
 __all__ = ["ReportData", "WidthRow", "collect", "pick_graph", "layer_widths"]
 
@@ -75,16 +76,12 @@ def pick_graph(results: dict[str, Any]) -> Graph | None:
     return next((g for g in graphs if g.composites), graphs[0] if graphs else None)
 
 
-def _plain(name: str) -> str:
-    return name.removeprefix("base_model.model.")
-
-
 def _q_per_kv(graph: Graph | None, name: str) -> int:
     """Query heads per kv head of a kv-family group (1 when unknown or plain heads)."""
     if graph is None:
         return 1
     for p in graph.pruning_groups:
-        if _plain(p.name) == _plain(name) and display_kind(p) == "kv family":
+        if strip_peft_prefix(p.name) == strip_peft_prefix(name) and display_kind(p) == "kv family":
             ks = sorted({m.k for m in p.primary if m.dim == 0})
             return max(ks[-1] // max(ks[0], 1), 1)
     return 1
@@ -158,7 +155,7 @@ def _knowledge(kd: Any) -> dict[str, Any]:
         "proxy": kd.proxy,
         "entries": [
             {
-                "name": _plain(e.name),
+                "name": strip_peft_prefix(e.name),
                 "kind": e.kind,
                 "structures": e.structures,
                 "ppl": _finite(e.ppl),

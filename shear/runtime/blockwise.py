@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import PipelineError
+from shear.errors import KernelError
 from shear.runtime.devices import model_device
+from shear.runtime.model_facts import is_lora_param
 
 __all__ = [
     "BLOCK_PATHS",
@@ -93,21 +94,21 @@ def _get_path(module: nn.Module, path: str) -> Any:
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a (possibly peft-wrapped) HF-style decoder LLM, in order.
 
-    Raises :class:`PipelineError` naming the model class when none of :data:`BLOCK_PATHS` holds a
+    Raises :class:`KernelError` naming the model class when none of :data:`BLOCK_PATHS` holds a
     non-empty ``nn.ModuleList``.
 
     Example:
         >>> decoder_blocks(torch.nn.Linear(2, 2))
         Traceback (most recent call last):
         ...
-        shear.errors.PipelineError: Linear has no decoder blocks: ...
+        shear.errors.KernelError: Linear has no decoder blocks: ...
     """
     base = unwrap_model(model)
     for path in BLOCK_PATHS:
         blocks = _get_path(base, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return blocks
-    raise PipelineError(
+    raise KernelError(
         f"{type(base).__name__} has no decoder blocks: block-wise reconstruction needs a decoder LLM whose "
         f"blocks are an nn.ModuleList at one of {', '.join(BLOCK_PATHS)} (a transformers causal LM such as "
         "LlamaForCausalLM). Add the path to shear.runtime.blockwise.BLOCK_PATHS for a new architecture."
@@ -156,10 +157,10 @@ def capture_block_inputs(
     from the student's own chain), only their other arguments, which may differ per block (sliding
     window layers get their own mask).
 
-    Raises :class:`PipelineError` when the forward pass never reaches the blocks.
+    Raises :class:`KernelError` when the forward pass never reaches the blocks.
     """
     if ids.dim() != 2 or ids.dtype != torch.long:
-        raise PipelineError(f"calibration ids must be a [n, seq_len] long tensor, got {tuple(ids.shape)} {ids.dtype}")
+        raise KernelError(f"calibration ids must be a [n, seq_len] long tensor, got {tuple(ids.shape)} {ids.dtype}")
     blocks = decoder_blocks(model) if blocks is None else blocks
     device = model_device(model)
     n_blocks = len(blocks)
@@ -174,7 +175,7 @@ def capture_block_inputs(
                 kw = dict(kwargs)
                 hidden, rest = kw.pop("hidden_states", None), ()
             if not isinstance(hidden, torch.Tensor):
-                raise PipelineError(
+                raise KernelError(
                     f"block {i} ({type(module).__name__}) was called without hidden states as its first "
                     "argument or as hidden_states=; cannot capture its inputs"
                 )
@@ -200,7 +201,7 @@ def capture_block_inputs(
                 pass
             if not all(seen):
                 missing = [i for i, s in enumerate(seen) if not s]
-                raise PipelineError(
+                raise KernelError(
                     f"the forward pass of {type(unwrap_model(model)).__name__} did not call decoder blocks "
                     f"{missing[:8]}; cannot capture their inputs"
                 )
@@ -220,7 +221,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
         for v in out.values():
             if isinstance(v, torch.Tensor):
                 return v
-    raise PipelineError(f"a decoder block returned {type(out).__name__}; expected hidden states (a tensor or a tuple)")
+    raise KernelError(f"a decoder block returned {type(out).__name__}; expected hidden states (a tensor or a tuple)")
 
 
 def run_block(
@@ -290,27 +291,26 @@ def infer_masks(
 
 
 _HALF = (torch.float16, torch.bfloat16)
-_LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def trainable_parameters(block: nn.Module, train: str = "weights") -> dict[str, nn.Parameter]:
     """The parameters of ``block`` to tune: all of them (``"weights"``) or only LoRA's (``"lora"``).
 
     In ``"weights"`` mode LoRA adapter parameters are tuned too when present. Raises
-    :class:`PipelineError` for ``"lora"`` on a block without adapters.
+    :class:`KernelError` for ``"lora"`` on a block without adapters.
     """
     params = dict(block.named_parameters())
     if train == "weights":
         return params
     if train == "lora":
-        lora = {n: p for n, p in params.items() if any(m in n.split(".") for m in _LORA_MARKERS)}
+        lora = {n: p for n, p in params.items() if is_lora_param(n)}
         if not lora:
-            raise PipelineError(
+            raise KernelError(
                 f"train='lora' but block {type(block).__name__} has no LoRA adapters (lora_A/lora_B); "
                 "wrap the model with peft LoRA first, or use train='weights'"
             )
         return lora
-    raise PipelineError(f"train must be 'weights' or 'lora', got {train!r}")
+    raise KernelError(f"train must be 'weights' or 'lora', got {train!r}")
 
 
 @dataclass
@@ -351,13 +351,13 @@ def block_reconstruct(
     worse than the input. ``args``/``kwargs`` are the block's other arguments, per chunk.
     """
     if len(inputs) != len(teacher_outputs) or not inputs:
-        raise PipelineError(
+        raise KernelError(
             f"block_reconstruct needs as many input chunks as target chunks (got {len(inputs)} and "
             f"{len(teacher_outputs)}), and at least one"
         )
     for x, y in zip(inputs, teacher_outputs, strict=True):
         if x.shape != y.shape:
-            raise PipelineError(
+            raise KernelError(
                 f"student block inputs {tuple(x.shape)} and teacher outputs {tuple(y.shape)} differ in shape: "
                 "the residual widths of the pruned and the dense model must match"
             )

@@ -30,19 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shear.errors import PipelineError
+from shear.errors import KernelError
 from shear.graph.groups import PruningGroup
 from shear.runtime.masks import TensorTable
+from shear.runtime.model_facts import is_lora_param
 
-__all__ = ["ParamBudget", "base_param_count", "is_adapter_param", "structure_count", "zero_to_budget"]
-
-_ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
-
-
-def is_adapter_param(name: str) -> bool:
-    """True for peft adapter tensors (LoRA A/B, DoRA magnitudes), which budgets do not count."""
-    return any(m in f".{name}" for m in _ADAPTER_MARKERS)
-
+__all__ = ["ParamBudget", "base_param_count", "structure_count", "zero_to_budget"]
 
 def base_param_count(model: nn.Module, *, nonzero: bool = False) -> int:
     """Parameters of ``model`` as budgets count them: tied tensors once, LoRA adapters not at all;
@@ -55,7 +48,7 @@ def base_param_count(model: nn.Module, *, nonzero: bool = False) -> int:
     seen: set[int] = set()
     total = 0
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen or is_adapter_param(name):
+        if id(p) in seen or is_lora_param(name):
             continue
         seen.add(id(p))
         total += int((p != 0).sum()) if nonzero else p.numel()
@@ -94,7 +87,7 @@ class ParamBudget:
         self.shapes: dict[str, tuple[int, ...]] = {
             name: tuple(t.shape)
             for name, t in table.tensors.items()
-            if table.is_param[name] and not is_adapter_param(name)
+            if table.is_param[name] and not is_lora_param(name)
         }
         self.total: int = sum(math.prod(s) for s in self.shapes.values())
         """Parameters counted (tied once; no LoRA adapters, no buffers)."""
@@ -148,16 +141,16 @@ class ParamBudget:
         cheapest first (kept counts rounded up to ``round_to`` and topped up in its steps). ``shared`` is ``uniform`` topped up one whole class of groups (same kind
         and size: the same structure in every layer) at a time, so those groups keep equal counts.
         ``round_to`` keeps multiples of it in groups at least that large.
-        Raises PipelineError when the target is out of reach.
+        Raises KernelError when the target is out of reach.
         """
         if not 0.0 < target < 1.0:
-            raise PipelineError(f"target ratio must be in (0, 1), got {target}")
+            raise KernelError(f"target ratio must be in (0, 1), got {target}")
         ids = sorted(self.groups if eligible is None else set(eligible) & set(self.groups))
         if not ids:
-            raise PipelineError("no prunable groups are eligible (all unprunable?); nothing can reach the target")
+            raise KernelError("no prunable groups are eligible (all unprunable?); nothing can reach the target")
         most = self.max_reduction(ids)
         if most < target - tolerance:
-            raise PipelineError(
+            raise KernelError(
                 f"the eligible groups can remove at most {most:.1%} of {self.total:,} parameters, less than the "
                 f"target {target:.1%}; lower the ratio, allow more group kinds, or mark fewer groups unprunable"
             )
@@ -169,7 +162,7 @@ class ParamBudget:
                 counts = {g: n if self.groups[g].size < round_to else self.groups[g].size - min(
                     self.groups[g].size, -(-(self.groups[g].size - n) // round_to) * round_to) for g, n in counts.items()}  # fmt: skip
         else:
-            raise PipelineError(f"selection must be 'uniform', 'shared' or 'global', got {selection!r}")
+            raise KernelError(f"selection must be 'uniform', 'shared' or 'global', got {selection!r}")
         if self.reduction(counts) < target - tolerance:
             if selection == "shared":
                 counts = self._top_up_shared(counts, target, ids, round_to, tolerance)

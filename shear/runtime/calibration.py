@@ -38,11 +38,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from shear.errors import DataError, PipelineError
+from shear.errors import DataError, KernelError
 from shear.runtime.devices import model_device
 
 if TYPE_CHECKING:
-    from shear.passes.progress import ProgressBar
+    from shear.runtime.progress import ProgressBar
 
 __all__ = [
     "LayerStats",
@@ -75,7 +75,7 @@ class LayerStats:
     def hessian(self) -> torch.Tensor:
         """``H = 2 XᵀX / tokens`` (SparseGPT); float32 or float64 as collected."""
         if self.xtx is None:
-            raise PipelineError(f"layer {self.name}: the Hessian was not collected (collect with hessian=True)")
+            raise KernelError(f"layer {self.name}: the Hessian was not collected (collect with hessian=True)")
         return self.xtx * (2.0 / max(self.count, 1))
 
     @torch.no_grad()
@@ -104,7 +104,7 @@ class StatsCollector:
         for name, mod in layers.items():
             weight = getattr(mod, "weight", None)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-                raise PipelineError(f"layer {name} ({type(mod).__name__}) has no 2-D weight to collect statistics for")
+                raise KernelError(f"layer {name} ({type(mod).__name__}) has no 2-D weight to collect statistics for")
             cols, dev = int(weight.shape[1]), weight.device
             st = LayerStats(
                 name,
@@ -169,7 +169,7 @@ def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     names = {id(m): n for n, m in model.named_modules()}
     try:
         blocks = decoder_blocks(model)
-    except PipelineError:
+    except KernelError:
         out = prunable_linears(model)
         get_out = getattr(model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
@@ -236,7 +236,7 @@ def sequential_prune(
     call ``prune(name, layer, stats)`` for each, then run the pruned block again to make the next
     block's inputs. ``bar`` advances once per layer. Returns the pruned layers' names in order.
 
-    Raises :class:`PipelineError` when the model has no decoder blocks (see
+    Raises :class:`KernelError` when the model has no decoder blocks (see
     :data:`shear.runtime.blockwise.BLOCK_PATHS`).
     """
     from shear.runtime.blockwise import capture_block_inputs, decoder_blocks, run_block

@@ -53,9 +53,10 @@ from shear.errors import CheckpointError, GraphError, OutputError
 from shear.runtime.files import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.runtime.hf_config import candidate_config_updates, hf_base_model, refresh_config
 from shear.runtime.masks import TensorTable
+from shear.runtime.model_facts import base_weight_name, is_lora_param
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
-__all__ = ["save", "load", "FORMAT", "VERSION"]
+__all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
 
 FORMAT = "shear-checkpoint"
 VERSION = 2
@@ -79,9 +80,7 @@ def _base_module(model: nn.Module) -> nn.Module:
 
 def _base_name(name: str) -> str | None:
     """Name of a tensor of a peft-injected base model in the plain base model (None for LoRA tensors)."""
-    if "lora_" in name:
-        return None
-    return name.replace(".base_layer.", ".")
+    return None if is_lora_param(name) else base_weight_name(name)
 
 
 def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str], dict[str, bool]]:
@@ -110,7 +109,7 @@ def _base_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, buffers, aliases, grads
 
 
-def _module_attrs(model: nn.Module) -> dict[str, dict[str, float]]:
+def module_attributes(model: nn.Module) -> dict[str, dict[str, float]]:
     """Attributes that live outside tensors and erasure changes: RMS-norm epsilons."""
     out: dict[str, dict[str, float]] = {}
     for name, mod in _base_module(model).named_modules():
@@ -151,7 +150,7 @@ def _none_modules(model: nn.Module, hf: nn.Module | None) -> list[str]:
     return out
 
 
-def _record_files(tmp: Path, manifest: dict[str, Any]) -> None:
+def record_files(tmp: Path, manifest: dict[str, Any]) -> None:
     """Size and sha256 of every file written into ``tmp`` (the manifest itself excepted)."""
     manifest["files"] = {
         f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
@@ -202,7 +201,7 @@ def save(
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in {**tensors, **buffers}.items()},
         "aliases": aliases,
         "requires_grad": sorted(k for k, v in grads.items() if v),
-        "module_attrs": _module_attrs(model),
+        "module_attrs": module_attributes(model),
         "none_modules": _none_modules(model, hf),
         "peft": None,
         "files": {},
@@ -224,7 +223,7 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_extra(tmp, extra)
-        _record_files(tmp, manifest)
+        record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
@@ -251,7 +250,7 @@ def _save_graph_module(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         _write_extra(tmp, files or {})
-        _record_files(tmp, manifest)
+        record_files(tmp, manifest)
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
@@ -403,29 +402,12 @@ def _check_files(path: Path, manifest: dict[str, Any], integrity: bool) -> None:
             raise CheckpointError(f"{path}: {f} fails its sha256 check (corrupt); re-save the model")
 
 
-def _shear_classes() -> dict[str, type]:
-    """Model classes shear itself defines (reference models of :mod:`shear.zoo`)."""
-    out: dict[str, type] = {}
-    try:
-        import shear.zoo as zoo
-    except ImportError:  # pragma: no cover - the zoo is part of the package
-        return out
-    for name in getattr(zoo, "__all__", []):
-        obj = getattr(zoo, name, None)
-        if isinstance(obj, type) and issubclass(obj, nn.Module):
-            out[obj.__name__] = obj
-    return out
-
-
 def _model_class(path: Path, name: str, classes: Sequence[type]) -> type:
-    """The class named ``name``: one the caller passed, shear's own, or transformers' own; never imported
-    from a module the file names."""
+    """The class named ``name``: one the caller passed or transformers' own; never imported from a module
+    the file names. (shear defines no model class of its own: :mod:`shear.zoo` loads transformers models.)"""
     for cls in classes:
         if cls.__name__ == name:
             return cls
-    own = _shear_classes().get(name)
-    if own is not None:
-        return own
     import transformers
     from transformers import PreTrainedModel
 
@@ -437,7 +419,7 @@ def _model_class(path: Path, name: str, classes: Sequence[type]) -> type:
     if isinstance(found, type) and issubclass(found, PreTrainedModel):
         return found
     raise CheckpointError(
-        f"{path}: model class {name!r} is not a transformers or shear class; shear never imports a module named "
+        f"{path}: model class {name!r} is not a transformers class; shear never imports a module named "
         f"in a checkpoint. Pass the class explicitly: shear.load(path, classes=[{name}])"
     )
 
@@ -480,6 +462,18 @@ def _check_config(path: Path, model: nn.Module) -> None:
         )
 
 
+def weight_files(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """The safetensors files holding the weights: ``model.safetensors``, or the shards a streamed
+    prune wrote (``manifest["weights"]``, each a plain ``.safetensors`` name the manifest hashes)."""
+    files = manifest.get("weights", [_WEIGHTS])
+    if not isinstance(files, list) or not files or any(
+        not isinstance(f, str) or "/" in f or f.startswith(".") or not f.endswith(".safetensors") or f not in manifest["files"]
+        for f in files
+    ):
+        raise CheckpointError(f"{path}/{_MANIFEST}: 'weights' must list safetensors files of the directory, got {files!r}")
+    return files
+
+
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
@@ -495,7 +489,7 @@ def load(
 
     ``model``: for non-transformers models, an unpruned instance of the same architecture to resize and
     fill in place (transformers models are rebuilt from config.json; GraphModules from their program).
-    ``classes``: model classes besides transformers' and shear's that the checkpoint may name (a
+    ``classes``: model classes besides transformers' that the checkpoint may name (a
     transformers-style model class of your own); nothing is ever imported by a name read from the files.
     ``integrity`` checks sha256 (file sizes and the file list are always checked).
     The result is in eval mode; a PeftModel comes back with its adapters and freeze flags.
@@ -530,7 +524,9 @@ def load(
             f"{'...' if len(extra) > 5 else ''}"
         )
     try:
-        weights = load_file(str(path / _WEIGHTS), device=str(device))
+        weights: dict[str, torch.Tensor] = {}
+        for file in weight_files(path, manifest):
+            weights.update(load_file(str(path / file), device=str(device)))
         weights.update(load_file(str(path / _BUFFERS), device=str(device)))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: cannot read the safetensors files ({e}); the checkpoint is corrupt") from e

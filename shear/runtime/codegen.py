@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +50,12 @@ from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.runtime import verify as _verify
 from shear.runtime.hf_config import refresh_config
-from shear.runtime.masks import TensorTable, nonzero_structures
+from shear.runtime.masks import TensorTable, drop_indices, nonzero_structures
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
 
-__all__ = ["ErasurePlan", "ErasureReport", "plan_erasure", "apply_plan", "codegen", "EMIT_MODES", "drop_indices"]
+__all__ = [
+    "ErasurePlan", "ErasureReport", "plan_erasure", "plan_removal", "apply_plan", "codegen", "EMIT_MODES", "drop_indices",
+]
 
 
 @dataclass
@@ -168,6 +170,46 @@ def plan_erasure(model: nn.Module, groups: Iterable[PruningGroup], *, min_keep: 
             z[z.nonzero().flatten()[:surplus]] = False
             messages.append(f"{g.name}: all {g.size} structures are zero; kept {min(surplus, g.size)} (min_keep)")
 
+    return _plan(model, table, groups, prunable, zero, found, messages)
+
+
+def plan_removal(model: nn.Module, groups: Iterable[PruningGroup], removed: Mapping[int, torch.Tensor]) -> ErasurePlan:
+    """Plan erasing the structures ``removed[g.id]`` (indices) of each prunable group; no weight is read.
+
+    The weights need not exist: a model on the meta device gives the same plan, which is how
+    :mod:`shear.scale` plans models larger than memory. The overlap fixpoint of :func:`plan_erasure`
+    still applies (a chosen structure that owns an index a staying structure owns stays).
+
+    Example:
+        >>> import torch
+        >>> from shear.graph.groups import Member, PruningGroup, Role
+        >>> with torch.device("meta"):
+        ...     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> rows = torch.arange(4).view(4, 1)
+        >>> g = PruningGroup(0, "0:out", (Member("0.weight", 0, Role.PRIMARY, rows),
+        ...                              Member("1.weight", 1, Role.SECONDARY, rows)), 4)
+        >>> plan_removal(net, [g], {0: torch.tensor([1, 2])}).shape_after("1.weight")
+        (2, 2)
+    """
+    groups = tuple(groups)
+    table = TensorTable(model)
+    prunable = [g for g in groups if g.prunable]
+    zero: dict[int, torch.Tensor] = {}
+    for g in prunable:
+        mask = torch.zeros(g.size, dtype=torch.bool)
+        idx = removed.get(g.id)
+        if idx is not None and len(idx):
+            mask[torch.as_tensor(idx, dtype=torch.long)] = True
+        zero[g.id] = mask
+    found = {gid: z.clone() for gid, z in zero.items()}
+    return _plan(model, table, groups, prunable, zero, found, [])
+
+
+def _plan(
+    model: nn.Module, table: TensorTable, groups: tuple[PruningGroup, ...], prunable: list[PruningGroup],
+    zero: dict[int, torch.Tensor], found: dict[int, torch.Tensor], messages: list[str],
+) -> ErasurePlan:
+    """The overlap fixpoint and the two collection passes, from the structures marked in ``zero``."""
     # Overlaps: mark live until fixpoint. Zero structures that own an index a staying structure owns, stay.
     while True:
         live = _live_indices(table, prunable, zero)
@@ -244,16 +286,6 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         raise GraphError(f"pruning group names module {name!r}, which the model does not have") from None
-
-
-def drop_indices(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
-    """``t`` without the flat indices ``dims[d]`` along each dimension ``d`` (a new tensor)."""
-    new = t.detach()
-    for dim, idx in sorted(dims.items()):
-        keep = torch.ones(new.shape[dim], dtype=torch.bool)
-        keep[idx] = False
-        new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
-    return new
 
 
 def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:

@@ -47,6 +47,7 @@ from torch import nn
 from shear.errors import ExportError
 from shear.runtime.gguf_vocab import GgufVocab, read_vocab
 from shear.runtime.hf_config import hf_base_model
+from shear.runtime.model_facts import base_weight_name, is_lora_param
 
 __all__ = [
     "DTYPES",
@@ -155,9 +156,9 @@ def _layer_tensors(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``<path in layer>.<weight|bias>`` -> (module holding it through peft wrappers, attribute)."""
     out: dict[str, tuple[nn.Module, str]] = {}
     for full, _ in layer.named_parameters():
-        if "lora_" in full or "lora_magnitude" in full:
+        if is_lora_param(full):
             continue
-        key = full.replace(".base_layer.", ".")
+        key = base_weight_name(full)
         owner_path, attr = full.rsplit(".", 1)
         out[key] = (layer.get_submodule(owner_path), attr)
     return out

@@ -72,7 +72,7 @@ from shear.graph.trace import (
     normalize_inputs,
     run_analysis,
 )
-from shear.runtime.codegen import drop_indices
+from shear.runtime.masks import drop_indices
 
 __all__ = [
     "graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule", "TracedConstants", "finish_graph_module",

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shear.runtime.model_facts import base_weight_name, is_lora_param
 from shear.runtime.module_rules import in_out_features
 
 __all__ = [
@@ -159,9 +160,8 @@ def _base_state_shapes(base: nn.Module) -> dict[str, tuple[int, ...]]:
     """Shapes of the base model's tensors, with peft's LoRA tensors dropped and base_layer names folded."""
     shapes: dict[str, tuple[int, ...]] = {}
     for k, v in base.state_dict().items():
-        if "lora_" in k:
-            continue
-        shapes[k.replace(".base_layer.", ".")] = tuple(v.shape)
+        if not is_lora_param(k):
+            shapes[base_weight_name(k)] = tuple(v.shape)
     return shapes
 
 

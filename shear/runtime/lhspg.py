@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shear.errors import PipelineError
+from shear.errors import KernelError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import LoraComposite
 from shear.runtime.masks import TensorTable
@@ -74,14 +74,14 @@ class StructureViews:
         b_names: set[str] = set()
         for c in composites:
             if len(c.adapters) != 1:
-                raise PipelineError(
+                raise KernelError(
                     f"{c.module}: lhspg needs one active LoRA adapter per layer, found {list(c.adapters)}; "
                     "merge or delete the others first"
                 )
             base = self.table.resolve(f"{c.base}.weight")
             a, b = self.table.resolve(c.lora_a[0]), self.table.resolve(c.lora_b[0])
             if self.table.tensors[base].dim() != 2:
-                raise PipelineError(f"{c.module}: lhspg supports LoRA on Linear layers; this base weight is not 2-D")
+                raise KernelError(f"{c.module}: lhspg supports LoRA on Linear layers; this base weight is not 2-D")
             links[base] = LoraLink(a, b, float(c.scaling[0]))
             b_names.add(b)
         self.links = links
@@ -96,7 +96,7 @@ class StructureViews:
                 name = self.table.resolve(m.param)
                 if name in b_names:
                     if m.dim != 0:
-                        raise PipelineError(f"group {g.name}: lora_B member {name} on dim {m.dim}, expected 0")
+                        raise KernelError(f"group {g.name}: lora_B member {name} on dim {m.dim}, expected 0")
                     brows.append((name, m.positions))
                     continue
                 link = links.get(name) if m.dim == 0 else None
@@ -214,7 +214,7 @@ class StructureViews:
         and the returned dict is empty. This is how the training hook calls it, once per step.
         """
         if not 0.0 <= lam <= 1.0:
-            raise PipelineError(f"decay factor lambda must be in [0, 1], got {lam}")
+            raise KernelError(f"decay factor lambda must be in [0, 1], got {lam}")
         projected: dict[int, torch.Tensor] = {}
         for gid, idx in idx_by_group.items():
             if idx.numel() == 0:

@@ -26,7 +26,7 @@ from torch import nn
 from shear.errors import GraphError
 from shear.graph.groups import Member, PruningGroup
 
-__all__ = ["TensorTable", "nonzero_structures", "zero_structures"]
+__all__ = ["TensorTable", "drop_indices", "nonzero_structures", "zero_structures"]
 
 
 class TensorTable:
@@ -128,3 +128,13 @@ def zero_structures(model: nn.Module | TensorTable, group: PruningGroup, indices
         for m in group.primary:
             t = table.get(m.param)
             t.index_fill_(m.dim, m.positions[indices].flatten().to(t.device), 0)
+
+
+def drop_indices(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` without the flat indices ``dims[d]`` along each dimension ``d`` (a new tensor)."""
+    new = t.detach()
+    for dim, idx in sorted(dims.items()):
+        keep = torch.ones(new.shape[dim], dtype=torch.bool)
+        keep[idx] = False
+        new = new.index_select(dim, keep.nonzero().flatten().to(new.device))
+    return new

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from shear.errors import DataError, PipelineError
+from shear.errors import DataError, KernelError
 from shear.runtime.devices import model_device
 
 __all__ = [
@@ -117,15 +117,15 @@ def source_weights(
 
 
 def check_weight_options(floor: float, temperature: float, mode: str) -> None:
-    """PipelineError for a ``floor`` outside [0, 1], a ``temperature`` <= 0, or an unknown ``mode``."""
+    """KernelError for a ``floor`` outside [0, 1], a ``temperature`` <= 0, or an unknown ``mode``."""
     if not (isinstance(floor, (int, float)) and 0.0 <= floor <= 1.0):
-        raise PipelineError(
+        raise KernelError(
             f"floor must be in [0, 1] (the share of samples spread uniformly over the sources), got {floor!r}"
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise PipelineError(f"temperature must be a finite number > 0 (nats), got {temperature!r}")
+        raise KernelError(f"temperature must be a finite number > 0 (nats), got {temperature!r}")
     if mode not in ("softmax", "proportional"):
-        raise PipelineError(f"weights must be 'softmax' or 'proportional', got {mode!r}")
+        raise KernelError(f"weights must be 'softmax' or 'proportional', got {mode!r}")
 
 
 def mean_log(ppl: Mapping[str, float]) -> float:

@@ -57,11 +57,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shear.errors import DataError, PipelineError, ShearError
+from shear.errors import DataError, KernelError, ShearError
 from shear.graph.groups import Member, PruningGroup
 from shear.graph.ir import LoraComposite
 from shear.runtime.devices import model_device
 from shear.runtime.masks import TensorTable
+from shear.runtime.model_facts import logits_of
 
 __all__ = [
     "CRITERIA",
@@ -85,7 +86,7 @@ WeightsSpec = str | Mapping[str, float] | Sequence[str]
 def parse_weights(spec: WeightsSpec) -> dict[str, float]:
     """``{criterion: weight}`` from ``"magnitude=1,cosine=0.5"``, a mapping, or a list of ``name=w`` items.
 
-    Unknown criteria and non-numeric weights raise :class:`PipelineError`; missing ones weigh 0.
+    Unknown criteria and non-numeric weights raise :class:`KernelError`; missing ones weigh 0.
 
     Example:
         >>> parse_weights("magnitude=1, taylor2=0.5")
@@ -106,21 +107,21 @@ def parse_weights(spec: WeightsSpec) -> dict[str, float]:
                     continue
                 name, eq, value = item.partition("=")
                 if not eq:
-                    raise PipelineError(f"saliency weights: expected 'criterion=weight', got {item!r}")
+                    raise KernelError(f"saliency weights: expected 'criterion=weight', got {item!r}")
                 items[name.strip()] = value.strip()
     out = dict.fromkeys(CRITERIA, 0.0)
     for name, value in items.items():
         if name not in CRITERIA:
-            raise PipelineError(f"saliency weights: unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
+            raise KernelError(f"saliency weights: unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
         try:
             w = float(value)
         except (TypeError, ValueError):
-            raise PipelineError(f"saliency weights: weight of {name!r} must be a number, got {value!r}") from None
+            raise KernelError(f"saliency weights: weight of {name!r} must be a number, got {value!r}") from None
         if not math.isfinite(w) or w < 0:
-            raise PipelineError(f"saliency weights: weight of {name!r} must be finite and >= 0, got {w}")
+            raise KernelError(f"saliency weights: weight of {name!r} must be finite and >= 0, got {w}")
         out[name] = w
     if not any(out.values()):
-        raise PipelineError(f"saliency weights: all weights are zero in {spec!r}; give at least one criterion a weight")
+        raise KernelError(f"saliency weights: all weights are zero in {spec!r}; give at least one criterion a weight")
     return out
 
 
@@ -142,12 +143,12 @@ class SaliencyScores:
     def __post_init__(self) -> None:
         for name, table in self.criteria.items():
             if name not in CRITERIA:
-                raise PipelineError(f"SaliencyScores: unknown criterion {name!r}")
+                raise KernelError(f"SaliencyScores: unknown criterion {name!r}")
             if table.keys() != self.by_group.keys():
-                raise PipelineError(f"SaliencyScores: criterion {name!r} scores other groups than by_group")
+                raise KernelError(f"SaliencyScores: criterion {name!r} scores other groups than by_group")
             for gid, v in table.items():
                 if v.shape != self.by_group[gid].shape:
-                    raise PipelineError(f"SaliencyScores: criterion {name!r} of group {gid} has shape {tuple(v.shape)}")
+                    raise KernelError(f"SaliencyScores: criterion {name!r} of group {gid} has shape {tuple(v.shape)}")
 
     def flat(self) -> list[tuple[int, int, float]]:
         """Every ``(group id, structure index, score)``, lowest score first (ties by group, index)."""
@@ -239,17 +240,6 @@ def _rowsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).double().sum(dim=1)
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)):
-        logits = out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise DataError(f"the model returned {type(out).__name__} without logits; saliency needs a causal LM")
-    return logits
-
-
 LOSS_CHUNK_TOKENS = 256
 """Most tokens whose logits the calibration loss computes at once (fewer for a large vocabulary:
 :func:`~shear.runtime.training.loss.chunk_tokens`), as the training loop's default."""
@@ -269,10 +259,10 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
     if output_head(model) is not None:
         with head_bypassed(model) as head:
-            hidden = _logits(model(input_ids=batch, use_cache=False))
+            hidden = logits_of(model(input_ids=batch, use_cache=False))
         total = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=chunk_tokens(LOSS_CHUNK_TOKENS, head))
         return total / batch[:, 1:].numel()
-    logits = _logits(model(input_ids=batch, use_cache=False)).float()
+    logits = logits_of(model(input_ids=batch, use_cache=False)).float()
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
@@ -543,7 +533,7 @@ def compute_saliency(
     w = parse_weights(weights)
     active = [c for c in CRITERIA if w[c] > 0]
     if gradient not in ("auto", "loss", "lora"):
-        raise PipelineError(f"saliency: gradient must be 'auto', 'loss' or 'lora', got {gradient!r}")
+        raise KernelError(f"saliency: gradient must be 'auto', 'loss' or 'lora', got {gradient!r}")
     scored = [g for g in groups if g.prunable or not only_prunable]
     table = TensorTable(model)
     lora = lora_deltas(table, composites)
@@ -688,7 +678,7 @@ def taylor_importance(
         >>> scores = taylor_importance(model, graph.pruning_groups, data.calibration(8, 64))  # doctest: +SKIP
     """
     if aggregate not in ("sum", "mean", "max"):
-        raise PipelineError(f"taylor: aggregate must be 'sum', 'mean' or 'max', got {aggregate!r}")
+        raise KernelError(f"taylor: aggregate must be 'sum', 'mean' or 'max', got {aggregate!r}")
     scored = [g for g in groups if g.prunable]
     table = TensorTable(model)
     lora = lora_deltas(table, composites)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import PipelineError
+from shear.errors import KernelError
 
 __all__ = [
     "WeightMasks",
@@ -50,21 +50,21 @@ __all__ = [
 
 
 def check_ratio(pass_name: str, ratio: float) -> None:
-    """PipelineError unless ``0 < ratio < 1`` (a sparsity of 0 or 1 is a mistake, not a baseline)."""
+    """KernelError unless ``0 < ratio < 1`` (a sparsity of 0 or 1 is a mistake, not a baseline)."""
     if not 0.0 < float(ratio) < 1.0:
-        raise PipelineError(f"{pass_name}: ratio must be in (0, 1), got {ratio}")
+        raise KernelError(f"{pass_name}: ratio must be in (0, 1), got {ratio}")
 
 
 def check_nm(pass_name: str, n: int, m: int) -> None:
-    """PipelineError unless ``0 < n < m`` (N:M zeroes n of every m consecutive weights)."""
+    """KernelError unless ``0 < n < m`` (N:M zeroes n of every m consecutive weights)."""
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-        raise PipelineError(f"{pass_name}: N:M sparsity needs integers 0 < n < m, got n={n}, m={m}")
+        raise KernelError(f"{pass_name}: N:M sparsity needs integers 0 < n < m, got n={n}, m={m}")
 
 
 def check_mode(pass_name: str, mode: str, allowed: tuple[str, ...] = ("unstructured", "nm")) -> None:
-    """PipelineError unless ``mode`` is one of ``allowed``."""
+    """KernelError unless ``mode`` is one of ``allowed``."""
     if mode not in allowed:
-        raise PipelineError(f"{pass_name}: mode must be one of {', '.join(allowed)}; got {mode!r}")
+        raise KernelError(f"{pass_name}: mode must be one of {', '.join(allowed)}; got {mode!r}")
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     check_nm("nm_mask", n, m)
     if scores.dim() != 2 or scores.shape[1] % m:
-        raise PipelineError(
+        raise KernelError(
             f"N:M sparsity {n}:{m} needs a 2-D weight whose input width is a multiple of {m}, got shape "
             f"{tuple(scores.shape)}; use mode=unstructured for this layer or another m"
         )
@@ -174,7 +174,7 @@ class WeightMasks(Mapping[str, torch.Tensor]):
         table = {}
         for name, mask in self.masks.items():
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise PipelineError(f"WeightMasks[{name!r}] must be a bool tensor (True = keep), got {mask!r:.60}")
+                raise KernelError(f"WeightMasks[{name!r}] must be a bool tensor (True = keep), got {mask!r:.60}")
             table[name] = mask.detach()
         object.__setattr__(self, "masks", MappingProxyType(table))
 
@@ -198,13 +198,13 @@ class WeightMasks(Mapping[str, torch.Tensor]):
         params = dict(model.named_parameters(remove_duplicate=False))
         missing = [n for n in self.masks if n not in params]
         if missing:
-            raise PipelineError(
+            raise KernelError(
                 f"masks name parameters the model does not have: {missing[:4]}; were the masks made for "
                 "another model (or before erase / peft wrapping)?"
             )
         for name, mask in self.masks.items():
             if tuple(mask.shape) != tuple(params[name].shape):
-                raise PipelineError(
+                raise KernelError(
                     f"mask of {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}"
                 )
         return params
@@ -302,7 +302,7 @@ def masks_from_zeros(model: nn.Module, params: Iterable[str]) -> WeightMasks:
     out = {}
     for name in params:
         if name not in table:
-            raise PipelineError(f"masks_from_zeros: the model has no parameter {name!r}")
+            raise KernelError(f"masks_from_zeros: the model has no parameter {name!r}")
         out[name] = table[name].detach().ne(0)
     return WeightMasks(out)
 

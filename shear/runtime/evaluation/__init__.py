@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from shear.runtime.evaluation.choice import ChoiceResult, option_logprobs, score_choices
+from shear.runtime.evaluation.choice import ChoiceResult, MultipleChoice, option_logprobs, score_choices
 from shear.runtime.evaluation.generation import greedy_generate
 from shear.runtime.evaluation.harness import lm_eval_available, lm_eval_harness
 from shear.runtime.evaluation.perplexity import (
@@ -17,12 +17,15 @@ from shear.runtime.evaluation.perplexity import (
     PerplexityResult,
     evaluate_perplexity,
     forward_tokens,
+    nll_sum,
     perplexity,
     sliding_windows,
+    window_perplexity,
 )
 
 __all__ = [
     "ChoiceResult",
+    "MultipleChoice",
     "PerplexityReport",
     "PerplexityResult",
     "evaluate_perplexity",
@@ -34,4 +37,6 @@ __all__ = [
     "perplexity",
     "score_choices",
     "sliding_windows",
+    "nll_sum",
+    "window_perplexity",
 ]

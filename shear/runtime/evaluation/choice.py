@@ -16,16 +16,24 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from shear.data.tasks import MultipleChoice
 from shear.errors import DataError
 from shear.runtime.devices import model_device
 
-__all__ = ["ChoiceResult", "option_logprobs", "score_choices"]
+__all__ = ["ChoiceResult", "MultipleChoice", "option_logprobs", "score_choices"]
+
+
+class MultipleChoice(NamedTuple):
+    """A question (built by :mod:`shear.data.tasks`, or your own): score ``context + option`` for each option; ``answer`` indexes the right one."""
+
+    context: str
+    options: tuple[str, ...]
+    answer: int
+    task: str
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Perplexity of a causal LM over text with a sliding window, per source and averaged.
+"""Perplexity of a causal LM: over text with a sliding window (reported numbers), and over
+non-overlapping token windows (:func:`window_perplexity`, the fast measure analysis passes use
+through ``TextData.perplexity``). Both score windows through one function, :func:`nll_sum`.
 
 Each window sees up to ``window`` tokens; only the tokens not scored by an earlier window are
 scored (so every token but the first is scored exactly once, with at least ``window - stride``
@@ -32,6 +34,8 @@ __all__ = [
     "evaluate_perplexity",
     "sliding_windows",
     "forward_tokens",
+    "window_perplexity",
+    "nll_sum",
 ]
 
 ProgressCallback = Callable[[int], None]
@@ -178,12 +182,11 @@ def perplexity(
                     break
                 group.append(nxt)
             batch = torch.stack([tokens[b:e] for b, e, _ in group]).to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
+            labels = batch.clone()
             for row, (b, e, first) in enumerate(group):
-                pred = logits[row, first - 1 - b : e - 1 - b]
-                target = batch[row, first - b : e - b]
-                nll += float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
+                labels[row, : first - b] = -100  # scored by an earlier window (the loss's ignore index)
                 scored += e - first
+            nll += float(nll_sum(model, batch, labels))
             forward += batch.numel()
             if progress is not None:
                 progress(batch.numel())
@@ -236,3 +239,43 @@ def evaluate_perplexity(
         for name, text in texts.items()
     }
     return PerplexityReport(results, window, stride)
+
+
+def nll_sum(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL (fp32) of ``model`` on ``batch`` ``[b, L]`` over the targets of ``labels``
+    (aligned with the inputs; ``-100`` is not scored). Where the output head allows it, the head and
+    the loss run a chunk of tokens at a time, so a batch's fp32 logits are never held whole."""
+    from shear.runtime.training.loss import (  # on first use: ``import shear.data`` stays light
+        causal_lm_loss_sum,
+        chunked_causal_lm_loss_sum,
+        head_bypassed,
+        output_head,
+    )
+
+    if output_head(model) is not None:
+        with head_bypassed(model) as head:
+            hidden = model(input_ids=batch, use_cache=False).logits
+        return chunked_causal_lm_loss_sum(hidden, head, labels, chunk=1024)
+    return causal_lm_loss_sum(model(input_ids=batch, use_cache=False).logits, labels)
+
+
+@torch.no_grad()
+def window_perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of a causal LM over ``[w, L]`` windows (each window scored alone).
+
+    Example:
+        >>> window_perplexity(model, torch.randint(0, 100, (4, 32)))   # doctest: +SKIP
+        98.7
+    """
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            batch = windows[i : i + batch_size].to(device)
+            nll += float(nll_sum(model, batch, batch))
+            count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count) if count else float("nan")

@@ -1,7 +1,7 @@
 """The settings of one training run, checked when built.
 
 :class:`TrainConfig` is a frozen dataclass: a bad value fails at construction with a
-:class:`~shear.errors.PipelineError` that names the field and the fix, never halfway into a run.
+:class:`~shear.errors.TrainingError` that names the field and the fix, never halfway into a run.
 
 Example:
     >>> cfg = TrainConfig(steps=100, lr=1e-4, scheduler="cosine", warmup_steps=10)
@@ -10,7 +10,7 @@ Example:
     >>> TrainConfig(steps=0)
     Traceback (most recent call last):
     ...
-    shear.errors.PipelineError: TrainConfig.steps must be an int >= 1, got 0; set it to the number of optimizer steps
+    shear.errors.TrainingError: TrainConfig.steps must be an int >= 1, got 0; set it to the number of optimizer steps
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from shear.errors import PipelineError
+from shear.errors import TrainingError
 
 __all__ = ["TrainConfig", "SCHEDULERS", "RESUME_KEYS"]
 
@@ -37,14 +37,14 @@ of memory may resume with it on)."""
 
 def _int(name: str, value: Any, low: int, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PipelineError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}; {fix}")
+        raise TrainingError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}; {fix}")
 
 
 def _float(name: str, value: Any, *, positive: bool, fix: str) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
-        raise PipelineError(f"TrainConfig.{name} must be a finite number {bound}, got {value!r}; {fix}")
+        raise TrainingError(f"TrainConfig.{name} must be a finite number {bound}, got {value!r}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -103,33 +103,33 @@ class TrainConfig:
         _int("seq_len", self.seq_len, 2, "a causal LM needs at least 2 tokens per row")
         _int("warmup_steps", self.warmup_steps, 0, "use 0 for no warmup")
         if self.warmup_steps > self.steps:
-            raise PipelineError(
+            raise TrainingError(
                 f"TrainConfig.warmup_steps={self.warmup_steps} exceeds steps={self.steps}; "
                 "lower warmup_steps or raise steps"
             )
         if self.scheduler not in SCHEDULERS:
-            raise PipelineError(f"TrainConfig.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+            raise TrainingError(f"TrainConfig.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.max_grad_norm is not None:
             _float("max_grad_norm", self.max_grad_norm, positive=True, fix="use None to disable clipping")
         _int("seed", self.seed, 0, "any non-negative int")
         if self.bf16 not in (None, True, False):
-            raise PipelineError(f"TrainConfig.bf16 must be True, False or None (auto), got {self.bf16!r}")
+            raise TrainingError(f"TrainConfig.bf16 must be True, False or None (auto), got {self.bf16!r}")
         if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "auto":
-            raise PipelineError(
+            raise TrainingError(
                 f"TrainConfig.gradient_checkpointing must be True, False or 'auto', got {self.gradient_checkpointing!r}"
             )
         if self.loss_chunk_tokens is not None:
             _int("loss_chunk_tokens", self.loss_chunk_tokens, 1, "use None for the full-logits loss")
         if not isinstance(self.resume, bool):
-            raise PipelineError(f"TrainConfig.resume must be a bool, got {self.resume!r}")
+            raise TrainingError(f"TrainConfig.resume must be a bool, got {self.resume!r}")
         _int("checkpoint_every", self.checkpoint_every, 0, "use 0 to disable checkpoints")
         if self.checkpoint_every > 0 and not self.checkpoint_dir:
-            raise PipelineError(
+            raise TrainingError(
                 f"TrainConfig.checkpoint_every={self.checkpoint_every} needs a checkpoint_dir; "
                 "set checkpoint_dir, or checkpoint_every=0"
             )
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str):
-            raise PipelineError(f"TrainConfig.checkpoint_dir must be a str path, got {self.checkpoint_dir!r}")
+            raise TrainingError(f"TrainConfig.checkpoint_dir must be a str path, got {self.checkpoint_dir!r}")
         _int("log_every", self.log_every, 1, "report every this many steps")
 
     def to_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from shear.errors import PipelineError
+from shear.errors import TrainingError
 from shear.runtime.training.batches import IGNORE_INDEX
 from shear.runtime.training.loss import count_targets, forward_kwargs, head_bypassed, logits_of, output_head
 
@@ -39,11 +39,11 @@ __all__ = ["DistillLoss", "chunked_distill_sums", "check_distill_options"]
 
 
 def check_distill_options(owner: str, weight: float, temperature: float) -> None:
-    """Raise a PipelineError naming ``owner`` when the distillation options are out of range."""
+    """Raise a TrainingError naming ``owner`` when the distillation options are out of range."""
     if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
-        raise PipelineError(f"{owner}: distill must be in [0, 1] (0 = off, 1 = KL only), got {weight}")
+        raise TrainingError(f"{owner}: distill must be in [0, 1] (0 = off, 1 = KL only), got {weight}")
     if not (math.isfinite(temperature) and temperature > 0):
-        raise PipelineError(f"{owner}: distill_temperature must be > 0, got {temperature}")
+        raise TrainingError(f"{owner}: distill_temperature must be > 0, got {temperature}")
 
 
 def _chunk_sums(

@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from shear.runtime.model_facts import is_lora_param
+from shear.version import __version__
+
 __all__ = ["RunFingerprint", "tensor_digest", "options_of"]
 
 _SAMPLE = 4096
@@ -72,7 +75,7 @@ def options_of(
 
 def _model_digest(model: nn.Module) -> str:
     state = model.state_dict(keep_vars=True)
-    return tensor_digest((n, t) for n, t in sorted(state.items()) if "lora_" not in n)
+    return tensor_digest((n, t) for n, t in sorted(state.items()) if not is_lora_param(n))
 
 
 def _canonical(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,9 +99,7 @@ class RunFingerprint:
     @classmethod
     def of(cls, model: nn.Module, *, data: str = "", options: Mapping[str, Any] | None = None) -> RunFingerprint:
         """The fingerprint of a run of ``model`` on data with digest ``data`` and these ``options``."""
-        import shear
-
-        return cls(model=_model_digest(model), data=data, options=_canonical(options or {}), shear=shear.__version__)
+        return cls(model=_model_digest(model), data=data, options=_canonical(options or {}), shear=__version__)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (stored in every checkpoint's ``trainer.json``)."""

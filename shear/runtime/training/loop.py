@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import CheckpointError, PipelineError, TrainingError
+from shear.errors import CheckpointError, TrainingError
 from shear.runtime.devices import model_device
 from shear.runtime.training.batches import BatchStream
 from shear.runtime.training.checkpoints import (
@@ -130,20 +130,20 @@ def resolve_bf16(config: TrainConfig, device: torch.device) -> bool:
     if config.bf16 is None:
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     if config.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PipelineError(f"TrainConfig.bf16=True but {torch.cuda.get_device_name(device)} has no bf16; use bf16=None")
+        raise TrainingError(f"TrainConfig.bf16=True but {torch.cuda.get_device_name(device)} has no bf16; use bf16=None")
     return config.bf16
 
 
 def _check_stream(batches: BatchStream, config: TrainConfig, par: Parallel) -> BatchStream:
     size = getattr(batches, "batch_size", config.batch_size)
     if size != config.batch_size:
-        raise PipelineError(
+        raise TrainingError(
             f"the batch stream yields {size} rows per micro-batch but config.batch_size={config.batch_size}; "
             "build it with TokenBatches.from_config(tokens, config) or make the two equal"
         )
     seq = getattr(batches, "seq_len", config.seq_len)
     if seq != config.seq_len:
-        raise PipelineError(
+        raise TrainingError(
             f"the batch stream yields rows of {seq} tokens but config.seq_len={config.seq_len}; make the two equal"
         )
     world = getattr(batches, "world_size", 1)
@@ -151,7 +151,7 @@ def _check_stream(batches: BatchStream, config: TrainConfig, par: Parallel) -> B
         return batches
     if world == 1:
         return batches.shard(par.rank, par.world_size)
-    raise PipelineError(
+    raise TrainingError(
         f"the batch stream is sharded for {world} processes but {par.world_size} take part; "
         "pass an unsharded stream and let train() shard it"
     )
@@ -184,7 +184,7 @@ def _progress(progress: Progress, total: int, is_main: bool) -> Iterator[Any]:
         yield None
         return
     if progress is True:
-        from shear.passes.progress import RichSink, open_bar
+        from shear.runtime.progress import RichSink, open_bar
 
         with open_bar(RichSink(), total, "train") as bar:
             yield bar

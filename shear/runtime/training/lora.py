@@ -29,6 +29,7 @@ from torch import nn
 from shear.errors import TrainingError
 from shear.runtime.devices import seeded_draw
 from shear.runtime.sharded import gather, writable
+from shear.runtime.model_facts import is_lora_param
 
 __all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param", "lora_target_names"]
 
@@ -40,11 +41,6 @@ def lora_layers(model: nn.Module) -> list[tuple[str, Any]]:
     from peft.tuners.lora import LoraLayer
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def is_lora_param(name: str) -> bool:
-    """Whether a parameter name (from ``named_parameters``) belongs to a LoRA adapter."""
-    return "lora_" in name
 
 
 def _adaptable(m: nn.Module) -> bool:

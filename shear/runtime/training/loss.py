@@ -38,6 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from shear.errors import ModelError
+from shear.runtime.model_facts import logits_of
 from shear.runtime.training.batches import IGNORE_INDEX
 
 __all__ = [
@@ -62,18 +64,6 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     shifted = logits[:, :-1, :].float().reshape(-1, vocab)
     targets = labels[:, 1:].reshape(-1).to(shifted.device)
     return F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits of a model output: ``.logits``, the first element of a tuple, or the tensor itself."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -103,7 +93,7 @@ def _owner(root: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
         for child_name, child in module.named_children():
             if child is target:
                 return module, child_name
-    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
+    raise ModelError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")
 
 
 @contextmanager
@@ -124,7 +114,7 @@ def head_bypassed(model: nn.Module) -> Iterator[nn.Module]:
     """
     head = output_head(model)
     if head is None:
-        raise ValueError(f"{type(_causal_lm(model)).__name__} has no plain output head to bypass")
+        raise ModelError(f"{type(_causal_lm(model)).__name__} has no plain output head to bypass")
     owner, name = _owner(_causal_lm(model), head)
     setattr(owner, name, nn.Identity())
     try:
