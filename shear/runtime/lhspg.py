@@ -112,7 +112,7 @@ class StructureViews:
         table = TensorTable(model)
         missing = [n for n in self.table.tensors if n not in table.tensors]
         if missing:
-            raise PipelineError(
+            raise KernelError(
                 f"lhspg: the model to bind lacks {len(missing)} tensors of the traced one (e.g. {missing[0]!r}); "
                 "bind a model with the same parameter names"
             )

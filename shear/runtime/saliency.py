@@ -250,7 +250,7 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     are computed :data:`LOSS_CHUNK_TOKENS` tokens at a time and recomputed in backward, so the full
     ``(batch, seq, vocab)`` fp32 logits (and their gradient) never exist: with a 128k vocabulary they
     were most of the memory of taylor saliency."""
-    from shear.runtime.training.loss import (
+    from shear.runtime.lm_loss import (
         chunk_tokens,
         chunked_causal_lm_loss_sum,
         head_bypassed,
@@ -465,7 +465,7 @@ def input_norms(
 
     for canon, (mod, d) in owners.items():
         handles.append(mod.register_forward_pre_hook(hook_for(canon, int(table.tensors[canon].shape[d]))))
-    from shear.runtime.training.loss import head_bypassed, output_head
+    from shear.runtime.lm_loss import head_bypassed, output_head
 
     head = output_head(model)
     # no norm is read at the head: skip it, and with it the (batch, seq, vocab) logits

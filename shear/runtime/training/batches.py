@@ -32,11 +32,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from shear.errors import DataError
+from shear.runtime.lm_loss import IGNORE_INDEX
 
 __all__ = ["BatchStream", "TokenBatches", "InstructionBatches", "IGNORE_INDEX"]
 
-IGNORE_INDEX = -100
-"""Label value that takes no loss (prompt tokens, padding)."""
 
 
 @runtime_checkable
