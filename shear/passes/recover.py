@@ -223,8 +223,8 @@ class DensePerplexity(dict[str, float]):
         (20.0, None)
     """
 
-    def __init__(self, ppl: Mapping[str, float] = (), settings: dict[str, Any] | None = None) -> None:
-        super().__init__(ppl)
+    def __init__(self, ppl: Mapping[str, float] | None = None, settings: dict[str, Any] | None = None) -> None:
+        super().__init__(ppl or {})
         self.settings = settings
 
 
