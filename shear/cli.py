@@ -103,7 +103,7 @@ def _trace(model: Any, seq_len: int) -> Any:
         return trace(model, inputs)
     ctx = Context(model=model, example_inputs=inputs)
     PassManager(["discover-groups"]).run(ctx)
-    return ctx.results["graph"]
+    return ctx.graph
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -339,6 +339,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from shear.passes import import_errors, lookup_pass, pass_doc, pass_options, registered_passes
+    from shear.passes.base import key_name
     from shear.passes.options import format_value
 
     out = _console()
@@ -348,7 +349,10 @@ def cmd_passes(args: argparse.Namespace) -> int:
         out.print(f"[bold]{cls.name}[/bold]  [dim]{cls.__module__}.{cls.__qualname__}[/dim]")
         if doc:
             out.print("  " + (doc if args.name else doc.split("\n\n")[0]).replace("\n", "\n  "))
-        deps = [f"requires {', '.join(cls.requires)}" if cls.requires else "", f"ensures {', '.join(cls.ensures)}" if cls.ensures else ""]
+        deps = [
+            f"requires {', '.join(key_name(k) for k in cls.requires)}" if cls.requires else "",
+            f"ensures {', '.join(key_name(k) for k in cls.ensures)}" if cls.ensures else "",
+        ]
         if any(deps):
             out.print("  [dim]" + "; ".join(d for d in deps if d) + "[/dim]")
         options = pass_options(cls)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from shear.errors import ModelError, PipelineError, ShearError, VerifyError
-from shear.passes.base import Context, Pass
+from shear.passes.base import Context, Options, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
 from shear.report import CompileReport, ReportBuilder
@@ -249,10 +250,9 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         device=dev,
         progress_sink=RichSink() if progress else None,
         # the caller's untouched model: the dense teacher of passes such as ebft
-        results={} if inplace else {"dense-model": original},
+        dense=None if inplace else original,
+        options=Options(dump_dir=Path(dump_dir) if dump_dir is not None else None),
     )
-    if dump_dir is not None:
-        ctx.results["dump_dir"] = str(dump_dir)
     for note in notes:
         ctx.warn(note)
     builder = ReportBuilder(model)

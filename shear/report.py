@@ -177,7 +177,7 @@ class ReportBuilder:
         return None
 
     def after_pass(self, p: Pass, record: PassRecord, ctx: Context) -> None:
-        graph = ctx.results.get("graph")
+        graph = ctx.graph
         first = False
         if graph is not None and not self.groups:
             self.groups = tuple(getattr(graph, "pruning_groups", ()) or ())

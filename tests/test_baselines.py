@@ -10,6 +10,7 @@ from torch import nn
 import shear
 from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
+from shear.graph.ir import Graph
 from shear.passes import Context, parse_pipeline
 from shear.passes.magnitude import Magnitude, prune_lowest_norm, structure_norms
 from shear.passes.sparsegpt import SparseGPT, sparsegpt_prune
@@ -398,7 +399,7 @@ def test_no_decoder_blocks_named_in_the_error() -> None:
 
 
 def test_structured_mode_requires_graph() -> None:
-    assert Magnitude(mode="structured").requires == Magnitude().requires == Magnitude.requires == ("graph",)
+    assert Magnitude(mode="structured").requires == Magnitude().requires == Magnitude.requires == (Graph,)
     assert Magnitude(mode="unstructured").requires == Magnitude(mode="nm").requires == ()
     model, inputs = build("llama")
     small = shear.compile(model, "magnitude{ratio=0.25},erase", example_inputs=inputs)  # structured by default

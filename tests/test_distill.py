@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import shear
 from shear.data import TextData
-from shear.errors import PassError, PipelineError
+from shear.errors import PipelineError
 from shear.runtime.training import (
     DistillLoss,
     TokenBatches,
@@ -123,6 +123,6 @@ def test_passes_distill_and_check_their_options(tiny):
             shear.compile(model, f"discover-groups,lhspg{{{bad}}}", example_inputs=ids, data=data)
         with pytest.raises(PipelineError, match="distill"):
             shear.compile(model, f"discover-groups,recover-dynamic{{{bad}}}", example_inputs=ids, data=data)
-    with pytest.raises(PassError, match="keep-dense"):
+    with pytest.raises(PipelineError, match="pass 'lhspg' requires result 'dense-model'.*'keep-dense'"):
         shear.compile(copy.deepcopy(model), "lora,discover-groups,lhspg{distill=0.5,seq_len=32,batch_size=2}",
                       example_inputs=ids, data=data, inplace=True)

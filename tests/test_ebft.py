@@ -20,7 +20,7 @@ from models import VOCAB, build
 from torch import nn
 
 import shear
-from shear.errors import DataError, KernelError, PassError, PipelineError
+from shear.errors import DataError, KernelError, PipelineError
 from shear.passes import parse_pipeline
 from shear.passes.base import Context, Pass, PassResult
 from shear.passes.ebft import EBFT, EBFTReport, KeepDense
@@ -405,13 +405,13 @@ def test_no_data_is_a_data_error() -> None:
 
 def test_missing_or_wrong_teacher() -> None:
     dense, inputs = build("llama")
-    with pytest.raises(PipelineError, match="needs the dense model as its teacher.*keep-dense"):
+    with pytest.raises(PipelineError, match="holds no 'dense-model'.*add a pass that ensures it \\('keep-dense'\\)"):
         EBFT().run(Context(model=dense, data=_ids()))
     with pytest.raises(PipelineError, match="is the model being tuned"):
         EBFT().run(Context(model=dense, data=_ids(), results={"dense-model": dense}))
     with pytest.raises(PipelineError, match="must be the dense nn.Module"):
         EBFT().run(Context(model=dense, data=_ids(), results={"dense-model": "dense"}))
-    with pytest.raises(PassError, match="ebft"):  # inplace compile stores no teacher
+    with pytest.raises(PipelineError, match="pass 'ebft' requires result 'dense-model'.*'keep-dense'"):  # inplace: no teacher
         shear.compile(copy.deepcopy(dense), "ebft", example_inputs=inputs, data=_ids(), inplace=True)
 
 

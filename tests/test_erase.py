@@ -22,8 +22,10 @@ import shear
 from shear.graph import Graph, PruningGroup, trace
 from shear.passes.base import Context
 from shear.passes.erase import Erase
+from shear.passes.manager import PassManager
 from shear.passes.random import Random
 from shear.runtime.checkpoint import load, save
+from shear.runtime.codegen import ErasureReport
 from shear.runtime.masks import TensorTable
 from shear.runtime.verify import call_model, flatten_tensors
 
@@ -122,15 +124,24 @@ def test_erase_without_zero_structures_is_a_no_op() -> None:
     assert any("nothing erased" in w for w in ctx.warnings)
 
 
-def test_erase_moves_the_stale_graph_aside() -> None:
+def test_erase_reports_the_stale_graph_and_the_manager_retires_it() -> None:
     model0, inputs, graph = _traced("qwen2", False)
     ctx = Context(model=copy.deepcopy(model0), example_inputs=inputs)
-    ctx.results["graph"] = graph
+    ctx.put(graph)
     Random(ratio=0.3).run(ctx)
     result = Erase(verify=False).run(ctx)
-    assert result.changed and "graph" not in ctx.results and ctx.results["graph-before-erase"] is graph
-    assert ctx.results["erase"].max_diff is None
+    assert result.changed and not result.preserves_graph and Erase.restructures
+    assert ctx.get(ErasureReport).max_diff is None
     assert result.stats["params_after"] < result.stats["params_before"]
+
+    ctx = Context(model=copy.deepcopy(model0), example_inputs=inputs)
+    ctx.put(graph)
+    records = PassManager(["random{ratio=0.3}", "erase{verify=false}", "random{ratio=0.1}"]).run(ctx)
+    assert [(r.name, r.auto) for r in records] == [
+        ("random", False), ("erase", False), ("discover-groups", True), ("random", False)
+    ]
+    assert ctx.retired_graph("erase") is graph and ctx.results["graph-before-erase"] is graph
+    assert ctx.graph is not graph and ctx.graph.model_class == graph.model_class
 
 
 def test_compile_pipeline_string() -> None:

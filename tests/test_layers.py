@@ -93,10 +93,13 @@ _BUILTIN_ERRORS = {n for n, v in vars(builtins).items() if isinstance(v, type) a
 
 def _allowed(name: str, function: str | None, call: ast.expr) -> bool:
     """Built-in raises that are protocol, not failures: an abstract method, the end of an iterator, ``__getattr__`` saying
-    "no such attribute" (``hasattr`` relies on it), an OS error passed on with its errno."""
+    "no such attribute" (``hasattr`` relies on it), a mapping's ``__getitem__``/``__delitem__`` saying "no such key"
+    (``Mapping.get`` and ``in`` rely on it), an OS error passed on with its errno."""
     if name in ("NotImplementedError", "StopIteration"):
         return True
     if name == "AttributeError" and function in ("__getattr__", "__getattribute__"):
+        return True
+    if name == "KeyError" and function in ("__getitem__", "__delitem__"):
         return True
     args = call.args if isinstance(call, ast.Call) else []
     return name == "OSError" and len(args) >= 2 and not isinstance(args[0], ast.Constant)

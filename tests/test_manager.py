@@ -203,7 +203,7 @@ def test_dump_dir_writes_ir_after_each_pass(tmp_path: Path) -> None:
     PassManager("test-make-fact,test-put-graph", dump_dir=tmp_path / "dump").run(ctx())
     files = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert files[:3] == ["01-test-make-fact.txt", "02-test-put-graph.txt", "pipeline.txt"]
-    assert "no graph in ctx.results yet" in (tmp_path / "dump" / "01-test-make-fact.txt").read_text()
+    assert "no graph in the context yet" in (tmp_path / "dump" / "01-test-make-fact.txt").read_text()
     text = (tmp_path / "dump" / "02-test-put-graph.txt").read_text()
     assert text.startswith("# after pass 2: test-put-graph\n# parameters: 8\n") and "group 0: fc/out" in text
     assert (tmp_path / "dump" / "pipeline.txt").read_text() == "test-make-fact,test-put-graph\n"

@@ -217,7 +217,7 @@ def test_errors(tiny):
         shear.compile(model, "recover-dynamic", example_inputs=ids)
     with pytest.raises(DataError, match="TextData.from_corpus"):
         RecoverDynamic().run(Context(model=model))
-    with pytest.raises(PipelineError, match="needs a dense reference.*keep-dense.*dense-perplexity"):
+    with pytest.raises(PipelineError, match="requires result 'dense-model or dense-perplexity'.*'keep-dense'"):
         RecoverDynamic(stages="pretrain").run(Context(model=copy.deepcopy(model), data=data))
     with pytest.raises(PipelineError, match="is the model being recovered"):
         RecoverDynamic().run(Context(model=model, data=data, results={"dense-model": model}))

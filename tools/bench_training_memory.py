@@ -135,10 +135,13 @@ def _trim() -> None:
 def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     """Run saliency, LHSPG, erase and recovery on a LLaMA shape; one row per phase."""
     from shear.data import TextData
+    from shear.graph import Graph
     from shear.passes.base import Context
     from shear.passes.discover import DiscoverGroups
     from shear.passes.erase import Erase
-    from shear.passes.lhspg import LHSPG, _calibration, _eligible, _scorer
+    from shear.passes.lhspg import LHSPG, LhspgResult, _calibration, _eligible, _scorer
+    from shear.passes.manager import PassManager
+    from shear.runtime.codegen import ErasureReport
     from shear.runtime.saliency import parse_weights
 
     torch.manual_seed(0)
@@ -168,7 +171,7 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
                      "added_mb": meter.stats.added_bytes / MB, "note": note})
         print(f"{phase}: peak {peak / MB:.0f} MB = {peak / weights:.2f}x weights; {note}", file=sys.stderr, flush=True)
 
-    graph = ctx.results["graph"]
+    graph = ctx.get(Graph)
     eligible = _eligible(ctx, graph, lhspg.kinds)
     w = parse_weights(lhspg.saliency)
     score = _scorer(graph, eligible, w, _calibration(data, args.calibration, args.seq, 0, w))
@@ -178,14 +181,14 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     row("saliency", meter, 0, f"{lhspg.saliency}, {args.calibration} x {args.seq} tokens")
     _trim()
     with PeakMemory(device) as meter:
-        lhspg.run(ctx)
-    result = ctx.results["lhspg"]
+        PassManager([lhspg]).run(ctx)  # adds LoRA (lora{r=rank}) and traces again first
+    result = ctx.get(LhspgResult)
     row("lhspg", meter, lora_state_bytes(ctx.model),
         f"{lhspg.total_steps} steps, {result.train.tokens_per_s:.0f} tok/s, {_checkpointing(args, result.train)}")
     _trim()
     with PeakMemory(device) as meter:
         Erase().run(ctx)
-    report = ctx.results["erase"]
+    report = ctx.get(ErasureReport)
     row("erase", meter, 0, f"-{1 - report.params_after / report.params_before:.0%} params, max diff {report.max_diff:.2g}")
     _trim()
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, log_every=args.steps,

@@ -175,7 +175,7 @@ def check_lhspg_7b(args: argparse.Namespace) -> list[Row]:
     from shear.data import TextData
     from shear.passes.base import Context
     from shear.passes.discover import DiscoverGroups
-    from shear.passes.lhspg import LHSPG
+    from shear.passes.lhspg import LHSPG, LhspgResult
     from shear.runtime.training import ensure_lora, tensor_bytes
 
     shape = _shape(args, "7b")
@@ -192,7 +192,7 @@ def check_lhspg_7b(args: argparse.Namespace) -> list[Row]:
     read = _peak()
     lhspg.run(ctx)
     peak = read()
-    train = ctx.results["lhspg"].train
+    train = ctx.get(LhspgResult).train
     ratio = peak / weights
     return [Row("LHSPG 7b bf16, 20 steps", f"batch {batch} x {seq}, GC on: peak {peak / 2**30:.1f} GiB = {ratio:.2f}x "
                 f"weights ({weights / 2**30:.1f} GiB), {train.tokens_per_s:,.0f} tok/s", "peak <= 1.5x weights",

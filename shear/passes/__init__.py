@@ -17,7 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from shear.passes.base import PASS_REGISTRY, Context, Pass, PassResult, register_pass
+from shear.passes.base import (
+    DENSE,
+    PASS_REGISTRY,
+    Context,
+    OneOf,
+    Options,
+    Pass,
+    PassResult,
+    register_analysis,
+    register_pass,
+)
 from shear.passes.manager import PassHook, PassManager, PassRecord
 from shear.passes.options import OptionInfo, build_pass, format_pass, pass_doc, pass_options
 from shear.passes.pipeline import (
@@ -35,8 +45,12 @@ __all__ = [
     "Pass",
     "PassResult",
     "Context",
+    "Options",
+    "OneOf",
+    "DENSE",
     "PASS_REGISTRY",
     "register_pass",
+    "register_analysis",
     "PassManager",
     "PassRecord",
     "PassHook",

@@ -1,7 +1,8 @@
 """The ``discover-groups`` pass (LoRAShear Algorithm 2): trace the model and build the IR.
 
-Stores the :class:`shear.graph.Graph` in ``ctx.results["graph"]``; every pass that needs pruning
-groups declares ``requires = ("graph",)``.
+Stores the :class:`shear.graph.Graph` in the context (``ctx.graph``, ``ctx.get(Graph)``); every
+pass that needs pruning groups declares ``requires = (Graph,)``. The pass manager runs it again
+when a pass reports that the graph no longer describes the model (LoRA wrapping, erasure).
 
 Example:
     >>> import torch
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from shear.errors import GraphError
+from shear.graph.ir import Graph
 from shear.graph.trace import trace
 from shear.passes.base import Context, Pass, PassResult, register_pass
 
@@ -31,14 +33,14 @@ class DiscoverGroups(Pass):
 
     name: ClassVar[str] = "discover-groups"
     reads_weights: ClassVar[bool] = False
-    ensures: ClassVar[tuple[str, ...]] = ("graph",)
+    ensures: ClassVar[tuple[type, ...]] = (Graph,)
 
     require_prunable: bool = False
     """Raise if the model has no prunable structure (instead of a warning)."""
 
     def run(self, ctx: Context) -> PassResult:
         graph = trace(ctx.model, ctx.example_inputs)
-        ctx.results["graph"] = graph
+        ctx.put(graph)
         n = len(graph.prunable_groups)
         if n == 0:
             msg = (

@@ -4,17 +4,17 @@ After pruning (unstructured, N:M, or structured and erased), each decoder block 
 tuned in order to reproduce the dense teacher's block output on calibration windows, with its
 input taken from the already tuned student blocks before it (errors are corrected progressively).
 Masks stay fixed: weights that were exactly zero when the pass started stay exactly zero (or the
-keep masks of ``ctx.results["masks"].masks`` when a sparsity pass left them), and erased
+keep masks of ``ctx.get(WeightMasks).masks`` when a sparsity pass left them), and erased
 structures stay erased, since they are gone. The engine is :mod:`shear.runtime.blockwise`.
 
-The dense teacher is ``ctx.results["dense-model"]`` (the option ``teacher`` names another key):
-``shear.compile`` stores the caller's untouched model there (it works on a copy unless
+The dense teacher is ``ctx.dense`` (the option ``teacher`` names another key), which the pass
+requires: ``shear.compile`` stores the caller's untouched model there (it works on a copy unless
 ``inplace=True``); with ``inplace=True``, or when calling passes yourself, put a ``keep-dense``
-pass before the pruning passes, or store the dense model under that key yourself. Block outputs
+pass before the pruning passes, or set ``Context(dense=...)`` yourself. Block outputs
 are compared on the residual stream, so a structurally pruned student (narrower MLPs, fewer heads)
 is fine; when ``erase`` also narrowed the residual stream, outputs compare on the residual channels
-it kept (read from ``ctx.results["erase"]``; without that report a narrower residual is a
-PipelineError).
+it kept (read from the ``erase`` report and the graph it erased; without them a narrower residual
+is a PipelineError).
 
 Data: ``ctx.data`` is a :class:`shear.data.TextData` (``nsamples`` windows of ``seq_len`` tokens are
 drawn with ``seed``), or a ``[n, seq_len]`` long tensor of calibration ids used as is.
@@ -45,7 +45,7 @@ from torch import nn
 
 from shear.data.text import calibration_ids
 from shear.errors import PipelineError
-from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.base import DENSE, Context, Key, Pass, PassResult, register_analysis, register_pass
 from shear.runtime.blockwise import (
     BlockInputs,
     block_reconstruct,
@@ -56,8 +56,10 @@ from shear.runtime.blockwise import (
     trainable_parameters,
     unwrap_model,
 )
+from shear.runtime.codegen import ErasureReport
 from shear.runtime.devices import model_device
 from shear.runtime.model_facts import is_lora_param
+from shear.runtime.sparsity import WeightMasks
 
 __all__ = [
     "EBFT",
@@ -65,6 +67,8 @@ __all__ = [
     "EBFTReport",
     "BlockRecord",
     "dense_teacher",
+    "teacher_key",
+    "RequiresTeacher",
     "explicit_masks",
     "kept_residual_channels",
 ]
@@ -103,28 +107,52 @@ class EBFTReport:
         )
 
 
-def dense_teacher(ctx: Context, key: str = "dense-model") -> nn.Module:
-    """The dense teacher in ``ctx.results[key]``, or a PipelineError that says how to provide one."""
-    teacher = ctx.results.get(key)
-    if teacher is None:
-        raise PipelineError(
-            f"ebft needs the dense model as its teacher in ctx.results[{key!r}]: shear.compile stores the "
-            "caller's model there unless inplace=True; otherwise put 'keep-dense' before the pruning passes "
-            f"(e.g. 'keep-dense,magnitude,ebft') or set ctx.results[{key!r}] = dense_model"
-        )
+register_analysis("ebft", EBFTReport)
+
+
+def teacher_key(teacher: str) -> Key:
+    """The context key of a ``teacher`` option: ``"dense-model"`` is ``ctx.dense``, another name a string key."""
+    return DENSE if teacher == DENSE else teacher
+
+
+class RequiresTeacher:
+    """``requires`` of a pass with a ``teacher`` option: ``base`` plus the teacher's key, always or
+    only when the option named ``when`` is positive (``distill``); on the class, ``base`` (plus the
+    dense model when always needed).
+
+    Example:
+        >>> EBFT.requires, EBFT(teacher="my-teacher").requires
+        (('dense-model',), ('my-teacher',))
+    """
+
+    def __init__(self, *base: Key, when: str | None = None) -> None:
+        self.base, self.when = base, when
+
+    def __get__(self, obj: Any, owner: type) -> tuple[Key, ...]:
+        if obj is None:
+            return self.base if self.when else (*self.base, DENSE)
+        if self.when is not None and getattr(obj, self.when) <= 0:
+            return self.base
+        return (*self.base, teacher_key(obj.teacher))
+
+
+def dense_teacher(ctx: Context, key: str = DENSE) -> nn.Module:
+    """The dense teacher (``ctx.dense``, or the analysis named ``key``); the standard
+    missing-prerequisite error when there is none, a PipelineError when it is not a dense copy."""
+    teacher = ctx.get(teacher_key(key))
     if not isinstance(teacher, nn.Module):
-        raise PipelineError(f"ctx.results[{key!r}] must be the dense nn.Module, got {type(teacher).__name__}")
+        raise PipelineError(f"the dense teacher {key!r} must be the dense nn.Module, got {type(teacher).__name__}")
     if teacher is ctx.model or unwrap_model(teacher) is unwrap_model(ctx.model):
         raise PipelineError(
-            f"ctx.results[{key!r}] is the model being tuned, not a dense copy of it; store the model from "
+            f"the dense teacher {key!r} is the model being tuned, not a dense copy of it; store the model from "
             "before pruning (e.g. with 'keep-dense' first in the pipeline)"
         )
     return teacher
 
 
 def explicit_masks(ctx: Context) -> Mapping[str, torch.Tensor] | None:
-    """Keep masks a sparsity pass left in ``ctx.results["masks"]`` (anything with a ``.masks`` dict)."""
-    masks = getattr(ctx.results.get("masks"), "masks", None)
+    """Keep masks a sparsity pass left in the context (anything with a ``.masks`` dict)."""
+    masks = getattr(ctx.find(WeightMasks), "masks", None)
     return masks if isinstance(masks, Mapping) else None
 
 
@@ -133,10 +161,10 @@ def kept_residual_channels(ctx: Context, teacher_width: int, student_width: int)
 
     When structured pruning narrowed the residual stream, the small model's residual equals the
     masked model's on the kept channels (erasure rescales the norms), so block outputs compare on
-    those channels. Raises PipelineError when ``ctx.results`` cannot say which channels were kept.
+    those channels. Raises PipelineError when the context cannot say which channels were kept.
     """
-    graph = ctx.results.get("graph-before-erase")
-    plan = getattr(ctx.results.get("erase"), "plan", None)
+    graph = ctx.retired_graph("erase")
+    plan = getattr(ctx.find(ErasureReport), "plan", None)
     removed = getattr(plan, "removed", None)
     groups = [g for g in getattr(graph, "pruning_groups", ()) if g.kind == "residual" and g.size == teacher_width]
     if isinstance(removed, Mapping) and len(groups) == 1:
@@ -147,7 +175,7 @@ def kept_residual_channels(ctx: Context, teacher_width: int, student_width: int)
             return keep.nonzero().flatten()
     raise PipelineError(
         f"ebft: the pruned model's residual width is {student_width} and the dense model's {teacher_width}, "
-        "and ctx.results holds no erase report that says which residual channels were kept (run ebft in the "
+        "and the context holds no erase report that says which residual channels were kept (run ebft in the "
         "same pipeline as 'erase'), so block outputs cannot be compared; or keep the residual stream unpruned"
     )
 
@@ -186,7 +214,8 @@ class EBFT(Pass):
     """Tune every decoder block to reproduce the dense teacher's block output (masks fixed)."""
 
     name: ClassVar[str] = "ebft"
-    ensures: ClassVar[tuple[str, ...]] = ("ebft",)
+    requires: ClassVar[tuple[Key, ...]] = RequiresTeacher()  # type: ignore[assignment]
+    ensures: ClassVar[tuple[type, ...]] = (EBFTReport,)
 
     nsamples: int = 32
     """Calibration windows (ignored when ``ctx.data`` is a tensor of ids)."""
@@ -203,7 +232,8 @@ class EBFT(Pass):
     train: Literal["weights", "lora"] = "weights"
     """Tune all of a block's weights, or only its LoRA adapters (base weights frozen)."""
     teacher: str = "dense-model"
-    """Key of ``ctx.results`` holding the dense teacher model."""
+    """The dense teacher: ``dense-model`` is ``ctx.dense``, another name an analysis stored under it."""
+
 
     def __post_init__(self) -> None:
         for opt in ("nsamples", "seq_len", "epochs", "batch_size"):
@@ -271,7 +301,7 @@ class EBFT(Pass):
                 bar.advance()
         report.output_mse_before = _mse(x_u, targets)
         report.output_mse_after = _mse(x_s, targets)
-        ctx.results["ebft"] = report
+        ctx.put(report)
         restored = [b.index for b in report.blocks if b.restored]
         if restored:
             ctx.warn(f"ebft: tuning made blocks {restored} worse (lr {self.lr} too large?); their weights were kept")
@@ -297,18 +327,20 @@ class EBFT(Pass):
 @register_pass
 @dataclass(frozen=True)
 class KeepDense(Pass):
-    """Keep a copy of the model as it is now in ``ctx.results["dense-model"]``: ``ebft``'s teacher.
+    """Keep a copy of the model as it is now in ``ctx.dense``: ``ebft``'s teacher.
 
     Put it before the pruning passes when ``shear.compile(inplace=True)`` or a hand-run pass manager
-    did not store the dense model; an entry already there (``shear.compile``'s) is kept.
+    did not store the dense model; a dense model already there (``shear.compile``'s) is kept. The
+    pass manager never inserts it by itself: a copy taken late in a pipeline is not the dense model.
     """
 
     name: ClassVar[str] = "keep-dense"
-    ensures: ClassVar[tuple[str, ...]] = ("dense-model",)
+    ensures: ClassVar[tuple[str, ...]] = (DENSE,)
+    auto_insert: ClassVar[bool] = False
 
     def run(self, ctx: Context) -> PassResult:
-        if ctx.results.get("dense-model") is not None:
-            return PassResult(changed=False, message="ctx.results['dense-model'] already holds the dense model")
-        ctx.results["dense-model"] = copy.deepcopy(ctx.model)
+        if ctx.dense is not None:
+            return PassResult(changed=False, message="ctx.dense already holds the dense model")
+        ctx.dense = copy.deepcopy(ctx.model)
         n = sum(p.numel() for p in ctx.model.parameters())
         return PassResult(changed=False, message=f"kept a dense copy ({n} parameters) as 'dense-model'")

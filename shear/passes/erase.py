@@ -5,9 +5,10 @@ rows) are all exactly zero is removed, and nothing else, no matter how the zeros
 a baseline, your own code). The two-pass traversal and the slicing live in
 :mod:`shear.runtime.codegen`; this pass runs it on ``ctx.model`` in place (the pass manager works
 on its own copy unless ``compile(inplace=True)``), verifies the small model against the masked one on
-``ctx.example_inputs``, and stores an :class:`~shear.runtime.codegen.ErasureReport` in
-``ctx.results["erase"]``. The traced graph no longer describes the model afterwards, so it moves
-from ``ctx.results["graph"]`` to ``ctx.results["graph-before-erase"]``.
+``ctx.example_inputs``, and stores an :class:`~shear.runtime.codegen.ErasureReport` in the context
+(``ctx.get(ErasureReport)``). When it erased something the traced graph no longer describes the
+model: the result says so (``preserves_graph=False``), the pass manager retires the graph
+(``ctx.retired_graph("erase")``) and traces again for a later pass that needs it.
 
 Example:
     >>> Erase().name, Erase(verify=False).verify       # pipeline string: "erase{verify=false}"
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from shear.errors import PipelineError
-from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.runtime.codegen import EMIT_MODES, codegen
+from shear.graph.ir import Graph
+from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
+from shear.runtime.codegen import EMIT_MODES, ErasureReport, codegen
 
 __all__ = ["Erase"]
+
+register_analysis("erase", ErasureReport)
 
 
 @register_pass
@@ -32,12 +36,13 @@ class Erase(Pass):
     """Remove every all-zero structure of the prunable groups; emit the smaller model."""
 
     name: ClassVar[str] = "erase"
-    requires: ClassVar[tuple[str, ...]] = ("graph",)
-    ensures: ClassVar[tuple[str, ...]] = ("erase",)
+    requires: ClassVar[tuple[type, ...]] = (Graph,)
+    ensures: ClassVar[tuple[type, ...]] = (ErasureReport,)
+    restructures: ClassVar[bool] = True
 
     verify: bool = True
     """Compare the small model with the masked one on the example inputs (also off when
-    ``ctx.results["verify"]`` is False, which ``shear.compile(verify=False)`` may set)."""
+    ``ctx.options.verify`` is False)."""
     min_keep: int = 1
     """Structures each group keeps even when all are zero (a head-less attention cannot reshape)."""
     emit: str = "auto"
@@ -50,8 +55,8 @@ class Erase(Pass):
             raise PipelineError(f"erase: emit must be one of {', '.join(EMIT_MODES)}, got {self.emit!r}")
 
     def run(self, ctx: Context) -> PassResult:
-        graph = ctx.results["graph"]
-        verify = self.verify and ctx.results.get("verify", True) is not False
+        graph = ctx.get(Graph)
+        verify = self.verify and ctx.options.verify is not False
         small, report = codegen(
             ctx.model,
             graph.pruning_groups,
@@ -63,7 +68,7 @@ class Erase(Pass):
         )
         if report.fallback_reason:
             ctx.warn(f"erase: {report.fallback_reason}; emitted a torch.fx GraphModule instead (erase{{emit=graph}})")
-        ctx.results["erase"] = report
+        ctx.put(report)
         for msg in report.plan.messages:
             ctx.warn(f"erase: {msg}")
         if report.plan.empty:
@@ -72,10 +77,10 @@ class Erase(Pass):
             ctx.warn(f"erase: {message}")
             return PassResult(changed=False, message=message, stats={"structures": 0})
         ctx.model = small
-        ctx.results["graph-before-erase"] = ctx.results.pop("graph")
         removed = {g: int(v.numel()) for g, v in report.plan.removed.items() if v.numel()}
         return PassResult(
             changed=True,
+            preserves_graph=False,
             message=report.summary(),
             stats={
                 "structures": sum(removed.values()),

@@ -5,7 +5,7 @@ of its prunable pruning groups (the lowest by ``proxy``), measures the perplexit
 validation split of ``ctx.data``, and puts the saved slices back bit for bit (checked). The node
 groups are then sorted by how far perplexity moved, and the pruning groups of the top ``gamma``
 fraction are marked unprunable: LHSPG reads
-``ctx.results["knowledge-distribution"].unprunable_groups`` and leaves them alone.
+``ctx.get(KnowledgeDistribution).unprunable_groups`` and leaves them alone.
 
 What "pruning a node group" zeroes:
 
@@ -27,7 +27,7 @@ infinite deviation.
 concentrated in the first and last few node groups of LLaMA; protecting the top tenth covers
 those while leaving ~90% of the node groups to LHSPG, so a 20-50% target sparsity stays reachable
 without over-pruning the rest. The result prints as a Markdown table and is drawn like the paper's
-Figure 4 (PNG and SVG) into ``out_dir``, or into ``ctx.results["dump_dir"]`` when a caller put one
+Figure 4 (PNG and SVG) into ``out_dir``, or into ``ctx.options.dump_dir`` when a caller put one
 there; without either, no figure is written and the message says so.
 
 Example:
@@ -48,7 +48,7 @@ from torch import nn
 from shear.errors import PassError, PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph, NodeGroup
-from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
 from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable
 from shear.runtime.model_facts import strip_peft_prefix
@@ -232,14 +232,17 @@ def _measure(
                     )
 
 
+register_analysis("knowledge-distribution", KnowledgeDistribution)
+
+
 @register_pass
 @dataclass(frozen=True)
 class KnowledgeDistributionAnalysis(Pass):
     """Measure each node group's perplexity sensitivity to pruning; mark the top gamma unprunable."""
 
     name: ClassVar[str] = "knowledge-distribution"
-    requires: ClassVar[tuple[str, ...]] = ("graph",)
-    ensures: ClassVar[tuple[str, ...]] = ("knowledge-distribution",)
+    requires: ClassVar[tuple[type, ...]] = (Graph,)
+    ensures: ClassVar[tuple[type, ...]] = (KnowledgeDistribution,)
 
     ratio: float = 0.5
     """Fraction of the structures of each of a node group's pruning groups zeroed for the measurement."""
@@ -248,7 +251,7 @@ class KnowledgeDistributionAnalysis(Pass):
     proxy: Literal["magnitude", "activation", "random", "saliency"] = "magnitude"
     """Which structures are zeroed: lowest magnitude, lowest activation saliency (Wanda-style
     ``‖W ⊙ ‖X‖‖`` on ``calibration`` training windows, as LHSPG's default criterion scores them),
-    seeded random, or lowest ``ctx.results['saliency']``."""
+    seeded random, or lowest ``ctx.get(SaliencyScores)`` (the ``saliency`` pass)."""
     calibration: int = 8
     """Calibration training windows (``seq_len`` tokens) of the activation proxy."""
     include: Literal["all", "basic", "composed"] = "all"
@@ -266,7 +269,7 @@ class KnowledgeDistributionAnalysis(Pass):
     seed: int = 0
     """Seed of the random proxy."""
     out_dir: Path | None = None
-    """Where the figure goes (PNG and SVG); default ``ctx.results['dump_dir']``, else no figure."""
+    """Where the figure goes (PNG and SVG); default ``ctx.options.dump_dir``, else no figure."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -278,7 +281,7 @@ class KnowledgeDistributionAnalysis(Pass):
         from shear.data.text import require_text_data
 
         data = require_text_data(ctx, self.name)
-        graph: Graph = ctx.results["graph"]
+        graph = ctx.get(Graph)
         model = ctx.model
         scores: SaliencyScores | None = None
         if self.proxy == "magnitude":
@@ -289,10 +292,10 @@ class KnowledgeDistributionAnalysis(Pass):
                 model, graph.pruning_groups, weights="activation=1", calibration_ids=ids, composites=graph.composites
             )
         elif self.proxy == "saliency":
-            scores = ctx.results.get("saliency")
+            scores = ctx.find(SaliencyScores)
             if not isinstance(scores, SaliencyScores):
                 raise PipelineError(
-                    "knowledge-distribution: proxy=saliency needs ctx.results['saliency']; run the saliency pass first"
+                    "knowledge-distribution: proxy=saliency needs the saliency scores; run the saliency pass first"
                 )
         table = TensorTable(model)
         todo = _perturbations(graph, table, self.ratio, _Chooser(self.proxy, scores, self.seed), self.include, self.kinds)
@@ -343,7 +346,7 @@ class KnowledgeDistributionAnalysis(Pass):
             gamma=self.gamma,
             proxy=self.proxy,
         )
-        out_dir = self.out_dir if self.out_dir is not None else ctx.results.get("dump_dir")
+        out_dir = self.out_dir if self.out_dir is not None else ctx.options.dump_dir
         note = ""
         if out_dir is not None:
             from shear.runtime.plots import plot_deviation
@@ -360,7 +363,7 @@ class KnowledgeDistributionAnalysis(Pass):
             result = KnowledgeDistribution(**{**result.__dict__, "figures": tuple(figures)})
         else:
             note = "; no figure (set out_dir or compile(dump_dir=...))"
-        ctx.results["knowledge-distribution"] = result
+        ctx.put(result)
         top = strip_peft_prefix(ranking[0][0].node_group.name)
         return PassResult(
             changed=False,

@@ -24,7 +24,9 @@ last step of a period gives exactly zero even when ``B A`` is not zero (``x + sB
 zero at ``lambda = 1``); the half-space test compares with the base slice, the structure's value
 before the step. The group counts are a parameter budget, not a share of groups.
 
-Without LoRA adapters in the model the pass adds them (``lora_r``), says so, and traces again.
+The pass requires the ``lora`` pass's :class:`~shear.passes.lora.LoraState`: in a pipeline without
+``lora`` the pass manager runs ``lora{r=lora_r}`` first (it says so when it adds adapters) and traces
+again; knowledge-distribution's unprunable groups are carried over to the new graph by name.
 ``erase`` then removes the zero structures; ``merge-lora`` folds the adapters away.
 
 Example:
@@ -44,7 +46,10 @@ import torch
 from shear.data.text import TextData, require_text_data
 from shear.errors import PipelineError
 from shear.graph.ir import Graph
-from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.base import Context, Key, Pass, PassResult, register_analysis, register_pass
+from shear.passes.ebft import RequiresTeacher, dense_teacher
+from shear.passes.knowledge import KnowledgeDistribution
+from shear.passes.lora import AddLora, LoraState
 from shear.runtime.budget import ParamBudget
 from shear.runtime.lhspg import StructureViews
 from shear.runtime.model_facts import strip_peft_prefix
@@ -201,14 +206,17 @@ class LhspgHook(TrainHook):
         self.held = {}
 
 
+register_analysis("lhspg", LhspgResult)
+
+
 @register_pass
 @dataclass(frozen=True)
 class LHSPG(Pass):
     """Progressive structured pruning over LoRA: redundant structures to exactly zero, knowledge kept."""
 
     name: ClassVar[str] = "lhspg"
-    requires: ClassVar[tuple[str, ...]] = ("graph",)
-    ensures: ClassVar[tuple[str, ...]] = ("lhspg",)
+    requires: ClassVar[tuple[Key, ...]] = RequiresTeacher(Graph, LoraState, when="distill")  # type: ignore[assignment]
+    ensures: ClassVar[tuple[type, ...]] = (LhspgResult,)
 
     ratio: float = 0.2
     """Fraction of the model's parameters (tied once, adapters not counted) the erased model loses."""
@@ -265,7 +273,8 @@ class LHSPG(Pass):
     distill_temperature: float = 1.0
     """Temperature ``T`` of the distillation softmaxes."""
     teacher: str = "dense-model"
-    """Key of ``ctx.results`` holding the dense teacher (``shear.compile`` stores the caller's model there)."""
+    """The dense teacher: ``dense-model`` is ``ctx.dense`` (``shear.compile`` stores the caller's model
+    there), another name an analysis stored under that name."""
 
     def __post_init__(self) -> None:
         check_distill_options(self.name, self.distill, self.distill_temperature)
@@ -280,6 +289,10 @@ class LHSPG(Pass):
             raise PipelineError(f"lhspg: selection must be 'uniform', 'shared' or 'global', got {self.selection!r}")
         parse_weights(self.saliency)
 
+    def provider(self, key: Key) -> Pass | None:
+        """Missing adapters come from ``lora{r=lora_r}``."""
+        return AddLora(r=self.lora_r) if key is LoraState else None
+
     @property
     def total_steps(self) -> int:
         return self.warmup + self.periods * self.steps_per_period
@@ -290,7 +303,7 @@ class LHSPG(Pass):
 
         start = time.perf_counter()
         data = require_text_data(ctx, self.name)
-        graph = _with_lora(ctx, self.lora_r)
+        graph = ctx.get(Graph)
         eligible = _eligible(ctx, graph, self.kinds)
         budget = ParamBudget(ctx.model, graph.prunable_groups)
         views = StructureViews(ctx.model, [graph.pruning_groups[i] for i in eligible], graph.composites)
@@ -349,7 +362,7 @@ class LHSPG(Pass):
             wall_s=time.perf_counter() - start,
             train=trained,
         )
-        ctx.results["lhspg"] = result
+        ctx.put(result)
         n = sum(len(v) for v in zeroed.values())
         return PassResult(
             changed=n > 0,
@@ -373,39 +386,15 @@ class LHSPG(Pass):
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-def _with_lora(ctx: Context, r: int) -> Graph:
-    """The graph of ``ctx.model`` with LoRA: add adapters and trace again when it has none."""
-    graph: Graph = ctx.results["graph"]
-    if graph.composites:
-        return graph
-    from shear.passes.discover import DiscoverGroups
-    from shear.runtime.training import ensure_lora
-
-    ctx.model, message = ensure_lora(ctx.model, r=r)
-    if message:
-        ctx.warn(f"lhspg: the model had no LoRA adapters; {message} (shear added them)")
-    old = {strip_peft_prefix(g.name): g for g in graph.pruning_groups}
-    DiscoverGroups().run(ctx)
-    new: Graph = ctx.results["graph"]
-    kd = ctx.results.get("knowledge-distribution")
-    if kd is not None:
-        blocked = {strip_peft_prefix(graph.pruning_groups[i].name) for i in kd.unprunable_groups}
-        ctx.results["lhspg-unprunable"] = frozenset(
-            g.id for g in new.pruning_groups if strip_peft_prefix(g.name) in blocked and strip_peft_prefix(g.name) in old
-        )
-    return new
-
-
 def distill_loss(ctx: Context, owner: str, key: str, weight: float, temperature: float) -> DistillLoss | None:
-    """The distillation loss against the dense teacher in ``ctx.results[key]``; ``None`` when ``weight`` is 0."""
+    """The distillation loss against the dense teacher (the ``teacher`` option ``key``); ``None`` when
+    ``weight`` is 0."""
     if weight <= 0:
         return None
-    from shear.passes.ebft import dense_teacher
-
     try:
         teacher = dense_teacher(ctx, key)
     except PipelineError as e:
-        raise PipelineError(f"{owner}: distill={weight} {str(e).replace('ebft needs', 'needs')}") from None
+        raise PipelineError(f"{owner}: distill={weight}: {e}") from None
     return DistillLoss(teacher, weight=weight, temperature=temperature)
 
 
@@ -415,14 +404,24 @@ def _whole_model(state: Any) -> Any:
     return unsharded() if callable(unsharded) else nullcontext(state.model)
 
 
+def _unprunable(ctx: Context, graph: Graph) -> frozenset[int]:
+    """The groups of ``graph`` that knowledge-distribution marked unprunable, mapped by name (peft
+    prefix stripped) when it measured on an older graph (``lora`` wrapped the model since)."""
+    kd = ctx.find(KnowledgeDistribution)
+    if kd is None:
+        return frozenset()
+    measured = ctx.basis(KnowledgeDistribution)
+    if measured is None or measured is graph:
+        return frozenset(kd.unprunable_groups)
+    names = {strip_peft_prefix(measured.pruning_groups[i].name) for i in kd.unprunable_groups}
+    return frozenset(g.id for g in graph.pruning_groups if strip_peft_prefix(g.name) in names)
+
+
 def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...]) -> list[int]:
     unknown = set(kinds) - {"channel", "head", "residual"}
     if unknown:
         raise PipelineError(f"lhspg: unknown group kinds {sorted(unknown)}; use channel, head, residual")
-    blocked: frozenset[int] = ctx.results.get("lhspg-unprunable", frozenset())
-    kd = ctx.results.get("knowledge-distribution")
-    if kd is not None and "lhspg-unprunable" not in ctx.results:
-        blocked = frozenset(kd.unprunable_groups)
+    blocked = _unprunable(ctx, graph)
     ids = [g.id for g in graph.prunable_groups if g.kind in kinds and g.id not in blocked]
     if not ids:
         raise PipelineError(

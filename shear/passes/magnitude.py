@@ -2,7 +2,7 @@
 
 The simplest baseline, in three modes at one budget ``ratio``:
 
-- ``structured`` (the default): in every prunable pruning group of ``ctx.results["graph"]``, score
+- ``structured`` (the default): in every prunable pruning group of ``ctx.graph``, score
   each structure by the L2 norm of all its slices (primary and secondary: producer rows, consumer
   columns, norm weights, LoRA slices) and zero the primary slices of the lowest ``ratio`` (at
   least one structure stays), so that ``erase`` removes them;
@@ -11,15 +11,15 @@ The simplest baseline, in three modes at one budget ``ratio``:
 - ``nm``: zero the ``n`` smallest ``|W|`` of every ``m`` consecutive input weights of each row
   (2:4 by default; ``ratio`` is then ``n/m`` and ignored).
 
-Unstructured and N:M keep their :class:`~shear.runtime.sparsity.WeightMasks` in
-``ctx.results["masks"]``; the layers are those of :func:`shear.runtime.calibration.target_linears`
+Unstructured and N:M keep their :class:`~shear.runtime.sparsity.WeightMasks` in the context
+(``ctx.get(WeightMasks)``); the layers are those of :func:`shear.runtime.calibration.target_linears`
 (decoder linears; peft LoRA layers prune their frozen base weight, LoRA stays dense).
 
 Example:
     >>> Magnitude(ratio=0.5).mode, Magnitude(mode="nm").n        # "magnitude{ratio=0.5}", "magnitude{mode=nm}"
     ('structured', 2)
-    >>> Magnitude.requires, Magnitude(mode="unstructured").requires
-    (('graph',), ())
+    >>> Magnitude.requires == (Graph,), Magnitude(mode="unstructured").requires
+    (True, ())
     >>> small = shear.compile(model, "magnitude{ratio=0.3},erase")   # structured; discover-groups runs first  # doctest: +SKIP
     >>> sparse = shear.compile(model, "magnitude{ratio=0.5,mode=unstructured}")   # masks in the report  # doctest: +SKIP
 """
@@ -34,6 +34,7 @@ from torch import nn
 
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
+from shear.graph.ir import Graph
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.budget import structure_count, zero_to_budget
 from shear.runtime.calibration import target_linears
@@ -115,11 +116,11 @@ def magnitude_masks(
 
 
 class _RequiresGraphWhenStructured:
-    """``requires`` of :class:`Magnitude`: ``("graph",)`` in structured mode (and on the class, whose
+    """``requires`` of :class:`Magnitude`: ``(Graph,)`` in structured mode (and on the class, whose
     default mode is structured), nothing in the unstructured / N:M modes."""
 
-    def __get__(self, obj: Magnitude | None, owner: type) -> tuple[str, ...]:
-        return ("graph",) if obj is None or obj.mode == "structured" else ()
+    def __get__(self, obj: Magnitude | None, owner: type) -> tuple[type, ...]:
+        return (Graph,) if obj is None or obj.mode == "structured" else ()
 
 
 @register_pass
@@ -128,8 +129,8 @@ class Magnitude(Pass):
     """Zero the smallest-magnitude weights (unstructured / N:M) or structures (structured)."""
 
     name: ClassVar[str] = "magnitude"
-    requires: ClassVar[tuple[str, ...]] = _RequiresGraphWhenStructured()  # type: ignore[assignment]
-    ensures: ClassVar[tuple[str, ...]] = ("masks", "magnitude")
+    requires: ClassVar[tuple[type, ...]] = _RequiresGraphWhenStructured()  # type: ignore[assignment]
+    ensures: ClassVar[tuple[type | str, ...]] = (WeightMasks, "magnitude")
 
     ratio: float = 0.5
     """Fraction to prune, in (0, 1): of each layer's weights, or of each group's structures."""
@@ -172,8 +173,8 @@ class Magnitude(Pass):
                 out.update(magnitude_masks({name: layer}, self.mode, self.ratio, self.n, self.m, self.per_row))
                 bar.advance()
         masks = WeightMasks(out)
-        store_masks(ctx.results, masks)
-        ctx.results["magnitude"] = masks
+        store_masks(ctx.analyses, masks)
+        ctx.put(masks, "magnitude")
         stats = masks.sparsity()
         what = f"{self.n}:{self.m}" if self.mode == "nm" else f"ratio {self.ratio}"
         return PassResult(
@@ -183,7 +184,7 @@ class Magnitude(Pass):
         )
 
     def _structured(self, ctx: Context) -> PassResult:
-        groups = ctx.results["graph"].pruning_groups
+        groups = ctx.get(Graph).pruning_groups
         with ctx.progress(None, "magnitude structured"):
             if self.params > 0:
                 table = TensorTable(ctx.model)
@@ -191,8 +192,8 @@ class Magnitude(Pass):
                 chosen = zero_to_budget(ctx.model, groups, scores, self.params, round_to=self.round_to)
             else:
                 chosen = prune_lowest_norm(ctx.model, groups, self.ratio, self.round_to)
-        ctx.results["magnitude"] = chosen
-        store_masks(ctx.results, structure_masks(ctx.model, groups, chosen))
+        ctx.put(chosen, "magnitude")
+        store_masks(ctx.analyses, structure_masks(ctx.model, groups, chosen))
         n = sum(int(v.numel()) for v in chosen.values())
         return PassResult(
             changed=n > 0,

@@ -2,14 +2,18 @@
 
 For every pass, in order, the manager
 
-1. runs any missing prerequisite first: when a pass ``requires`` a result that is not in
-   ``ctx.results``, a registered pass that ``ensures`` it and builds with default options runs
-   first (shear's own passes preferred, then by name; recorded with ``auto=True``); otherwise a :class:`PipelineError` says
-   what is missing and which pass would provide it. The whole pipeline is checked before anything
-   runs, so a typo does not surface after an hour of training;
+1. runs any missing prerequisite first: when a pass ``requires`` a key the context lacks, the
+   provider the pass asks for (:meth:`Pass.provider`), else a registered pass that ``ensures`` it,
+   may be auto-inserted and builds with default options, runs first (shear's own passes preferred,
+   then by name; recorded with ``auto=True``), and the requirements are checked again (a provider
+   may make the graph stale); otherwise a :class:`PipelineError` says what is missing and which
+   pass would provide it. The whole pipeline is checked before anything runs, so a typo does not
+   surface after an hour of training;
 2. times the pass and records a :class:`PassRecord`;
-3. checks that the pass stored what it ``ensures``, and, when checks are on, the IR invariants
-   (``ctx.results["graph"].check()``);
+3. checks that the pass stored what it ``ensures``; when its :class:`PassResult` says it did not
+   preserve the graph, retires ``ctx.graph`` (to ``ctx.retired``), so that discovery runs again
+   before the next pass that requires the graph; when checks are on, checks the IR invariants
+   (``ctx.graph.check()``);
 4. writes the printed IR (and an SVG when graphviz ``dot`` is installed) to ``dump_dir``;
 5. calls the hooks (``shear.compile`` uses them for the report and the equivalence check).
 
@@ -40,13 +44,29 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shear.errors import PassError, PipelineError
-from shear.passes.base import Context, Pass, PassResult
+from shear.graph.ir import Graph
+from shear.passes.base import (
+    DENSE,
+    Context,
+    Key,
+    OneOf,
+    Pass,
+    PassResult,
+    canonical_key,
+    ensures_key,
+    key_name,
+    missing_error,
+)
 from shear.passes.options import build_pass, format_pass
 from shear.passes.pipeline import PipelineSpec, format_pipeline, resolve_pipeline
 from shear.passes.registry import registered_passes
 from shear.runtime.hf_config import max_positions
 
 __all__ = ["PassManager", "PassRecord", "PassHook", "checks_enabled"]
+
+_MAX_ROUNDS = 8
+"""Bound on provide-and-recheck rounds for one pass (a provider may invalidate another prerequisite:
+``lora`` makes the graph stale, so discovery runs again)."""
 
 
 @dataclass
@@ -130,55 +150,66 @@ class PassManager:
 
     # -- prerequisites -------------------------------------------------------------------------
 
-    def _provider(self, result: str, needed_by: Pass, chain: Sequence[str]) -> Pass:
-        providers = [cls for cls in registered_passes().values() if result in cls.ensures]
+    def _provider(self, result: Key | OneOf, needed_by: Pass, chain: Sequence[str]) -> Pass:
+        key = canonical_key(result.keys[0] if isinstance(result, OneOf) else result)
+        asked = needed_by.provider(key)
+        if asked is not None and self.auto_prerequisites:
+            return asked
+        providers = [cls for cls in registered_passes().values() if ensures_key(cls, key)]
+        if not providers or not self.auto_prerequisites:
+            raise missing_error(result, needed_by.name)
         names = ", ".join(repr(c.name) for c in providers)
-        if not providers:
-            raise PipelineError(
-                f"pass {needed_by.name!r} requires result {result!r}, and no registered pass ensures it. "
-                f"Store ctx.results[{result!r}] before running it"
-            )
-        if not self.auto_prerequisites:
-            raise PipelineError(
-                f"pass {needed_by.name!r} requires result {result!r}; add a pass that ensures it "
-                f"({names}) before {needed_by.name!r}"
-            )
         errors = []
         for cls in sorted(providers, key=lambda c: (not c.__module__.startswith("shear."), c.name)):
-            if cls.name in chain:
+            if cls.name in chain or not cls.auto_insert:
                 continue
             try:
                 return build_pass(cls, {})
             except PipelineError as e:
                 errors.append(str(e))
+        if not errors:
+            raise missing_error(result, needed_by.name)
         raise PipelineError(
-            f"pass {needed_by.name!r} requires result {result!r}; the passes that ensure it ({names}) "
+            f"pass {needed_by.name!r} requires result {key_name(result)!r}; the passes that ensure it ({names}) "
             f"cannot run with default options, add one explicitly. {' '.join(errors)}"
         )
 
-    def plan(self, available: Iterable[str] = ()) -> list[tuple[Pass, bool]]:
-        """The passes that will run, ``(pass, auto)``, assuming results only accumulate.
+    def plan(self, available: Iterable[Key] = ()) -> list[tuple[Pass, bool]]:
+        """The passes that will run, ``(pass, auto)``.
 
-        Raises :class:`PipelineError` for a prerequisite nothing provides, for one that a later
-        pass of the pipeline provides (wrong order), or when auto-insertion is off.
+        Results accumulate, except the graph after a pass that ``restructures`` the model (discovery
+        then runs again where a later pass requires the graph). Raises :class:`PipelineError` for a
+        prerequisite nothing provides, for one that a later pass of the pipeline provides (wrong
+        order), or when auto-insertion is off.
         """
-        have = set(available)
+        have = {canonical_key(k) for k in available}
         out: list[tuple[Pass, bool]] = []
 
+        def present(r: Key | OneOf) -> bool:
+            r = canonical_key(r)
+            return any(k in have for k in r.keys) if isinstance(r, OneOf) else r in have
+
         def add(p: Pass, auto: bool, chain: tuple[str, ...], index: int) -> None:
-            for r in p.requires:
-                if r in have:
-                    continue
-                later = [q.name for q in self.passes[index + 1 :] if r in q.ensures]
+            for _ in range(_MAX_ROUNDS):
+                missing = [r for r in p.requires if not present(r)]
+                if not missing:
+                    break
+                r = missing[0]
+                keys = r.keys if isinstance(r, OneOf) else (r,)
+                later = [q.name for q in self.passes[index + 1 :] if any(ensures_key(q, k) for k in keys)]
                 if later and not auto:
                     raise PipelineError(
-                        f"pass {p.name!r} requires result {r!r}, which {later[0]!r} ensures, but "
+                        f"pass {p.name!r} requires result {key_name(r)!r}, which {later[0]!r} ensures, but "
                         f"{later[0]!r} runs after it: move {later[0]!r} before {p.name!r}"
                     )
                 provider = self._provider(r, p, chain + (p.name,))
                 add(provider, True, chain + (p.name,), index)
+            else:
+                raise PipelineError(f"pass {p.name!r}: its prerequisites keep invalidating each other")
             out.append((p, auto))
-            have.update(p.ensures)
+            have.update(canonical_key(k) for k in p.ensures)
+            if p.restructures:
+                have.discard(Graph)
 
         for i, p in enumerate(self.passes):
             add(p, False, (), i)
@@ -189,7 +220,7 @@ class PassManager:
     def run(self, ctx: Context) -> list[PassRecord]:
         """Run the pipeline on ``ctx``; returns (and keeps in ``self.records``) one record per pass."""
         self.records = []
-        planned = self.plan(ctx.results)
+        planned = self.plan(set(ctx.analyses) | ({DENSE} if ctx.dense is not None else set()))
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "pipeline.txt").write_text(format_pipeline([p for p, _ in planned]) + "\n")
@@ -203,12 +234,18 @@ class PassManager:
     __call__ = run
 
     def _run_with_prerequisites(self, p: Pass, ctx: Context, auto: bool, chain: tuple[str, ...]) -> None:
-        for r in p.requires:
-            if r not in ctx.results:
-                provider = self._provider(r, p, chain + (p.name,))
-                self._run_with_prerequisites(provider, ctx, auto=True, chain=chain + (p.name,))
-                if r not in ctx.results:
-                    raise self._error(p, f"prerequisite {r!r} is still missing after running {provider.name!r}")
+        for _ in range(_MAX_ROUNDS):
+            missing = [r for r in p.requires if not ctx.has(r)]
+            if not missing:
+                break
+            provider = self._provider(missing[0], p, chain + (p.name,))
+            self._run_with_prerequisites(provider, ctx, auto=True, chain=chain + (p.name,))
+            if not ctx.has(missing[0]):
+                raise self._error(
+                    p, f"prerequisite {key_name(missing[0])!r} is still missing after running {provider.name!r}"
+                )
+        else:
+            raise self._error(p, "its prerequisites keep invalidating each other")
         self._run_one(p, ctx, auto)
 
     def _error(self, p: Pass, what: str) -> PassError:
@@ -232,14 +269,17 @@ class PassManager:
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise self._error(p, f"run() returned {type(result).__name__}, expected PassResult")
-        missing = [r for r in p.ensures if r not in ctx.results]
+        missing = [key_name(r) for r in p.ensures if not ctx.has(r)]
         if missing:
-            raise self._error(p, f"it declares ensures={p.ensures} but did not store {missing} in ctx.results")
+            ensures = tuple(key_name(r) for r in p.ensures)
+            raise self._error(p, f"it declares ensures={ensures} but did not store {missing} in the context")
+        if not result.preserves_graph:
+            ctx.retire_graph(p.name)
         record = PassRecord(p.name, format_pass(p), seconds, result.changed, result.message, dict(result.stats), auto)
         self.records.append(record)
-        if checks_enabled(self.check) and "graph" in ctx.results:
+        if checks_enabled(self.check) and ctx.has(Graph):
             try:
-                _graph_check(ctx.results["graph"])
+                _graph_check(ctx.graph)
             except Exception as e:
                 before = [r.name for r in self.records[:-1]]
                 raise PassError(
@@ -253,10 +293,10 @@ class PassManager:
     def _dump(self, index: int, p: Pass, ctx: Context) -> None:
         assert self.dump_dir is not None
         stem = self.dump_dir / f"{index:02d}-{p.name}"
-        graph = ctx.results.get("graph")
+        graph = ctx.graph
         n_params = sum(t.numel() for t in ctx.model.parameters())
         header = f"# after pass {index}: {format_pass(p)}\n# parameters: {n_params}\n"
-        body = str(graph) if graph is not None else "# (no graph in ctx.results yet)"
+        body = str(graph) if graph is not None else "# (no graph in the context yet)"
         stem.with_suffix(".txt").write_text(header + body + "\n")
         if graph is None or shutil.which("dot") is None:
             return

@@ -20,6 +20,7 @@ import torch
 
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
+from shear.graph.ir import Graph
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable, zero_structures
@@ -68,7 +69,7 @@ class Random(Pass):
     """Zero a random ``ratio`` of the structures of every prunable pruning group."""
 
     name: ClassVar[str] = "random"
-    requires: ClassVar[tuple[str, ...]] = ("graph",)
+    requires: ClassVar[tuple[type, ...]] = (Graph,)
     ensures: ClassVar[tuple[str, ...]] = ("random",)
 
     ratio: float = 0.3
@@ -81,9 +82,9 @@ class Random(Pass):
     """Group kinds to prune; ``kinds=[channel,head]`` keeps the residual width."""
 
     def run(self, ctx: Context) -> PassResult:
-        groups = ctx.results["graph"].pruning_groups
+        groups = ctx.get(Graph).pruning_groups
         chosen = zero_random(ctx.model, groups, self.ratio, self.seed, self.round_to, self.kinds)
-        ctx.results["random"] = chosen
+        ctx.put(chosen, "random")
         n = sum(int(v.numel()) for v in chosen.values())
         return PassResult(
             changed=n > 0,

@@ -10,10 +10,10 @@ dense model. Each choice below fills a gap the paper leaves open:
    ``seq_len`` tokens, every token scored), and for instructions the mean response-token NLL on
    ``TextData.instructions_val`` (:func:`~shear.runtime.recovery.instruction_loss`). Fixed windows,
    so that rounds compare on the same tokens.
-2. **Dense reference**: ``ctx.results["dense-model"]`` (``shear.compile`` stores the caller's
-   untouched model there) is measured once, with the same windows, and cached in
-   ``ctx.results["dense-perplexity"]``; without a dense model, precomputed per-source perplexities in
-   ``ctx.results["dense-perplexity"]`` are used; with neither a PipelineError says how to give one.
+2. **Dense reference**: ``ctx.dense`` (``shear.compile`` stores the caller's untouched model
+   there) is measured once, with the same windows, and cached as a :class:`DensePerplexity`;
+   without a dense model, precomputed per-source perplexities (``ctx.put(DensePerplexity(...))``)
+   are used; the pass requires one of the two (the pass manager's error says how to give one).
    An instruct-only run (``stages=instruct``) needs no dense reference.
 3. **Degradation** of source ``s``: ``d_s = log(ppl_pruned_s) - log(ppl_dense_s)``, the excess
    next-token loss in nats (a ratio of perplexities, so sources with very different dense
@@ -50,7 +50,7 @@ dense model. Each choice below fills a gap the paper leaves open:
 The budget is ``stages x max_rounds x steps_per_round`` steps at most; :class:`RecoveryResult` has
 the steps and tokens actually trained (``.steps``, ``.tokens``) so methods compare at equal budget,
 a Markdown ``.table()``, and a figure (mixture per round as stacked bars, per-source ppl as lines)
-written as PNG and SVG to ``out_dir``, or to ``ctx.results["dump_dir"]`` when a caller set one.
+written as PNG and SVG to ``out_dir``, or to ``ctx.options.dump_dir`` when a caller set one.
 
 Example:
     >>> RecoverDynamic(max_rounds=3, steps_per_round=100).name  # "recover-dynamic{max_rounds=3,steps_per_round=100}"
@@ -73,7 +73,18 @@ from torch import nn
 
 from shear.data.text import TextData, require_text_data
 from shear.errors import DataError, KernelError, PassError, PipelineError
-from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.base import (
+    DENSE,
+    Context,
+    Key,
+    OneOf,
+    Pass,
+    PassResult,
+    missing_error,
+    register_analysis,
+    register_pass,
+)
+from shear.passes.ebft import RequiresTeacher
 from shear.runtime.hf_config import max_positions
 from shear.runtime.recovery import (
     check_weight_options,
@@ -86,7 +97,7 @@ from shear.runtime.recovery import (
 )
 from shear.runtime.training.distill import check_distill_options
 
-__all__ = ["RecoverDynamic", "RecoveryResult", "RecoveryRound"]
+__all__ = ["RecoverDynamic", "RecoveryResult", "RecoveryRound", "DensePerplexity"]
 
 Stage = Literal["pretrain", "instruct"]
 
@@ -199,13 +210,62 @@ class RecoveryResult:
         return "\n".join(lines)
 
 
+register_analysis("recover-dynamic", RecoveryResult)
+
+
+class DensePerplexity(dict[str, float]):
+    """Source -> perplexity of the dense model, and the evaluation ``settings`` it was measured with
+    (``None``: given by the caller, trusted for any settings when there is no dense model).
+
+    Example:
+        >>> ppl = DensePerplexity({"kjv": 20.0})
+        >>> ppl["kjv"], ppl.settings
+        (20.0, None)
+    """
+
+    def __init__(self, ppl: Mapping[str, float] | None = None, settings: dict[str, Any] | None = None) -> None:
+        super().__init__(ppl or {})
+        self.settings = settings
+
+
+register_analysis("dense-perplexity", DensePerplexity)
+
+DENSE_REFERENCE = OneOf((DENSE, DensePerplexity))
+"""What the pretraining stage measures degradation against: the dense model, or its perplexities."""
+
+
+class _Requires:
+    """``requires`` of :class:`RecoverDynamic`: a dense reference when a pretraining stage runs, and
+    the teacher when distilling."""
+
+    def __init__(self) -> None:
+        self.teacher = RequiresTeacher(when="distill")
+
+    def __get__(self, obj: RecoverDynamic | None, owner: type) -> tuple[Key | OneOf, ...]:
+        if obj is None:
+            return (DENSE_REFERENCE,)
+        reference = (DENSE_REFERENCE,) if "pretrain" in obj.stage_list else ()
+        return (*reference, *self.teacher.__get__(obj, owner))
+
+
+class _Ensures:
+    """``ensures`` of :class:`RecoverDynamic`: its result, and the dense perplexity a pretraining stage uses."""
+
+    def __get__(self, obj: RecoverDynamic | None, owner: type) -> tuple[type, ...]:
+        if obj is None or "pretrain" in obj.stage_list:
+            return (RecoveryResult, DensePerplexity)
+        return (RecoveryResult,)
+
+
 @register_pass
 @dataclass(frozen=True)
 class RecoverDynamic(Pass):
     """Recover a pruned model with LoRA: pretraining sources weighted by their degradation, then instructions."""
 
     name: ClassVar[str] = "recover-dynamic"
-    ensures: ClassVar[tuple[str, ...]] = ("recover-dynamic",)
+    requires: ClassVar[tuple[Key | OneOf, ...]] = _Requires()  # type: ignore[assignment]
+    ensures: ClassVar[tuple[type, ...]] = _Ensures()  # type: ignore[assignment]
+    restructures: ClassVar[bool] = True
 
     stages: Literal["pretrain,instruct", "pretrain+instruct", "pretrain", "instruct"] = "pretrain,instruct"
     """Which datasets to recover on, in order; ``instruct`` alone is the paper's instruction-only ablation
@@ -250,14 +310,14 @@ class RecoverDynamic(Pass):
     checkpoint_every: int = 0
     """Checkpoint every this many steps within a round (and at its end); needs checkpoint_dir."""
     out_dir: Path | None = None
-    """Where the figure goes (PNG and SVG); default ``ctx.results['dump_dir']``, else no figure."""
+    """Where the figure goes (PNG and SVG); default ``ctx.options.dump_dir``, else no figure."""
 
     distill: float = 0.0
     """Weight of the logit KL to the dense teacher, as in ``lhspg`` (0: labels only)."""
     distill_temperature: float = 1.0
     """Temperature of the distillation softmaxes."""
     teacher: str = "dense-model"
-    """Key of ``ctx.results`` holding the dense teacher."""
+    """The dense teacher: ``dense-model`` is ``ctx.dense``, another name an analysis stored under it."""
 
     def __post_init__(self) -> None:
         check_distill_options(self.name, self.distill, self.distill_temperature)
@@ -307,7 +367,7 @@ class RecoverDynamic(Pass):
         else:  # instruct only: per-source ppl is still tracked where there is validation text
             sources = [s for s in data.train if s in data.validation]
         dense = self._dense_ppl(ctx, data, sources) if "pretrain" in stages else _optional_dense(ctx, sources)
-        self._add_lora(ctx)
+        added = self._add_lora(ctx)
         run = _Run(self, ctx, data, sources, dense)
         total = len(stages) * self.max_rounds * self.steps_per_round
         with ctx.progress(total=total, description="recover-dynamic") as bar:
@@ -318,7 +378,7 @@ class RecoverDynamic(Pass):
             for stage in stages:
                 run.stage(stage)
         result = run.result(time.perf_counter() - start)
-        out_dir = self.out_dir if self.out_dir is not None else ctx.results.get("dump_dir")
+        out_dir = self.out_dir if self.out_dir is not None else ctx.options.dump_dir
         note = ""
         if out_dir is not None and result.initial.ppl:
             figures = plot_recovery(
@@ -327,8 +387,10 @@ class RecoverDynamic(Pass):
             result = RecoveryResult(**{**result.__dict__, "figures": tuple(figures)})
         elif out_dir is None:
             note = "; no figure (set out_dir or compile(dump_dir=...))"
-        ctx.results["recover-dynamic"] = result
-        return PassResult(changed=result.steps > 0, message=_message(result) + note, stats=_stats(result))
+        ctx.put(result)
+        return PassResult(
+            changed=result.steps > 0, message=_message(result) + note, stats=_stats(result), preserves_graph=not added
+        )
 
     def _plan(self, ctx: Context, data: TextData) -> list[Stage]:
         stages = list(self.stage_list)
@@ -349,52 +411,46 @@ class RecoverDynamic(Pass):
         return stages
 
     def _dense_ppl(self, ctx: Context, data: TextData, sources: list[str]) -> dict[str, float]:
-        """The dense per-source perplexity, measured once on the same windows (and cached in ctx.results)."""
+        """The dense per-source perplexity, measured once on the same windows (and cached as DensePerplexity)."""
         settings = {"seq_len": self.seq_len, "eval_windows": self.eval_windows}
-        cached = ctx.results.get("dense-perplexity")
-        model = ctx.results.get("dense-model")
-        reusable = model is None or ctx.results.get("dense-perplexity-settings") == settings
+        cached = ctx.find(DensePerplexity)
+        model = ctx.dense
+        reusable = model is None or getattr(cached, "settings", None) == settings
         if cached is not None and reusable:
             if not isinstance(cached, Mapping):
                 raise PipelineError(
-                    f"ctx.results['dense-perplexity'] must map source -> perplexity, got {type(cached).__name__}"
+                    f"the dense perplexity must map source -> perplexity, got {type(cached).__name__}"
                 )
             missing = [s for s in sources if s not in cached]
             if not missing:
                 return {s: float(cached[s]) for s in sources}
             if model is None:
                 raise PipelineError(
-                    f"recover-dynamic: ctx.results['dense-perplexity'] lacks sources {missing}; give all of {sources}"
+                    f"recover-dynamic: the dense perplexity lacks sources {missing}; give all of {sources}"
                 )
         if model is None:
-            raise PipelineError(
-                "recover-dynamic needs a dense reference to measure each source's degradation: shear.compile "
-                "stores the caller's model in ctx.results['dense-model'] unless inplace=True; otherwise put "
-                "'keep-dense' before the pruning passes, set ctx.results['dense-model'] = dense_model, or give "
-                "ctx.results['dense-perplexity'] = {source: perplexity} (or use stages=instruct)"
-            )
+            raise missing_error(DENSE_REFERENCE, self.name)
         if not isinstance(model, nn.Module):
-            raise PipelineError(f"ctx.results['dense-model'] must be the dense nn.Module, got {type(model).__name__}")
+            raise PipelineError(f"ctx.dense must be the dense nn.Module, got {type(model).__name__}")
         if model is ctx.model:
             raise PipelineError(
-                "ctx.results['dense-model'] is the model being recovered, not a dense copy; store the model "
+                "ctx.dense is the model being recovered, not a dense copy; store the model "
                 "from before pruning (e.g. 'keep-dense' first in the pipeline)"
             )
         ppl = data.perplexity(
             model, seq_len=self.seq_len, max_windows=self.eval_windows, sources=sources, batch_size=self.eval_batch_size
         )
-        ctx.results["dense-perplexity"] = dict(ppl)
-        ctx.results["dense-perplexity-settings"] = settings
+        ctx.put(DensePerplexity(ppl, settings=settings))
         return ppl
 
-    def _add_lora(self, ctx: Context) -> None:
+    def _add_lora(self, ctx: Context) -> bool:
+        """Wrap the model in LoRA when it has no adapters; whether it did (the graph is then stale)."""
         from shear.runtime.training import ensure_lora
 
         ctx.model, message = ensure_lora(ctx.model, r=self.lora_r)
         if message:
             ctx.warn(f"recover-dynamic: the model had no LoRA adapters; {message} (merge-lora folds them away)")
-            if "graph" in ctx.results:  # the IR names the unwrapped modules; discover-groups can trace again
-                ctx.results["graph-before-lora"] = ctx.results.pop("graph")
+        return message is not None
 
 
 # -- the rounds -------------------------------------------------------------------------------------
@@ -460,7 +516,7 @@ class _Run:
     def initial(self) -> None:
         self.ppl, self.instr = self.evaluate()
         self.rounds.append(RecoveryRound("initial", 0, {}, dict(self.ppl), self.instr))
-        dense_model = self.ctx.results.get("dense-model")
+        dense_model = self.ctx.dense
         if self.with_instr and isinstance(dense_model, nn.Module) and dense_model is not self.ctx.model:
             self.dense_instr = instruction_loss(
                 dense_model, self.instr_val, pad_id=self.pad_id, batch_size=self.p.eval_batch_size
@@ -563,7 +619,7 @@ def _sources(ctx: Context, data: TextData) -> list[str]:
 
 
 def _optional_dense(ctx: Context, sources: list[str]) -> dict[str, float]:
-    cached = ctx.results.get("dense-perplexity")
+    cached = ctx.find(DensePerplexity)
     if isinstance(cached, Mapping) and all(s in cached for s in sources):
         return {s: float(cached[s]) for s in sources}
     return {}

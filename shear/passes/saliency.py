@@ -2,7 +2,7 @@
 
 A weighted sum of L2-normalised criteria (``magnitude``, ``cosine``, ``taylor1``, ``taylor2``,
 ``activation``; see :mod:`shear.runtime.saliency` for the definitions and choices) is stored as a
-:class:`~shear.runtime.saliency.SaliencyScores` in ``ctx.results["saliency"]``. Nothing in the
+:class:`~shear.runtime.saliency.SaliencyScores` in the context (``ctx.get(SaliencyScores)``). Nothing in the
 model changes. Criteria that need data (``activation``; the Taylor ones with ``gradient=loss``)
 draw ``samples`` calibration windows of ``seq_len`` tokens from ``ctx.data`` (a
 :class:`shear.data.TextData`).
@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from shear.data.text import calibration_ids
-from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.runtime.saliency import compute_saliency, parse_weights
+from shear.graph.ir import Graph
+from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
+from shear.runtime.saliency import SaliencyScores, compute_saliency, parse_weights
 
 __all__ = ["Saliency"]
+
+register_analysis("saliency", SaliencyScores)
 
 
 
@@ -36,8 +39,8 @@ class Saliency(Pass):
     """Score every structure of the prunable groups by a weighted sum of normalised criteria."""
 
     name: ClassVar[str] = "saliency"
-    requires: ClassVar[tuple[str, ...]] = ("graph",)
-    ensures: ClassVar[tuple[str, ...]] = ("saliency",)
+    requires: ClassVar[tuple[type, ...]] = (Graph,)
+    ensures: ClassVar[tuple[type, ...]] = (SaliencyScores,)
 
     weights: tuple[str, ...] = ("magnitude=1",)
     """``criterion=weight`` items over magnitude, cosine, taylor1, taylor2, activation (missing = 0)."""
@@ -56,7 +59,7 @@ class Saliency(Pass):
         parse_weights(self.weights)
 
     def run(self, ctx: Context) -> PassResult:
-        graph = ctx.results["graph"]
+        graph = ctx.get(Graph)
         w = parse_weights(self.weights)
         taylor = w["taylor1"] > 0 or w["taylor2"] > 0
         wants_data = w["activation"] > 0 or (taylor and self.gradient == "loss")
@@ -73,7 +76,7 @@ class Saliency(Pass):
             gradient=self.gradient,
             batch_size=self.batch_size,
         )
-        ctx.results["saliency"] = scores
+        ctx.put(scores)
         for note in scores.notes:
             ctx.warn(f"saliency: {note}")
         n = sum(int(v.numel()) for v in scores.by_group.values())

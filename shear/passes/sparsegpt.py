@@ -165,7 +165,7 @@ class SparseGPT(Pass):
     """Prune the decoder linears with SparseGPT's OBS weight updates (unstructured or N:M), block by block."""
 
     name: ClassVar[str] = "sparsegpt"
-    ensures: ClassVar[tuple[str, ...]] = ("masks",)
+    ensures: ClassVar[tuple[type, ...]] = (WeightMasks,)
 
     ratio: float = 0.5
     """Fraction of each layer's weights to zero, in (0, 1) (ignored for N:M, which zeroes n/m)."""
@@ -223,7 +223,7 @@ class SparseGPT(Pass):
         with ctx.progress(total, f"sparsegpt {self.mode}") as bar:
             sequential_prune(ctx.model, ids, prune, hessian=True, batch_size=self.batch_size, bar=bar)
         masks = WeightMasks(out)
-        store_masks(ctx.results, masks)
+        store_masks(ctx.analyses, masks)
         stats: dict[str, float] = dict(masks.sparsity().as_dict())
         stats["obs_loss"] = sum(losses.values())
         what = f"{self.n}:{self.m}" if self.mode == "nm" else f"ratio {self.ratio}"

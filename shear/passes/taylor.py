@@ -5,8 +5,8 @@ effective weights (LoRA folded in), scores each structure by ``Σ |W ⊙ G|`` ov
 slices combined across members by ``aggregate`` (LLM-Pruner's element-wise first-order importance,
 summed per group), and zeroes the lowest ``ratio`` of the structures of every prunable group (at
 least one stays; ``round_to`` as in ``random``). ``erase`` then removes them. The scores go to
-``ctx.results["taylor"]`` (group id -> float ``[size]``) and the choice to
-``ctx.results["taylor-pruned"]`` (group id -> sorted indices).
+``ctx.get("taylor")`` (group id -> float ``[size]``) and the choice to ``ctx.get("taylor-pruned")``
+(group id -> sorted indices).
 
 Example:
     >>> Taylor(ratio=0.3).name                  # pipeline string: "taylor{ratio=0.3}"
@@ -23,6 +23,7 @@ import torch
 from shear.data.text import calibration_ids
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
+from shear.graph.ir import Graph
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.runtime.budget import structure_count, zero_to_budget
 from shear.runtime.masks import TensorTable, zero_structures
@@ -59,8 +60,8 @@ class Taylor(Pass):
     """Zero the structures with the lowest first-order Taylor importance (LLM-Pruner), per group."""
 
     name: ClassVar[str] = "taylor"
-    requires: ClassVar[tuple[str, ...]] = ("graph",)
-    ensures: ClassVar[tuple[str, ...]] = ("taylor",)
+    requires: ClassVar[tuple[type, ...]] = (Graph,)
+    ensures: ClassVar[tuple[str, ...]] = ("taylor", "taylor-pruned")
 
     ratio: float = 0.3
     """Fraction of each prunable group's structures to zero, in [0, 1)."""
@@ -87,7 +88,7 @@ class Taylor(Pass):
             raise PipelineError(f"taylor: params must be in [0, 1), got {self.params}; e.g. params=0.2")
 
     def run(self, ctx: Context) -> PassResult:
-        graph = ctx.results["graph"]
+        graph = ctx.get(Graph)
         ids = calibration_ids(ctx, self.name, self.samples, self.seq_len, self.seed)
         scores = taylor_importance(
             ctx.model,
@@ -101,8 +102,8 @@ class Taylor(Pass):
             chosen = zero_to_budget(ctx.model, graph.pruning_groups, scores, self.params, round_to=self.round_to)
         else:
             chosen = zero_lowest(ctx.model, graph.pruning_groups, scores, self.ratio, self.round_to)
-        ctx.results["taylor"] = scores
-        ctx.results["taylor-pruned"] = chosen
+        ctx.put(scores, "taylor")
+        ctx.put(chosen, "taylor-pruned")
         n = sum(int(v.numel()) for v in chosen.values())
         target = f"{self.params:.0%} of parameters" if self.params else f"ratio {self.ratio}"
         return PassResult(

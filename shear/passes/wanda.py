@@ -59,7 +59,7 @@ class Wanda(Pass):
     """Prune the decoder linears by ``|W| · ‖X‖`` (unstructured per row, or N:M), block by block."""
 
     name: ClassVar[str] = "wanda"
-    ensures: ClassVar[tuple[str, ...]] = ("masks",)
+    ensures: ClassVar[tuple[type, ...]] = (WeightMasks,)
 
     ratio: float = 0.5
     """Fraction of each row's weights to zero, in (0, 1) (ignored for N:M, which zeroes n/m)."""
@@ -103,7 +103,7 @@ class Wanda(Pass):
         with ctx.progress(total, f"wanda {self.mode}") as bar:
             sequential_prune(ctx.model, ids, prune, batch_size=self.batch_size, bar=bar)
         masks = WeightMasks(out)
-        store_masks(ctx.results, masks)
+        store_masks(ctx.analyses, masks)
         stats = masks.sparsity()
         what = f"{self.n}:{self.m}" if self.mode == "nm" else f"ratio {self.ratio}"
         return PassResult(

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ class ReportData:
     notes: list[str] = field(default_factory=list)
 
 
-def pick_graph(results: dict[str, Any]) -> Graph | None:
+def pick_graph(results: Mapping[str, Any]) -> Graph | None:
     """The graph the pipeline pruned: the first with LoRA composites among :data:`GRAPH_KEYS`, else the first."""
     graphs = [results[k] for k in GRAPH_KEYS if isinstance(results.get(k), Graph)]
     return next((g for g in graphs if g.composites), graphs[0] if graphs else None)
@@ -223,8 +224,7 @@ def _recovery(r: Any) -> dict[str, Any]:
 
 def collect(ctx: Any, report: Any, title: str | None = None) -> ReportData:
     """The report data of a finished run: ``ctx`` the pass context, ``report`` its CompileReport."""
-    results: dict[str, Any] = ctx.results
-    graph = pick_graph(results)
+    graph = pick_graph(ctx.results)  # the current graph and the retired ones, by their old names
     model = type(ctx.model).__name__
     data = ReportData(
         title=title or f"shear report: {model}",
@@ -263,14 +263,14 @@ def collect(ctx: Any, report: Any, title: str | None = None) -> ReportData:
             }
         )
     data.layers, data.widths, data.other_groups = layer_widths(list(report.groups), graph)
-    kd = results.get("knowledge-distribution")
+    kd = ctx.find("knowledge-distribution")
     if kd is not None and hasattr(kd, "entries"):
         data.knowledge = _knowledge(kd)
-    lh = results.get("lhspg")
+    lh = ctx.find("lhspg")
     if lh is not None and hasattr(lh, "periods"):
         spec = next((p.spec for p in report.passes if p.name == "lhspg"), "lhspg")
         data.lhspg = _lhspg(lh, spec)
-    rec = results.get("recover-dynamic")
+    rec = ctx.find("recover-dynamic")
     if rec is not None and hasattr(rec, "rounds"):
         data.recovery = _recovery(rec)
     return data

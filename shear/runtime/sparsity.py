@@ -3,7 +3,7 @@
 Structured pruning zeroes whole structures of a pruning group and ``erase`` removes them; the
 unstructured and semi-structured (N:M) baselines instead zero single weights, which no erasure can
 turn into a smaller dense model. What they leave behind is a :class:`WeightMasks`: parameter name
--> bool *keep* mask (True = the weight stays), stored by the passes in ``ctx.results["masks"]`` so
+-> bool *keep* mask (True = the weight stays), stored by the passes in the pass context under ``WeightMasks`` so
 later passes (recovery, EBFT) keep the pruned weights at zero.
 
 - :func:`unstructured_mask` keeps all but the ``ratio`` lowest scores, per row or per matrix;
@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -307,9 +307,10 @@ def masks_from_zeros(model: nn.Module, params: Iterable[str]) -> WeightMasks:
     return WeightMasks(out)
 
 
-def store_masks(results: dict[str, Any], masks: WeightMasks) -> WeightMasks:
-    """Put ``masks`` into ``results["masks"]``, combined (``|``) with masks an earlier pass left there."""
-    before = results.get("masks")
+def store_masks(analyses: MutableMapping[Any, Any], masks: WeightMasks) -> WeightMasks:
+    """Put ``masks`` into ``analyses[WeightMasks]`` (a pass context's ``ctx.analyses``), combined
+    (``|``) with masks an earlier pass left there."""
+    before = analyses.get(WeightMasks)
     merged = before | masks if isinstance(before, WeightMasks) else masks
-    results["masks"] = merged
+    analyses[WeightMasks] = merged
     return merged
