@@ -111,7 +111,7 @@ def test_planted_node_group_ranks_first_and_weights_are_restored(
 
 def test_gamma_bounds_and_magnitude_proxy(planted: tuple[torch.nn.Module, TextData]) -> None:
     model, data = planted
-    none = _run(model, data, "knowledge-distribution{gamma=0,seq_len=32,max_windows=2}")
+    none = _run(model, data, "knowledge-distribution{gamma=0,proxy=magnitude,seq_len=32,max_windows=2}")
     kd = none.results["knowledge-distribution"]
     assert kd.unprunable_groups == frozenset() and kd.proxy == "magnitude" and not kd.figures
     every = _run(model, data, "knowledge-distribution{gamma=1,seq_len=32,max_windows=2}")
@@ -189,5 +189,5 @@ def test_activation_proxy_zeroes_the_lowest_activation_structures(planted: tuple
     assert entry.structures == int(lowest.numel())
     assert entry.ppl == pytest.approx(expected, rel=1e-6)
     # a magnitude-proxy run zeroes other structures in the planted group: the proxy is what chose them
-    mag = _run(copy.deepcopy(model), data, "knowledge-distribution{ratio=0.5,seq_len=32,max_windows=2}")
+    mag = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=magnitude,ratio=0.5,seq_len=32,max_windows=2}")
     assert next(e for e in mag.results["knowledge-distribution"].entries if e.name == PLANTED).ppl != entry.ppl

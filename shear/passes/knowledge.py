@@ -248,10 +248,14 @@ class KnowledgeDistributionAnalysis(Pass):
     """Fraction of the structures of each of a node group's pruning groups zeroed for the measurement."""
     gamma: float = 0.1
     """Fraction of the analysed node groups (largest deviation first, rounded up) marked unprunable."""
-    proxy: Literal["magnitude", "activation", "random", "saliency"] = "magnitude"
-    """Which structures are zeroed: lowest magnitude, lowest activation saliency (Wanda-style
-    ``‖W ⊙ ‖X‖‖`` on ``calibration`` training windows, as LHSPG's default criterion scores them),
-    seeded random, or lowest ``ctx.get(SaliencyScores)`` (the ``saliency`` pass)."""
+    proxy: Literal["magnitude", "activation", "random", "saliency"] = "activation"
+    """Which structures are zeroed: lowest activation saliency (Wanda-style ``‖W ⊙ ‖X‖‖`` on
+    ``calibration`` training windows, the criterion LHSPG prunes by), lowest magnitude, seeded
+    random, or lowest ``ctx.get(SaliencyScores)`` (the ``saliency`` pass). Activation by default: on
+    SmolLM2-135M (no LoRA) the node groups it marks (MLPs 0, 29, 1) let an MLP cut of 20% of the non-embedding parameters keep
+    in-domain / out-of-domain ppl 57.4 / 44.4 before any training, against 67.4 / 54.8 cut uniformly;
+    the magnitude proxy measures what pruning the lowest-norm channels does, and on SmolLM2 that
+    destroys every layer (ppl ~10^6 for a 20% cut), so it ranks the wrong thing."""
     calibration: int = 8
     """Calibration training windows (``seq_len`` tokens) of the activation proxy."""
     include: Literal["all", "basic", "composed"] = "all"

@@ -236,11 +236,15 @@ class LHSPG(Pass):
     """Tokens per training sequence."""
     eps: float = 0.0
     """Half-space threshold: zero a decaying structure at once when <x_new, x> < eps * ||x||^2."""
-    saliency: str = "activation=1,taylor1=1"
+    saliency: str = "activation=1"
     """Saliency weights ``criterion=weight`` (quote lists in a pipeline string:
-    ``saliency="magnitude=1,activation=0.5"``); criteria as in the ``saliency`` pass. The default won
-    on the tiny trained LLaMA (mean validation ppl after LHSPG, no recovery, dense 42.7): at 20% / 50%
-    of parameters activation+taylor1 53.3 / 173, activation 51.9 / 189, magnitude 81.2 / 335."""
+    ``saliency="magnitude=1,activation=0.5"``); criteria as in the ``saliency`` pass. Wanda-style
+    activation saliency by default: on SmolLM2-135M with 20% of the non-embedding parameters cut from
+    the MLPs at once (no training; in-domain / out-of-domain ppl, dense 34.9 / 27.5) it scored 64.5 /
+    54.3 against 72.5 / 67.4 for LLM-Pruner's element-wise Taylor ``Σ|W·G|``, 103.8 / 94.9 for
+    ``taylor1`` (``|Σ W·G|`` per structure) and 10^6 for magnitude. (The tiny trained LLaMA, after
+    LHSPG without recovery, dense 42.7, ranked them closer: at 20% / 50% activation+taylor1 53.3 /
+    173, activation 51.9 / 189, magnitude 81.2 / 335.)"""
     calibration: int = 8
     """Calibration sequences for data-driven saliency criteria (activation, taylor)."""
     selection: str = "uniform"
