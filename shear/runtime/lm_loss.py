@@ -42,7 +42,7 @@ from shear.errors import ModelError
 from shear.runtime.model_facts import logits_of
 
 __all__ = [
-    "IGNORE_INDEX", "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "forward_kwargs", "logits_of",
+    "IGNORE_INDEX", "model_nll_sum", "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "forward_kwargs", "logits_of",
     "head_bypassed", "output_head", "PLAIN_HEAD_MODEL_TYPES", "LOGITS_CHUNK_ELEMENTS", "chunk_tokens",
 ]
 
@@ -194,6 +194,25 @@ def chunked_causal_lm_loss_sum(
         else:
             total = total + _chunk_loss(head, part, piece)
     return total
+
+
+def model_nll_sum(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, *, chunk: int, cap: bool = False
+) -> torch.Tensor:
+    """Summed next-token NLL (fp32) of causal LM ``model`` on ``ids`` ``[b, L]`` over the targets of
+    ``labels`` (aligned with the inputs, ``-100`` not scored). Where the output head allows it
+    (:func:`output_head`) the head and the loss run ``chunk`` tokens at a time (``cap``: at most
+    :func:`chunk_tokens` for the head's vocabulary), so the fp32 logits are never held whole.
+
+    Example:
+        >>> model_nll_sum(model, ids, ids, chunk=256)   # doctest: +SKIP
+        tensor(1234.5)
+    """
+    if output_head(model) is not None:
+        with head_bypassed(model) as head:
+            hidden = logits_of(model(input_ids=ids, use_cache=False))
+        return chunked_causal_lm_loss_sum(hidden, head, labels, chunk=chunk_tokens(chunk, head) if cap else chunk)
+    return causal_lm_loss_sum(logits_of(model(input_ids=ids, use_cache=False)), labels)
 
 
 def forward_kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -62,7 +62,6 @@ from shear.graph.groups import Member, PruningGroup
 from shear.graph.ir import LoraComposite
 from shear.runtime.devices import model_device
 from shear.runtime.masks import TensorTable
-from shear.runtime.model_facts import logits_of
 
 __all__ = [
     "CRITERIA",
@@ -250,20 +249,9 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     are computed :data:`LOSS_CHUNK_TOKENS` tokens at a time and recomputed in backward, so the full
     ``(batch, seq, vocab)`` fp32 logits (and their gradient) never exist: with a 128k vocabulary they
     were most of the memory of taylor saliency."""
-    from shear.runtime.lm_loss import (
-        chunk_tokens,
-        chunked_causal_lm_loss_sum,
-        head_bypassed,
-        output_head,
-    )
+    from shear.runtime.lm_loss import model_nll_sum
 
-    if output_head(model) is not None:
-        with head_bypassed(model) as head:
-            hidden = logits_of(model(input_ids=batch, use_cache=False))
-        total = chunked_causal_lm_loss_sum(hidden, head, batch, chunk=chunk_tokens(LOSS_CHUNK_TOKENS, head))
-        return total / batch[:, 1:].numel()
-    logits = logits_of(model(input_ids=batch, use_cache=False)).float()
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    return model_nll_sum(model, batch, batch, chunk=LOSS_CHUNK_TOKENS, cap=True) / batch[:, 1:].numel()
 
 
 def _checkpoint_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

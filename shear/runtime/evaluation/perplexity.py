@@ -245,18 +245,9 @@ def nll_sum(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor) -> torc
     """Summed next-token NLL (fp32) of ``model`` on ``batch`` ``[b, L]`` over the targets of ``labels``
     (aligned with the inputs; ``-100`` is not scored). Where the output head allows it, the head and
     the loss run a chunk of tokens at a time, so a batch's fp32 logits are never held whole."""
-    from shear.runtime.training.loss import (  # on first use: ``import shear.data`` stays light
-        causal_lm_loss_sum,
-        chunked_causal_lm_loss_sum,
-        head_bypassed,
-        output_head,
-    )
+    from shear.runtime.lm_loss import model_nll_sum  # on first use: ``import shear.data`` stays light
 
-    if output_head(model) is not None:
-        with head_bypassed(model) as head:
-            hidden = model(input_ids=batch, use_cache=False).logits
-        return chunked_causal_lm_loss_sum(hidden, head, labels, chunk=1024)
-    return causal_lm_loss_sum(model(input_ids=batch, use_cache=False).logits, labels)
+    return model_nll_sum(model, batch, labels, chunk=1024)
 
 
 @torch.no_grad()
