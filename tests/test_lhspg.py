@@ -293,3 +293,13 @@ def test_one_shot_baselines_prune_to_the_same_parameter_budget(tiny, prune):
     assert abs(1 - base_param_count(small) / base_param_count(model) - 0.3) <= 0.01
     with pytest.raises(PipelineError, match="params must be in"):
         shear.compile(model, "discover-groups,magnitude{mode=unstructured,params=0.3}", example_inputs=ids)
+
+
+def test_views_refuse_to_bind_a_model_without_the_traced_tensors(tiny):
+    """``bind`` (the FSDP2 copy, or the original again) needs the traced parameter names."""
+    model, graph, _ = _lora(tiny[0])
+    mlp = next(g for g in graph.prunable_groups if g.kind == "channel")
+    views = StructureViews(model, [mlp], graph.composites)
+    views.bind(model)  # the same model: nothing to do
+    with pytest.raises(KernelError, match="bind a model with the same parameter names"):
+        views.bind(torch.nn.Linear(2, 2))
