@@ -75,6 +75,14 @@ def _check_ids(name: str, ids: torch.Tensor, vocab: int, limit: int | None, what
         )
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """No NaN or Inf in ``t``, read ``chunk`` elements at a time along dim 0 (no ``t``-sized mask)."""
+    if t.dim() == 0:
+        return bool(torch.isfinite(t))
+    rows = max(1, chunk * t.shape[0] // max(1, t.numel()))
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
+
+
 def _check_weights(model: nn.Module, reads_weights: bool) -> None:
     named = list(chain(model.named_parameters(), model.named_buffers()))
     meta = [n for n, t in named if t.is_meta]
@@ -86,7 +94,7 @@ def _check_weights(model: nn.Module, reads_weights: bool) -> None:
                 "or run only discover-groups on a skeleton"
             )
         return
-    bad = [n for n, t in named if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+    bad = [n for n, t in named if t.is_floating_point() and t.numel() and not _all_finite(t.detach())]
     if bad:
         raise InputError(
             f"{type(model).__name__} has NaN or Inf weights in {bad[:5]}{'...' if len(bad) > 5 else ''} before "

@@ -153,10 +153,29 @@ def zero_structures(group: PruningGroup, tensors: dict[str, torch.Tensor]) -> tu
             return None
         if int(m.positions.max()) >= t.shape[m.dim]:
             return None
-        picked = t.detach().index_select(m.dim, m.positions.flatten().to(t.device)).movedim(m.dim, 0)
-        per_structure = picked.reshape(group.size, -1).abs().amax(dim=1).cpu()
-        zero &= per_structure == 0
+        zero &= ~_nonzero_structures(t.detach(), m.dim, m.positions, group.size)
     return tuple(int(i) for i in torch.nonzero(zero).flatten())
+
+
+_CHUNK_ELEMENTS = 1 << 24
+"""Elements of a tensor :func:`_nonzero_structures` reads at once (32 MiB of bf16): a structure
+test over a 128k-vocabulary embedding must not copy the embedding."""
+
+
+def _nonzero_structures(t: torch.Tensor, dim: int, positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Bool ``[size]`` on the CPU: structures with a nonzero (or NaN) entry in their slices of ``t``
+    along ``dim``; read in chunks along another dimension, so it allocates a chunk, not a copy of ``t``."""
+    flat = positions.flatten().to(t.device)
+    others = [d for d in range(t.dim()) if d != dim]
+    if not others:
+        return (t.index_select(dim, flat).reshape(size, -1) != 0).any(dim=1).cpu()
+    along = max(others, key=lambda d: t.shape[d])
+    step = max(1, _CHUNK_ELEMENTS * t.shape[along] // max(1, t.numel()))
+    hit = torch.zeros(size, dtype=torch.bool, device=t.device)
+    for part in t.split(step, dim=along):
+        picked = part.index_select(dim, flat).movedim(dim, 0).reshape(size, -1)
+        hit |= (picked != 0).any(dim=1)
+    return hit.cpu()
 
 
 class ReportBuilder:

@@ -40,10 +40,27 @@ __all__ = ["main", "plain_peft_step", "load_model", "run"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+SHAPES = {
+    "smollm2-shape": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
+    "1b-shape": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tied=True),
+}
+"""LLaMA shapes with random weights (step time does not depend on the values): SmolLM2-135M's and
+LLaMA-3.2-1B's, for a machine without the SmolLM2 package."""
+
+
 def load_model(name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, str]:
-    """``(model, label)``: SmolLM2-135M (``smollm2``, or ``auto`` when installed) or the tiny LLaMA."""
+    """``(model, label)``: SmolLM2-135M (``smollm2``, or ``auto`` when installed), the tiny LLaMA, or a
+    random-weight shape of :data:`SHAPES`."""
     from shear.errors import ModelLoadError
     from shear.zoo import load_tiny_llama
+
+    if name in SHAPES:
+        from types import SimpleNamespace
+
+        from bench_training_memory import llama_shape
+
+        shape = SimpleNamespace(**SHAPES[name], dtype=str(dtype).removeprefix("torch."), device=str(device), seq=512)
+        return llama_shape(shape), f"{name} (random weights)"
 
     if name in ("auto", "smollm2"):
         try:
@@ -194,7 +211,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float | str]]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="auto", choices=["auto", "smollm2", "tiny"])
+    p.add_argument("--model", default="auto", choices=["auto", "smollm2", "tiny", *SHAPES])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--batch", type=int, default=2)

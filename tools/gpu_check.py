@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import signal
 import sys
 import time
 import traceback
@@ -127,8 +128,8 @@ def check_smollm2(args: argparse.Namespace) -> list[Row]:
         label = "SmolLM2-135M"
     data = TextData.from_corpus(tok, max_train_chars=200_000 if args.quick else 6_000_000,
                                 max_val_chars=8_000 if args.quick else 60_000, instructions=32 if args.quick else 512)
-    batch, seq = (2, 64) if args.quick else (8, 256)
-    warmup, periods, tp, rounds, per_round = (1, 2, 2, 1, 2) if args.quick else (40, 4, 60, 2, 60)
+    batch, seq = (2, 64) if args.quick else (16, 256)
+    warmup, periods, tp, rounds, per_round = (1, 2, 2, 1, 2) if args.quick else (30, 4, 40, 2, 40)
     pipeline = (
         f"lora{{r=8}},discover-groups,lhspg{{ratio=0.2,warmup={warmup},periods={periods},steps_per_period={tp},"
         f"batch_size={batch},seq_len={seq},calibration=8}},erase,"
@@ -200,20 +201,25 @@ def check_lhspg_7b(args: argparse.Namespace) -> list[Row]:
 
 
 def check_step(args: argparse.Namespace) -> list[Row]:
+    """``tools/bench_step.py`` in bf16 on the SmolLM2-135M and LLaMA-3.2-1B shapes (random weights:
+    step time does not depend on the values, and no model package has to reach the machine)."""
     import bench_step
 
-    argv = ["--device", args.device, "--dtype", "bfloat16", "--steps", "2" if args.quick else "10",
-            "--reps", "1" if args.quick else "3", "--batch", "2" if args.quick else "8", "--seq", "64" if args.quick else "256"]
-    if args.quick:
-        argv += ["--model", "tiny"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rows = bench_step.main(argv)
-    print(out.getvalue())
-    ratios = {str(r["name"]): float(r["ratio"]) for r in rows}
-    worst = min(ratios["shear lhspg"], ratios["shear recovery"])
-    return [Row("step throughput bf16", f"plain peft {float(rows[0]['tok_s']):,.0f} tok/s; lhspg {ratios['shear lhspg']:.2f}x, "
-                f"recovery {ratios['shear recovery']:.2f}x", ">= 0.8x plain", "yes" if worst >= 0.8 else "no")]
+    rows_out = []
+    for model in ["tiny"] if args.quick else ["smollm2-shape", "1b-shape"]:
+        argv = ["--device", args.device, "--dtype", "bfloat16", "--steps", "2" if args.quick else "10",
+                "--reps", "1" if args.quick else "3", "--batch", "2" if args.quick else "8",
+                "--seq", "64" if args.quick else "256", "--model", model]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rows = bench_step.main(argv)
+        print(out.getvalue())
+        ratios = {str(r["name"]): float(r["ratio"]) for r in rows}
+        worst = min(ratios["shear lhspg"], ratios["shear recovery"])
+        rows_out.append(Row(f"step throughput bf16, {model}", f"plain peft {float(rows[0]['tok_s']):,.0f} tok/s; lhspg "
+                            f"{ratios['shear lhspg']:.2f}x, recovery {ratios['shear recovery']:.2f}x", ">= 0.8x plain",
+                            "yes" if worst >= 0.8 else "no"))
+    return rows_out
 
 
 def check_speed(args: argparse.Namespace, name: str) -> list[Row]:
@@ -253,38 +259,72 @@ CHECKS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
 """Check name -> function returning its table rows, in the order they run."""
 
 
+class CheckTimeout(Exception):
+    """A check ran past its share of the time (``--limit`` / ``--deadline``)."""
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise CheckTimeout("ran past its time limit")
+
+
+def _table(rows: list[Row], header: str) -> str:
+    lines = [header, "| check | result | goal | met | s |", "|---|---|---|---|---:|"]
+    lines += [f"| {r.check} | {r.result} | {r.goal} | {r.met} | {r.seconds:.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
-    """Run the checks, print one table, return its rows."""
+    """Run the checks, print one table, return its rows.
+
+    Each check gets at most ``--limit`` seconds and the run ``--deadline`` seconds in all (a SIGALRM
+    ends a check that overruns, and its row says so), so the table is always printed; ``--out``
+    rewrites the table to a file after every check, so a killed run still leaves what it measured.
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny shapes and budgets (a smoke test on any machine)")
     p.add_argument("--only", nargs="*", choices=list(CHECKS), help="run only these checks")
+    p.add_argument("--limit", type=int, default=240, help="seconds one check may take")
+    p.add_argument("--deadline", type=int, default=480, help="seconds the whole run may take")
+    p.add_argument("--out", type=Path, help="also write the table to this file after each check")
     args = p.parse_args(argv)
     device = _device(args)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows: list[Row] = []
     start = time.perf_counter()
+    signal.signal(signal.SIGALRM, _alarm)
+
+    def header() -> str:
+        return (f"{card}, torch {torch.__version__}, {'quick' if args.quick else 'full'} run, "
+                f"{time.perf_counter() - start:.0f} s in all")
+
     for name, fn in CHECKS.items():
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        try:
-            got = fn(args)
-        except Exception as e:  # noqa: BLE001 - one failing check must not hide the others
-            traceback.print_exc()
-            got = [Row(name, f"FAILED: {type(e).__name__}: {str(e)[:160]}", "", "no")]
+        budget = int(min(args.limit, args.deadline - (t0 - start)))
+        if budget < 5:
+            got = [Row(name, f"SKIPPED: {budget} s left (--limit, --deadline)", "", "no")]
+        else:
+            signal.alarm(budget)
+            try:
+                got = fn(args)
+            except Exception as e:  # noqa: BLE001 - one failing check must not hide the others
+                traceback.print_exc()
+                got = [Row(name, f"FAILED after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {str(e)[:160]}",
+                           "", "no")]
+            finally:
+                signal.alarm(0)
         for r in got:
             r.seconds = time.perf_counter() - t0
         rows.extend(got)
         with contextlib.suppress(Exception):
             torch.cuda.empty_cache()
         print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"\n{card}, torch {torch.__version__}, {'quick' if args.quick else 'full'} run, "
-          f"{time.perf_counter() - start:.0f} s in all")
-    print("| check | result | goal | met | s |")
-    print("|---|---|---|---|---:|")
-    for r in rows:
-        print(f"| {r.check} | {r.result} | {r.goal} | {r.met} | {r.seconds:.0f} |")
+        if args.out:
+            args.out.write_text(_table(rows, header()))
+    text = _table(rows, header())
+    print("\n" + text)
     return rows
 
 

@@ -102,7 +102,12 @@ class StructureViews:
                 link = links.get(name) if m.dim == 0 else None
                 views.append(_View(name, m.dim, m.positions, link))
             self.views[g.id] = views
-            self.b_rows[g.id] = brows
+            # a LoRA'd view zeroes its own lora_B rows; keep only the B members no view covers
+            linked = [(v.lora.b, v.positions) for v in views if v.lora is not None]
+            self.b_rows[g.id] = [
+                (n, pos) for n, pos in brows
+                if not any(n == b and pos.shape == p.shape and torch.equal(pos, p) for b, p in linked)
+            ]
 
     def bind(self, model: nn.Module) -> None:
         """Read and write the tensors of ``model`` from now on: a model with the same parameter names
@@ -145,7 +150,8 @@ class StructureViews:
             return x
         a = gather(self.table.tensors[v.lora.a]).detach().float()
         b = gather(self.table.tensors[v.lora.b]).detach()
-        return x + v.lora.scaling * (b.index_select(0, self._flat(v.positions, idx, b.device)).float() @ a)
+        rows = b.index_select(0, self._flat(v.positions, idx, b.device)).float()
+        return torch.addmm(x, rows, a, alpha=v.lora.scaling)  # x: [rows, in] (LoRA views are dim 0)
 
     def _slice(self, v: _View, idx: torch.Tensor, *, with_lora: bool = True) -> torch.Tensor:
         """``[n, numel]`` slices of structures ``idx`` for view ``v``: W (+ s * B @ A on LoRA rows)."""
@@ -194,6 +200,7 @@ class StructureViews:
                     with torch.no_grad(), writable(value) as whole:
                         whole.index_fill_(0, rows, 0)
 
+    @torch.no_grad()
     def decay(
         self,
         idx_by_group: Mapping[int, torch.Tensor],
@@ -212,37 +219,50 @@ class StructureViews:
         created when missing and updated in place) nothing is read back to the host: structures the
         projection zeroed in an earlier step are held at zero, newly projected ones join the mask,
         and the returned dict is empty. This is how the training hook calls it, once per step.
+
+        The work is per group, not per view: the views' slices are concatenated once, so the
+        half-space test, the decay and the projection are a handful of kernels per group whatever
+        its number of views (each launch costs ~10 us of host time, which is what a LoRA step on a
+        small model is made of on a GPU).
         """
         if not 0.0 <= lam <= 1.0:
             raise KernelError(f"decay factor lambda must be in [0, 1], got {lam}")
         projected: dict[int, torch.Tensor] = {}
+        keep = 1.0 - lam
         for gid, idx in idx_by_group.items():
             if idx.numel() == 0:
                 continue
-            views = self.views[gid]
-            old = [self._base(v, idx) for v in views]
-            new = [((1.0 - lam) * self._with_lora(v, idx, o)).reshape(len(idx), -1) for v, o in zip(views, old)]
-            old = [o.reshape(len(idx), -1) for o in old]
-            inner = torch.stack([(n * o).sum(dim=1) for n, o in zip(new, old)]).sum(dim=0)
-            norm2 = torch.stack([(o * o).sum(dim=1) for o in old]).sum(dim=0)
-            if lam < 1.0:
-                flip = (inner < eps * norm2) & (norm2 > 0)
+            views, n = self.views[gid], len(idx)
+            olds = [self._base(v, idx) for v in views]
+            curs = [self._with_lora(v, idx, o).reshape(n, -1) for v, o in zip(views, olds)]
+            old = torch.cat([o.reshape(n, -1) for o in olds], dim=1) if len(views) > 1 else olds[0].reshape(n, -1)
+            cur = torch.cat(curs, dim=1) if len(views) > 1 else curs[0]
+            norm2 = torch.linalg.vecdot(old, old)
+            if lam == 1.0:
+                flip = torch.ones(n, dtype=torch.bool, device=cur.device)
+            elif eps == 0.0:  # <(1 - lam) x, x_g> < 0, and 1 - lam > 0
+                flip = (torch.linalg.vecdot(cur, old) < 0) & (norm2 > 0)
             else:
-                flip = torch.ones(len(idx), dtype=torch.bool, device=inner.device)
+                flip = (torch.linalg.vecdot(cur, old).mul_(keep) < norm2 * eps) & (norm2 > 0)
             if held is not None:
                 before = held.get(gid)
                 if before is None:
-                    before = held[gid] = torch.zeros(len(idx), dtype=torch.bool, device=inner.device)
+                    before = held[gid] = torch.zeros(n, dtype=torch.bool, device=cur.device)
                 if lam < 1.0:
                     before |= flip
-                flip = flip | before
-            for v, n in zip(views, new):
-                self._write(v, idx, n.masked_fill_(flip.to(n.device).unsqueeze(1), 0))
+                    flip = before
+            new = cur.mul_(keep).masked_fill_(flip.unsqueeze(1), 0)  # cur is a fresh copy; old is no longer read
+            start = 0
+            for v, c in zip(views, curs):
+                width = c.shape[1]
+                self._write(v, idx, new[:, start:start + width])
+                start += width
             self._zero_b(gid, idx, optimizer)
             if held is None and lam < 1.0 and bool(flip.any()):
                 projected[gid] = idx[flip.cpu()]
         return projected
 
+    @torch.no_grad()
     def hold_zero(self, idx_by_group: Mapping[int, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Keep structures at exactly zero: zero their primary slices and lora_B rows (and moments)."""
         for gid, idx in idx_by_group.items():
