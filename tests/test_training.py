@@ -537,6 +537,30 @@ def test_chunked_loss_training_matches_full_logits_training() -> None:
     assert max((pa[n] - pb[n]).abs().max().item() for n in pa) < 1e-6
 
 
+@pytest.mark.parametrize(("available", "chunked"), [(1 << 14, True), (1 << 40, False)])
+def test_auto_loss_chunking_follows_the_memory_available(monkeypatch: pytest.MonkeyPatch, available: int, chunked: bool) -> None:
+    """``loss_chunk_tokens="auto"`` (the default) chunks only when the full logits would crowd the device."""
+    import shear.runtime.training.loop as loop
+    import shear.runtime.training.memory as memory
+
+    calls: list[int] = []
+    real = loop.chunked_causal_lm_loss_sum
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: available)
+    monkeypatch.setattr(loop, "chunked_causal_lm_loss_sum", spy)
+    model, _ = build("llama", lora=True)
+    cfg = TrainConfig(steps=2, lr=1e-3, batch_size=2, seq_len=16, gradient_checkpointing=False)
+    assert cfg.loss_chunk_tokens == "auto"
+    train(model, InstructionBatches(_instructions(8), 2, pad_id=0), cfg)
+    assert bool(calls) is chunked
+    with pytest.raises(TrainingError, match="loss_chunk_tokens"):
+        TrainConfig(steps=2, loss_chunk_tokens="fast")
+
+
 def test_head_bypass_restores_the_head_after_an_error() -> None:
     from shear.runtime.training.loss import head_bypassed, output_head
 

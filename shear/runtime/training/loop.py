@@ -71,7 +71,7 @@ from shear.runtime.training.loss import (
     logits_of,
     output_head,
 )
-from shear.runtime.training.memory import PeakMemory, auto_checkpointing
+from shear.runtime.training.memory import LOSS_CHUNK_TOKENS, PeakMemory, auto_checkpointing, auto_loss_chunking
 from shear.runtime.training.optim import build_optimizer, build_scheduler
 from shear.runtime.training.result import StepLog, TrainResult
 from shear.runtime.training.rng import capture_rng, restore_rng, seed_everything
@@ -388,7 +388,13 @@ def train(
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     head = output_head(work)
-    chunked = None if head is None or config.loss_chunk_tokens is None else chunk_tokens(config.loss_chunk_tokens, head)
+    chunk_setting = config.loss_chunk_tokens
+    if chunk_setting == "auto" and head is not None:
+        weight = getattr(head, "weight", None)
+        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+        chunk_on, _ = auto_loss_chunking(config.batch_size * config.seq_len, vocab, device)
+        chunk_setting = LOSS_CHUNK_TOKENS if chunk_on else None
+    chunked = None if head is None or chunk_setting is None else chunk_tokens(int(chunk_setting), head)
     start_step, start_tokens = state.step, state.tokens
     t0 = time.perf_counter()
     with ExitStack() as stack:

@@ -33,7 +33,8 @@ from torch import nn
 __all__ = [
     "MemoryStats", "PeakMemory", "tensor_bytes", "lora_state_bytes", "frozen_bytes", "current_rss_bytes",
     "activation_bytes", "predict_activation_bytes", "available_bytes", "checkpointing_decision",
-    "auto_checkpointing", "ACTIVATION_COEFFICIENTS", "CHECKPOINTING_FRACTION",
+    "auto_checkpointing", "ACTIVATION_COEFFICIENTS", "CHECKPOINTING_FRACTION", "auto_loss_chunking",
+    "LOGITS_FRACTION", "LOSS_CHUNK_TOKENS",
 ]
 
 
@@ -250,6 +251,37 @@ def checkpointing_decision(
         f"a step's activations are predicted at {predicted / gib:.2f} GiB, which {verb} {fraction:.0%} of the "
         f"{available / gib:.2f} GiB available"
     )
+
+
+LOGITS_FRACTION = 0.125
+"""``loss_chunk_tokens="auto"`` chunks the loss when a step's full logits would exceed this fraction
+of the memory available on the model's device."""
+
+LOSS_CHUNK_TOKENS = 256
+"""Tokens per loss chunk when ``loss_chunk_tokens="auto"`` chunks."""
+
+
+def auto_loss_chunking(
+    tokens: int, vocab: int, device: torch.device, *, available: int | None = None
+) -> tuple[bool, str]:
+    """``(on, why)`` for ``loss_chunk_tokens="auto"``: chunk when ``tokens x vocab`` fp32 logits, their
+    log-softmax and their gradient (12 bytes each) exceed :data:`LOGITS_FRACTION` of the available
+    memory (:func:`available_bytes`, or ``available``); unknown memory chunks (the safe side).
+
+    Example:
+        >>> auto_loss_chunking(2048, 128256, torch.device("cpu"), available=80 << 30)[0]
+        False
+        >>> auto_loss_chunking(2048, 128256, torch.device("cpu"), available=16 << 30)[0]
+        True
+    """
+    free = available if available is not None else available_bytes(device)
+    need = 12 * tokens * vocab
+    if free is None:
+        return True, "the memory available is unknown"
+    on = need > LOGITS_FRACTION * free
+    verb = "exceed" if on else "fit in"
+    return on, (f"a step's full logits take {need / (1 << 30):.2f} GiB, which {verb} {LOGITS_FRACTION:.1%} of the "
+                f"{free / (1 << 30):.2f} GiB available on {device.type}")
 
 
 def auto_checkpointing(
