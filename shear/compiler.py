@@ -30,7 +30,7 @@ from shear.runtime.devices import model_device, model_dtype
 from shear.runtime.model_facts import base_weight_name, forward_logits, is_lora_param
 from shear.runtime.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_noise, upcast
 
-__all__ = ["compile", "default_example_inputs", "call_model", "EquivalenceCheck"]
+__all__ = ["compile", "default_example_inputs", "reference_output", "EquivalenceCheck"]
 
 
 def default_example_inputs(model: nn.Module, seq_len: int = 16) -> dict[str, torch.Tensor] | None:
@@ -58,7 +58,7 @@ def _to_device(x: Any, device: torch.device | None) -> Any:
     return x
 
 
-def call_model(model: nn.Module, inputs: Any) -> torch.Tensor:
+def reference_output(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Run ``model`` on example inputs (tuple, dict, or tensor) and return its main output tensor
     (:func:`shear.runtime.model_facts.forward_logits`); a :class:`VerifyError` when it has none."""
     try:
@@ -91,7 +91,7 @@ class EquivalenceCheck:
         model.eval()
         try:
             with torch.no_grad(), upcast(model, compute_dtype(model_dtype(model))):
-                return call_model(model, self.inputs).detach().float().cpu()
+                return reference_output(model, self.inputs).detach().float().cpu()
         finally:
             model.train(was_training)
 

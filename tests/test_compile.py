@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import shear
-from shear.compiler import call_model, default_example_inputs
+from shear.compiler import default_example_inputs, reference_output
 from shear.errors import PassError, PipelineError, VerifyError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.passes import Context, Pass, PassResult, register_pass, registered_passes
@@ -192,7 +192,7 @@ def test_dump_dir_and_debug(tmp_path: Path) -> None:
     assert (tmp_path / "02-test-mlp-mask.txt").read_text().endswith("mlp graph: 0/out (16)\n")
 
 
-def test_default_example_inputs_and_call_model() -> None:
+def test_default_example_inputs_and_reference_output() -> None:
     class Cfg:
         vocab_size = 50
         max_position_embeddings = 8
@@ -206,9 +206,9 @@ def test_default_example_inputs_and_call_model() -> None:
     inputs = default_example_inputs(LM())
     assert inputs is not None and inputs["input_ids"].shape == (1, 8) and int(inputs["input_ids"].max()) < 50
     assert default_example_inputs(mlp()) is None
-    assert torch.equal(call_model(LM(), inputs), inputs["input_ids"].float())
+    assert torch.equal(reference_output(LM(), inputs), inputs["input_ids"].float())
     with pytest.raises(VerifyError, match=r"cannot find an output tensor in str"):
-        call_model(nn.Identity(), "text")
+        reference_output(nn.Identity(), "text")
 
 
 # -- on a tiny LLaMA with the real passes --------------------------------------------------------

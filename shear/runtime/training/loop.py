@@ -71,7 +71,12 @@ from shear.runtime.training.loss import (
     logits_of,
     output_head,
 )
-from shear.runtime.training.memory import LOSS_CHUNK_TOKENS, PeakMemory, auto_checkpointing, auto_loss_chunking
+from shear.runtime.training.memory import (
+    LOSS_CHUNK_TOKENS,
+    PeakMemory,
+    auto_checkpointing,
+    auto_loss_chunking,
+)
 from shear.runtime.training.optim import build_optimizer, build_scheduler
 from shear.runtime.training.result import StepLog, TrainResult
 from shear.runtime.training.rng import capture_rng, restore_rng, seed_everything
@@ -309,6 +314,97 @@ def _input_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+def _resume_or_seed(
+    model: nn.Module, state: TrainState, hooks: Sequence[TrainHook], config: TrainConfig, par: Parallel,
+    run_options: Mapping[str, Any] | None, warnings: list[str],
+) -> tuple[TrainCheckpoint | None, RunFingerprint]:
+    """Load the newest checkpoint of this run into ``state`` and ``hooks`` (when there is one and
+    ``config.resume``), else seed everything; returns it and the run's fingerprint."""
+    ckpt: TrainCheckpoint | None = None
+    run = RunFingerprint(model="", data="")
+    if config.checkpoint_dir is not None:
+        stream_digest = getattr(state.batches, "fingerprint", None)
+        run = RunFingerprint.of(model, data=stream_digest() if callable(stream_digest) else "", options=run_options)
+        if par.is_main:
+            remove_stale_temporaries(config.checkpoint_dir)
+        par.barrier()
+        latest = latest_checkpoint(config.checkpoint_dir) if config.resume else None
+        if latest is not None:
+            ckpt = _load(latest, state, config, run, par)
+            _restore(ckpt, state, hooks)
+            warnings.append(
+                f"the run in {config.checkpoint_dir} had already finished at step {ckpt.step}; its result is reused"
+                if ckpt.info.get("finished") else f"resumed from step {ckpt.step} of {config.steps} ({ckpt.path})"
+            )
+    if ckpt is None:
+        seed_everything(config.seed)
+    return ckpt, run
+
+
+def _memory_savers(work: nn.Module, config: TrainConfig, device: torch.device, warnings: list[str]) -> tuple[Callable[[], None], int | None]:
+    """Turn on gradient checkpointing (``True``, or ``"auto"`` when memory is tight) and pick the loss
+    chunk (``None``: full logits); returns the undo of checkpointing and the chunk."""
+    checkpointing = config.gradient_checkpointing
+    if checkpointing == "auto":  # on when memory is tight and the model can do it; says so
+        on, why = auto_checkpointing(work, config.batch_size, config.seq_len, device)
+        checkpointing = on and callable(getattr(work, "gradient_checkpointing_enable", None))
+        if checkpointing:
+            warnings.append(f"gradient checkpointing is on: {why} (gradient_checkpointing=False turns it off)")
+    undo = _enable_checkpointing(work, warnings) if checkpointing else (lambda: None)
+    head = output_head(work)
+    chunk_setting = config.loss_chunk_tokens
+    if chunk_setting == "auto" and head is not None:
+        weight = getattr(head, "weight", None)
+        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+        chunk_on, _ = auto_loss_chunking(config.batch_size * config.seq_len, vocab, device)
+        chunk_setting = LOSS_CHUNK_TOKENS if chunk_on else None
+    chunk = None if head is None or chunk_setting is None else chunk_tokens(int(chunk_setting), head)
+    return undo, chunk
+
+
+def _step(
+    state: TrainState, run: tuple[nn.Module, Any], work: nn.Module, params: Sequence[nn.Parameter], par: Parallel,
+    device: torch.device, autocast: Callable[[], Any], chunked: int | None, loss_fn: LossFn | None,
+) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss and input tokens."""
+    config, batches = state.config, state.batches
+    run_model, run_optimizer = run  # the model and optimizer as DDP / accelerate wrapped them
+    host = [next(batches) for _ in range(config.grad_accum)]
+    # counted on the host batches, before they move: no device sync unless ranks must agree
+    counts = [sum(count_targets(b["labels"]) for b in host), sum(_input_tokens(b) for b in host)]
+    if par.distributed:
+        local = torch.tensor(counts, dtype=torch.float64, device=device)
+        counts = [int(x) for x in par.sum(local).tolist()]
+    targets, tokens = counts
+    micro = [_to(b, device) for b in host]
+    if loss_fn is None and targets == 0:
+        raise TrainingError(f"step {state.step + 1} has no target tokens (all labels are -100); check the data")
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro):
+        with par.no_sync(run_model, skip=i < len(micro) - 1):
+            with autocast():
+                if loss_fn is None:
+                    summed = _lm_loss_sum(run_model, work, batch, chunked)
+                    loss = summed * (par.world_size / targets)
+                    loss_total += summed.detach().double()
+                else:
+                    loss = loss_fn(run_model, batch) / len(micro)
+                    loss_total += loss.detach().double()
+            par.backward(loss)
+    if config.max_grad_norm is not None:
+        par.clip(params, config.max_grad_norm)
+    run_optimizer.step()
+    run_optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+    step_loss = float(par.sum(loss_total)) / (targets if loss_fn is None else par.world_size)
+    if step_loss != step_loss or step_loss in (float("inf"), float("-inf")):
+        raise TrainingError(
+            f"the loss is {step_loss} at step {state.step}; lower config.lr, keep max_grad_norm set, or use bf16=False"
+        )
+    return step_loss, tokens
+
+
 def train(
     model: nn.Module,
     batches: BatchStream,
@@ -351,35 +447,12 @@ def train(
         world_size=par.world_size, accelerator=accelerator, batches=batches,
         source=model if par.sharded else None,
     )
-    ckpt: TrainCheckpoint | None = None
-    run = RunFingerprint(model="", data="")
-    if config.checkpoint_dir is not None:
-        stream_digest = getattr(batches, "fingerprint", None)
-        run = RunFingerprint.of(model, data=stream_digest() if callable(stream_digest) else "", options=run_options)
-        if par.is_main:
-            remove_stale_temporaries(config.checkpoint_dir)
-        par.barrier()
-        latest = latest_checkpoint(config.checkpoint_dir) if config.resume else None
-        if latest is not None:
-            ckpt = _load(latest, state, config, run, par)
-            _restore(ckpt, state, hooks)
-            warnings.append(
-                f"the run in {config.checkpoint_dir} had already finished at step {ckpt.step}; its result is reused"
-                if ckpt.info.get("finished") else f"resumed from step {ckpt.step} of {config.steps} ({ckpt.path})"
-            )
-    if ckpt is None:
-        seed_everything(config.seed)
+    ckpt, run = _resume_or_seed(model, state, hooks, config, par, run_options, warnings)
 
     was_training = model.training
-    checkpointing = config.gradient_checkpointing
-    if checkpointing == "auto":  # on when memory is tight and the model can do it; says so
-        on, why = auto_checkpointing(work, config.batch_size, config.seq_len, device)
-        checkpointing = on and callable(getattr(work, "gradient_checkpointing_enable", None))
-        if checkpointing:
-            warnings.append(f"gradient checkpointing is on: {why} (gradient_checkpointing=False turns it off)")
-    undo_checkpointing = _enable_checkpointing(work, warnings) if checkpointing else (lambda: None)
+    undo_checkpointing, chunked = _memory_savers(work, config, device, warnings)
     work.train()
-    run_model, run_optimizer = par.prepare(work, optimizer)
+    prepared = par.prepare(work, optimizer)
     for hook in hooks:
         hook.on_train_start(state)
     if ckpt is not None:  # after on_train_start, so its random draws do not shift the resumed stream
@@ -387,14 +460,6 @@ def train(
         del ckpt.model_state
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    head = output_head(work)
-    chunk_setting = config.loss_chunk_tokens
-    if chunk_setting == "auto" and head is not None:
-        weight = getattr(head, "weight", None)
-        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-        chunk_on, _ = auto_loss_chunking(config.batch_size * config.seq_len, vocab, device)
-        chunk_setting = LOSS_CHUNK_TOKENS if chunk_on else None
-    chunked = None if head is None or chunk_setting is None else chunk_tokens(int(chunk_setting), head)
     start_step, start_tokens = state.step, state.tokens
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -403,40 +468,7 @@ def train(
         if bar is not None and start_step and hasattr(bar, "advance"):
             bar.advance(start_step)
         while state.step < config.steps:
-            host = [next(batches) for _ in range(config.grad_accum)]
-            # counted on the host batches, before they move: no device sync unless ranks must agree
-            counts = [sum(count_targets(b["labels"]) for b in host), sum(_input_tokens(b) for b in host)]
-            if par.distributed:
-                local = torch.tensor(counts, dtype=torch.float64, device=device)
-                counts = [int(x) for x in par.sum(local).tolist()]
-            targets, tokens = counts
-            micro = [_to(b, device) for b in host]
-            if loss_fn is None and targets == 0:
-                raise TrainingError(f"step {state.step + 1} has no target tokens (all labels are -100); check the data")
-            loss_total = torch.zeros((), dtype=torch.float64, device=device)
-            for i, batch in enumerate(micro):
-                with par.no_sync(run_model, skip=i < len(micro) - 1):
-                    with autocast():
-                        if loss_fn is None:
-                            summed = _lm_loss_sum(run_model, work, batch, chunked)
-                            loss = summed * (par.world_size / targets)
-                            loss_total += summed.detach().double()
-                        else:
-                            loss = loss_fn(run_model, batch) / len(micro)
-                            loss_total += loss.detach().double()
-                    par.backward(loss)
-            if config.max_grad_norm is not None:
-                par.clip(params, config.max_grad_norm)
-            run_optimizer.step()
-            run_optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
-            step_loss = float(par.sum(loss_total)) / (targets if loss_fn is None else par.world_size)
-            if step_loss != step_loss or step_loss in (float("inf"), float("-inf")):
-                raise TrainingError(
-                    f"the loss is {step_loss} at step {state.step}; lower config.lr, keep max_grad_norm set, "
-                    "or use bf16=False"
-                )
+            step_loss, tokens = _step(state, prepared, work, params, par, device, autocast, chunked, loss_fn)
             state.losses.append(step_loss)
             state.tokens += tokens
             for hook in hooks:
