@@ -520,32 +520,11 @@ def compute_saliency(
     """
     w = parse_weights(weights)
     active = [c for c in CRITERIA if w[c] > 0]
-    if gradient not in ("auto", "loss", "lora"):
-        raise KernelError(f"saliency: gradient must be 'auto', 'loss' or 'lora', got {gradient!r}")
     scored = [g for g in groups if g.prunable or not only_prunable]
     table = TensorTable(model)
     lora = lora_deltas(table, composites)
     lora_factors = {n for adapters in lora.values() for a, b, _ in adapters for n in (a, b)}
-    taylor = "taylor1" in active or "taylor2" in active
-    mode = "none"
-    if taylor:
-        mode = gradient if gradient != "auto" else ("loss" if calibration_ids is not None else "lora")
-        if mode == "loss" and calibration_ids is None:
-            raise DataError(
-                "saliency: taylor1/taylor2 with gradient='loss' need calibration data: pass calibration_ids "
-                "(shear.compile(..., data=TextData...)), use gradient='lora' on a LoRA model, or set their weight to 0"
-            )
-        if mode == "lora" and not lora:
-            raise DataError(
-                "saliency: taylor1/taylor2 need a gradient: the model has no LoRA adapters for the 'lora' proxy "
-                "and no calibration data was given; pass data (shear.compile(..., data=TextData...)) or set their weight to 0"
-            )
-    if "activation" in active and calibration_ids is None:
-        raise DataError(
-            "saliency: the activation criterion needs calibration data for input norms; pass "
-            "shear.compile(..., data=TextData...) (or calibration_ids=...) or set its weight to 0"
-        )
-
+    mode = _gradient_mode(active, gradient, calibration_ids is not None, bool(lora))
     members = {g.id: _scored_members(table, g, lora_factors) for g in scored}
     needed: dict[str, set[int]] = {}
     for ms in members.values():
@@ -564,9 +543,64 @@ def compute_saliency(
             grads = loss_gradients(model, needed, calibration_ids, batch_size=batch_size)
     if "activation" in active and calibration_ids is not None:
         xnorms = input_norms(model, needed, calibration_ids, batch_size=batch_size)
-
-    rows: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     notes: list[str] = []
+    rows = _tensor_rowsums(table, lora, needed, active, mode, grads, xnorms, streamed, notes)
+    raw = _criteria_by_group(scored, members, rows, active, notes)
+    by_group = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in scored}
+    for c in active:
+        total = math.sqrt(sum(float(v.pow(2).sum()) for v in raw[c].values()))
+        for gid, v in raw[c].items():
+            by_group[gid] += w[c] * (v / total if total > 0 else v)
+    return SaliencyScores(
+        by_group={k: v.float() for k, v in by_group.items()},
+        criteria={c: {k: v.float() for k, v in raw[c].items()} for c in active},
+        weights=w,
+        gradient=mode,
+        notes=tuple(notes),
+    )
+
+
+def _gradient_mode(active: list[str], gradient: str, has_data: bool, has_lora: bool) -> str:
+    """Where the Taylor criteria take their gradient (``"loss"``, ``"lora"``, or ``"none"`` when no
+    Taylor criterion is active); a :class:`DataError` when a criterion lacks what it needs."""
+    if gradient not in ("auto", "loss", "lora"):
+        raise KernelError(f"saliency: gradient must be 'auto', 'loss' or 'lora', got {gradient!r}")
+    mode = "none"
+    if "taylor1" in active or "taylor2" in active:
+        mode = gradient if gradient != "auto" else ("loss" if has_data else "lora")
+        if mode == "loss" and not has_data:
+            raise DataError(
+                "saliency: taylor1/taylor2 with gradient='loss' need calibration data: pass calibration_ids "
+                "(shear.compile(..., data=TextData...)), use gradient='lora' on a LoRA model, or set their weight to 0"
+            )
+        if mode == "lora" and not has_lora:
+            raise DataError(
+                "saliency: taylor1/taylor2 need a gradient: the model has no LoRA adapters for the 'lora' proxy "
+                "and no calibration data was given; pass data (shear.compile(..., data=TextData...)) or set their weight to 0"
+            )
+    if "activation" in active and not has_data:
+        raise DataError(
+            "saliency: the activation criterion needs calibration data for input norms; pass "
+            "shear.compile(..., data=TextData...) (or calibration_ids=...) or set its weight to 0"
+        )
+    return mode
+
+
+def _tensor_rowsums(
+    table: TensorTable,
+    lora: dict[str, Any],
+    needed: dict[str, set[int]],
+    active: list[str],
+    mode: str,
+    grads: dict[str, torch.Tensor],
+    xnorms: dict[str, tuple[torch.Tensor, int]],
+    streamed: dict[tuple[str, int], torch.Tensor] | None,
+    notes: list[str],
+) -> dict[tuple[str, int], dict[str, torch.Tensor]]:
+    """Per (tensor, dim): the per-index sums of each criterion's per-element terms (CPU), read in
+    blocks of rows of the effective weight ``W + s B A``; ``grads`` are consumed."""
+    taylor = "taylor1" in active or "taylor2" in active
+    rows: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for canon, dims in needed.items():
             t = table.tensors[canon].detach()
@@ -606,7 +640,17 @@ def compute_saliency(
                 if streamed is not None and (canon, dim) in streamed:
                     found["eg"] = streamed[(canon, dim)].cpu()
                 rows[(canon, dim)] = found
+    return rows
 
+
+def _criteria_by_group(
+    scored: list[PruningGroup],
+    members: dict[int, Any],
+    rows: dict[tuple[str, int], dict[str, torch.Tensor]],
+    active: list[str],
+    notes: list[str],
+) -> dict[str, dict[int, torch.Tensor]]:
+    """Each active criterion's raw (unnormalised) score per structure of each group, from the row sums."""
     raw: dict[str, dict[int, torch.Tensor]] = {c: {} for c in active}
     no_lora: list[str] = []
     for g in scored:
@@ -632,19 +676,7 @@ def compute_saliency(
             raw["activation"][g.id] = acc.get("act", zero).sqrt()
     if no_lora:
         notes.append(f"cosine: {len(no_lora)} groups have no LoRA slices and score 1 (e.g. {no_lora[0]})")
-
-    by_group = {g.id: torch.zeros(g.size, dtype=torch.float64) for g in scored}
-    for c in active:
-        total = math.sqrt(sum(float(v.pow(2).sum()) for v in raw[c].values()))
-        for gid, v in raw[c].items():
-            by_group[gid] += w[c] * (v / total if total > 0 else v)
-    return SaliencyScores(
-        by_group={k: v.float() for k, v in by_group.items()},
-        criteria={c: {k: v.float() for k, v in raw[c].items()} for c in active},
-        weights=w,
-        gradient=mode,
-        notes=tuple(notes),
-    )
+    return raw
 
 
 def taylor_importance(
