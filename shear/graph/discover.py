@@ -124,8 +124,30 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
     a.spaces.pin_inner_factors(INNER_FACTOR_REASON)
     shapes = {ref.name: ref.shape for ref in a.state.values()}
     buffers = frozenset(ref.name for ref in a.state.values() if ref.is_buffer)
+    members = _leaf_members(a, buffers)
+    groups, leaf_of_group = _pruning_groups(model, a, members, composites, norms)
+    nodes, leaf_ops = _ir_nodes(ep, a, composites, set(leaf_of_group))
+    node_groups = [
+        NodeGroup(gi, "basic", g.name, g.modules, tuple(leaf_ops.get(leaf_of_group[gi], ())), (gi,))
+        for gi, g in enumerate(groups)
+    ]
+    groups = [_with_node_group(g, g.id) for g in groups]
+    overlaps = _composite_node_groups(composites, groups, node_groups)
+    return Graph(
+        model_class=type(model).__name__,
+        nodes=nodes,
+        pruning_groups=tuple(groups),
+        node_groups=tuple(node_groups),
+        composites=tuple(composites),
+        overlaps=tuple(overlaps),
+        diagnostics=tuple(a.diagnostics),
+        shapes=shapes,
+        buffers=buffers,
+    )
 
-    # --- leaf spaces -> members
+
+def _leaf_members(a: DimAnalysis, buffers: frozenset[str]) -> dict[int, list[Member]]:
+    """Leaf space -> the tensor dims it indexes (pins a leaf whose layout is not uniform)."""
     members: dict[int, list[Member]] = defaultdict(list)
     bad: dict[int, str] = {}
     for (name, dim), sp in sorted(a.state_dims.items()):
@@ -142,8 +164,14 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
             members[leaf].append(Member(name, dim, role, pos, is_buffer=is_buffer))
     for leaf, why in bad.items():
         a.spaces.pin(leaf, why)
+    return members
 
-    # --- pruning groups
+
+def _pruning_groups(
+    model: nn.Module, a: DimAnalysis, members: dict[int, list[Member]], composites: list[LoraComposite],
+    norms: dict[int, list[NormRescale]],
+) -> tuple[list[PruningGroup], list[int]]:
+    """One pruning group per leaf with members (kind, prunability, unique name); and each group's leaf."""
     groups: list[PruningGroup] = []
     used_names: dict[str, int] = {}
     leaf_of_group: list[int] = []
@@ -160,11 +188,10 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
         elif len(primary_mods) >= 3 and all(m.k == 1 for m in ms if m.role is Role.PRIMARY):
             kind = "residual"
         prefix = _common_prefix(primary_mods or all_mods) or type(model).__name__
-        name = f"{prefix}/{kind}"
         groups.append(
             PruningGroup(
                 id=len(groups),
-                name=name,
+                name=f"{prefix}/{kind}",
                 members=ms,
                 size=a.spaces.size(leaf),
                 kind=kind,
@@ -181,12 +208,17 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
         used_names[g.name] = n + 1
         if n:
             groups[g.id] = dataclasses.replace(g, name=f"{g.name}#{n}")
+    return groups, leaf_of_group
 
-    # --- IR nodes (LoRA composites collapsed) and node groups
+
+def _ir_nodes(
+    ep: torch.export.ExportedProgram, a: DimAnalysis, composites: list[LoraComposite], leaves: set[int]
+) -> tuple[list[IRNode], dict[int, list[str]]]:
+    """The IR nodes (each LoRA composite collapsed into one ``lora_linear``), and per leaf in
+    ``leaves`` the labels of the nodes that touch it."""
     nodes: list[IRNode] = []
     comp_nodes: dict[str, IRNode] = {}
     leaf_ops: dict[int, list[str]] = defaultdict(list)
-    group_by_leaf = {leaf: i for i, leaf in enumerate(leaf_of_group)}
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
@@ -214,14 +246,16 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
             label = node.name
         for sp in a.node_spaces.get(node, ()):
             for leaf in set(a.spaces.leaves(sp)):
-                if leaf in group_by_leaf and label not in leaf_ops[leaf]:
+                if leaf in leaves and label not in leaf_ops[leaf]:
                     leaf_ops[leaf].append(label)
-    node_groups: list[NodeGroup] = []
-    for gi, g in enumerate(groups):
-        node_groups.append(
-            NodeGroup(gi, "basic", g.name, g.modules, tuple(leaf_ops.get(leaf_of_group[gi], ())), (gi,))
-        )
-    groups = [_with_node_group(g, g.id) for g in groups]
+    return nodes, leaf_ops
+
+
+def _composite_node_groups(
+    composites: list[LoraComposite], groups: list[PruningGroup], node_groups: list[NodeGroup]
+) -> list[Overlap]:
+    """Append one ``composed`` node group per LoRA composite to ``node_groups``; return where each
+    overlaps the prunable groups (output rows: primary; input columns: secondary)."""
     overlaps: list[Overlap] = []
     for c in composites:
         cid = len(node_groups)
@@ -241,17 +275,7 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
                 )
                 if sl:
                     overlaps.append(Overlap(cid, g.id, side, sl))
-    return Graph(
-        model_class=type(model).__name__,
-        nodes=nodes,
-        pruning_groups=tuple(groups),
-        node_groups=tuple(node_groups),
-        composites=tuple(composites),
-        overlaps=tuple(overlaps),
-        diagnostics=tuple(a.diagnostics),
-        shapes=shapes,
-        buffers=buffers,
-    )
+    return overlaps
 
 
 def _with_node_group(g: PruningGroup, node_group: int) -> PruningGroup:
