@@ -130,7 +130,7 @@ def test_default_lora_targets_cover_linear_subclasses_and_conv1d() -> None:
 
 def test_sequence_length_is_held_to_learned_position_embeddings() -> None:
     from shear.passes.base import Context
-    from shear.passes.recover import _with_response
+    from shear.passes.recovery_rounds import with_response as _with_response
     from shear.runtime.hf_config import max_positions
 
     gpt2, inputs = build("gpt2")  # n_positions=64, learned

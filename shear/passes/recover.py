@@ -64,174 +64,41 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import nn
 
 from shear.data.text import TextData, require_text_data
-from shear.errors import DataError, KernelError, PassError, PipelineError
+from shear.errors import DataError, KernelError, PipelineError
 from shear.passes.base import (
-    DENSE,
     Context,
     Key,
     OneOf,
     Pass,
     PassResult,
     missing_error,
-    register_analysis,
     register_pass,
 )
 from shear.passes.ebft import RequiresTeacher
-from shear.runtime.hf_config import max_positions
+from shear.passes.recovery_results import (
+    DENSE_REFERENCE,
+    DensePerplexity,
+    RecoveryResult,
+    RecoveryRound,
+    Stage,
+)
+from shear.passes.recovery_rounds import RecoveryRun, optional_dense, sources_of
 from shear.runtime.recovery import (
     check_weight_options,
-    degradation,
-    instruction_loss,
     mean_log,
     plot_recovery,
-    relative_gain,
-    source_weights,
 )
 from shear.runtime.training.distill import check_distill_options
 
 __all__ = ["RecoverDynamic", "RecoveryResult", "RecoveryRound", "DensePerplexity"]
 
-Stage = Literal["pretrain", "instruct"]
-
-
-@dataclass(frozen=True)
-class RecoveryRound:
-    """One evaluation point of a recovery run: the round's mixture, what it trained, and the metrics after it.
-
-    Round 0 (``stage="initial"``) is the model as the pass got it: no mixture, no steps.
-    """
-
-    stage: str
-    """``"initial"``, ``"pretrain"`` or ``"instruct"``."""
-    index: int
-    """Round number within its stage (1-based; 0 for the initial evaluation)."""
-    weights: dict[str, float]
-    """Source -> share of the round's training rows (empty for the initial and instruction rounds)."""
-    ppl: dict[str, float]
-    """Source -> validation perplexity measured after the round."""
-    instruction_loss: float | None = None
-    """Mean response-token NLL on ``instructions_val`` after the round (None without instructions)."""
-    degradation: dict[str, float] = field(default_factory=dict)
-    """Source -> ``log(ppl / ppl_dense)`` that chose ``weights`` (measured before the round)."""
-    steps: int = 0
-    tokens: int = 0
-    """Input tokens trained in the round (padding excluded)."""
-    loss: float = math.nan
-    """Mean training loss over the round's steps."""
-    gain: float = math.nan
-    """Relative improvement of the stage metric over the round (negative: worse)."""
-    restored: bool = False
-    """The round made the stage metric worse and its adapter updates were undone (``keep_best``)."""
-
-    def __post_init__(self) -> None:
-        if self.weights and abs(sum(self.weights.values()) - 1.0) > 1e-6:
-            raise PassError(f"round weights must sum to 1, got {self.weights}")
-
-    @property
-    def mean_ppl(self) -> float:
-        """Geometric mean of the per-source perplexities (``exp`` of the mean log-ppl)."""
-        return math.exp(mean_log(self.ppl)) if self.ppl else math.nan
-
-
-@dataclass(frozen=True)
-class RecoveryResult:
-    """What ``recover-dynamic`` did: every round, the dense reference, the budget spent, the figure."""
-
-    rounds: tuple[RecoveryRound, ...]
-    dense_ppl: dict[str, float]
-    """Source -> perplexity of the dense model (empty for an instruct-only run without a reference)."""
-    dense_instruction_loss: float | None = None
-    stopped: dict[str, str] = field(default_factory=dict)
-    """Stage -> why it stopped: ``converged``, ``worse`` (a round was undone) or ``max_rounds``."""
-    figures: tuple[Path, ...] = ()
-    wall_s: float = 0.0
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps trained over all rounds (the recovery budget spent)."""
-        return sum(r.steps for r in self.rounds)
-
-    @property
-    def tokens(self) -> int:
-        """Input tokens trained over all rounds."""
-        return sum(r.tokens for r in self.rounds)
-
-    @property
-    def initial(self) -> RecoveryRound:
-        return self.rounds[0]
-
-    @property
-    def final_ppl(self) -> dict[str, float]:
-        """Per-source perplexity of the returned model (rounds that were undone do not count)."""
-        return dict(self._last_kept().ppl)
-
-    @property
-    def final_instruction_loss(self) -> float | None:
-        kept = [r for r in self.rounds if not r.restored and r.instruction_loss is not None]
-        return kept[-1].instruction_loss if kept else None
-
-    def _last_kept(self) -> RecoveryRound:
-        return [r for r in self.rounds if not r.restored][-1]
-
-    def rounds_of(self, stage: str) -> list[RecoveryRound]:
-        return [r for r in self.rounds if r.stage == stage]
-
-    def table(self) -> str:
-        """Markdown: one row per round (mixture, perplexities, instruction loss, budget) and the dense row."""
-        sources = list(self.rounds[0].ppl)
-        has_instr = any(r.instruction_loss is not None for r in self.rounds)
-        head = ["round", "stage", "steps", "tokens"] + [f"w {s}" for s in sources] + [f"ppl {s}" for s in sources]
-        head += ["mean ppl"] + (["instr loss"] if has_instr else []) + ["gain"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-        def fmt(x: float | None, spec: str) -> str:
-            return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-        for r in self.rounds:
-            cells = [str(r.index) + (" (undone)" if r.restored else ""), r.stage, str(r.steps), f"{r.tokens:,}"]
-            cells += [fmt(r.weights.get(s), ".3f") for s in sources]
-            cells += [fmt(r.ppl.get(s), ".2f") for s in sources]
-            cells += [fmt(r.mean_ppl, ".2f")] + ([fmt(r.instruction_loss, ".4f")] if has_instr else [])
-            cells += [fmt(r.gain, "+.2%")]
-            lines.append("| " + " | ".join(cells) + " |")
-        if self.dense_ppl:
-            dense = ["dense", "", "", ""] + [""] * len(sources) + [fmt(self.dense_ppl.get(s), ".2f") for s in sources]
-            dense += [fmt(math.exp(mean_log({s: self.dense_ppl[s] for s in sources if s in self.dense_ppl})), ".2f")]
-            dense += ([fmt(self.dense_instruction_loss, ".4f")] if has_instr else []) + [""]
-            lines.append("| " + " | ".join(dense) + " |")
-        return "\n".join(lines)
-
-
-register_analysis("recover-dynamic", RecoveryResult)
-
-
-class DensePerplexity(dict[str, float]):
-    """Source -> perplexity of the dense model, and the evaluation ``settings`` it was measured with
-    (``None``: given by the caller, trusted for any settings when there is no dense model).
-
-    Example:
-        >>> ppl = DensePerplexity({"kjv": 20.0})
-        >>> ppl["kjv"], ppl.settings
-        (20.0, None)
-    """
-
-    def __init__(self, ppl: Mapping[str, float] | None = None, settings: dict[str, Any] | None = None) -> None:
-        super().__init__(ppl or {})
-        self.settings = settings
-
-
-register_analysis("dense-perplexity", DensePerplexity)
-
-DENSE_REFERENCE = OneOf((DENSE, DensePerplexity))
-"""What the pretraining stage measures degradation against: the dense model, or its perplexities."""
 
 
 class _Requires:
@@ -363,12 +230,12 @@ class RecoverDynamic(Pass):
         data = require_text_data(ctx, self.name)
         stages = self._plan(ctx, data)
         if "pretrain" in stages:
-            sources = _sources(ctx, data)
+            sources = sources_of(ctx, data)
         else:  # instruct only: per-source ppl is still tracked where there is validation text
             sources = [s for s in data.train if s in data.validation]
-        dense = self._dense_ppl(ctx, data, sources) if "pretrain" in stages else _optional_dense(ctx, sources)
+        dense = self._dense_ppl(ctx, data, sources) if "pretrain" in stages else optional_dense(ctx, sources)
         added = self._add_lora(ctx)
-        run = _Run(self, ctx, data, sources, dense)
+        run = RecoveryRun(self, ctx, data, sources, dense)
         total = len(stages) * self.max_rounds * self.steps_per_round
         with ctx.progress(total=total, description="recover-dynamic") as bar:
             run.bar = bar
@@ -451,217 +318,6 @@ class RecoverDynamic(Pass):
         if message:
             ctx.warn(f"recover-dynamic: the model had no LoRA adapters; {message} (merge-lora folds them away)")
         return message is not None
-
-
-# -- the rounds -------------------------------------------------------------------------------------
-
-
-class _Run:
-    """The state of one recovery run: the streams, the current metrics, and the records so far."""
-
-    def __init__(
-        self, p: RecoverDynamic, ctx: Context, data: TextData, sources: list[str], dense: dict[str, float]
-    ) -> None:
-        from shear.runtime.training import InstructionBatches, TokenBatches
-
-        self.p, self.ctx, self.data, self.sources, self.dense = p, ctx, data, sources, dense
-        self.rounds: list[RecoveryRound] = []
-        self.stopped: dict[str, str] = {}
-        self.bar: Any = None
-        self.dense_instr: float | None = None
-        self.ppl: dict[str, float] = {}
-        self.instr: float | None = None
-        self.tokens_stream = (
-            TokenBatches({s: data.train[s] for s in sources}, p.batch_size, p.seq_len, seed=p.seed) if sources else None
-        )
-        self.pad_id = _pad_id(data.tokenizer)
-        from shear.passes.lhspg import distill_loss
-
-        self.loss_fn = distill_loss(ctx, p.name, p.teacher, p.distill, p.distill_temperature)
-        limit = max_positions(ctx.model)
-        self.instr_train = _with_response(ctx, data.instructions, "instructions", limit)
-        self.instr_val = _with_response(ctx, data.instructions_val, "instructions_val", limit)
-        self.instr_stream = (
-            InstructionBatches(self.instr_train, p.batch_size, pad_id=self.pad_id, seed=p.seed)
-            if self.instr_train and "instruct" in p.stage_list and p.instructions
-            else None
-        )
-        self.with_instr = self.instr_stream is not None and bool(self.instr_val)
-
-    def evaluate(self) -> tuple[dict[str, float], float | None]:
-        p, model = self.p, self.ctx.model
-        ppl = (
-            self.data.perplexity(
-                model, seq_len=p.seq_len, max_windows=p.eval_windows, sources=self.sources, batch_size=p.eval_batch_size
-            )
-            if self.sources
-            else {}
-        )
-        instr = None
-        if self.with_instr:
-            instr = instruction_loss(model, self.instr_val, pad_id=self.pad_id, batch_size=p.eval_batch_size)
-        return ppl, instr
-
-    def require_instructions(self) -> None:
-        """Fail before any training when the instruction stage would have no examples left."""
-        if self.with_instr:
-            return
-        limit = max_positions(self.ctx.model)
-        raise DataError(
-            "recover-dynamic: every instruction example (train or validation) lost its response to the "
-            "tokenizing max length" + (f" or to the model's {limit} positions" if limit else "")
-            + "; raise instruction_max_length, or use stages=pretrain"
-        )
-
-    def initial(self) -> None:
-        self.ppl, self.instr = self.evaluate()
-        self.rounds.append(RecoveryRound("initial", 0, {}, dict(self.ppl), self.instr))
-        dense_model = self.ctx.dense
-        if self.with_instr and isinstance(dense_model, nn.Module) and dense_model is not self.ctx.model:
-            self.dense_instr = instruction_loss(
-                dense_model, self.instr_val, pad_id=self.pad_id, batch_size=self.p.eval_batch_size
-            )
-
-    def metric(self, stage: Stage, ppl: dict[str, float], instr: float | None) -> float:
-        if stage == "pretrain":
-            return mean_log(ppl)
-        assert instr is not None
-        return instr
-
-    def stage(self, stage: Stage) -> None:
-        p = self.p
-        self.stopped[stage] = "max_rounds"
-        for k in range(1, p.max_rounds + 1):
-            before = self.metric(stage, self.ppl, self.instr)
-            weights: dict[str, float] = {}
-            deg: dict[str, float] = {}
-            if stage == "pretrain":
-                assert self.tokens_stream is not None
-                deg = degradation(self.ppl, self.dense)
-                weights = source_weights(deg, floor=p.floor, temperature=p.temperature, mode=p.mixture)
-                self.tokens_stream.set_weights(weights)
-                stream: Any = self.tokens_stream
-            else:
-                stream = self.instr_stream
-            saved = _adapters(self.ctx.model) if p.keep_best else None
-            trained = self._train(stream, stage, k)
-            ppl, instr = self.evaluate()
-            gain = relative_gain(before, self.metric(stage, ppl, instr))
-            restored = saved is not None and gain < 0
-            if restored:
-                _restore(self.ctx.model, saved or {})
-            else:
-                self.ppl, self.instr = ppl, instr
-            loss = sum(trained.losses[-p.steps_per_round :]) / max(len(trained.losses[-p.steps_per_round :]), 1)
-            self.rounds.append(
-                RecoveryRound(
-                    stage, k, weights, dict(ppl), instr, deg, trained.steps, trained.tokens, loss, gain, restored
-                )
-            )
-            if self.bar is not None:
-                self.bar.set_description(f"recover-dynamic {stage} round {k}: gain {gain:+.2%}")
-            if gain < p.min_gain:
-                self.stopped[stage] = "worse" if gain < 0 else "converged"
-                if self.bar is not None:
-                    self.bar.advance((p.max_rounds - k) * p.steps_per_round)
-                return
-
-    def _train(self, stream: Any, stage: Stage, k: int) -> Any:
-        from shear.runtime.training import TrainConfig, train
-        from shear.runtime.training.fingerprint import options_of
-
-        p = self.p
-        ckpt = str(Path(p.checkpoint_dir) / f"{stage}-{k:02d}") if p.checkpoint_dir else None
-        config = TrainConfig(
-            steps=p.steps_per_round,
-            lr=p.lr,
-            batch_size=p.batch_size,
-            grad_accum=p.grad_accum,
-            seq_len=p.seq_len,
-            seed=p.seed + len(self.rounds),
-            gradient_checkpointing=p.gradient_checkpointing,
-            checkpoint_dir=ckpt,
-            checkpoint_every=p.checkpoint_every if ckpt else 0,
-        )
-        options = {**options_of(p), "stage": stage, "round": k}
-        trained = train(self.ctx.model, stream, config, progress=self.bar, run_options=options, loss_fn=self.loss_fn)
-        for w in getattr(trained, "warnings", []):
-            if f"recover-dynamic: {w}" not in self.ctx.warnings:
-                self.ctx.warn(f"recover-dynamic: {w}")
-        return trained
-
-    def result(self, wall: float) -> RecoveryResult:
-        return RecoveryResult(
-            rounds=tuple(self.rounds),
-            dense_ppl=dict(self.dense),
-            dense_instruction_loss=self.dense_instr,
-            stopped=dict(self.stopped),
-            wall_s=wall,
-        )
-
-
-# -- helpers ----------------------------------------------------------------------------------------
-
-
-def _sources(ctx: Context, data: TextData) -> list[str]:
-    """Training sources that have validation text (the others cannot be weighed; they are left out)."""
-    sources = [s for s in data.train if s in data.validation]
-    if not sources:
-        raise DataError(
-            f"recover-dynamic weighs sources by their validation perplexity, but no training source "
-            f"({sorted(data.train)}) has validation text ({sorted(data.validation)}); give "
-            "TextData.from_texts(tokenizer, train, validation) the same source names"
-        )
-    left = [s for s in data.train if s not in data.validation]
-    if left:
-        ctx.warn(f"recover-dynamic: sources {left} have no validation text and are left out of recovery")
-    return sources
-
-
-def _optional_dense(ctx: Context, sources: list[str]) -> dict[str, float]:
-    cached = ctx.find(DensePerplexity)
-    if isinstance(cached, Mapping) and all(s in cached for s in sources):
-        return {s: float(cached[s]) for s in sources}
-    return {}
-
-
-def _with_response(
-    ctx: Context, examples: list[tuple[torch.Tensor, torch.Tensor]], split: str, limit: int | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The examples that keep response tokens (tokenizing at a max length can cut a response off),
-    each cut to the model's ``limit`` positions (learned position embeddings end there)."""
-    if limit is not None and any(len(ids) > limit for ids, _ in examples):
-        ctx.warn(f"recover-dynamic: TextData.{split} examples are cut to the model's {limit} positions")
-        examples = [(ids[:limit], labels[:limit]) for ids, labels in examples]
-    kept = [(ids, labels) for ids, labels in examples if bool((labels[1:] != -100).any())]
-    if len(kept) < len(examples):
-        ctx.warn(
-            f"recover-dynamic: left out {len(examples) - len(kept)} of {len(examples)} TextData.{split} examples "
-            "whose response was cut off by the tokenizing max length (raise instruction_max_length)"
-        )
-    return kept
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _adapters(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the trainable (LoRA) parameters: what a round changes."""
-    from shear.runtime.training import is_lora_param
-
-    return {n: p.detach().clone() for n, p in model.named_parameters() if is_lora_param(n)}
-
-
-@torch.no_grad()
-def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    for n, p in model.named_parameters():
-        if n in saved:
-            p.copy_(saved[n])
 
 
 def _label(r: RecoveryRound) -> str:
