@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +53,7 @@ from shear.runtime.hf_config import candidate_config_updates, hf_base_model, ref
 from shear.runtime.masks import TensorTable
 from shear.runtime.model_facts import base_weight_name, is_lora_param
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
+from shear.runtime.safe_archive import check_program_archive, no_pickle
 
 __all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
 
@@ -255,66 +254,15 @@ def _save_graph_module(
     return path
 
 
-_ARCHIVE_DATA = ("archive_format", "archive_version", "byteorder", ".data/", "models/", "data/weights/",
-                 "data/constants/", "data/sample_inputs/", "extra/")
-"""Records of a ``torch.export`` archive that hold data; anything else (compiled kernels, pickled
-custom objects, legacy ``.pt`` weights) is refused before the archive is opened by torch."""
-
-
-def _check_program(file: Path) -> None:
-    """Refuse a ``program.pt2`` that would unpickle something: ``use_pickle`` payloads, pickled custom
-    or opaque objects, legacy pickled weights, compiled code."""
-    try:
-        with zipfile.ZipFile(file) as z:
-            for name in z.namelist():
-                rel = name.split("/", 1)[1] if "/" in name else name
-                leaf = rel.rsplit("/", 1)[-1]
-                if not rel.startswith(_ARCHIVE_DATA) or leaf.startswith(("custom_obj_", "opaque_obj_")) or (
-                    rel.startswith(("data/weights/", "data/constants/")) and leaf.endswith(".pt")
-                ):
-                    raise CheckpointError(
-                        f"{file}: the archive holds {name!r}, which would be loaded as code or a pickle; shear loads "
-                        "only tensor data. Re-save the model with shear.save from a trusted source"
-                    )
-                if leaf.endswith("_config.json") and rel.startswith(("data/weights/", "data/constants/")):
-                    entries = json.loads(z.read(name)).get("config", {})
-                    pickled = sorted(k for k, v in entries.items() if isinstance(v, dict) and v.get("use_pickle"))
-                    if pickled:
-                        raise CheckpointError(
-                            f"{file}: {name} stores {pickled[:3]} as pickles (use_pickle), which would run code on "
-                            "load; shear loads only tensor data. Re-save the model with shear.save from a trusted source"
-                        )
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise CheckpointError(f"{file} is not a readable program archive ({e}); re-save the model") from e
-
-
-@contextmanager
-def _no_pickle(file: Path) -> Iterator[None]:
-    """Within the block, ``torch.load`` reads only tensors (``weights_only=True``), whatever a caller asks."""
-    real = torch.load
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("weights_only") is False:
-            raise CheckpointError(f"{file}: the archive asks to unpickle an object, which could run code; refused")
-        kwargs["weights_only"] = True
-        return real(*args, **kwargs)
-
-    torch.load = guarded  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.load = real
-
-
 def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch.device) -> nn.Module:
     from shear.runtime.graph_codegen import finish_graph_module
 
     info = manifest["graph_module"]
     if info.get("file") != _PROGRAM:
         raise CheckpointError(f"{path}: the program must be {_PROGRAM}, the manifest names {info.get('file')!r}")
-    _check_program(path / _PROGRAM)
+    check_program_archive(path / _PROGRAM)
     try:
-        with _no_pickle(path / _PROGRAM):
+        with no_pickle(path / _PROGRAM):
             program = torch.export.load(str(path / _PROGRAM))
     except CheckpointError:
         raise
