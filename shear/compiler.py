@@ -227,22 +227,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     if dump_dir is not None:
         check_writable_dir(dump_dir)
     original = model
-    if not inplace:
-        try:
-            model = copy.deepcopy(model)
-        except Exception as e:
-            raise ShearError(
-                f"could not copy {type(model).__name__} (compile copies unless inplace=True): {e}. "
-                "Pass inplace=True to transform the model itself"
-            ) from e
-    dev = torch.device(device) if device is not None else None
-    if dev is not None:
-        model = model.to(dev)
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    # inputs follow the weights (a model already on a GPU needs no device=...)
-    target = dev if dev is not None else model_device(model)
-    example_inputs = _to_device(example_inputs, None if target.type == "meta" else target)
+    model, dev, example_inputs = _working_copy(model, inplace, device, example_inputs)
     ctx = Context(
         model=model,
         example_inputs=example_inputs,
@@ -269,6 +254,29 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     result = ctx.model
     object.__setattr__(result, "shear_report", summary)  # a plain attribute, not a submodule or buffer
     return result
+
+
+def _working_copy(
+    model: nn.Module, inplace: bool, device: str | torch.device | None, example_inputs: Any
+) -> tuple[nn.Module, torch.device | None, Any]:
+    """The model the passes transform (a deep copy unless ``inplace``, moved to ``device``), the device,
+    and the example inputs on the weights' device (16 token ids for a causal LM when none are given)."""
+    if not inplace:
+        try:
+            model = copy.deepcopy(model)
+        except Exception as e:
+            raise ShearError(
+                f"could not copy {type(model).__name__} (compile copies unless inplace=True): {e}. "
+                "Pass inplace=True to transform the model itself"
+            ) from e
+    dev = torch.device(device) if device is not None else None
+    if dev is not None:
+        model = model.to(dev)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    # inputs follow the weights (a model already on a GPU needs no device=...)
+    target = dev if dev is not None else model_device(model)
+    return model, dev, _to_device(example_inputs, None if target.type == "meta" else target)
 
 
 def _attach_report(ctx: Context, summary: CompileReport, path: str | os.PathLike[str] | None) -> None:
