@@ -28,8 +28,8 @@ from torch import nn
 
 from shear.errors import TrainingError
 from shear.runtime.devices import seeded_draw
-from shear.runtime.sharded import gather, writable
 from shear.runtime.model_facts import is_lora_param
+from shear.runtime.sharded import gather, writable
 
 __all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param", "lora_target_names"]
 
