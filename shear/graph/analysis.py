@@ -22,16 +22,12 @@ import torch.fx
 
 from shear.errors import GraphError
 from shear.graph.groups import Role
+from shear.graph.op_specs import ALIAS_OPS, is_alias_op
 from shear.graph.spaces import SpaceTable
 
 __all__ = ["Dims", "DimAnalysis", "StateRef", "Diagnostic", "ALIAS_OPS"]
 
 _aten = torch.ops.aten
-ALIAS_OPS = frozenset({
-    _aten._to_copy, _aten.to, _aten.type_as, _aten.clone, _aten.contiguous, _aten.alias, _aten.detach,
-    _aten.add, _aten.sub, _aten.mul, _aten.div, _aten.neg,
-})  # fmt: skip
-"""Ops that, applied to one parameter and scalars, give "the same tensor" for role purposes."""
 
 Dims = list[int | None]
 """Spaces of a tensor's dimensions; ``None`` for size-1 (broadcast) dimensions."""
@@ -130,8 +126,8 @@ class DimAnalysis:
 
     def alias_state(self, node: torch.fx.Node) -> None:
         """Record ``node`` as an alias of its input's tensor: one tensor argument that is a
-        parameter/buffer (or an alias) and an op of :data:`ALIAS_OPS` that keeps the shape, or a
-        transpose/permute of it."""
+        parameter/buffer (or an alias) and an op registered with ``alias=True`` (:func:`is_alias_op`)
+        that keeps the shape, or a transpose/permute of it."""
         packet = getattr(node.target, "overloadpacket", None)
         tensors = [x for x in node.args if isinstance(x, torch.fx.Node)]
         src = node.args[0] if node.args else None
@@ -140,7 +136,7 @@ class DimAnalysis:
         assert isinstance(src, torch.fx.Node)
         rank = len(self.shape(src))
         order = list(range(rank))
-        if packet in ALIAS_OPS and self.shape(node) == self.shape(src):
+        if is_alias_op(node.target) and self.shape(node) == self.shape(src):
             pass
         elif packet in (_aten.t, _aten.numpy_T) and rank == 2:
             order = [1, 0]

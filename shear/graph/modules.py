@@ -1,10 +1,11 @@
 """Module-level rules: composed operators (peft LoRA) and modules that are zero-preserving as a whole.
 
-Both tables are keyed by a predicate on the module, so they recognise structure rather than one
+Both are keyed by a predicate on the module, so they recognise structure rather than one
 library's class names: a LoRA linear is any module with ``base_layer``, ``lora_A`` and ``lora_B``
 (peft 0.21's ``lora.Linear`` and its quantised siblings), whatever the ``requires_grad`` flags are.
 A zero-preserving module maps a zeroed channel to zero although ops inside it do not (a tanh-GELU's
-``1 + tanh(...)``, an RMS norm's ``rsqrt(... + eps)``). RMS norms are in :mod:`shear.graph.norms`.
+``1 + tanh(...)``, an RMS norm's ``rsqrt(... + eps)``): the ``zero_preserving`` facet of the one
+module table (:mod:`shear.graph.module_registry`). RMS norms are in :mod:`shear.graph.norms`.
 
 Example:
     >>> from torch import nn
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from torch import nn
 
 from shear.graph.ir import LoraComposite
+from shear.graph.module_registry import PredicateView, lookup_module, register_module
 from shear.graph.norms import find_rms_norm
 
 __all__ = [
@@ -36,8 +38,9 @@ __all__ = [
 ]
 
 
-ZERO_PRESERVING_MODULES: list[Callable[[nn.Module], bool]] = []
-"""Predicates for elementwise modules with f(0) = 0 whose inner ops do not (tanh-GELU, QuickGELU)."""
+ZERO_PRESERVING_MODULES = PredicateView("zero_preserving")
+"""Read-only view, newest first: predicates for elementwise modules with f(0) = 0 whose inner ops do
+not (tanh-GELU, QuickGELU), derived from the module table."""
 
 _ACTIVATION_NAMES = {
     "NewGELUActivation", "GELUActivation", "FastGELUActivation", "QuickGELUActivation", "GELUTanh",
@@ -47,8 +50,9 @@ _ACTIVATION_NAMES = {
 
 
 def register_zero_preserving_module(predicate: Callable[[nn.Module], bool]) -> None:
-    """Declare modules matching ``predicate`` as elementwise with f(0) = 0 as a whole."""
-    ZERO_PRESERVING_MODULES.insert(0, predicate)
+    """Declare modules matching ``predicate`` as elementwise with f(0) = 0 as a whole: a thin
+    wrapper over ``register_module(predicate, zero_preserving=True)``."""
+    register_module(predicate, zero_preserving=True)
 
 
 register_zero_preserving_module(lambda m: type(m).__name__ in _ACTIVATION_NAMES)
@@ -56,7 +60,7 @@ register_zero_preserving_module(lambda m: type(m).__name__ in _ACTIVATION_NAMES)
 
 def is_zero_preserving_module(m: nn.Module) -> bool:
     """Registered as zero-preserving, or a known RMS norm (``x * rsqrt(...) * w`` is 0 where x is)."""
-    return any(p(m) for p in ZERO_PRESERVING_MODULES) or find_rms_norm(m) is not None
+    return bool(lookup_module(m, "zero_preserving")) or find_rms_norm(m) is not None
 
 
 def is_lora_linear(m: nn.Module) -> bool:

@@ -1,6 +1,7 @@
 """RMS-style norms: which modules compute ``x * rsqrt(mean(x^2) + eps) * (w + offset)``, and their rescale.
 
-One table serves both the analysis and erasure:
+The ``rms_norm`` facet of the one module table (:mod:`shear.graph.module_registry`) serves both
+the analysis and erasure:
 
 - the analysis accepts a mean over a pruned width only inside a known RMS norm, and treats a known
   RMS norm as zero-preserving over its other dimensions (a per-head ``q_norm`` maps a zeroed head
@@ -32,13 +33,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from shear.errors import GraphError
+from shear.graph.module_registry import lookup_module, register_module, type_view
+from shear.graph.rms_norm_spec import RmsNormSpec
 
 __all__ = [
     "RmsNormSpec",
@@ -51,76 +52,10 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class RmsNormSpec:
-    """How one RMS-norm type is written: where epsilon lives and how the weight is stored."""
+RMS_NORMS = type_view("rms_norm")
+"""Read-only view: RMS-norm type -> spec, derived from the module table. A mean-centring norm
+(LayerNorm) is deliberately absent."""
 
-    eps_attr: str
-    """Attribute holding epsilon (``variance_epsilon`` for LLaMA, ``eps`` for ``nn.RMSNorm``)."""
-    weight_offset: float = 0.0
-    """The norm multiplies by ``weight + weight_offset`` (Gemma stores ``weight`` around 0, offset 1)."""
-
-    def _scale_(self, w: torch.Tensor, ratio: float) -> torch.Tensor:
-        return w.add_(self.weight_offset).mul_(ratio**0.5).sub_(self.weight_offset)
-
-    def reference_weight(self, weight: torch.Tensor, d: int, d_new: int) -> torch.Tensor:
-        """The fp32 weight under which the norm over ``d`` channels computes exactly what the norm
-        rescaled to ``d_new`` (:meth:`rescale`, rounded to ``weight``'s dtype) computes.
-
-        In fp32 the rescaled weight is exact up to 1e-7; in bf16 rounding it moves outputs by up to
-        2^-9 of their size, a real change of the function. Verification computes the masked
-        reference with this weight, so it compares like with like in any dtype.
-
-        Example:
-            >>> spec = RmsNormSpec("eps")
-            >>> w = torch.full((4,), 0.3, dtype=torch.bfloat16)
-            >>> ref = spec.reference_weight(w, 4, 3)
-            >>> ref.dtype, bool((ref - 0.3).abs().max() < 2e-3), bool(ref[0] != w[0].float())
-            (torch.float32, True, True)
-        """
-        small = self._scale_(weight.detach().clone(), d / d_new)
-        return (small.float() + self.weight_offset) / (d / d_new) ** 0.5 - self.weight_offset
-
-    def scale_weight(self, weight: torch.Tensor, d: int, d_new: int) -> torch.Tensor:
-        """Rescale a norm ``weight`` in place for a width change ``d -> d_new`` (what :meth:`rescale`
-        does to the module's weight); return it. For weights that live outside a module, e.g. streamed
-        from a checkpoint tensor by tensor.
-
-        Example:
-            >>> RmsNormSpec("eps").scale_weight(torch.ones(2), 4, 1).tolist()
-            [2.0, 2.0]
-        """
-        if d_new != d:
-            with torch.no_grad():
-                self._scale_(weight, d / d_new)
-        return weight
-
-    def rescale(self, module: nn.Module, d: int, d_new: int) -> None:
-        """Make ``module`` over ``d_new`` channels equal the same norm over ``d`` with zeros added.
-
-        ``x / sqrt(S/d + eps) == sqrt(d/d') x / sqrt(S/d' + eps d/d')``: multiply the effective weight
-        by ``sqrt(d/d')`` and epsilon by ``d/d'``.
-        """
-        if d_new == d:
-            return
-        ratio = d / d_new
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            raise GraphError(
-                f"norm {type(module).__name__} has no weight to absorb the width change {d} -> {d_new}; "
-                "mark its space unprunable"
-            )
-        self.scale_weight(w, d, d_new)
-        eps = getattr(module, self.eps_attr)
-        if eps is None:  # nn.RMSNorm(eps=None) uses the dtype's machine epsilon
-            eps = torch.finfo(w.dtype).eps
-        setattr(module, self.eps_attr, float(eps) * ratio)
-
-
-RMS_NORMS: dict[type, RmsNormSpec] = {nn.RMSNorm: RmsNormSpec("eps")}
-"""RMS-norm type -> spec. A mean-centring norm (LayerNorm) is deliberately absent."""
-
-_PREDICATES: list[tuple[Callable[[nn.Module], bool], RmsNormSpec]] = []
 _PROBED: dict[type, RmsNormSpec | None] = {}
 
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
@@ -128,8 +63,9 @@ EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 
 
 def register_rms_norm(cls: type, spec: RmsNormSpec) -> None:
-    """Declare instances of ``cls`` (and subclasses) RMS norms written as ``spec`` says."""
-    RMS_NORMS[cls] = spec
+    """Declare instances of ``cls`` (and subclasses) RMS norms written as ``spec`` says: a thin
+    wrapper over ``register_module(cls, rms_norm=spec)``."""
+    register_module(cls, rms_norm=spec)
 
 
 def register_norm_rescale(
@@ -137,20 +73,21 @@ def register_norm_rescale(
 ) -> None:
     """Declare modules matching ``predicate`` RMS norms ``x * rsqrt(mean(x^2) + eps) * (w + offset)``.
 
-    Later registrations win over earlier ones.
+    Later registrations win over earlier ones. A thin wrapper over :func:`register_module` (the
+    predicate registered also requires the module to have ``eps_attr``).
     """
-    _PREDICATES.insert(0, (predicate, RmsNormSpec(eps_attr, weight_offset)))
+
+    def is_norm(m: nn.Module) -> bool:
+        return bool(predicate(m)) and hasattr(m, eps_attr)
+
+    register_module(is_norm, rms_norm=RmsNormSpec(eps_attr, weight_offset))
 
 
 def find_rms_norm(module: nn.Module) -> RmsNormSpec | None:
     """The spec of ``module`` if it is a known (or probed) RMS norm, else None."""
-    for klass in type(module).__mro__:
-        spec = RMS_NORMS.get(klass)
-        if spec is not None:
-            return spec
-    for predicate, spec in _PREDICATES:
-        if predicate(module) and hasattr(module, spec.eps_attr):
-            return spec
+    spec: RmsNormSpec | None = lookup_module(module, "rms_norm")
+    if spec is not None:
+        return spec
     if "rmsnorm" not in type(module).__name__.lower():
         return None
     if type(module) not in _PROBED:
@@ -202,9 +139,10 @@ def _register_optional(module: str, name: str, spec: RmsNormSpec) -> None:
     except ImportError:
         return
     if isinstance(cls, type):
-        RMS_NORMS[cls] = spec
+        register_module(cls, rms_norm=spec)
 
 
+register_module(nn.RMSNorm, rms_norm=RmsNormSpec("eps"))
 for _family, _cap in (("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("mistral", "Mistral"),
                       ("mixtral", "Mixtral"), ("phi3", "Phi3"), ("olmo2", "Olmo2")):
     _register_optional(f"transformers.models.{_family}.modeling_{_family}", f"{_cap}RMSNorm", RmsNormSpec("variance_epsilon"))

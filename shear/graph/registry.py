@@ -1,11 +1,13 @@
 """The op registry: how each aten op moves tensor dimensions between channel spaces.
 
-Rules are plain functions ``rule(a: DimAnalysis, node: torch.fx.Node) -> Dims | list[Dims]``
-stored in one table keyed by the op (an ``OpOverload``, its ``OpOverloadPacket`` for all
-overloads, or a Python callable such as ``operator.getitem``). Lookup tries the exact overload
-first, then the packet. An op with no rule pins every space it touches (:func:`unknown_rule`).
+Rules are plain functions ``rule(a: DimAnalysis, node: torch.fx.Node) -> Dims | list[Dims]``, the
+``channel`` facet of the op's entry in the one table of per-op facts (:mod:`shear.graph.op_specs`,
+whose :func:`register_op` and :func:`lookup_rule` are re-exported here), keyed by the op (an
+``OpOverload``, its ``OpOverloadPacket`` for all overloads, or a Python callable such as
+``operator.getitem``). Lookup tries the exact overload first, then the packet. An op with no rule
+pins every space it touches (:func:`unknown_rule`).
 
-Teach shear a new op with the decorator:
+Teach shear a new op with the decorator (``alias=`` and ``size=`` add the op's other facets):
 
 Example:
     >>> import torch
@@ -16,31 +18,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx
 
 from shear.graph.analysis import DimAnalysis
+from shear.graph.op_specs import OP_RULES, Rule, lookup_rule, register_op
 
 __all__ = ["Rule", "OP_RULES", "register_op", "lookup_rule", "unknown_rule", "op_name", "fresh_like", "norm_dim"]
-
-Rule = Callable[[DimAnalysis, torch.fx.Node], Any]
-
-OP_RULES: dict[Any, Rule] = {}
-"""Rules by op. Extend with :func:`register_op`."""
-
-
-def register_op(*targets: Any) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for each of ``targets`` (overloads, packets or Python callables)."""
-
-    def deco(rule: Rule) -> Rule:
-        for t in targets:
-            OP_RULES[t] = rule
-        return rule
-
-    return deco
 
 
 def op_name(target: Any) -> str:
@@ -50,13 +36,6 @@ def op_name(target: Any) -> str:
     if isinstance(target, torch._ops.HigherOrderOperator):
         return f"higher_order.{target.name()}"
     return getattr(target, "__name__", str(target))
-
-
-def lookup_rule(target: Any) -> Rule | None:
-    rule = OP_RULES.get(target)
-    if rule is None and isinstance(target, torch._ops.OpOverload):
-        rule = OP_RULES.get(target.overloadpacket)
-    return rule
 
 
 def unknown_rule(a: DimAnalysis, node: torch.fx.Node) -> Any:

@@ -26,7 +26,7 @@ from shear.graph.groups import Role
 from shear.graph.registry import fresh_like, op_name, register_op
 from shear.graph.registry import norm_dim as _norm
 
-__all__ = ["linear_rule", "ZERO_PRESERVING", "NON_ZERO_PRESERVING"]
+__all__ = ["linear_rule", "ZERO_PRESERVING", "NON_ZERO_PRESERVING", "ALIASING"]
 
 aten = torch.ops.aten
 
@@ -57,6 +57,15 @@ NON_ZERO_PRESERVING = [
 @register_op(*ZERO_PRESERVING)
 def zero_preserving_rule(a: DimAnalysis, node: torch.fx.Node) -> Dims:
     return a.dims(node.args[0])
+
+
+ALIASING = [
+    aten._to_copy, aten.to, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach,
+    aten.add, aten.sub, aten.mul, aten.div, aten.neg,
+]  # fmt: skip
+"""Ops that, applied to one parameter and scalars, give "the same tensor" for role purposes."""
+
+register_op(*ALIASING, alias=True)
 
 
 @register_op(aten.native_dropout)

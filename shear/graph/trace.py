@@ -25,6 +25,7 @@ from torch import nn
 
 import shear.graph.rules_compute  # noqa: F401  (registers rules)
 import shear.graph.rules_layout  # noqa: F401  (registers rules)
+import shear.graph.rules_size  # noqa: F401  (registers the size facets)
 from shear.errors import GraphError, TraceError
 from shear.graph.analysis import DimAnalysis, StateRef
 from shear.graph.ir import Graph

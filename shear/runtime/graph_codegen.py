@@ -11,7 +11,8 @@ instead emits the model as a ``torch.fx.GraphModule`` built from ``torch.export`
 2. derive, for every tensor dimension of every graph node, which positions survive the
    :class:`~shear.runtime.codegen.ErasurePlan` (a position dies when the structure owning it is
    erased; structures are read off the plan's cuts of the parameters of the same leaf space);
-3. rewrite the size constants of the graph by a table keyed by aten op (:data:`SIZE_RULES`): the
+3. rewrite the size constants of the graph by the ``size`` facet of each op in the one op table
+   (:func:`shear.graph.op_specs.register_op`; the rules are in :mod:`shear.graph.rules_size`): the
    shape of ``view``/``reshape``/``expand``/``zeros``..., the sizes of ``split``, the bounds of
    ``slice``/``narrow``, ``layer_norm``'s ``normalized_shape``, a grouped convolution's ``groups``;
    a ``mean`` over a shrunk dimension becomes ``sum / old_count`` and ``rms_norm`` is spelled out
@@ -52,19 +53,20 @@ Example:
 
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
+import shear.graph.rules_size  # noqa: F401  (registers the size facets)
 from shear.errors import GraphError, TraceError
-from shear.graph.analysis import DimAnalysis, Dims
+from shear.graph.analysis import DimAnalysis
+from shear.graph.live_dims import LiveDims
+from shear.graph.op_specs import SIZE_RULES, SizeRule, lookup_size_rule, register_op
 from shear.graph.trace import (
     _canonical_names,
     dynamic_shapes_for,
@@ -81,72 +83,25 @@ __all__ = [
 
 aten = torch.ops.aten
 
-SizeRule = Callable[["LiveDims", torch.fx.Node], None]
-"""Rewrites the size constants of one graph node in place, from the surviving positions."""
 
-SIZE_RULES: dict[Any, SizeRule] = {}
-"""aten op overload packet -> rule that rewrites its size constants."""
+def register_size_rule(op: Any, *more_ops: Any) -> Callable[[SizeRule], SizeRule]:
+    """Decorator: register ``fn`` as the size rule of each op of ``op, *more_ops``. A thin wrapper:
+    the one place is ``shear.graph.op_specs.register_op(op, size=fn)``, which this calls.
 
-
-def register_size_rule(*ops: Any) -> Callable[[SizeRule], SizeRule]:
-    """Decorator: register a size rule for each aten op overload packet of ``ops``."""
+    Example:
+        >>> from shear.graph.op_specs import OP_SPECS
+        >>> @register_size_rule(torch.ops.aten.special_entr)
+        ... def entr_sizes(live, node) -> None: ...
+        >>> SIZE_RULES[torch.ops.aten.special_entr] is entr_sizes
+        True
+        >>> del OP_SPECS[torch.ops.aten.special_entr]
+    """
 
     def deco(fn: SizeRule) -> SizeRule:
-        for op in ops:
-            SIZE_RULES[op] = fn
+        register_op(op, *more_ops, size=fn)
         return fn
 
     return deco
-
-
-@dataclass
-class LiveDims:
-    """Which positions of each graph value's dimensions survive erasure.
-
-    ``dead`` maps a leaf space to a bool mask over its structures (True: erased). :meth:`keep` gives
-    a bool mask over the positions of one dimension of a node's value (``None`` when nothing dies).
-    """
-
-    analysis: DimAnalysis
-    dead: dict[int, torch.Tensor]
-    _cache: dict[int, torch.Tensor | None] = field(default_factory=dict)
-
-    def keep_space(self, sp: int | None) -> torch.Tensor | None:
-        if sp is None:
-            return None
-        root = self.analysis.spaces.find(sp)
-        if root not in self._cache:
-            keep = torch.ones(self.analysis.spaces.size(root), dtype=torch.bool)
-            for leaf, occs in self.analysis.spaces.expand(root).items():
-                dead = self.dead.get(leaf)
-                if dead is None or not bool(dead.any()):
-                    continue
-                for occ in occs:
-                    covered = occ >= 0
-                    keep[covered] &= ~dead[occ[covered]]
-            self._cache[root] = None if bool(keep.all()) else keep
-        return self._cache[root]
-
-    def dims(self, node: Any, index: int | None = None) -> Dims:
-        value = self.analysis.values.get(node) if isinstance(node, torch.fx.Node) else None
-        if not value:
-            return []
-        if isinstance(value[0], list):
-            if index is None:
-                raise GraphError(f"node {node.name} is a tuple; name the element")
-            return list(value[index])
-        return list(value)
-
-    def keep(self, node: Any, dim: int, index: int | None = None) -> torch.Tensor | None:
-        dims = self.dims(node, index)
-        if not -len(dims) <= dim < len(dims):
-            return None
-        return self.keep_space(dims[dim])
-
-    def size(self, node: Any, dim: int, old: int, index: int | None = None) -> int:
-        """The new size of a dimension whose old size is ``old``."""
-        keep = self.keep(node, dim, index)
-        return old if keep is None else int(keep.sum())
 
 
 def _dead_structures(a: DimAnalysis, cuts: dict[str, dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
@@ -167,189 +122,6 @@ def _dead_structures(a: DimAnalysis, cuts: dict[str, dict[int, torch.Tensor]]) -
                     mask[cut] = True
                     hit += torch.bincount(occ[covered & mask], minlength=size)
     return {leaf: (totals[leaf] > 0) & (hits[leaf] == totals[leaf]) for leaf in totals}
-
-
-# --- size rules ---------------------------------------------------------------------------------------
-
-
-def _args(node: torch.fx.Node) -> tuple[Any, ...]:
-    return tuple(node.args)
-
-
-def _kwargs(node: torch.fx.Node) -> dict[str, Any]:
-    return dict(node.kwargs)
-
-
-def _new_shape(live: LiveDims, node: torch.fx.Node, shape: Any) -> Any:
-    if not isinstance(shape, (list, tuple)):
-        return shape
-    out = list(shape)
-    for i, s in enumerate(shape):
-        if isinstance(s, int) and s != -1:
-            out[i] = live.size(node, i, s)
-    return type(shape)(out)
-
-
-def _shape_at(position: int) -> SizeRule:
-    def rule(live: LiveDims, node: torch.fx.Node) -> None:
-        args = list(_args(node))
-        if len(args) > position:
-            args[position] = _new_shape(live, node, args[position])
-            node.args = tuple(args)
-        elif "size" in node.kwargs:
-            node.kwargs = {**node.kwargs, "size": _new_shape(live, node, node.kwargs["size"])}
-
-    return rule
-
-
-register_size_rule(aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.view_copy, aten.expand_copy)(
-    _shape_at(1)
-)
-register_size_rule(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full)(_shape_at(1))
-register_size_rule(aten.zeros, aten.ones, aten.empty, aten.full, aten.rand, aten.randn)(_shape_at(0))
-
-
-@register_size_rule(aten.split, aten.split_with_sizes)
-def _split(live: LiveDims, node: torch.fx.Node) -> None:
-    x, _, *rest = _args(node)
-    dim = rest[0] if rest else _kwargs(node).get("dim", 0)
-    value = live.analysis.values.get(node)
-    if not value or not isinstance(value[0], list) or live.keep(x, dim) is None:
-        return
-    shapes = [tuple(t.shape) for t in node.meta["val"]]
-    sizes = [live.size(node, dim, int(shape[dim]), index=i) for i, shape in enumerate(shapes)]
-    node.target = aten.split_with_sizes.default
-    node.args, node.kwargs = (x, sizes, dim), {}
-
-
-@register_size_rule(aten.layer_norm, aten.native_layer_norm)
-def _layer_norm(live: LiveDims, node: torch.fx.Node) -> None:
-    """``normalized_shape`` follows the input's trailing dimensions."""
-    args = list(_args(node))
-    x, shape = args[0], args[1]
-    n = len(shape)
-    old = tuple(x.meta["val"].shape)[-n:]
-    args[1] = [live.size(x, len(x.meta["val"].shape) - n + i, int(s)) for i, s in enumerate(old)]
-    node.args = tuple(args)
-
-
-@register_size_rule(aten.rms_norm)
-def _rms_norm(live: LiveDims, node: torch.fx.Node) -> None:
-    """RMS norm over a shrunk width: spelled out with the mean taken over the *old* width
-    (``x * rsqrt(sum(x^2) / d + eps) * weight``), exact because the erased positions were zeros."""
-    args = list(_args(node))
-    x, shape = args[0], args[1]
-    weight = args[2] if len(args) > 2 else None
-    eps = args[3] if len(args) > 3 else None
-    full = tuple(x.meta["val"].shape)
-    dims = list(range(len(full) - len(shape), len(full)))
-    if all(live.keep(x, d) is None for d in dims):
-        return
-    dtype = x.meta["val"].dtype
-    count = math.prod(int(full[d]) for d in dims)
-    eps = torch.finfo(dtype).eps if eps is None else float(eps)
-    graph = node.graph
-    call = graph.call_function
-    with graph.inserting_before(node):
-        xf = call(aten._to_copy.default, (x,), {"dtype": torch.float32})
-        ms = call(aten.div.Tensor, (call(aten.sum.dim_IntList, (call(aten.pow.Tensor_Scalar, (xf, 2)), dims, True)), float(count)))
-        y = call(aten.mul.Tensor, (xf, call(aten.rsqrt.default, (call(aten.add.Tensor, (ms, eps)),))))
-        y = call(aten._to_copy.default, (y,), {"dtype": dtype})
-        if weight is not None:
-            y = call(aten.mul.Tensor, (y, weight))
-    node.replace_all_uses_with(y)
-    graph.erase_node(node)
-
-
-@register_size_rule(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
-def _conv_groups(live: LiveDims, node: torch.fx.Node) -> None:
-    """Grouped (e.g. depthwise) convolutions: ``groups = input channels / weight's input channels``."""
-    args = list(_args(node))
-    position = 8 if _packet(node.target) is aten.convolution else 6
-    if len(args) <= position or args[position] == 1:
-        return
-    x, weight = args[0], args[1]
-    channels = live.size(x, 1, int(x.meta["val"].shape[1]))
-    per_group = live.size(weight, 1, int(weight.meta["val"].shape[1]))
-    args[position] = channels // per_group
-    node.args = tuple(args)
-
-
-def _prefix(keep: torch.Tensor, bound: int) -> int:
-    n = keep.numel()
-    bound = bound + n if bound < 0 else bound
-    return int(keep[: max(0, min(bound, n))].sum())
-
-
-@register_size_rule(aten.slice)
-def _slice(live: LiveDims, node: torch.fx.Node) -> None:
-    x, *rest = _args(node)
-    dim = rest[0] if rest else 0
-    keep = live.keep(x, dim)
-    if keep is None:
-        return
-    start = rest[1] if len(rest) > 1 else None
-    end = rest[2] if len(rest) > 2 else None
-    step = rest[3] if len(rest) > 3 else 1
-    if not all(isinstance(b, int) or b is None for b in (start, end, step)):
-        raise GraphError(f"{node.name}: slice with symbolic bounds over a pruned dimension")
-    if step == 1:
-        new_start = None if start is None else _prefix(keep, start)
-        new_end = None if end is None else _prefix(keep, end)
-        node.args = (x, dim, new_start, new_end, 1)
-        return
-    # a strided slice: the surviving taken positions, renumbered, must again be a stride
-    n = keep.numel()
-    taken = torch.arange(n)[slice(start, end, step)]
-    new_index = torch.cumsum(keep.long(), 0) - 1
-    kept = new_index[taken[keep[taken]]].tolist()
-    strides = {b - a for a, b in zip(kept, kept[1:], strict=False)}
-    if len(strides) > 1 or not kept:
-        raise GraphError(
-            f"{node.name}: slice [{start}:{end}:{step}] over a pruned dimension keeps positions {kept[:8]}..., "
-            "which no slice of the smaller tensor gives; prune that dimension in whole strides"
-        )
-    new_step = strides.pop() if strides else 1
-    node.args = (x, dim, kept[0], kept[-1] + 1, new_step)
-
-
-@register_size_rule(aten.narrow)
-def _narrow(live: LiveDims, node: torch.fx.Node) -> None:
-    x, dim, start, length = _args(node)
-    keep = live.keep(x, dim)
-    if keep is None:
-        return
-    if not isinstance(start, int) or not isinstance(length, int):
-        raise GraphError(f"{node.name}: narrow with symbolic bounds over a pruned dimension")
-    new_start = _prefix(keep, start)
-    node.args = (x, dim, new_start, _prefix(keep, start + length) - new_start)
-
-
-@register_size_rule(aten.mean)
-def _mean(live: LiveDims, node: torch.fx.Node) -> None:
-    """``mean`` over a shrunk dimension divides by the old count: ``sum(x, dims) / count``."""
-    args, kwargs = _args(node), _kwargs(node)
-    x = args[0]
-    dims = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    shape = tuple(x.meta["val"].shape) if isinstance(x, torch.fx.Node) else ()
-    reduced = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
-    if all(live.keep(x, d) is None for d in reduced):
-        return
-    if any(not isinstance(shape[d], int) for d in reduced):
-        raise GraphError(f"{node.name}: mean over a pruned and a dynamic dimension")
-    count = math.prod(int(shape[d]) for d in reduced)
-    graph = node.graph
-    with graph.inserting_after(node):
-        total = graph.call_function(aten.sum.dim_IntList, (x, reduced, keepdim))
-        with graph.inserting_after(total):
-            div = graph.call_function(aten.div.Tensor, (total, float(count)))
-    node.replace_all_uses_with(div)
-    graph.erase_node(node)
-
-
-def _packet(target: Any) -> Any:
-    return getattr(target, "overloadpacket", target)
 
 
 # --- the emitter -------------------------------------------------------------------------------------
@@ -409,7 +181,8 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
     ``model``) as a ``GraphModule``; ``model`` is not changed.
 
     Raises :class:`GraphError` when a graph op sets a size over a pruned dimension that no rule of
-    :data:`SIZE_RULES` rewrites (register one, or mark that space unprunable).
+    the op table rewrites (register one with ``register_op(op, size=rule)``, or mark that space
+    unprunable).
     """
     try:
         ep = export_model(model, example_inputs, dynamic=True)
@@ -420,7 +193,7 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
     for node in list(ep.graph.nodes):
         if node.op != "call_function" or node.target is operator.getitem:
             continue
-        rule = SIZE_RULES.get(_packet(node.target))
+        rule = lookup_size_rule(node.target)
         if rule is not None:
             rule(live, node)
     ep.graph.eliminate_dead_code()

@@ -3,12 +3,14 @@
 Codegen slices parameters and buffers; modules also carry sizes as plain attributes
 (``nn.Linear.in_features``, GPT-2 ``Conv1D.nf``, a LLaMA attention's ``num_key_value_groups``,
 peft's ``LoraLayer.in_features``). A rule reads the module's *current* tensors (and its children,
-which are updated first: the walk is post-order) and rewrites those attributes. Rules live in a
-table keyed by module type and looked up along the MRO, so a new architecture is a new entry::
+which are updated first: the walk is post-order) and rewrites those attributes. Rules are the
+``attributes`` facet of the one module table (:func:`shear.graph.module_registry.register_module`),
+looked up along the MRO, then by structure, so a new architecture is a new entry::
 
-    @register_module_rule(MyAttention)
     def _my_attention(m: MyAttention) -> None:
         m.num_heads = m.q.weight.shape[0] // m.head_dim
+
+    register_module(MyAttention, attributes=_my_attention)   # or @register_module_rule(MyAttention)
 
 How an RMS-style norm whose width shrinks is rescaled lives in :mod:`shear.graph.norms`
 (:data:`RMS_NORMS`, re-exported here), which the analysis shares.
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from shear.errors import GraphError
+from shear.graph.module_registry import ModuleRule, PredicateView, lookup_module, register_module, type_view
 from shear.graph.norms import RMS_NORMS, RmsNormSpec, find_rms_norm, register_rms_norm
 
 __all__ = [
@@ -52,21 +55,20 @@ __all__ = [
     "in_out_features",
 ]
 
-ModuleRule = Callable[[nn.Module], None]
-"""Rewrites a module's size attributes from its current tensors, in place."""
-
-MODULE_RULES: dict[type, ModuleRule] = {}
-"""Module type -> attribute rule. Looked up along the MRO (most specific first)."""
+MODULE_RULES = type_view("attributes")
+"""Read-only view: module type -> attribute rule, derived from the module table. Looked up along
+the MRO (most specific first)."""
 
 _M = TypeVar("_M", bound=ModuleRule)
 
 
 def register_module_rule(*types: type) -> Callable[[_M], _M]:
-    """Decorator: register ``fn`` as the attribute rule of each of ``types``."""
+    """Decorator: register ``fn`` as the attribute rule of each of ``types``: a thin wrapper over
+    ``register_module(t, attributes=fn)``."""
 
     def deco(fn: _M) -> _M:
         for t in types:
-            MODULE_RULES[t] = fn
+            register_module(t, attributes=fn)
         return fn
 
     return deco
@@ -81,26 +83,25 @@ def _register_optional(module: str, names: tuple[str, ...], fn: ModuleRule) -> N
     for name in names:
         cls = getattr(mod, name, None)
         if isinstance(cls, type):
-            MODULE_RULES[cls] = fn
+            register_module(cls, attributes=fn)
 
 
-STRUCTURAL_RULES: list[tuple[Callable[[nn.Module], bool], ModuleRule]] = []
-"""(predicate, rule) pairs tried, in order, for a module whose type has no rule: they recognise
-a family by its structure (any transformers attention with ``head_dim`` and q/k/o projections)."""
+STRUCTURAL_RULES = PredicateView("attributes", pairs=True)
+"""Read-only view, newest first: (predicate, rule) pairs tried, in order, for a module whose type has
+no rule: they recognise a family by its structure (any transformers attention with ``head_dim`` and
+q/k/o projections). Derived from the module table."""
 
 
 def register_structural_rule(predicate: Callable[[nn.Module], bool], rule: ModuleRule) -> None:
-    """Apply ``rule`` to modules of unregistered types that match ``predicate`` (later wins)."""
-    STRUCTURAL_RULES.insert(0, (predicate, rule))
+    """Apply ``rule`` to modules of unregistered types that match ``predicate`` (later wins): a thin
+    wrapper over ``register_module(predicate, attributes=rule)``."""
+    register_module(predicate, attributes=rule)
 
 
 def find_rule(module: nn.Module) -> ModuleRule | None:
     """The rule for ``module``'s type, of its nearest registered base class, or of its structure."""
-    for klass in type(module).__mro__:
-        rule = MODULE_RULES.get(klass)
-        if rule is not None:
-            return rule
-    return next((rule for predicate, rule in STRUCTURAL_RULES if predicate(module)), None)
+    rule: ModuleRule | None = lookup_module(module, "attributes")
+    return rule
 
 
 def update_module_attributes(model: nn.Module) -> None:
