@@ -172,7 +172,7 @@ def test_lora_on_a_bf16_model_keeps_adapters_fp32(tiny_llama):
 def test_taylor_saliency_of_a_bf16_model_keeps_no_gradient_copy(tiny_llama):
     """16-bit weights: taylor1's gradients are consumed as autograd finishes each one (at most one
     exists at a time) and agree with the full-gradient path (which keeps them all) to float rounding."""
-    from shear.runtime import saliency
+    from shear.runtime import saliency, saliency_signals
 
     model, tok = tiny_llama
     data = TextData.from_corpus(tok, max_train_chars=20_000, max_val_chars=3_000)
@@ -181,18 +181,18 @@ def test_taylor_saliency_of_a_bf16_model_keeps_no_gradient_copy(tiny_llama):
     groups = [g for g in graph.prunable_groups if g.kind in ("channel", "head")]
     ids = data.calibration(4, 32, seed=0)
     alive: list[int] = []
-    real = saliency._rowsum
+    real = saliency_signals.rowsum
 
     def spy(t, dim):
         alive.append(sum(1 for p in lora_model.parameters() if p.grad is not None))
         return real(t, dim)
 
-    saliency._rowsum = spy
+    saliency_signals.rowsum = spy
     try:
         streamed = saliency.compute_saliency(lora_model, groups, weights="taylor1=1", calibration_ids=ids,
                                              composites=graph.composites, batch_size=2)
     finally:
-        saliency._rowsum = real
+        saliency_signals.rowsum = real
     assert alive and max(alive) == 0  # the gradient being reduced was already taken off its parameter
     kept = saliency.compute_saliency(lora_model, groups, weights="taylor1=1,taylor2=1e-9", calibration_ids=ids,
                                      composites=graph.composites, batch_size=2)
