@@ -281,26 +281,48 @@ class KnowledgeDistributionAnalysis(Pass):
         if not 0.0 <= self.gamma <= 1.0:
             raise PipelineError(f"knowledge-distribution: gamma must be in [0, 1], got {self.gamma}")
 
+    def _proxy_scores(self, ctx: Context, data: Any, graph: Graph) -> SaliencyScores | None:
+        """The scores that choose which structures of a node group the perturbation removes
+        (``None`` for ``proxy=random``)."""
+        if self.proxy == "magnitude":
+            return compute_saliency(ctx.model, graph.pruning_groups, weights="magnitude=1", composites=graph.composites)
+        if self.proxy == "activation":
+            ids = data.calibration(self.calibration, self.seq_len, seed=self.seed)
+            return compute_saliency(
+                ctx.model, graph.pruning_groups, weights="activation=1", calibration_ids=ids, composites=graph.composites
+            )
+        if self.proxy == "saliency":
+            scores = ctx.find(SaliencyScores)
+            if not isinstance(scores, SaliencyScores):
+                raise PipelineError(
+                    "knowledge-distribution: proxy=saliency needs the saliency scores; run the saliency pass first"
+                )
+            return scores
+        return None
+
+    def _with_figure(self, result: KnowledgeDistribution, out_dir: Path) -> KnowledgeDistribution:
+        """``result`` with the deviation bar chart written under ``out_dir``."""
+        from shear.runtime.plots import plot_deviation
+
+        entries = result.entries
+        finite = [e.deviation for e in entries if math.isfinite(e.deviation)]
+        cap = max([abs(d) for d in finite] + [1.0]) * 10
+        figures = plot_deviation(
+            [strip_peft_prefix(e.name) + (" (lora)" if e.kind == "composed" else "") for e in entries],
+            [e.deviation if math.isfinite(e.deviation) else cap for e in entries],
+            [e.unprunable for e in entries],
+            out_dir / "knowledge-distribution",
+            title=f"Perplexity deviation when pruning {self.ratio:.0%} of each node group (base {result.base_ppl:.2f})",
+        )
+        return KnowledgeDistribution(**{**result.__dict__, "figures": tuple(figures)})
+
     def run(self, ctx: Context) -> PassResult:
         from shear.data.text import require_text_data
 
         data = require_text_data(ctx, self.name)
         graph = ctx.get(Graph)
         model = ctx.model
-        scores: SaliencyScores | None = None
-        if self.proxy == "magnitude":
-            scores = compute_saliency(model, graph.pruning_groups, weights="magnitude=1", composites=graph.composites)
-        elif self.proxy == "activation":
-            ids = data.calibration(self.calibration, self.seq_len, seed=self.seed)
-            scores = compute_saliency(
-                model, graph.pruning_groups, weights="activation=1", calibration_ids=ids, composites=graph.composites
-            )
-        elif self.proxy == "saliency":
-            scores = ctx.find(SaliencyScores)
-            if not isinstance(scores, SaliencyScores):
-                raise PipelineError(
-                    "knowledge-distribution: proxy=saliency needs the saliency scores; run the saliency pass first"
-                )
+        scores = self._proxy_scores(ctx, data, graph)
         table = TensorTable(model)
         todo = _perturbations(graph, table, self.ratio, _Chooser(self.proxy, scores, self.seed), self.include, self.kinds)
         if not todo:
@@ -353,18 +375,7 @@ class KnowledgeDistributionAnalysis(Pass):
         out_dir = self.out_dir if self.out_dir is not None else ctx.options.dump_dir
         note = ""
         if out_dir is not None:
-            from shear.runtime.plots import plot_deviation
-
-            finite = [e.deviation for e in entries if math.isfinite(e.deviation)]
-            cap = max([abs(d) for d in finite] + [1.0]) * 10
-            figures = plot_deviation(
-                [strip_peft_prefix(e.name) + (" (lora)" if e.kind == "composed" else "") for e in entries],
-                [e.deviation if math.isfinite(e.deviation) else cap for e in entries],
-                [e.unprunable for e in entries],
-                Path(out_dir) / "knowledge-distribution",
-                title=f"Perplexity deviation when pruning {self.ratio:.0%} of each node group (base {base:.2f})",
-            )
-            result = KnowledgeDistribution(**{**result.__dict__, "figures": tuple(figures)})
+            result = self._with_figure(result, Path(out_dir))
         else:
             note = "; no figure (set out_dir or compile(dump_dir=...))"
         ctx.put(result)
