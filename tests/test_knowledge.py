@@ -191,3 +191,33 @@ def test_activation_proxy_zeroes_the_lowest_activation_structures(planted: tuple
     # a magnitude-proxy run zeroes other structures in the planted group: the proxy is what chose them
     mag = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=magnitude,ratio=0.5,seq_len=32,max_windows=2}")
     assert next(e for e in mag.results["knowledge-distribution"].entries if e.name == PLANTED).ppl != entry.ppl
+
+
+def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
+    planted: tuple[torch.nn.Module, TextData], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second run with the same weights, text and options loads the stored result without measuring;
+    another option (gamma) or other weights is another key and measures again."""
+    import shear.passes.knowledge as knowledge
+
+    model, data = planted
+    spec = f'knowledge-distribution{{proxy=random,seq_len=32,max_windows=2,cache_dir="{tmp_path}"}}'
+    first = _run(model, data, spec).get(KnowledgeDistribution)
+    files = sorted(tmp_path.glob("knowledge-*.json"))
+    assert len(files) == 1
+    measured: list[int] = []
+    real = knowledge._measure
+    monkeypatch.setattr(knowledge, "_measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    again = _run(model, data, spec).get(KnowledgeDistribution)
+    assert again == first and not measured  # loaded, not measured
+    other = _run(model, data, spec.replace("proxy=random", "proxy=random,gamma=0.3")).get(KnowledgeDistribution)
+    assert measured and other.gamma == 0.3 and len(list(tmp_path.glob("knowledge-*.json"))) == 2
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+    measured.clear()
+    _run(changed, data, spec)
+    assert measured and len(list(tmp_path.glob("knowledge-*.json"))) == 3
+    files[0].write_text("{not json")
+    with pytest.raises(PassError, match="cannot be read"):
+        _run(model, data, spec)

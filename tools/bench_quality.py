@@ -370,6 +370,8 @@ class Ablation(Bench):
                  lhspg: str = "", steps_per_round: int = 0, recover: str = "") -> str:
         p = self.p
         kd_opts = kinds.lstrip(",") + (kd if isinstance(kd, str) else "")
+        if self.args.kd_cache is not None:
+            kd_opts = (kd_opts + f',cache_dir="{self.args.kd_cache}"').lstrip(",")
         kd_pass = f"knowledge-distribution{{{kd_opts}}}," if kd is not False else ""
         return (
             f"lora,discover-groups,{kd_pass}"
@@ -540,6 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", type=float, default=0.0, metavar="SHARE",
                         help="run the ablation rows at this share of the non-embedding parameters (e.g. 0.2) instead")
     parser.add_argument("--only", nargs="*", default=[], metavar="ROW", help="with --ablation: these rows only")
+    parser.add_argument("--kd-cache", type=Path, default=None, metavar="DIR",
+                        help="with --ablation: keep knowledge-distribution results in DIR and reuse them across rows "
+                        "and runs with the same model, text and options (a row's pass_s then shows ~0 s for it)")
     parser.add_argument("--table-only", nargs="*", type=Path, metavar="JSON",
                         help="run nothing: write the table of the JSON next to --out, with the rows of these "
                              "JSON files (runs made side by side, e.g. --ratios ... and --ratios --unstructured 0.5) appended")

@@ -49,6 +49,7 @@ from shear.errors import PassError, PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph, NodeGroup
 from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
+from shear.passes.knowledge_cache import cache_key, load_result, save_result
 from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable
 from shear.runtime.model_facts import strip_peft_prefix
@@ -274,12 +275,26 @@ class KnowledgeDistributionAnalysis(Pass):
     """Seed of the random proxy."""
     out_dir: Path | None = None
     """Where the figure goes (PNG and SVG); default ``ctx.options.dump_dir``, else no figure."""
+    cache_dir: str | None = None
+    """Keep the result in this directory, keyed by the weights, the text, these options and shear's
+    version (:mod:`shear.passes.knowledge_cache`); a run with the same key loads it instead of
+    measuring again. The result does not depend on the passes after this one, so an ablation of
+    ratios, schedules or recovery measures it once."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise PipelineError(f"knowledge-distribution: ratio must be in (0, 1), got {self.ratio}")
         if not 0.0 <= self.gamma <= 1.0:
             raise PipelineError(f"knowledge-distribution: gamma must be in [0, 1], got {self.gamma}")
+
+    def _cache_file(self, model: nn.Module, data: Any) -> Path | None:
+        """Where this run's result is kept (``cache_dir``), or None without a cache."""
+        if self.cache_dir is None:
+            return None
+        from shear.runtime.training.fingerprint import options_of
+
+        options = options_of(self, skip=("cache_dir", "out_dir", "batch_size"))
+        return Path(self.cache_dir) / f"knowledge-{cache_key(model, data, options)}.json"
 
     def _proxy_scores(self, ctx: Context, data: Any, graph: Graph) -> SaliencyScores | None:
         """The scores that choose which structures of a node group the perturbation removes
@@ -322,6 +337,18 @@ class KnowledgeDistributionAnalysis(Pass):
         data = require_text_data(ctx, self.name)
         graph = ctx.get(Graph)
         model = ctx.model
+        cached = self._cache_file(model, data)
+        if cached is not None and cached.is_file():
+            result = load_result(cached)
+            ctx.put(result)
+            return PassResult(
+                changed=False,
+                message=f"loaded from {cached} ({len(result.entries)} node groups, "
+                f"{len(result.unprunable_groups)} pruning groups marked unprunable)",
+                stats={"node_groups": len(result.entries), "base_ppl": result.base_ppl, "cached": str(cached),
+                       "unprunable_node_groups": len(result.unprunable_node_groups),
+                       "unprunable_groups": len(result.unprunable_groups), "table": result.table()},
+            )
         scores = self._proxy_scores(ctx, data, graph)
         table = TensorTable(model)
         todo = _perturbations(graph, table, self.ratio, _Chooser(self.proxy, scores, self.seed), self.include, self.kinds)
@@ -379,6 +406,8 @@ class KnowledgeDistributionAnalysis(Pass):
         else:
             note = "; no figure (set out_dir or compile(dump_dir=...))"
         ctx.put(result)
+        if cached is not None:
+            save_result(cached, result)
         top = strip_peft_prefix(ranking[0][0].node_group.name)
         return PassResult(
             changed=False,
