@@ -69,10 +69,16 @@ def load_result(path: Path) -> KnowledgeDistribution:
     is not one (delete it to measure again)."""
     from shear.passes.knowledge import KnowledgeDistribution, NodeGroupDeviation
 
+    def unreadable(why: object) -> PassError:
+        return PassError(f"knowledge-distribution: the cached result {path} cannot be read ({why}); delete it to measure again")
+
     try:
         doc = json.loads(path.read_text())
-        if doc.pop("format", None) != FORMAT:
-            raise ValueError(f"not a {FORMAT} file")
+    except (OSError, ValueError) as e:
+        raise unreadable(e) from e
+    if not isinstance(doc, dict) or doc.pop("format", None) != FORMAT:
+        raise unreadable(f"not a {FORMAT} file")
+    try:
         entries = tuple(
             NodeGroupDeviation(**{**e, "pruning_groups": tuple(e["pruning_groups"])}) for e in doc.pop("entries")
         )
@@ -86,5 +92,5 @@ def load_result(path: Path) -> KnowledgeDistribution:
                 "figures": tuple(Path(f) for f in doc["figures"]),
             }
         )
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise PassError(f"knowledge-distribution: the cached result {path} cannot be read ({e}); delete it to measure again") from e
+    except (ValueError, TypeError, KeyError) as e:
+        raise unreadable(e) from e
