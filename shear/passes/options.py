@@ -144,97 +144,123 @@ class _BadValue(Exception):
     pass
 
 
+def _is_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.lower() in _NONE)
+
+
 def _convert(value: Any, tp: Any) -> Any:
     """Convert ``value`` (text from a pipeline string, or a typed value from a file) to ``tp``."""
     if tp is Any or tp is object:
         return value
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin is typing.ClassVar:
         raise _BadValue
     if tp is type(None):
-        if value is None or (isinstance(value, str) and value.lower() in _NONE):
+        if _is_none(value):
             return None
         raise _BadValue
     if origin in (Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in _NONE)):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a)
-            except _BadValue:
-                continue
-        raise _BadValue
+        return _convert_union(value, typing.get_args(tp))
     if origin is Literal:
-        for lit in args:
-            if value == lit and type(value) is type(lit):
-                return lit
-        for lit in args:
-            if isinstance(value, str) and not isinstance(lit, str):
-                try:
-                    if _convert(value, type(lit)) == lit:
-                        return lit
-                except _BadValue:
-                    continue
-        raise _BadValue
+        return _convert_literal(value, typing.get_args(tp))
     if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
-        items = list(value) if isinstance(value, (list, tuple)) else [value]
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(items) != len(args):
-                raise _BadValue
-            return tuple(_convert(v, a) for v, a in zip(items, args, strict=True))
-        item_tp = args[0] if args else Any
-        converted = [_convert(v, item_tp) for v in items]
-        return converted if origin is list or tp is list else tuple(converted)
+        return _convert_sequence(value, tp, origin, typing.get_args(tp))
     if isinstance(tp, type):
-        if issubclass(tp, bool):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-                return value.lower() in _TRUE
-            raise _BadValue
-        if issubclass(tp, enum.Enum):
-            for member in tp:
-                if value is member or value == member.value or value == member.name:
-                    return member
-                if isinstance(value, str) and value == str(member.value):
-                    return member
-            raise _BadValue
-        if issubclass(tp, int):
-            if isinstance(value, bool):
-                raise _BadValue
-            if isinstance(value, int):
-                return tp(value)
-            if isinstance(value, str):
-                try:
-                    return tp(value.strip())
-                except ValueError:
-                    raise _BadValue from None
-            raise _BadValue
-        if issubclass(tp, float):
-            if isinstance(value, bool):
-                raise _BadValue
-            if isinstance(value, (int, float)):
-                return tp(value)
-            if isinstance(value, str):
-                try:
-                    return tp(value.strip())
-                except ValueError:
-                    raise _BadValue from None
-            raise _BadValue
-        if issubclass(tp, str):
-            if isinstance(value, str):
-                return value
-            raise _BadValue
-        if issubclass(tp, Path):
-            if isinstance(value, (str, Path)):
-                return Path(value)
-            raise _BadValue
+        if issubclass(tp, enum.Enum):  # before the scalars: an IntEnum is also an int
+            return _convert_enum(value, tp)
+        for base in tp.__mro__:
+            scalar = _SCALARS.get(base)
+            if scalar is not None:
+                return scalar(value, tp)
         if isinstance(value, tp):
             return value
     raise _BadValue
+
+
+def _convert_union(value: Any, args: tuple[Any, ...]) -> Any:
+    if type(None) in args and _is_none(value):
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _convert(value, a)
+        except _BadValue:
+            continue
+    raise _BadValue
+
+
+def _convert_literal(value: Any, args: tuple[Any, ...]) -> Any:
+    for lit in args:
+        if value == lit and type(value) is type(lit):
+            return lit
+    for lit in args:
+        if isinstance(value, str) and not isinstance(lit, str):
+            try:
+                if _convert(value, type(lit)) == lit:
+                    return lit
+            except _BadValue:
+                continue
+    raise _BadValue
+
+
+def _convert_sequence(value: Any, tp: Any, origin: Any, args: tuple[Any, ...]) -> Any:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(items) != len(args):
+            raise _BadValue
+        return tuple(_convert(v, a) for v, a in zip(items, args, strict=True))
+    item_tp = args[0] if args else Any
+    converted = [_convert(v, item_tp) for v in items]
+    return converted if origin is list or tp is list else tuple(converted)
+
+
+def _convert_enum(value: Any, tp: type[enum.Enum]) -> Any:
+    for member in tp:
+        if value is member or value == member.value or value == member.name:
+            return member
+        if isinstance(value, str) and value == str(member.value):
+            return member
+    raise _BadValue
+
+
+def _to_bool(value: Any, tp: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise _BadValue
+
+
+def _to_number(value: Any, tp: type) -> Any:
+    """An int or float option: a number of that kind (never a bool), or its text."""
+    if isinstance(value, bool):
+        raise _BadValue
+    if isinstance(value, int) or (isinstance(value, float) and issubclass(tp, float)):
+        return tp(value)
+    if isinstance(value, str):
+        try:
+            return tp(value.strip())
+        except ValueError:
+            raise _BadValue from None
+    raise _BadValue
+
+
+def _to_str(value: Any, tp: type) -> str:
+    if isinstance(value, str):
+        return value
+    raise _BadValue
+
+
+def _to_path(value: Any, tp: type) -> Path:
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    raise _BadValue
+
+
+_SCALARS: dict[type, Any] = {bool: _to_bool, int: _to_number, float: _to_number, str: _to_str, Path: _to_path}
+"""Scalar option type -> converter ``(value, tp) -> value``; looked up along the type's MRO (``bool``
+before ``int``, a ``PurePath`` subclass finds ``Path`` only if it is one)."""
 
 
 def convert_option(pass_name: str, option: OptionInfo, value: Any) -> Any:
