@@ -251,21 +251,7 @@ def _overlap_edges(fg: FoldedGraph, b: int, targets: dict[int, str]) -> list[str
 def _folded_dot(g: Graph, max_pinned: int = 40, max_full: int = 3) -> str:
     fg = fold(g)
     word = "layers"
-    n_blocks = sum(r.count for r in fg.runs)
-    title = (
-        f"{g.model_class}: {len(g.pruning_groups)} pruning groups ({len(g.prunable_groups)} prunable, "
-        f"{g.num_structures()} structures), {len(g.composites)} LoRA composites"
-    )
-    if fg.container is not None:
-        where = fg.container or "<root>"
-        title += "\\n" + f"{n_blocks} blocks under {where}: {fg.distinct} drawn in full, the rest folded"
-    lines = [
-        "digraph shear {",
-        '  graph [rankdir=TB, fontname="Helvetica", fontsize=11, compound=true, newrank=true, nodesep=0.25, ranksep=0.35];',
-        '  node [shape=ellipse, fontname="Helvetica", fontsize=9, style=filled, fillcolor=white];',
-        '  edge [color="#888888", arrowsize=0.6];',
-        f"  label={_q(title)}; labelloc=t;",
-    ]
+    lines = _dot_header(g, fg)
     targets: dict[int, str] = {}
     chain: list[tuple[str, str | None]] = []  # (node, cluster name for compound edges)
     tops = [p for p in fg.global_groups if p.prunable]
@@ -351,6 +337,33 @@ def _folded_dot(g: Graph, max_pinned: int = 40, max_full: int = 3) -> str:
                 f"  {_q('C:' + g.node_groups[o.composed].name)} -> {_q(targets[pid])} [style={style}, "
                 f'color="{_colour(g.pruning_groups[pid])}", constraint=false, arrowhead=none];'
             )
+    lines += _dot_footer(g, fg, chain, word, max_pinned)
+    return "\n".join(lines)
+
+
+def _dot_header(g: Graph, fg: FoldedGraph) -> list[str]:
+    """The opening lines of the folded DOT: graph attributes and the title (groups, folded blocks)."""
+    n_blocks = sum(r.count for r in fg.runs)
+    title = (
+        f"{g.model_class}: {len(g.pruning_groups)} pruning groups ({len(g.prunable_groups)} prunable, "
+        f"{g.num_structures()} structures), {len(g.composites)} LoRA composites"
+    )
+    if fg.container is not None:
+        where = fg.container or "<root>"
+        title += "\\n" + f"{n_blocks} blocks under {where}: {fg.distinct} drawn in full, the rest folded"
+    return [
+        "digraph shear {",
+        '  graph [rankdir=TB, fontname="Helvetica", fontsize=11, compound=true, newrank=true, nodesep=0.25, ranksep=0.35];',
+        '  node [shape=ellipse, fontname="Helvetica", fontsize=9, style=filled, fillcolor=white];',
+        '  edge [color="#888888", arrowsize=0.6];',
+        f"  label={_q(title)}; labelloc=t;",
+    ]
+
+
+def _dot_footer(g: Graph, fg: FoldedGraph, chain: list[tuple[str, str | None]], word: str, max_pinned: int) -> list[str]:
+    """The closing lines: the note of groups pinned across blocks, the edges chaining the drawn
+    parts top to bottom (``chain`` gains the note), the legend and the closing brace."""
+    lines: list[str] = []
     pinned = [p for p in fg.global_groups if not p.prunable]
     if pinned:
         rows = [f"{_folded_name(fg, p.name)} x{p.size}: {', '.join(pin_kinds(p.reasons))}" for p in pinned]
@@ -375,7 +388,7 @@ def _folded_dot(g: Graph, max_pinned: int = 40, max_full: int = 3) -> str:
     lines.append(f'  legend [shape=plaintext, style="", fontsize=8, label={key}];')
     lines.append(f"  {_q(chain[-1][0])} -> legend [style=invis];" if chain else "")
     lines.append("}")
-    return "\n".join(lines)
+    return lines
 
 
 def to_svg(g: Graph, *, fold: bool = True) -> str:
