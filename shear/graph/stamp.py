@@ -96,6 +96,39 @@ def _twin_name(name: str, prefix: str) -> str:
     return re.sub(rf"^{re.escape(prefix)}\.0(?=[./]|$)", f"{prefix}.1", name)
 
 
+def _block_copy(g: PruningGroup, prefix: str, b: int) -> PruningGroup:
+    """Group ``g`` of block 0 as it is in block ``b`` (id 0: numbered later)."""
+    return PruningGroup(
+        id=0, name=_rename(g.name, prefix, 0, b),
+        members=_sorted([_rename_member(m, prefix, 0, b) for m in g.members]),
+        size=g.size, kind=g.kind, prunable=g.prunable,
+        reasons=tuple(_rename(r, prefix, 0, b) for r in g.reasons),
+        norms=tuple(_rename_norm(x, prefix, 0, b) for x in g.norms),
+        modules=tuple(_rename(x, prefix, 0, b) for x in g.modules),
+    )
+
+
+def _global_stamp(g: PruningGroup, prefix: str, n: int) -> PruningGroup:
+    """A group running through the blocks (the residual width): its members outside the blocks, and
+    its block-0 members once per block; a :class:`GraphError` when blocks 0 and 1 differ in it."""
+    first = [m for m in g.members if block_index(m.param, prefix) == 0]
+    second = [m for m in g.members if block_index(m.param, prefix) == 1]
+    outside = [m for m in g.members if block_index(m.param, prefix) is None]
+    if not _same_members(tuple(_rename_member(m, prefix, 0, 1) for m in first), tuple(second)):
+        raise GraphError(
+            f"stamp_layers: global group {g.name} runs through blocks 0 and 1 differently; the blocks differ, "
+            "so stamping cannot describe this model. Trace the full model instead (shear.plan(..., layers='all'))"
+        )
+    members = outside + [_rename_member(m, prefix, 0, b) for b in range(n) for m in first]
+    norms_out = [x for x in g.norms if block_index(x.module, prefix) is None]
+    norms_in = [x for x in g.norms if block_index(x.module, prefix) == 0]
+    norms = [_rename_norm(x, prefix, 0, b) for b in range(n) for x in norms_in] + norms_out
+    mods_out = [x for x in g.modules if block_index(x, prefix) is None]
+    mods_in = [x for x in g.modules if block_index(x, prefix) == 0]
+    modules = mods_out + [_rename(x, prefix, 0, b) for b in range(n) for x in mods_in]
+    return replace(g, id=0, members=_sorted(members), norms=tuple(norms), modules=tuple(modules))
+
+
 def stamp_layers(template: Graph, prefix: str, n: int) -> Graph:
     """The groups of a model with ``n`` identical blocks under ``prefix``, from a two-block ``template``.
 
@@ -134,32 +167,9 @@ def stamp_layers(template: Graph, prefix: str, n: int) -> Graph:
                     "Trace the full model instead (shear.plan(..., layers='all'))"
                 )
             local1.discard(twin.id)
-            for b in range(n):
-                stamped.append((g.id, b, PruningGroup(
-                    id=0, name=_rename(g.name, prefix, 0, b),
-                    members=_sorted([_rename_member(m, prefix, 0, b) for m in g.members]),
-                    size=g.size, kind=g.kind, prunable=g.prunable,
-                    reasons=tuple(_rename(r, prefix, 0, b) for r in g.reasons),
-                    norms=tuple(_rename_norm(x, prefix, 0, b) for x in g.norms),
-                    modules=tuple(_rename(x, prefix, 0, b) for x in g.modules),
-                )))
+            stamped += [(g.id, b, _block_copy(g, prefix, b)) for b in range(n)]
             continue
-        first = [m for m in g.members if block_index(m.param, prefix) == 0]
-        second = [m for m in g.members if block_index(m.param, prefix) == 1]
-        outside = [m for m in g.members if block_index(m.param, prefix) is None]
-        if not _same_members(tuple(_rename_member(m, prefix, 0, 1) for m in first), tuple(second)):
-            raise GraphError(
-                f"stamp_layers: global group {g.name} runs through blocks 0 and 1 differently; the blocks differ, "
-                "so stamping cannot describe this model. Trace the full model instead (shear.plan(..., layers='all'))"
-            )
-        members = outside + [_rename_member(m, prefix, 0, b) for b in range(n) for m in first]
-        norms_out = [x for x in g.norms if block_index(x.module, prefix) is None]
-        norms_in = [x for x in g.norms if block_index(x.module, prefix) == 0]
-        norms = [_rename_norm(x, prefix, 0, b) for b in range(n) for x in norms_in] + norms_out
-        mods_out = [x for x in g.modules if block_index(x, prefix) is None]
-        mods_in = [x for x in g.modules if block_index(x, prefix) == 0]
-        modules = mods_out + [_rename(x, prefix, 0, b) for b in range(n) for x in mods_in]
-        stamped.append((g.id, -1, replace(g, id=0, members=_sorted(members), norms=tuple(norms), modules=tuple(modules))))
+        stamped.append((g.id, -1, _global_stamp(g, prefix, n)))
     if local1:
         names = sorted(by_name[g.name].name for g in template.pruning_groups if g.id in local1)
         raise GraphError(
@@ -174,8 +184,7 @@ def stamp_layers(template: Graph, prefix: str, n: int) -> Graph:
         if at is None:
             shapes[name] = shape
         elif at == 0:
-            for k in range(n):
-                shapes[_rename(name, prefix, 0, k)] = shape
+            shapes.update({_rename(name, prefix, 0, k): shape for k in range(n)})
     buffers = frozenset(
         _rename(x, prefix, 0, k) for x in template.buffers for k in (range(n) if block_index(x, prefix) == 0 else (0,))
         if block_index(x, prefix) != 1
