@@ -155,3 +155,23 @@ def test_compile_pipeline_string() -> None:
         ctx.results["graph"] = trace(masked, inputs)
         Random(ratio=0.3).run(ctx)
     assert float((_out(small, fresh) - _out(masked, fresh)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize(("round_to", "warned"), [(1, True), (64, False)])
+def test_erase_on_a_gpu_warns_about_widths_off_the_tensor_cores(
+    monkeypatch: pytest.MonkeyPatch, round_to: int, warned: bool
+) -> None:
+    """Widths that are not multiples of 64 ran 2.75x slower than dense on an H200: erase says so on
+    CUDA and names the fix (the device check is patched; CI has no GPU)."""
+    import shear.passes.erase as erase
+
+    monkeypatch.setattr(erase, "model_device", lambda model: torch.device("cuda"))
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    small = shear.compile(model, f"random{{ratio=0.3,seed=0,round_to={round_to}}},erase",
+                          example_inputs=torch.randn(2, 64))
+    notes = [w for w in small.shear_report.warnings if "multiples of 64" in w]
+    assert bool(notes) is warned
+    if warned:
+        assert "round_to=64" in notes[0] and small[0].out_features % 64
+    else:
+        assert small[0].out_features % 64 == 0 and small[0].out_features < 256

@@ -24,6 +24,7 @@ from shear.errors import PipelineError
 from shear.graph.ir import Graph
 from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
 from shear.runtime.codegen import EMIT_MODES, ErasureReport, codegen
+from shear.runtime.devices import TENSOR_CORE_MULTIPLE, model_device, untiled_linears
 
 __all__ = ["Erase"]
 
@@ -77,6 +78,15 @@ class Erase(Pass):
             ctx.warn(f"erase: {message}")
             return PassResult(changed=False, message=message, stats={"structures": 0})
         ctx.model = small
+        if model_device(small).type == "cuda":
+            untiled = untiled_linears(small)
+            if untiled:
+                ctx.warn(
+                    f"erase: {len(untiled)} Linear layers now have widths that are not multiples of "
+                    f"{TENSOR_CORE_MULTIPLE} (e.g. {untiled[0]}); GPU matrix kernels run such widths far slower (a "
+                    "20%-pruned LLaMA-2-7B shape prefilled 2.75x slower than dense on an H200, 1.19x faster with "
+                    "round_to=64). Prune with round_to=64 (lhspg{round_to=64}, random/magnitude{round_to=64})"
+                )
         removed = {g: int(v.numel()) for g, v in report.plan.removed.items() if v.numel()}
         return PassResult(
             changed=True,
