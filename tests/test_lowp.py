@@ -199,3 +199,26 @@ def test_taylor_saliency_of_a_bf16_model_keeps_no_gradient_copy(tiny_llama):
     for gid, v in kept.criteria["taylor1"].items():
         torch.testing.assert_close(streamed.criteria["taylor1"][gid], v, rtol=1e-2, atol=1e-2 * float(v.abs().max()))
     assert all(p.grad is None for p in lora_model.parameters())
+
+
+def test_chunked_weight_scans_agree_with_whole_tensor_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report's zero test and the preflight's finiteness test read big tensors in chunks (no
+    embedding-sized copy); with chunks of a few elements they still see every entry."""
+    import shear.report as report
+    from shear.graph.groups import Member, PruningGroup, Role
+    from shear.preflight import _all_finite
+
+    t = torch.randn(7, 5, dtype=torch.bfloat16)
+    assert _all_finite(t, chunk=3)
+    t[6, 4] = float("nan")  # in the last chunk
+    assert not _all_finite(t, chunk=3) and not _all_finite(t)
+
+    w = torch.randn(6, 10)
+    w[:, [1, 4]] = 0  # columns 1 and 4 (structures of width 1 along dim 1) are zero
+    w[5, 3] = 0  # a zero entry in a live column does not make it zero
+    positions = torch.arange(10).view(10, 1)
+    group = PruningGroup(id=0, name="g", members=(Member("w", 1, Role.PRIMARY, positions),), size=10, kind="channel")
+    monkeypatch.setattr(report, "_CHUNK_ELEMENTS", 4)  # chunks of one row
+    assert report.zero_structures(group, {"w": w}) == (1, 4)
+    w[5, 1] = float("nan")  # NaN is not zero, even in the last chunk
+    assert report.zero_structures(group, {"w": w}) == (4,)

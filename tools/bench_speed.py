@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_training_memory import LLAMA_SHAPES
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear.graph import trace
@@ -38,11 +39,8 @@ from shear.runtime.codegen import codegen, plan_erasure
 __all__ = ["main"]
 
 
-SHAPES = {
-    "1b": {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 128256},
-    "7b": {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 32, "intermediate": 11008, "vocab": 32000},
-}
-"""Presets: LLaMA-3.2-1B and LLaMA-2-7B shapes (random weights)."""
+SHAPES = {k: v for k, v in LLAMA_SHAPES.items() if k in ("1b", "7b")}
+"""Presets: LLaMA-3.2-1B and LLaMA-2-7B shapes (random weights; the head is untied here whatever ``tied`` says)."""
 
 
 def _sync() -> None:

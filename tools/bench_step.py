@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_training_memory import LLAMA_SHAPES
 from torch import nn
 
 from shear.runtime.training import TrainHook
@@ -40,10 +41,7 @@ __all__ = ["main", "plain_peft_step", "load_model", "run"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-SHAPES = {
-    "smollm2-shape": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
-    "1b-shape": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tied=True),
-}
+SHAPES = {f"{k}-shape": LLAMA_SHAPES[k] for k in ("smollm2", "1b")}
 """LLaMA shapes with random weights (step time does not depend on the values): SmolLM2-135M's and
 LLaMA-3.2-1B's, for a machine without the SmolLM2 package."""
 

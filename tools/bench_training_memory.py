@@ -103,6 +103,15 @@ def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
     }
 
 
+LLAMA_SHAPES: dict[str, dict[str, int | bool]] = {
+    "smollm2": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
+    "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tied=True),
+    "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, tied=False),
+}
+"""SmolLM2-135M, LLaMA-3.2-1B and LLaMA-2-7B shapes, for :func:`llama_shape` and the other benchmarks
+(``bench_step``, ``bench_speed``, ``gpu_check``), which build them with random weights."""
+
+
 def llama_shape(args: argparse.Namespace) -> LlamaForCausalLM:
     """A LLaMA of ``args``' shape with random weights, built directly in ``args.dtype`` on ``args.device``."""
     cfg = LlamaConfig(

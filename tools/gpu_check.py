@@ -43,11 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_training_memory import LLAMA_SHAPES  # noqa: E402 - a sibling tool, found through the line above
+
 __all__ = ["main", "CHECKS", "Row"]
 
 SHAPES = {
-    "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tied=True),
-    "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, tied=False),
+    **LLAMA_SHAPES,
     "quick": dict(hidden=128, intermediate=344, layers=2, heads=4, kv_heads=2, vocab=512, tied=False),
 }
 """LLaMA shapes with random weights; ``quick`` stands in for both on ``--quick``."""

@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from shear.errors import PipelineError
 from shear.passes.context import Context, Options
@@ -50,9 +50,6 @@ from shear.passes.keys import (
     missing_error,
     register_analysis,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "Pass",

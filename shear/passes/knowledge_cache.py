@@ -1,7 +1,7 @@
 """A directory of knowledge-distribution results, keyed by what determines them.
 
 Knowledge distribution is the costliest analysis of the LoRAShear pipeline (one perplexity
-evaluation per node group: 35-55 minutes of a SmolLM2 run on two CPU cores, 78% of it) and its
+evaluation per node group: 32-54 minutes of a SmolLM2 LoRAShear row on the shared 2-core CPU, 61-78% of its wall time) and its
 result does not depend on the pruning ratio, the schedule or the recovery that follow. A run with
 ``knowledge-distribution{cache_dir=...}`` stores its result as JSON under a key made of the model's
 weights (adapters left out: their random start does not change what a node group is worth to the

@@ -42,6 +42,7 @@ from shear.errors import ModelError
 from shear.runtime.model_facts import logits_of
 
 __all__ = [
+    "LOSS_CHUNK_TOKENS",
     "IGNORE_INDEX", "model_nll_sum", "causal_lm_loss_sum", "chunked_causal_lm_loss_sum", "count_targets", "forward_kwargs", "logits_of",
     "head_bypassed", "output_head", "PLAIN_HEAD_MODEL_TYPES", "LOGITS_CHUNK_ELEMENTS", "chunk_tokens",
 ]
@@ -151,6 +152,11 @@ class _SummedCrossEntropy(torch.autograd.Function):
         z.mul_((grad * keep).unsqueeze(1).to(z.dtype))
         return z.to(logits.dtype), None
 
+
+LOSS_CHUNK_TOKENS = 256
+"""Most tokens whose logits a chunked loss computes at once (fewer for a large vocabulary:
+:func:`chunk_tokens`): training chunks by this when ``loss_chunk_tokens="auto"`` chunks, and the
+calibration loss of saliency always does."""
 
 LOGITS_CHUNK_ELEMENTS = 256 * 32768
 """Most logits one chunk of the chunked loss computes: 256 tokens of a 32k vocabulary (32 MB in fp32);

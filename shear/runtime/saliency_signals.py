@@ -28,7 +28,7 @@ from shear.runtime.devices import model_device
 from shear.runtime.masks import TensorTable
 
 __all__ = [
-    "ROW_BLOCK_ELEMENTS", "LOSS_CHUNK_TOKENS", "row_blocks", "add_rowsum", "rowsum", "loss_gradients",
+    "ROW_BLOCK_ELEMENTS", "row_blocks", "add_rowsum", "rowsum", "loss_gradients",
     "loss_gradient_rowsums", "input_norms",
 ]
 
@@ -71,17 +71,13 @@ def rowsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.movedim(dim, 0).reshape(t.shape[dim], -1).double().sum(dim=1)
 
 
-LOSS_CHUNK_TOKENS = 256
-"""Most tokens whose logits the calibration loss computes at once (fewer for a large vocabulary:
-:func:`~shear.runtime.training.loss.chunk_tokens`), as the training loop's default."""
-
 
 def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of ``batch``. For a plain transformers head (``output_head``) the logits
-    are computed :data:`LOSS_CHUNK_TOKENS` tokens at a time and recomputed in backward, so the full
+    are computed :data:`~shear.runtime.lm_loss.LOSS_CHUNK_TOKENS` tokens at a time and recomputed in backward, so the full
     ``(batch, seq, vocab)`` fp32 logits (and their gradient) never exist: with a 128k vocabulary they
     were most of the memory of taylor saliency."""
-    from shear.runtime.lm_loss import model_nll_sum
+    from shear.runtime.lm_loss import LOSS_CHUNK_TOKENS, model_nll_sum
 
     return model_nll_sum(model, batch, batch, chunk=LOSS_CHUNK_TOKENS, cap=True) / batch[:, 1:].numel()
 

@@ -47,6 +47,7 @@ from torch import nn
 
 from shear.errors import CheckpointError, TrainingError
 from shear.runtime.devices import model_device
+from shear.runtime.lm_loss import LOSS_CHUNK_TOKENS
 from shear.runtime.training.batches import BatchStream
 from shear.runtime.training.checkpoints import (
     TrainCheckpoint,
@@ -71,12 +72,7 @@ from shear.runtime.training.loss import (
     logits_of,
     output_head,
 )
-from shear.runtime.training.memory import (
-    LOSS_CHUNK_TOKENS,
-    PeakMemory,
-    auto_checkpointing,
-    auto_loss_chunking,
-)
+from shear.runtime.training.memory import PeakMemory, auto_checkpointing, auto_loss_chunking
 from shear.runtime.training.optim import build_optimizer, build_scheduler
 from shear.runtime.training.result import StepLog, TrainResult
 from shear.runtime.training.rng import capture_rng, restore_rng, seed_everything

@@ -34,7 +34,7 @@ __all__ = [
     "MemoryStats", "PeakMemory", "tensor_bytes", "lora_state_bytes", "frozen_bytes", "current_rss_bytes",
     "activation_bytes", "predict_activation_bytes", "available_bytes", "checkpointing_decision",
     "auto_checkpointing", "ACTIVATION_COEFFICIENTS", "CHECKPOINTING_FRACTION", "auto_loss_chunking",
-    "LOGITS_FRACTION", "LOSS_CHUNK_TOKENS",
+    "LOGITS_FRACTION",
 ]
 
 
@@ -257,15 +257,12 @@ LOGITS_FRACTION = 0.125
 """``loss_chunk_tokens="auto"`` chunks the loss when a step's full logits would exceed this fraction
 of the memory available on the model's device."""
 
-LOSS_CHUNK_TOKENS = 256
-"""Tokens per loss chunk when ``loss_chunk_tokens="auto"`` chunks."""
-
 
 def auto_loss_chunking(
     tokens: int, vocab: int, device: torch.device, *, available: int | None = None
 ) -> tuple[bool, str]:
     """``(on, why)`` for ``loss_chunk_tokens="auto"``: chunk when ``tokens x vocab`` fp32 logits, their
-    log-softmax and their gradient (12 bytes each) exceed :data:`LOGITS_FRACTION` of the available
+    log-softmax and their gradient (12 bytes per logit) exceed :data:`LOGITS_FRACTION` of the available
     memory (:func:`available_bytes`, or ``available``); unknown memory chunks (the safe side).
 
     Example:
