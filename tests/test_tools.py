@@ -122,3 +122,14 @@ def test_bench_quality_ablation_baseline_row(tmp_path: Path) -> None:
     table = out.read_text()
     assert "out-of-domain ppl" in table and "| LLM-Pruner-style (MLP) | 891,520 | 20.1% |" in table
     assert "| 1.00x / 1.00x |" in table or not ood
+
+
+def test_bench_quality_tokens_scale_multiplies_every_training_step() -> None:
+    """The budget curve's rows: ``--tokens-scale 4`` is four times the steps of every stage, the same
+    periods and rounds (so 4 x 61,440 tokens)."""
+    bench = _load("bench_quality")
+    p = bench.scaled(bench.ABLATION, 4)
+    assert p.lhspg == "warmup=32,periods=4,steps_per_period=32" and (p.rounds, p.steps_per_round) == (2, 20)
+    assert bench.scaled(bench.ABLATION, 1) == bench.ABLATION
+    with pytest.raises(SystemExit, match="at least 1"):
+        bench.scaled(bench.ABLATION, 0)

@@ -56,8 +56,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -300,6 +302,24 @@ ABLATION = Profile(
 """The issue's budget: 60 optimizer steps of 4 x 256 tokens (61k tokens) per method."""
 
 
+def scaled(p: Profile, k: int) -> Profile:
+    """``p`` with every training step count times ``k`` (LHSPG warm-up and steps per period, recovery
+    steps per round): ``k`` times the tokens, the same periods and rounds.
+
+    Example:
+        >>> scaled(ABLATION, 4).lhspg, scaled(ABLATION, 4).steps_per_round
+        ('warmup=32,periods=4,steps_per_period=32', 20)
+    """
+    if k < 1:
+        raise SystemExit(f"--tokens-scale must be at least 1, got {k}")
+    lhspg = re.sub(r"\b(warmup|steps_per_period)=(\d+)", lambda m: f"{m.group(1)}={int(m.group(2)) * k}", p.lhspg)
+    return dataclasses.replace(p, lhspg=lhspg, steps_per_round=p.steps_per_round * k)
+
+
+ONE_SHOT = "warmup=0,periods=1,steps_per_period=1"
+"""LHSPG options of the one-shot rows: every structure zeroed at the first step."""
+
+
 def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int, calib: int, seq_len: int,
                    batch: int, lr: float) -> torch.nn.Module:
     """LLM-Pruner-style baseline in plain torch + peft: first-order Taylor importance
@@ -343,7 +363,7 @@ class Ablation(Bench):
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
-        self.p = ABLATION
+        self.p = scaled(ABLATION, args.tokens_scale)
         emb = self.model.get_input_embeddings().weight.numel()
         self.total = base_param_count(self.model)
         self.body = self.total - emb
@@ -363,8 +383,10 @@ class Ablation(Bench):
         return ppl
 
     def steps(self) -> int:
+        """Optimizer steps of every row: LHSPG's warm-up and periods, then two recovery stages."""
         p = self.p
-        return 8 + 4 * 8 + 2 * p.rounds * p.steps_per_round
+        opts = dict(kv.split("=") for kv in p.lhspg.split(","))
+        return int(opts["warmup"]) + int(opts["periods"]) * int(opts["steps_per_period"]) + 2 * p.rounds * p.steps_per_round
 
     def pipeline(self, ratio: float, *, kinds: str = "", kd: bool | str = True, distill: str = "",
                  lhspg: str = "", steps_per_round: int = 0, recover: str = "") -> str:
@@ -392,6 +414,7 @@ class Ablation(Bench):
         dist = ",distill=0.5,distill_temperature=1.0"
         act = ',saliency="activation=1"'
         kd_act = ",proxy=activation"
+        one_shot_round = -(-(self.steps() - 1) // (2 * p.rounds))  # one step that zeroes, then the rest in recovery
         return {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
@@ -414,18 +437,18 @@ class Ablation(Bench):
             "LoRAShear channels, pretrain-only recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, recover=",stages=pretrain").replace(f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
             "one-shot channels, no KD + recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, kd=False, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
+                ratio, kinds=ch, kd=False, lhspg=ONE_SHOT, steps_per_round=one_shot_round)),
             # the same saliency, all structures zeroed at the first step, then 2 x 2 x 15 recovery steps
             "one-shot channels + recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1", steps_per_round=15)),
+                ratio, kinds=ch, lhspg=ONE_SHOT, steps_per_round=one_shot_round)),
             "LoRAShear channels, activation": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, lhspg=p.lhspg + act)),
             "one-shot channels, activation + recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, lhspg="warmup=0,periods=1,steps_per_period=1" + act, steps_per_round=15)),
+                ratio, kinds=ch, lhspg=ONE_SHOT + act, steps_per_round=one_shot_round)),
             "LoRAShear channels, activation, KD activation": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, kd=kd_act, lhspg=p.lhspg + act)),
             "one-shot channels, activation, KD activation + recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, kd=kd_act, lhspg="warmup=0,periods=1,steps_per_period=1" + act, steps_per_round=15)),
+                ratio, kinds=ch, kd=kd_act, lhspg=ONE_SHOT + act, steps_per_round=one_shot_round)),
             "LoRAShear channels, activation, KD activation + distill": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, kd=kd_act, lhspg=p.lhspg + act, distill=dist)),
         }
@@ -542,6 +565,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablation", type=float, default=0.0, metavar="SHARE",
                         help="run the ablation rows at this share of the non-embedding parameters (e.g. 0.2) instead")
     parser.add_argument("--only", nargs="*", default=[], metavar="ROW", help="with --ablation: these rows only")
+    parser.add_argument("--tokens-scale", type=int, default=1, metavar="K",
+                        help="with --ablation: K times every row's training steps (K x 61,440 tokens: 4 for the "
+                        "budget curve's 250k, 16 for 1M); write each K to its own --out")
     parser.add_argument("--kd-cache", type=Path, default=None, metavar="DIR",
                         help="with --ablation: keep knowledge-distribution results in DIR and reuse them across rows "
                         "and runs with the same model, text and options (a row's pass_s then shows ~0 s for it)")
