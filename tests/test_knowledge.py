@@ -197,7 +197,8 @@ def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
     planted: tuple[torch.nn.Module, TextData], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A second run with the same weights, text and options loads the stored result without measuring;
-    another option (gamma) or other weights is another key and measures again."""
+    another gamma re-marks the stored ranking without measuring; another option (the proxy's seed) or
+    other weights is another key and measures again."""
     import shear.passes.knowledge as knowledge
 
     model, data = planted
@@ -210,8 +211,13 @@ def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
     monkeypatch.setattr(knowledge, "_measure", lambda *a, **k: measured.append(1) or real(*a, **k))
     again = _run(model, data, spec).get(KnowledgeDistribution)
     assert again == first and not measured  # loaded, not measured
-    other = _run(model, data, spec.replace("proxy=random", "proxy=random,gamma=0.3")).get(KnowledgeDistribution)
-    assert measured and other.gamma == 0.3 and len(list(tmp_path.glob("knowledge-*.json"))) == 2
+    regamma = _run(model, data, spec.replace("proxy=random", "proxy=random,gamma=1")).get(KnowledgeDistribution)
+    assert not measured and regamma.gamma == 1 and regamma.ranking == first.ranking
+    assert regamma.unprunable_node_groups == set(first.ranking)
+    assert regamma.unprunable_groups > first.unprunable_groups
+    assert regamma == first.with_gamma(1) and regamma.with_gamma(first.gamma) == first
+    _run(model, data, spec.replace("proxy=random", "proxy=random,seed=1")).get(KnowledgeDistribution)
+    assert measured and len(list(tmp_path.glob("knowledge-*.json"))) == 2
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.model.layers[0].mlp.up_proj.weight.mul_(1.01)

@@ -38,7 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -103,6 +103,24 @@ class KnowledgeDistribution:
         if not self.unprunable_node_groups <= set(ids):
             raise PassError("KnowledgeDistribution: unprunable node groups must be analysed ones")
 
+    def with_gamma(self, gamma: float) -> KnowledgeDistribution:
+        """The same measurement with the top ``gamma`` of the ranking (rounded up) marked unprunable:
+        gamma only reads the ranking, so a cached result serves every gamma.
+
+        Example:
+            >>> kd.with_gamma(0.2).unprunable_node_groups >= kd.unprunable_node_groups   # doctest: +SKIP
+            True
+        """
+        marked = frozenset(self.ranking[: _marked_count(gamma, len(self.ranking))])
+        entries = tuple(replace(e, unprunable=e.node_group in marked) for e in self.entries)
+        return replace(
+            self,
+            entries=entries,
+            unprunable_node_groups=marked,
+            unprunable_groups=frozenset(g for e in entries if e.unprunable for g in e.pruning_groups),
+            gamma=gamma,
+        )
+
     def entry(self, node_group: int) -> NodeGroupDeviation:
         for e in self.entries:
             if e.node_group == node_group:
@@ -124,6 +142,11 @@ class KnowledgeDistribution:
                 f"{e.deviation:+.3f} | {100 * e.relative:+.1f} | {'yes' if e.unprunable else ''} |"
             )
         return "\n".join(lines)
+
+
+def _marked_count(gamma: float, analysed: int) -> int:
+    """Node groups the top ``gamma`` fraction of ``analysed`` ones is, rounded up."""
+    return min(analysed, math.ceil(gamma * analysed - 1e-9))
 
 
 def pooled_perplexity(by_source: dict[str, float]) -> float:
@@ -279,7 +302,8 @@ class KnowledgeDistributionAnalysis(Pass):
     """Keep the result in this directory, keyed by the weights, the text, these options and shear's
     version (:mod:`shear.passes.knowledge_cache`); a run with the same key loads it instead of
     measuring again. The result does not depend on the passes after this one, so an ablation of
-    ratios, schedules or recovery measures it once."""
+    ratios, schedules or recovery measures it once; ``gamma`` is not in the key (it only reads the
+    ranking), so another gamma re-marks the stored ranking."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -293,7 +317,7 @@ class KnowledgeDistributionAnalysis(Pass):
             return None
         from shear.runtime.training.fingerprint import options_of
 
-        options = options_of(self, skip=("cache_dir", "out_dir", "batch_size"))
+        options = options_of(self, skip=("cache_dir", "out_dir", "batch_size", "gamma"))
         return Path(self.cache_dir) / f"knowledge-{cache_key(model, data, options)}.json"
 
     def _proxy_scores(self, ctx: Context, data: Any, graph: Graph) -> SaliencyScores | None:
@@ -339,7 +363,7 @@ class KnowledgeDistributionAnalysis(Pass):
         model = ctx.model
         cached = self._cache_file(model, data)
         if cached is not None and cached.is_file():
-            result = load_result(cached)
+            result = load_result(cached).with_gamma(self.gamma)
             ctx.put(result)
             return PassResult(
                 changed=False,
@@ -370,8 +394,7 @@ class KnowledgeDistributionAnalysis(Pass):
             return ppl - base if math.isfinite(ppl) else math.inf
 
         ranking = sorted(measured, key=lambda t: (-dev(t[1]), t[0].node_group.id))
-        n_mark = min(len(ranking), math.ceil(self.gamma * len(ranking) - 1e-9))
-        marked = {p.node_group.id for p, _ in ranking[:n_mark]}
+        marked = {p.node_group.id for p, _ in ranking[: _marked_count(self.gamma, len(ranking))]}
         order = _network_order(model, graph)
         entries = tuple(
             NodeGroupDeviation(

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -256,6 +257,12 @@ class LHSPG(Pass):
     SmolLM2-135M at 20% of the non-embedding parameters, pruning them too was most of LoRAShear's
     loss to plain Taylor pruning of MLP channels + LoRA at the same token budget (one of SmolLM2's 3
     kv-head families is a third of a layer's attention)."""
+    protect_cap: float = math.inf
+    """How much wider than the others knowledge-distribution's protected groups may stay, as a multiple
+    of the share of structures the other groups keep (``uniform`` selection only): ``inf`` keeps
+    them whole (the paper); ``1.5`` lets them keep all of theirs while the others keep two thirds or
+    more, and one and a half times the others' share past that, so at high ratios the protected
+    groups give up structures instead of the others being cut ever deeper."""
     round_to: int = 1
     """Keep multiples of this many structures in groups at least that large (8 for fast kernels)."""
     tolerance: float = 0.005
@@ -291,6 +298,8 @@ class LHSPG(Pass):
             raise PipelineError(f"lhspg: warmup must be >= 0, got {self.warmup}")
         if self.selection not in ("uniform", "shared", "global"):
             raise PipelineError(f"lhspg: selection must be 'uniform', 'shared' or 'global', got {self.selection!r}")
+        if not self.protect_cap >= 1.0:
+            raise PipelineError(f"lhspg: protect_cap must be at least 1 (or inf), got {self.protect_cap}; e.g. protect_cap=1.5")
         parse_weights(self.saliency)
 
     def provider(self, key: Key) -> Pass | None:
@@ -308,7 +317,7 @@ class LHSPG(Pass):
         start = time.perf_counter()
         data = require_text_data(ctx, self.name)
         graph = ctx.get(Graph)
-        eligible = _eligible(ctx, graph, self.kinds)
+        eligible, protected = _eligible(ctx, graph, self.kinds, self.selection == "uniform" and math.isfinite(self.protect_cap))
         budget = ParamBudget(ctx.model, graph.prunable_groups)
         views = StructureViews(ctx.model, [graph.pruning_groups[i] for i in eligible], graph.composites)
         weights = parse_weights(self.saliency)
@@ -322,6 +331,8 @@ class LHSPG(Pass):
             selection=self.selection,
             round_to=self.round_to,
             tolerance=self.tolerance,
+            protected=protected,
+            protect_cap=self.protect_cap,
         )
         hook = LhspgHook(
             views,
@@ -421,7 +432,9 @@ def _unprunable(ctx: Context, graph: Graph) -> frozenset[int]:
     return frozenset(g.id for g in graph.pruning_groups if strip_peft_prefix(g.name) in names)
 
 
-def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...]) -> list[int]:
+def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...], capped: bool) -> tuple[list[int], list[int]]:
+    """The groups LHSPG may prune, and those of them knowledge-distribution protected: with ``capped``
+    (a finite ``protect_cap``) the protected groups are eligible and listed again; else they are left out."""
     unknown = set(kinds) - {"channel", "head", "residual"}
     if unknown:
         raise PipelineError(f"lhspg: unknown group kinds {sorted(unknown)}; use channel, head, residual")
@@ -432,7 +445,8 @@ def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...]) -> list[int]:
             f"lhspg: {type(ctx.model).__name__} has no prunable groups of kinds {list(kinds)} "
             f"({len(graph.prunable_groups)} prunable, {len(blocked)} marked unprunable by knowledge-distribution)"
         )
-    return ids
+    protected = [g.id for g in graph.prunable_groups if g.kind in kinds and g.id in blocked] if capped else []
+    return sorted(ids + protected), protected
 
 
 _DATA_CRITERIA = ("activation", "taylor1", "taylor2")

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +132,8 @@ class ParamBudget:
         selection: str = "uniform",
         round_to: int = 1,
         tolerance: float = 0.005,
+        protected: Iterable[int] = (),
+        protect_cap: float = math.inf,
     ) -> dict[int, int]:
         """Structures to remove per eligible group so the reduction is ``target`` (± ``tolerance``).
 
@@ -141,21 +143,29 @@ class ParamBudget:
         cheapest first (kept counts rounded up to ``round_to`` and topped up in its steps). ``shared`` is ``uniform`` topped up one whole class of groups (same kind
         and size: the same structure in every layer) at a time, so those groups keep equal counts.
         ``round_to`` keeps multiples of it in groups at least that large.
+
+        ``protected`` groups (eligible ones that knowledge distribution marked) lose structures only
+        under ``uniform`` selection and only as far as ``protect_cap`` demands: they keep at most
+        ``protect_cap`` times the share the other groups keep, and all of theirs when that is more;
+        the other groups alone take the top-up. Under ``global`` and ``shared`` they keep everything.
         Raises KernelError when the target is out of reach.
         """
         if not 0.0 < target < 1.0:
             raise KernelError(f"target ratio must be in (0, 1), got {target}")
         ids = sorted(self.groups if eligible is None else set(eligible) & set(self.groups))
+        shielded = {g: self._shield(protect_cap if selection == "uniform" else math.inf) for g in protected if g in ids}
+        ids = [g for g in ids if g not in shielded]
         if not ids:
             raise KernelError("no prunable groups are eligible (all unprunable?); nothing can reach the target")
-        most = self.max_reduction(ids)
+        most = self.reduction({**{g: self.groups[g].size - 1 for g in ids}, **{
+            g: structure_count(self.groups[g].size, cut(1.0)) for g, cut in shielded.items()}})
         if most < target - tolerance:
             raise KernelError(
                 f"the eligible groups can remove at most {most:.1%} of {self.total:,} parameters, less than the "
                 f"target {target:.1%}; lower the ratio, allow more group kinds, or mark fewer groups unprunable"
             )
         if selection in ("uniform", "shared"):
-            counts = self._uniform(target, ids, round_to)
+            counts = self._uniform(target, ids, round_to, shielded)
         elif selection == "global":
             counts = self._global(target, ids, scores)
             if round_to > 1:  # keep multiples of round_to: round each kept count up, the top-up below refills
@@ -164,17 +174,29 @@ class ParamBudget:
         else:
             raise KernelError(f"selection must be 'uniform', 'shared' or 'global', got {selection!r}")
         if self.reduction(counts) < target - tolerance:
+            fixed = {g: n for g, n in counts.items() if g in shielded}
+            others = {g: n for g, n in counts.items() if g not in shielded}
             if selection == "shared":
-                counts = self._top_up_shared(counts, target, ids, round_to, tolerance)
+                counts = self._top_up_shared(others, target, ids, round_to, tolerance, fixed)
             else:
-                counts = self._top_up(counts, target, ids, scores, round_to, tolerance)
+                counts = self._top_up(others, target, ids, scores, round_to, tolerance, fixed)
         return counts
 
+    @staticmethod
+    def _shield(cap: float) -> Callable[[float], float]:
+        """A protected group's fraction to remove when the others remove ``r``: it keeps
+        ``min(1, cap * (1 - r))`` (``cap = inf``: everything)."""
+        if cap < 1.0:
+            raise KernelError(f"protect_cap must be at least 1 (protected groups keep at least the others' share), got {cap}")
+        return lambda r: 0.0 if math.isinf(cap) else max(0.0, 1.0 - cap * (1.0 - r))
+
     def _top_up_shared(
-        self, counts: dict[int, int], target: float, ids: list[int], round_to: int, tolerance: float
+        self, counts: dict[int, int], target: float, ids: list[int], round_to: int, tolerance: float,
+        fixed: Mapping[int, int],
     ) -> dict[int, int]:
-        """Add one step to every group of a (kind, size) class at once, the smallest such increment first."""
-        counts = dict(counts)
+        """Add one step to every group of a (kind, size) class at once, the smallest such increment first;
+        ``fixed`` counts stay as they are."""
+        counts = {**fixed, **counts}
         classes: dict[tuple[str, int], list[int]] = {}
         for gid in ids:
             classes.setdefault((self.groups[gid].kind, self.groups[gid].size), []).append(gid)
@@ -194,18 +216,24 @@ class ParamBudget:
             counts = best
         return counts
 
-    def _fraction_counts(self, r: float, ids: list[int], round_to: int) -> dict[int, int]:
-        return {gid: structure_count(self.groups[gid].size, r, round_to) for gid in ids}
+    def _fraction_counts(
+        self, r: float, ids: list[int], round_to: int, shielded: Mapping[int, Callable[[float], float]]
+    ) -> dict[int, int]:
+        counts = {gid: structure_count(self.groups[gid].size, r, round_to) for gid in ids}
+        counts.update({gid: structure_count(self.groups[gid].size, cut(r), round_to) for gid, cut in shielded.items()})
+        return counts
 
-    def _uniform(self, target: float, ids: list[int], round_to: int) -> dict[int, int]:
+    def _uniform(
+        self, target: float, ids: list[int], round_to: int, shielded: Mapping[int, Callable[[float], float]]
+    ) -> dict[int, int]:
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            if self.reduction(self._fraction_counts(mid, ids, round_to)) <= target:
+            if self.reduction(self._fraction_counts(mid, ids, round_to, shielded)) <= target:
                 lo = mid
             else:
                 hi = mid
-        return self._fraction_counts(lo, ids, round_to)
+        return self._fraction_counts(lo, ids, round_to, shielded)
 
     def _global(self, target: float, ids: list[int], scores: Mapping[int, torch.Tensor]) -> dict[int, int]:
         by_kind: dict[str, list[float]] = {}
@@ -232,8 +260,9 @@ class ParamBudget:
         scores: Mapping[int, torch.Tensor],
         round_to: int,
         tolerance: float,
+        fixed: Mapping[int, int],
     ) -> dict[int, int]:
-        counts = dict(counts)
+        counts = {**fixed, **counts}
         step = {gid: round_to if round_to > 1 and self.groups[gid].size >= round_to else 1 for gid in ids}
         # cheapest increments first: the finest groups (most structures), lowest next score
         while self.reduction(counts) < target - tolerance:
