@@ -414,6 +414,7 @@ class Ablation(Bench):
         dist = ",distill=0.5,distill_temperature=1.0"
         act = ',saliency="activation=1"'
         kd_act = ",proxy=activation"
+        cap = ",protect_cap=1.5"
         one_shot_round = -(-(self.steps() - 1) // (2 * p.rounds))  # one step that zeroes, then the rest in recovery
         return {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
@@ -451,6 +452,16 @@ class Ablation(Bench):
                 ratio, kinds=ch, kd=kd_act, lhspg=ONE_SHOT + act, steps_per_round=one_shot_round)),
             "LoRAShear channels, activation, KD activation + distill": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, kd=kd_act, lhspg=p.lhspg + act, distill=dist)),
+            # the defaults with knowledge distribution's protected groups capped at 1.5x the others' kept share
+            "LoRAShear, protect_cap=1.5": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg=p.lhspg + cap)),
+            # gamma=0.033 of SmolLM2's 90 node groups marks 3 (MLP 0's channel space and its two LoRA linears)
+            "LoRAShear, KD top group, protect_cap=1.5": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=",gamma=0.033", lhspg=p.lhspg + cap)),
+            "LoRAShear, KD top group": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=",gamma=0.033")),
+            "LoRAShear, protect_cap=1.5, pretrain-only recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
+                f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
         }
 
     def table(self, note: str) -> str:
