@@ -462,6 +462,9 @@ class Ablation(Bench):
             "LoRAShear, protect_cap=1.5, pretrain-only recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
                 f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+            "LoRAShear, KD gamma=0.2, protect_cap=1.5, pretrain-only recovery": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=",gamma=0.2", lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
+                f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
         }
 
     def table(self, note: str) -> str:
