@@ -303,3 +303,27 @@ def test_views_refuse_to_bind_a_model_without_the_traced_tensors(tiny):
     views.bind(model)  # the same model: nothing to do
     with pytest.raises(KernelError, match="bind a model with the same parameter names"):
         views.bind(torch.nn.Linear(2, 2))
+
+
+def test_protect_cap_lets_knowledge_distributions_groups_give_up_structures(tiny):
+    """At a high ratio the protected MLP stays whole without a cap and keeps 1.5x the others' share
+    with ``protect_cap=1.5``; both meet the ratio."""
+    model, _, data = tiny
+    ids = {"input_ids": torch.arange(16).view(1, 16)}
+    kd = "knowledge-distribution{gamma=0.25,include=basic,seq_len=32,max_windows=1}"
+    train = "periods=1,steps_per_period=1,warmup=0,batch_size=1,seq_len=32"
+    kept: dict[str, list[int]] = {}
+    for cap in ("inf", "1.5"):
+        small = shear.compile(
+            model, f"lora{{r=4}},discover-groups,{kd},lhspg{{ratio=0.4,{train},protect_cap={cap}}},erase,merge-lora",
+            example_inputs=ids, data=data,
+        )
+        assert abs(1 - base_param_count(small) / base_param_count(model) - 0.4) <= 0.01
+        kept[cap] = [layer.mlp.gate_proj.out_features for layer in small.model.layers]
+    full = model.model.layers[0].mlp.gate_proj.out_features
+    protected = [i for i, k in enumerate(kept["inf"]) if k == full]
+    assert len(protected) == 1, kept  # gamma 0.25 of 4 MLP node groups
+    (p,) = protected
+    capped, others = kept["1.5"][p], [k for i, k in enumerate(kept["1.5"]) if i != p]
+    assert capped < full and capped == pytest.approx(1.5 * others[0], abs=2), kept
+    assert min(others) > max(k for i, k in enumerate(kept["inf"]) if i != p)  # the others keep more
