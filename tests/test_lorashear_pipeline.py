@@ -59,7 +59,9 @@ def test_knowledge_distribution_groups_stay_whole(tmp_path):
     model, tok, _, _ = load_tiny_llama()
     data = TextData.from_corpus(tok, max_train_chars=30_000, max_val_chars=4_000)
     ids = {"input_ids": torch.arange(16).view(1, 16)}
+    # protect_cap=inf: whole, as the paper (the default cap lets them give up structures at this gamma)
     pipeline = PIPELINE.format(out=tmp_path, ratio=0.2).replace(",erase,", ",").split(",recover-dynamic")[0]
+    pipeline = pipeline.replace("lr=0.002}", "lr=0.002,protect_cap=inf}")
     from shear.passes import PassManager
     from shear.passes.base import Context
     from shear.runtime.masks import TensorTable, nonzero_structures

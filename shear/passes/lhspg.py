@@ -257,12 +257,15 @@ class LHSPG(Pass):
     SmolLM2-135M at 20% of the non-embedding parameters, pruning them too was most of LoRAShear's
     loss to plain Taylor pruning of MLP channels + LoRA at the same token budget (one of SmolLM2's 3
     kv-head families is a third of a layer's attention)."""
-    protect_cap: float = math.inf
+    protect_cap: float = 1.5
     """How much wider than the others knowledge-distribution's protected groups may stay, as a multiple
-    of the share of structures the other groups keep (``uniform`` selection only): ``inf`` keeps
-    them whole (the paper); ``1.5`` lets them keep all of theirs while the others keep two thirds or
-    more, and one and a half times the others' share past that, so at high ratios the protected
-    groups give up structures instead of the others being cut ever deeper."""
+    of the share of structures the other groups keep (``uniform`` selection only): they keep all of
+    theirs while the others keep two thirds or more, and 1.5 times the others' share past that, so at
+    high ratios they give up structures instead of the others being cut ever deeper; ``inf`` keeps
+    them whole (the paper). On SmolLM2-135M at 50% of the non-embedding parameters (61k training
+    tokens; in-domain / out-of-domain ppl, the LLM-Pruner-style baseline 183.9 / 213.9) whole
+    protection left the 27 other MLPs a quarter of their channels: 142.2 / 317.8, Debian's licences
+    at 890; with the cap 160.6 / 171.3 (licences 246). At 20% the cap does not bind."""
     round_to: int = 1
     """Keep multiples of this many structures in groups at least that large (8 for fast kernels)."""
     tolerance: float = 0.005
