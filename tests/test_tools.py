@@ -133,3 +133,20 @@ def test_bench_quality_tokens_scale_multiplies_every_training_step() -> None:
     assert bench.scaled(bench.ABLATION, 1) == bench.ABLATION
     with pytest.raises(SystemExit, match="at least 1"):
         bench.scaled(bench.ABLATION, 0)
+
+
+def test_bench_allocation_removes_the_same_total_in_every_allocation() -> None:
+    """Every row of the one-shot allocation table removes the same channels in all; a cap keeps the
+    protected layers at 1.5x the others' kept count, whole protection at their full width."""
+    import math
+
+    allocation = _load("bench_allocation").allocation
+    for protected, cap in (([], math.inf), ([0, 29, 1], math.inf), ([0, 29, 1], 1.5), ([0], 1.5)):
+        counts = allocation(30 * 1024, 1536, 30, protected, cap)
+        assert sum(counts) == 30 * 1024 and all(0 <= n < 1536 for n in counts)
+        if protected and math.isinf(cap):
+            assert all(counts[i] == 0 for i in protected)
+        elif protected:
+            kept_p, kept_o = 1536 - counts[protected[0]], 1536 - counts[2]
+            assert kept_p == pytest.approx(1.5 * kept_o, abs=2)
+    assert allocation(30 * 410, 1536, 30, [0, 29, 1], 1.5) == allocation(30 * 410, 1536, 30, [0, 29, 1], math.inf)
