@@ -395,9 +395,12 @@ class Ablation(Bench):
         if self.args.kd_cache is not None:
             kd_opts = (kd_opts + f',cache_dir="{self.args.kd_cache}"').lstrip(",")
         kd_pass = f"knowledge-distribution{{{kd_opts}}}," if kd is not False else ""
+        lhspg = lhspg or p.lhspg
+        if "protect_cap" not in lhspg:  # the rows measured before the cap was the default keep whole protection
+            lhspg += ",protect_cap=inf"
         return (
             f"lora,discover-groups,{kd_pass}"
-            f"lhspg{{ratio={ratio},{lhspg or p.lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}}},erase,"
+            f"lhspg{{ratio={ratio},{lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}}},erase,"
             f"recover-dynamic{{max_rounds={p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
             f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}}},merge-lora"
         )
