@@ -316,6 +316,17 @@ def scaled(p: Profile, k: int) -> Profile:
     return dataclasses.replace(p, lhspg=lhspg, steps_per_round=p.steps_per_round * k)
 
 
+def lhspg_steps(opts: str) -> int:
+    """Optimizer steps of an LHSPG option string: warm-up plus periods times steps per period.
+
+    Example:
+        >>> lhspg_steps("warmup=8,periods=4,steps_per_period=8")
+        40
+    """
+    found = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
+    return int(found.get("warmup", 0)) + int(found.get("periods", 1)) * int(found.get("steps_per_period", 1))
+
+
 ONE_SHOT = "warmup=0,periods=1,steps_per_period=1"
 """LHSPG options of the one-shot rows: every structure zeroed at the first step."""
 
@@ -385,8 +396,7 @@ class Ablation(Bench):
     def steps(self) -> int:
         """Optimizer steps of every row: LHSPG's warm-up and periods, then two recovery stages."""
         p = self.p
-        opts = dict(kv.split("=") for kv in p.lhspg.split(","))
-        return int(opts["warmup"]) + int(opts["periods"]) * int(opts["steps_per_period"]) + 2 * p.rounds * p.steps_per_round
+        return lhspg_steps(p.lhspg) + 2 * p.rounds * p.steps_per_round
 
     def pipeline(self, ratio: float, *, kinds: str = "", kd: bool | str = True, distill: str = "",
                  lhspg: str = "", steps_per_round: int = 0, recover: str = "") -> str:
@@ -418,6 +428,7 @@ class Ablation(Bench):
         act = ',saliency="activation=1"'
         kd_act = ",proxy=activation"
         cap = ",protect_cap=1.5"
+        no_warmup = re.sub(r"\bwarmup=\d+", "warmup=0", p.lhspg)
         one_shot_round = -(-(self.steps() - 1) // (2 * p.rounds))  # one step that zeroes, then the rest in recovery
         return {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
@@ -468,6 +479,11 @@ class Ablation(Bench):
             "LoRAShear, KD gamma=0.2, protect_cap=1.5, pretrain-only recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, kd=",gamma=0.2", lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
                 f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+            # the warm-up's steps go to recovery on the final structure: 4 x 8 LHSPG steps, then 4 rounds of 7
+            "LoRAShear, KD gamma=0.2, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: self.compile(
+                self.pipeline(ratio, kinds=ch, kd=",gamma=0.2", lhspg=no_warmup + cap, recover=",stages=pretrain",
+                              steps_per_round=(self.steps() - lhspg_steps(no_warmup)) // (2 * p.rounds)).replace(
+                    f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
         }
 
     def table(self, note: str) -> str:
