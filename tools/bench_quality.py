@@ -484,6 +484,10 @@ class Ablation(Bench):
                 self.pipeline(ratio, kinds=ch, kd=",gamma=0.2", lhspg=no_warmup + cap, recover=",stages=pretrain",
                               steps_per_round=(self.steps() - lhspg_steps(no_warmup)) // (2 * p.rounds)).replace(
                     f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+            "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: self.compile(
+                self.pipeline(ratio, kinds=ch, lhspg=no_warmup + cap, recover=",stages=pretrain",
+                              steps_per_round=(self.steps() - lhspg_steps(no_warmup)) // (2 * p.rounds)).replace(
+                    f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
         }
 
     def table(self, note: str) -> str:
