@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import PASS_TOKENS, ood_windows  # noqa: E402
 
+from shear.runtime.budget import base_param_count  # noqa: E402
+
 __all__ = ["main", "allocation"]
 
 SEQ = 256
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     probe = Probe()
     cfg = probe.model.config
     layers, width, hidden = cfg.num_hidden_layers, cfg.intermediate_size, cfg.hidden_size
-    body = sum(p.numel() for p in probe.model.parameters()) - probe.model.get_input_embeddings().weight.numel()
+    body = base_param_count(probe.model) - probe.model.get_input_embeddings().weight.numel()  # as the ablation counts
     sens = probe.sensitivity()
     order = sorted(range(layers), key=lambda i: -sens[i])
     lines = [

@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from shear.passes.budgets import lhspg_steps
 from shear.runtime.budget import base_param_count
 
 __all__ = ["main", "Profile"]
@@ -314,17 +315,6 @@ def scaled(p: Profile, k: int) -> Profile:
         raise SystemExit(f"--tokens-scale must be at least 1, got {k}")
     lhspg = re.sub(r"\b(warmup|steps_per_period)=(\d+)", lambda m: f"{m.group(1)}={int(m.group(2)) * k}", p.lhspg)
     return dataclasses.replace(p, lhspg=lhspg, steps_per_round=p.steps_per_round * k)
-
-
-def lhspg_steps(opts: str) -> int:
-    """Optimizer steps of an LHSPG option string: warm-up plus periods times steps per period.
-
-    Example:
-        >>> lhspg_steps("warmup=8,periods=4,steps_per_period=8")
-        40
-    """
-    found = dict(kv.split("=", 1) for kv in opts.split(",") if "=" in kv)
-    return int(found.get("warmup", 0)) + int(found.get("periods", 1)) * int(found.get("steps_per_period", 1))
 
 
 ONE_SHOT = "warmup=0,periods=1,steps_per_period=1"

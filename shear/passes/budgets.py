@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from shear.errors import PipelineError
 
-__all__ = ["Budget", "BUDGETS", "auto_budget", "lorashear_pipeline", "AUTO_QUICK_ABOVE"]
+__all__ = ["Budget", "BUDGETS", "auto_budget", "lorashear_pipeline", "lhspg_steps", "AUTO_QUICK_ABOVE"]
 
 
 @dataclass(frozen=True)
@@ -45,21 +45,32 @@ class Budget:
             if "{" in opts or "}" in opts:
                 raise PipelineError(f"budget {self.name}: options are written without braces, got {opts!r}")
 
-    def _int(self, opts: str, key: str) -> int:
-        m = re.search(rf"\b{key}=(\d+)", opts)
-        return int(m.group(1)) if m else 0
-
     @property
     def lhspg_steps(self) -> int:
         """Optimizer steps LHSPG trains: warm-up plus periods times steps per period."""
-        return self._int(self.lhspg, "warmup") + self._int(self.lhspg, "periods") * self._int(
-            self.lhspg, "steps_per_period"
-        )
+        return lhspg_steps(self.lhspg)
 
     @property
     def recover_steps(self) -> int:
         """Largest number of recovery steps (rounds times steps per round, per stage)."""
-        return self._int(self.recover, "max_rounds") * self._int(self.recover, "steps_per_round")
+        return _option_int(self.recover, "max_rounds") * _option_int(self.recover, "steps_per_round")
+
+
+def lhspg_steps(opts: str) -> int:
+    """Optimizer steps of an ``lhspg`` option string: warm-up plus periods times steps per period
+    (a missing option counts 0).
+
+    Example:
+        >>> lhspg_steps("warmup=8,periods=4,steps_per_period=8")
+        40
+    """
+    return _option_int(opts, "warmup") + _option_int(opts, "periods") * _option_int(opts, "steps_per_period")
+
+
+def _option_int(opts: str, key: str) -> int:
+    """The integer ``key=N`` of an option string, 0 when absent."""
+    m = re.search(rf"\b{key}=(\d+)", opts)
+    return int(m.group(1)) if m else 0
 
 
 BUDGETS: dict[str, Budget] = {

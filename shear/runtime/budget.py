@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -153,19 +153,21 @@ class ParamBudget:
         if not 0.0 < target < 1.0:
             raise KernelError(f"target ratio must be in (0, 1), got {target}")
         ids = sorted(self.groups if eligible is None else set(eligible) & set(self.groups))
-        shielded = {g: self._shield(protect_cap if selection == "uniform" else math.inf) for g in protected if g in ids}
+        if protect_cap < 1.0:
+            raise KernelError(f"protect_cap must be at least 1 (protected groups keep at least the others' share), got {protect_cap}")
+        shielded = frozenset(g for g in protected if g in ids)
+        cap = protect_cap if selection == "uniform" else math.inf
         ids = [g for g in ids if g not in shielded]
         if not ids:
             raise KernelError("no prunable groups are eligible (all unprunable?); nothing can reach the target")
-        most = self.reduction({**{g: self.groups[g].size - 1 for g in ids}, **{
-            g: structure_count(self.groups[g].size, cut(1.0)) for g, cut in shielded.items()}})
+        most = self.reduction(self._fraction_counts(1.0, ids, 1, shielded, cap))
         if most < target - tolerance:
             raise KernelError(
                 f"the eligible groups can remove at most {most:.1%} of {self.total:,} parameters, less than the "
                 f"target {target:.1%}; lower the ratio, allow more group kinds, or mark fewer groups unprunable"
             )
         if selection in ("uniform", "shared"):
-            counts = self._uniform(target, ids, round_to, shielded)
+            counts = self._uniform(target, ids, round_to, shielded, cap)
         elif selection == "global":
             counts = self._global(target, ids, scores)
             if round_to > 1:  # keep multiples of round_to: round each kept count up, the top-up below refills
@@ -183,12 +185,10 @@ class ParamBudget:
         return counts
 
     @staticmethod
-    def _shield(cap: float) -> Callable[[float], float]:
+    def _shielded_fraction(r: float, cap: float) -> float:
         """A protected group's fraction to remove when the others remove ``r``: it keeps
         ``min(1, cap * (1 - r))`` (``cap = inf``: everything)."""
-        if cap < 1.0:
-            raise KernelError(f"protect_cap must be at least 1 (protected groups keep at least the others' share), got {cap}")
-        return lambda r: 0.0 if math.isinf(cap) else max(0.0, 1.0 - cap * (1.0 - r))
+        return 0.0 if math.isinf(cap) else max(0.0, 1.0 - cap * (1.0 - r))
 
     def _top_up_shared(
         self, counts: dict[int, int], target: float, ids: list[int], round_to: int, tolerance: float,
@@ -217,23 +217,22 @@ class ParamBudget:
         return counts
 
     def _fraction_counts(
-        self, r: float, ids: list[int], round_to: int, shielded: Mapping[int, Callable[[float], float]]
+        self, r: float, ids: list[int], round_to: int, shielded: frozenset[int], cap: float
     ) -> dict[int, int]:
         counts = {gid: structure_count(self.groups[gid].size, r, round_to) for gid in ids}
-        counts.update({gid: structure_count(self.groups[gid].size, cut(r), round_to) for gid, cut in shielded.items()})
+        r_shielded = self._shielded_fraction(r, cap)
+        counts.update({gid: structure_count(self.groups[gid].size, r_shielded, round_to) for gid in shielded})
         return counts
 
-    def _uniform(
-        self, target: float, ids: list[int], round_to: int, shielded: Mapping[int, Callable[[float], float]]
-    ) -> dict[int, int]:
+    def _uniform(self, target: float, ids: list[int], round_to: int, shielded: frozenset[int], cap: float) -> dict[int, int]:
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            if self.reduction(self._fraction_counts(mid, ids, round_to, shielded)) <= target:
+            if self.reduction(self._fraction_counts(mid, ids, round_to, shielded, cap)) <= target:
                 lo = mid
             else:
                 hi = mid
-        return self._fraction_counts(lo, ids, round_to, shielded)
+        return self._fraction_counts(lo, ids, round_to, shielded, cap)
 
     def _global(self, target: float, ids: list[int], scores: Mapping[int, torch.Tensor]) -> dict[int, int]:
         by_kind: dict[str, list[float]] = {}
