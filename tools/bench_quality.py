@@ -419,8 +419,10 @@ class Ablation(Bench):
         kd_act = ",proxy=activation"
         cap = ",protect_cap=1.5"
         no_warmup = re.sub(r"\bwarmup=\d+", "warmup=0", p.lhspg)
+        short = re.sub(r"\bsteps_per_period=(\d+)", lambda m: f"steps_per_period={max(1, int(m.group(1)) // 2)}",
+                       no_warmup)  # half the steps per period, no warm-up
         one_shot_round = -(-(self.steps() - 1) // (2 * p.rounds))  # one step that zeroes, then the rest in recovery
-        return {
+        rows = {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
                 batch=p.batch, lr=p.recover_lr),
@@ -470,15 +472,26 @@ class Ablation(Bench):
                 ratio, kinds=ch, kd=",gamma=0.2", lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
                 f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
             # the warm-up's steps go to recovery on the final structure: 4 x 8 LHSPG steps, then 4 rounds of 7
-            "LoRAShear, KD gamma=0.2, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: self.compile(
-                self.pipeline(ratio, kinds=ch, kd=",gamma=0.2", lhspg=no_warmup + cap, recover=",stages=pretrain",
-                              steps_per_round=(self.steps() - lhspg_steps(no_warmup)) // (2 * p.rounds)).replace(
-                    f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
-            "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: self.compile(
-                self.pipeline(ratio, kinds=ch, lhspg=no_warmup + cap, recover=",stages=pretrain",
-                              steps_per_round=(self.steps() - lhspg_steps(no_warmup)) // (2 * p.rounds)).replace(
-                    f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+            "LoRAShear, KD gamma=0.2, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: final_heavy(
+                no_warmup, kd=",gamma=0.2"),
+            "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: final_heavy(no_warmup),
+            # half the periods' steps too: 4 x 4 LHSPG steps, then 4 rounds of 11
+            "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery": lambda: final_heavy(short),
+            "LoRAShear, KD gamma=0.2, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery": lambda: final_heavy(
+                short, kd=",gamma=0.2"),
+            "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery + distill": lambda: final_heavy(
+                no_warmup, distill=dist),
         }
+
+        def final_heavy(lhspg: str, *, kd: str = "", distill: str = "") -> torch.nn.Module:
+            """Capped protection, LHSPG with ``lhspg``'s steps, then the rest of the budget in 4 recovery
+            rounds on the pretraining text."""
+            rounds = 2 * p.rounds
+            pipe = self.pipeline(ratio, kinds=ch, kd=kd, lhspg=lhspg + cap, recover=",stages=pretrain",
+                                 distill=distill, steps_per_round=(self.steps() - lhspg_steps(lhspg)) // rounds)
+            return self.compile(pipe.replace(f"max_rounds={p.rounds}", f"max_rounds={rounds}"))
+
+        return rows
 
     def table(self, note: str) -> str:
         return ablation_table(self.name, self.p, self.rows, self.body, self.steps(), list(self.ood), note)
