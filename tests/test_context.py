@@ -205,3 +205,20 @@ def test_lora_state_is_typed() -> None:
     net, x = _mlp()
     ctx = Context(model=net, results={"lora": LoraState(added=True, r=8)})
     assert ctx.get(LoraState).added
+
+
+def test_lora_seed_sets_the_adapters_and_leaves_the_global_rng() -> None:
+    def adapters(seed: int) -> dict[str, torch.Tensor]:
+        model, _ = build("llama")
+        ctx = Context(model=model)
+        state = torch.random.get_rng_state()
+        AddLora(r=4, seed=seed).run(ctx)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        return {n: p.detach().clone() for n, p in ctx.model.named_parameters() if "lora_A" in n}
+
+    a0, again, a1 = adapters(0), adapters(0), adapters(1)
+    assert a0 and a0.keys() == a1.keys()
+    assert all(torch.equal(a0[n], again[n]) for n in a0)
+    assert not any(torch.equal(a0[n], a1[n]) for n in a0)
+    with pytest.raises(PipelineError, match="lora: seed must be >= 0"):
+        AddLora(seed=-1)

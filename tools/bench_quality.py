@@ -322,11 +322,12 @@ ONE_SHOT = "warmup=0,periods=1,steps_per_period=1"
 
 
 def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int, calib: int, seq_len: int,
-                   batch: int, lr: float) -> torch.nn.Module:
+                   batch: int, lr: float, seed: int = 0) -> torch.nn.Module:
     """LLM-Pruner-style baseline in plain torch + peft: first-order Taylor importance
     ``sum |W * dL/dW|`` of every MLP channel (gate and up rows, down column) on ``calib`` calibration
     windows, the same ``remove`` channels cut from every layer, then LoRA r=8 on every linear for
-    ``steps`` steps of ``batch x seq_len`` tokens, merged."""
+    ``steps`` steps of ``batch x seq_len`` tokens, merged; ``seed`` seeds the calibration windows, the
+    training batches and the adapters, as ``--seed`` does the LoRAShear rows'."""
     from shear.runtime.training import TokenBatches, TrainConfig, ensure_lora, train
 
     model = copy.deepcopy(model)
@@ -336,7 +337,7 @@ def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int
     for m in mlps:
         for lin in (m.gate_proj, m.up_proj, m.down_proj):
             lin.weight.requires_grad_(True)
-    ids = data.calibration(calib, seq_len, seed=0)
+    ids = data.calibration(calib, seq_len, seed=seed)
     for i in range(0, ids.shape[0], 4):
         chunk = ids[i : i + 4]
         model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
@@ -349,9 +350,9 @@ def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int
                 lin.weight = torch.nn.Parameter(lin.weight.index_select(dim, keep).clone(), requires_grad=False)
                 lin.out_features, lin.in_features = lin.weight.shape
     model.config.intermediate_size = mlps[0].gate_proj.out_features
-    model, _ = ensure_lora(model, r=8)
+    model, _ = ensure_lora(model, r=8, seed=seed)
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch, seq_len=seq_len)
-    train(model, TokenBatches(data.train, batch, seq_len, seed=0), config)
+    train(model, TokenBatches(data.train, batch, seq_len, seed=seed), config)
     return model.merge_and_unload()
 
 
@@ -398,11 +399,13 @@ class Ablation(Bench):
         lhspg = lhspg or p.lhspg
         if "protect_cap" not in lhspg:  # the rows measured before the cap was the default keep whole protection
             lhspg += ",protect_cap=inf"
+        seed = f",seed={self.args.seed}" if self.args.seed else ""  # knowledge distribution keeps seed 0: cached
         return (
-            f"lora,discover-groups,{kd_pass}"
-            f"lhspg{{ratio={ratio},{lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}}},erase,"
+            f"lora{{r=8{seed}}},discover-groups,{kd_pass}"
+            f"lhspg{{ratio={ratio},{lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}{seed}}},erase,"
             f"recover-dynamic{{max_rounds={p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
-            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}}},merge-lora"
+            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}{seed}}},"
+            "merge-lora"
         )
 
     def rows_at(self, share: float) -> dict[str, Any]:
@@ -425,7 +428,7 @@ class Ablation(Bench):
         rows = {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
-                batch=p.batch, lr=p.recover_lr),
+                batch=p.batch, lr=p.recover_lr, seed=self.args.seed),
             "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio, kinds=heads)),
             "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
             "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
@@ -608,6 +611,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-scale", type=int, default=1, metavar="K",
                         help="with --ablation: K times every row's training steps (K x 61,440 tokens: 4 for the "
                         "budget curve's 250k, 16 for 1M); write each K to its own --out")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="with --ablation: seed of the data streams and adapters of every row (LHSPG, recovery, "
+                        "the baseline's calibration and batches; knowledge distribution keeps 0); run a second "
+                        "seed to its own --out to see the rows' spread")
     parser.add_argument("--kd-cache", type=Path, default=None, metavar="DIR",
                         help="with --ablation: keep knowledge-distribution results in DIR and reuse them across rows "
                         "and runs with the same model, text and options (a row's pass_s then shows ~0 s for it)")

@@ -51,15 +51,19 @@ class AddLora(Pass):
     """LoRA rank."""
     alpha: int = 16
     """LoRA alpha (scaling = alpha / r)."""
+    seed: int = 0
+    """Seeds the adapters' initialisation (the global RNG is left as it was)."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0:
             raise PipelineError(f"lora: r must be >= 1 and alpha > 0, got r={self.r}, alpha={self.alpha}")
+        if self.seed < 0:
+            raise PipelineError(f"lora: seed must be >= 0, got {self.seed}")
 
     def run(self, ctx: Context) -> PassResult:
         from shear.runtime.training import ensure_lora, lora_layers
 
-        ctx.model, message = ensure_lora(ctx.model, r=self.r, alpha=self.alpha)
+        ctx.model, message = ensure_lora(ctx.model, r=self.r, alpha=self.alpha, seed=self.seed)
         ctx.put(LoraState(added=message is not None, r=self.r))
         if message is None:
             return PassResult(False, f"the model has {len(lora_layers(ctx.model))} LoRA layers already; kept them")
