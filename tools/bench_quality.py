@@ -422,8 +422,10 @@ class Ablation(Bench):
         kd_act = ",proxy=activation"
         cap = ",protect_cap=1.5"
         no_warmup = re.sub(r"\bwarmup=\d+", "warmup=0", p.lhspg)
-        short = re.sub(r"\bsteps_per_period=(\d+)", lambda m: f"steps_per_period={max(1, int(m.group(1)) // 2)}",
-                       no_warmup)  # half the steps per period, no warm-up
+        def per_period(div: int) -> str:  # no warm-up, 1/div of the steps per period
+            return re.sub(r"\bsteps_per_period=(\d+)", lambda m: f"steps_per_period={max(1, int(m.group(1)) // div)}",
+                          no_warmup)
+
         one_shot_round = -(-(self.steps() - 1) // (2 * p.rounds))  # one step that zeroes, then the rest in recovery
         rows = {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
@@ -479,9 +481,13 @@ class Ablation(Bench):
                 no_warmup, kd=",gamma=0.2"),
             "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: final_heavy(no_warmup),
             # half the periods' steps too: 4 x 4 LHSPG steps, then 4 rounds of 11
-            "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery": lambda: final_heavy(short),
+            "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery": lambda: final_heavy(per_period(2)),
             "LoRAShear, KD gamma=0.2, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery": lambda: final_heavy(
-                short, kd=",gamma=0.2"),
+                per_period(2), kd=",gamma=0.2"),
+            # a quarter: 4 x 2 LHSPG steps, then 4 rounds of 13
+            "LoRAShear, protect_cap=1.5, LHSPG 4x2, pretrain-only recovery": lambda: final_heavy(per_period(4)),
+            # LHSPG's one step zeroes every pruned structure with the same saliency, then 4 rounds of 14
+            "one-shot, protect_cap=1.5, pretrain-only recovery": lambda: final_heavy(ONE_SHOT),
             "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery + distill": lambda: final_heavy(
                 no_warmup, distill=dist),
         }
