@@ -47,13 +47,13 @@ PIPELINES: tuple[tuple[str, str], ...] = (
 
 BUDGETS: dict[bool, dict[str, str]] = {
     False: {
-        "lhspg": "periods=3,steps_per_period=8,warmup=4,batch_size=4,seq_len=128,lr=0.0005",
-        "recover": "max_rounds=2,steps_per_round=8,batch_size=4,seq_len=128,eval_windows=2,lr=0.0003",
+        "lhspg": "periods=4,steps_per_period=3,warmup=0,batch_size=4,seq_len=128,lr=0.0005",
+        "recover": "max_rounds=4,steps_per_round=12,batch_size=4,seq_len=128,eval_windows=2,lr=0.0003",
         "kd_len": "128",
     },
     True: {
-        "lhspg": "periods=1,steps_per_period=2,warmup=1,batch_size=1,seq_len=32,lr=0.0005",
-        "recover": "max_rounds=1,steps_per_round=2,batch_size=1,seq_len=32,eval_windows=1,lr=0.0003",
+        "lhspg": "periods=1,steps_per_period=2,warmup=0,batch_size=1,seq_len=32,lr=0.0005",
+        "recover": "max_rounds=2,steps_per_round=2,batch_size=1,seq_len=32,eval_windows=1,lr=0.0003",
         "kd_len": "32",
     },
 }

@@ -4,7 +4,7 @@ LoRA trains while redundant structures are projected onto zero, so their knowled
 structures that stay. The schedule, on one run of the shared training loop
 (:func:`shear.runtime.training.train`):
 
-1. **Warm-up** (``warmup`` steps): LoRA only, W frozen.
+1. **Warm-up** (``warmup`` steps, none by default): LoRA only, W frozen.
 2. **Periods** (``periods`` x ``steps_per_period``). Before each period the structures of the
    eligible groups are scored (:mod:`shear.runtime.saliency` on the current effective weights
    ``W + s * B @ A``); the lowest-scored important structures move to the redundant set until
@@ -223,10 +223,11 @@ class LHSPG(Pass):
     """Fraction of the model's parameters (tied once, adapters not counted) the erased model loses."""
     periods: int = 5
     """Pruning periods P; each moves 1/P of the final count of every group to the redundant set."""
-    steps_per_period: int = 20
+    steps_per_period: int = 10
     """Optimizer steps per period Tp; redundant structures reach exactly zero at its last step."""
-    warmup: int = 10
-    """LoRA-only steps before the first period."""
+    warmup: int = 0
+    """LoRA-only steps before the first period (the paper has them; at an equal token budget they
+    do more as recovery steps on the final structure: README, "LoRAShear against plain pruning")."""
     lr: float = 2e-4
     """AdamW learning rate of the LoRA adapters."""
     batch_size: int = 4
