@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -150,3 +151,26 @@ def test_bench_allocation_removes_the_same_total_in_every_allocation() -> None:
             kept_p, kept_o = 1536 - counts[protected[0]], 1536 - counts[2]
             assert kept_p == pytest.approx(1.5 * kept_o, abs=2)
     assert allocation(30 * 410, 1536, 30, [0, 29, 1], 1.5) == allocation(30 * 410, 1536, 30, [0, 29, 1], math.inf)
+
+
+def test_bench_quality_ablation_row_resumes_from_its_checkpoints(tmp_path: Path) -> None:
+    """``--checkpoint-dir``: a row stopped in its third recovery round picks up from there when the
+    same command runs again, and ends where the uninterrupted run ended."""
+    bench = _load("bench_quality")
+    row = "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery"
+    ck = tmp_path / "ck"
+    args = ["--quick", "--ablation", "0.2", "--only", row, "--checkpoint-dir", str(ck)]
+    bench.main(args + ["--out", str(tmp_path / "a.md")])
+    first = json.loads((tmp_path / "a.json").read_text())[1]
+    assert "resumed" not in first
+    lhspg, recover = sorted(ck.iterdir())
+    assert lhspg.name.startswith("lhspg-") and recover.name.startswith("recover-")
+    rounds = sorted(recover.iterdir())
+    assert [r.name for r in rounds] == ["pretrain-01", "pretrain-02", "pretrain-03", "pretrain-04"]
+    shutil.rmtree(rounds[-1])  # as if stopped in round 3, at its step-8 checkpoint
+    shutil.rmtree(max(rounds[2].iterdir(), key=lambda d: int(d.name.split("-")[1])))
+    bench.main(args + ["--out", str(tmp_path / "b.md")])
+    again = json.loads((tmp_path / "b.json").read_text())[1]
+    assert any("resumed from step 8 of 11" in w for w in again["resumed"])
+    assert any("had already finished" in w for w in again["resumed"])
+    assert again["ppl"] == first["ppl"] and again["params"] == first["params"]

@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -155,6 +156,9 @@ class Bench:
         report = getattr(model, "shear_report", None)
         if report is not None:  # where the time went, pass by pass
             row["pass_s"] = {f"{i}:{r.name}": round(r.seconds, 1) for i, r in enumerate(report.passes)}
+            resumed = [w for w in report.warnings if "resumed from step" in w or "had already finished" in w]
+            if resumed:  # --checkpoint-dir: training picked up where a stopped run of this row left off
+                row["resumed"] = resumed
         rec = _recovery(model)
         if rec is not None:
             row["recovery_steps"], row["recovery_tokens"] = rec
@@ -390,7 +394,7 @@ class Ablation(Bench):
         return lhspg_steps(p.lhspg) + 2 * p.rounds * p.steps_per_round
 
     def pipeline(self, ratio: float, *, kinds: str = "", kd: bool | str = True, distill: str = "",
-                 lhspg: str = "", steps_per_round: int = 0, recover: str = "") -> str:
+                 lhspg: str = "", steps_per_round: int = 0, recover: str = "", rounds: int = 0) -> str:
         p = self.p
         kd_opts = kinds.lstrip(",") + (kd if isinstance(kd, str) else "")
         if self.args.kd_cache is not None:
@@ -400,13 +404,21 @@ class Ablation(Bench):
         if "protect_cap" not in lhspg:  # the rows measured before the cap was the default keep whole protection
             lhspg += ",protect_cap=inf"
         seed = f",seed={self.args.seed}" if self.args.seed else ""  # knowledge distribution keeps seed 0: cached
-        return (
-            f"lora{{r=8{seed}}},discover-groups,{kd_pass}"
-            f"lhspg{{ratio={ratio},{lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}{seed}}},erase,"
-            f"recover-dynamic{{max_rounds={p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
-            f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}{seed}}},"
-            "merge-lora"
-        )
+        lhspg_opts = f"ratio={ratio},{lhspg},batch_size={p.batch},seq_len={p.seq_len}{kinds}{distill}{seed}"
+        recover_opts = (f"max_rounds={rounds or p.rounds},steps_per_round={steps_per_round or p.steps_per_round},min_gain=0,"
+                        f"lr={p.recover_lr},batch_size={p.batch},seq_len={p.seq_len},eval_windows=4{distill}{recover}{seed}")
+        if self.args.checkpoint_dir is not None:  # one folder per pass options, so a rerun resumes the same row
+            lhspg_opts += self._checkpoint("lhspg", lhspg_opts)
+            recover_opts += self._checkpoint("recover", lhspg_opts + recover_opts)
+        return (f"lora{{r=8{seed}}},discover-groups,{kd_pass}lhspg{{{lhspg_opts}}},erase,"
+                f"recover-dynamic{{{recover_opts}}},merge-lora")
+
+    def _checkpoint(self, stage: str, opts: str) -> str:
+        """``checkpoint_dir`` and ``checkpoint_every`` options: a folder under ``--checkpoint-dir`` named
+        by a hash of the options (and what came before), a checkpoint every 8 steps."""
+        key = hashlib.sha1(opts.encode()).hexdigest()[:12]
+        folder = self.args.checkpoint_dir / f"{stage}-{key}"
+        return f',checkpoint_dir="{folder}",checkpoint_every=8'
 
     def rows_at(self, share: float) -> dict[str, Any]:
         """Row name -> what makes it, at ``share`` of the non-embedding parameters removed."""
@@ -447,7 +459,7 @@ class Ablation(Bench):
                 ratio, kinds=ch, lhspg=p.lhspg + ',saliency="taylor1=1"')),
             # two pretraining rounds, then two instruction rounds, of 5 steps: pretraining only, 4 rounds
             "LoRAShear channels, pretrain-only recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, recover=",stages=pretrain").replace(f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+                ratio, kinds=ch, recover=",stages=pretrain", rounds=2 * p.rounds)),
             "one-shot channels, no KD + recovery": lambda: self.compile(self.pipeline(
                 ratio, kinds=ch, kd=False, lhspg=ONE_SHOT, steps_per_round=one_shot_round)),
             # the same saliency, all structures zeroed at the first step, then 2 x 2 x 15 recovery steps
@@ -471,11 +483,10 @@ class Ablation(Bench):
                 ratio, kinds=ch, kd=",gamma=0.033", lhspg=p.lhspg + cap)),
             "LoRAShear, KD top group": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=",gamma=0.033")),
             "LoRAShear, protect_cap=1.5, pretrain-only recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
-                f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+                ratio, kinds=ch, lhspg=p.lhspg + cap, recover=",stages=pretrain", rounds=2 * p.rounds)),
             "LoRAShear, KD gamma=0.2, protect_cap=1.5, pretrain-only recovery": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, kd=",gamma=0.2", lhspg=p.lhspg + cap, recover=",stages=pretrain").replace(
-                f"max_rounds={p.rounds}", f"max_rounds={2 * p.rounds}")),
+                ratio, kinds=ch, kd=",gamma=0.2", lhspg=p.lhspg + cap, recover=",stages=pretrain",
+                rounds=2 * p.rounds)),
             # the warm-up's steps go to recovery on the final structure: 4 x 8 LHSPG steps, then 4 rounds of 7
             "LoRAShear, KD gamma=0.2, protect_cap=1.5, no warm-up, pretrain-only recovery": lambda: final_heavy(
                 no_warmup, kd=",gamma=0.2"),
@@ -496,9 +507,9 @@ class Ablation(Bench):
             """Capped protection, LHSPG with ``lhspg``'s steps, then the rest of the budget in 4 recovery
             rounds on the pretraining text."""
             rounds = 2 * p.rounds
-            pipe = self.pipeline(ratio, kinds=ch, kd=kd, lhspg=lhspg + cap, recover=",stages=pretrain",
-                                 distill=distill, steps_per_round=(self.steps() - lhspg_steps(lhspg)) // rounds)
-            return self.compile(pipe.replace(f"max_rounds={p.rounds}", f"max_rounds={rounds}"))
+            return self.compile(self.pipeline(
+                ratio, kinds=ch, kd=kd, lhspg=lhspg + cap, recover=",stages=pretrain", distill=distill,
+                rounds=rounds, steps_per_round=(self.steps() - lhspg_steps(lhspg)) // rounds))
 
         return rows
 
@@ -621,6 +632,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --ablation: seed of the data streams and adapters of every row (LHSPG, recovery, "
                         "the baseline's calibration and batches; knowledge distribution keeps 0); run a second "
                         "seed to its own --out to see the rows' spread")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                        help="with --ablation: LHSPG and recovery write a checkpoint every 8 steps under DIR, and "
+                        "the same command run again resumes a row stopped half way (for the long budget curve)")
     parser.add_argument("--kd-cache", type=Path, default=None, metavar="DIR",
                         help="with --ablation: keep knowledge-distribution results in DIR and reuse them across rows "
                         "and runs with the same model, text and options (a row's pass_s then shows ~0 s for it)")
