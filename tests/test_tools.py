@@ -154,23 +154,31 @@ def test_bench_allocation_removes_the_same_total_in_every_allocation() -> None:
 
 
 def test_bench_quality_ablation_row_resumes_from_its_checkpoints(tmp_path: Path) -> None:
-    """``--checkpoint-dir``: a row stopped in its third recovery round picks up from there when the
-    same command runs again, and ends where the uninterrupted run ended."""
+    """``--checkpoint-dir``: rows stopped half way (LoRAShear in its third recovery round, the
+    baseline after 56 of its 60 steps) pick up from there when the same command runs again, and end
+    where the uninterrupted runs ended."""
     bench = _load("bench_quality")
-    row = "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery"
+    rows = ["LLM-Pruner-style (MLP)", "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery"]
     ck = tmp_path / "ck"
-    args = ["--quick", "--ablation", "0.2", "--only", row, "--checkpoint-dir", str(ck)]
+    args = ["--quick", "--ablation", "0.2", "--only", *rows, "--checkpoint-dir", str(ck)]
     bench.main(args + ["--out", str(tmp_path / "a.md")])
-    first = json.loads((tmp_path / "a.json").read_text())[1]
-    assert "resumed" not in first
-    lhspg, recover = sorted(ck.iterdir())
-    assert lhspg.name.startswith("lhspg-") and recover.name.startswith("recover-")
+    first = json.loads((tmp_path / "a.json").read_text())[1:]
+    assert [r["method"] for r in first] == rows and not any("resumed" in r for r in first)
+    baseline, lhspg, recover = sorted(ck.iterdir())
+    assert baseline.name.startswith("baseline-") and lhspg.name.startswith("lhspg-")
     rounds = sorted(recover.iterdir())
     assert [r.name for r in rounds] == ["pretrain-01", "pretrain-02", "pretrain-03", "pretrain-04"]
+
+    def drop_latest(folder: Path) -> None:
+        shutil.rmtree(max(folder.iterdir(), key=lambda d: int(d.name.split("-")[1])))
+
     shutil.rmtree(rounds[-1])  # as if stopped in round 3, at its step-8 checkpoint
-    shutil.rmtree(max(rounds[2].iterdir(), key=lambda d: int(d.name.split("-")[1])))
+    drop_latest(rounds[2])
+    drop_latest(baseline)
     bench.main(args + ["--out", str(tmp_path / "b.md")])
-    again = json.loads((tmp_path / "b.json").read_text())[1]
-    assert any("resumed from step 8 of 11" in w for w in again["resumed"])
-    assert any("had already finished" in w for w in again["resumed"])
-    assert again["ppl"] == first["ppl"] and again["params"] == first["params"]
+    again = json.loads((tmp_path / "b.json").read_text())[1:]
+    assert again[0]["resumed"] == [w for w in again[0]["resumed"] if "resumed from step 56 of 60" in w] != []
+    assert any("resumed from step 8 of 11" in w for w in again[1]["resumed"])
+    assert any("had already finished" in w for w in again[1]["resumed"])
+    for a, b in zip(first, again):
+        assert a["ppl"] == b["ppl"] and a["params"] == b["params"]

@@ -156,9 +156,9 @@ class Bench:
         report = getattr(model, "shear_report", None)
         if report is not None:  # where the time went, pass by pass
             row["pass_s"] = {f"{i}:{r.name}": round(r.seconds, 1) for i, r in enumerate(report.passes)}
-            resumed = [w for w in report.warnings if "resumed from step" in w or "had already finished" in w]
-            if resumed:  # --checkpoint-dir: training picked up where a stopped run of this row left off
-                row["resumed"] = resumed
+        resumed = list(getattr(model, "bench_resumed", [])) + (_resumed(report.warnings) if report is not None else [])
+        if resumed:  # --checkpoint-dir: training picked up where a stopped run of this row left off
+            row["resumed"] = resumed
         rec = _recovery(model)
         if rec is not None:
             row["recovery_steps"], row["recovery_tokens"] = rec
@@ -326,12 +326,13 @@ ONE_SHOT = "warmup=0,periods=1,steps_per_period=1"
 
 
 def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int, calib: int, seq_len: int,
-                   batch: int, lr: float, seed: int = 0) -> torch.nn.Module:
+                   batch: int, lr: float, seed: int = 0, checkpoint_dir: Path | None = None) -> torch.nn.Module:
     """LLM-Pruner-style baseline in plain torch + peft: first-order Taylor importance
     ``sum |W * dL/dW|`` of every MLP channel (gate and up rows, down column) on ``calib`` calibration
     windows, the same ``remove`` channels cut from every layer, then LoRA r=8 on every linear for
     ``steps`` steps of ``batch x seq_len`` tokens, merged; ``seed`` seeds the calibration windows, the
-    training batches and the adapters, as ``--seed`` does the LoRAShear rows'."""
+    training batches and the adapters, as ``--seed`` does the LoRAShear rows'; with ``checkpoint_dir``
+    the training writes a checkpoint every 8 steps there and resumes from the latest."""
     from shear.runtime.training import TokenBatches, TrainConfig, ensure_lora, train
 
     model = copy.deepcopy(model)
@@ -355,9 +356,18 @@ def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int
                 lin.out_features, lin.in_features = lin.weight.shape
     model.config.intermediate_size = mlps[0].gate_proj.out_features
     model, _ = ensure_lora(model, r=8, seed=seed)
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch, seq_len=seq_len)
-    train(model, TokenBatches(data.train, batch, seq_len, seed=seed), config)
-    return model.merge_and_unload()
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch, seq_len=seq_len,
+                         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                         checkpoint_every=8 if checkpoint_dir is not None else 0)
+    result = train(model, TokenBatches(data.train, batch, seq_len, seed=seed), config)
+    merged = model.merge_and_unload()
+    merged.bench_resumed = _resumed(result.warnings)
+    return merged
+
+
+def _resumed(warnings: list[str]) -> list[str]:
+    """The warnings of training that resumed from a checkpoint (or found its run finished)."""
+    return [w for w in warnings if "resumed from step" in w or "had already finished" in w]
 
 
 PASS_TOKENS = 1024
@@ -420,6 +430,14 @@ class Ablation(Bench):
         folder = self.args.checkpoint_dir / f"{stage}-{key}"
         return f',checkpoint_dir="{folder}",checkpoint_every=8'
 
+    def _baseline_checkpoint(self, ratio: float) -> Path | None:
+        """The baseline's checkpoint folder under ``--checkpoint-dir`` (keyed like the passes')."""
+        if self.args.checkpoint_dir is None:
+            return None
+        p = self.p
+        key = hashlib.sha1(f"{ratio},{self.steps()},{p.batch},{p.seq_len},{p.recover_lr},{self.args.seed}".encode())
+        return self.args.checkpoint_dir / f"baseline-{key.hexdigest()[:12]}"
+
     def rows_at(self, share: float) -> dict[str, Any]:
         """Row name -> what makes it, at ``share`` of the non-embedding parameters removed."""
         ratio = round(share * self.body / self.total, 4)
@@ -442,7 +460,7 @@ class Ablation(Bench):
         rows = {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
-                batch=p.batch, lr=p.recover_lr, seed=self.args.seed),
+                batch=p.batch, lr=p.recover_lr, seed=self.args.seed, checkpoint_dir=self._baseline_checkpoint(ratio)),
             "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio, kinds=heads)),
             "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
             "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
