@@ -425,8 +425,8 @@ class Ablation(Bench):
 
     def _checkpoint(self, stage: str, opts: str) -> str:
         """``checkpoint_dir`` and ``checkpoint_every`` options: a folder under ``--checkpoint-dir`` named
-        by a hash of the options (and what came before), a checkpoint every 8 steps."""
-        key = hashlib.sha1(opts.encode()).hexdigest()[:12]
+        by a hash of the model and the options (and what came before), a checkpoint every 8 steps."""
+        key = hashlib.sha1(f"{self.name},{opts}".encode()).hexdigest()[:12]
         folder = self.args.checkpoint_dir / f"{stage}-{key}"
         return f',checkpoint_dir="{folder}",checkpoint_every=8'
 
@@ -435,7 +435,7 @@ class Ablation(Bench):
         if self.args.checkpoint_dir is None:
             return None
         p = self.p
-        key = hashlib.sha1(f"{ratio},{self.steps()},{p.batch},{p.seq_len},{p.recover_lr},{self.args.seed}".encode())
+        key = hashlib.sha1(f"{self.name},{ratio},{self.steps()},{p.batch},{p.seq_len},{p.recover_lr},{self.args.seed}".encode())
         return self.args.checkpoint_dir / f"baseline-{key.hexdigest()[:12]}"
 
     def rows_at(self, share: float) -> dict[str, Any]:
@@ -452,6 +452,7 @@ class Ablation(Bench):
         kd_act = ",proxy=activation"
         cap = ",protect_cap=1.5"
         no_warmup = re.sub(r"\bwarmup=\d+", "warmup=0", p.lhspg)
+
         def per_period(div: int) -> str:  # no warm-up, 1/div of the steps per period
             return re.sub(r"\bsteps_per_period=(\d+)", lambda m: f"steps_per_period={max(1, int(m.group(1)) // div)}",
                           no_warmup)
@@ -651,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
                         "the baseline's calibration and batches; knowledge distribution keeps 0); run a second "
                         "seed to its own --out to see the rows' spread")
     parser.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
-                        help="with --ablation: LHSPG and recovery write a checkpoint every 8 steps under DIR, and "
+                        help="with --ablation: LHSPG, recovery and the baseline's training write a checkpoint every "
+                        "8 steps under DIR, and "
                         "the same command run again resumes a row stopped half way (for the long budget curve)")
     parser.add_argument("--kd-cache", type=Path, default=None, metavar="DIR",
                         help="with --ablation: keep knowledge-distribution results in DIR and reuse them across rows "
