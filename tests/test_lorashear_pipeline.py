@@ -62,6 +62,7 @@ def test_knowledge_distribution_groups_stay_whole(tmp_path):
     # protect_cap=inf: whole, as the paper (the default cap lets them give up structures at this gamma)
     pipeline = PIPELINE.format(out=tmp_path, ratio=0.2).replace(",erase,", ",").split(",recover-dynamic")[0]
     pipeline = pipeline.replace("lr=0.002}", "lr=0.002,protect_cap=inf}")
+    assert "protect_cap=inf" in pipeline
     from shear.passes import PassManager
     from shear.passes.base import Context
     from shear.runtime.masks import TensorTable, nonzero_structures

@@ -423,20 +423,24 @@ class Ablation(Bench):
         return (f"lora{{r=8{seed}}},discover-groups,{kd_pass}lhspg{{{lhspg_opts}}},erase,"
                 f"recover-dynamic{{{recover_opts}}},merge-lora")
 
+    def _checkpoint_folder(self, stage: str, what: str) -> Path:
+        """A folder under ``--checkpoint-dir`` named by ``stage`` and a hash of the model and ``what``
+        (the options that make the run), so the same command finds it again."""
+        key = hashlib.sha1(f"{self.name},{what}".encode()).hexdigest()[:12]
+        return self.args.checkpoint_dir / f"{stage}-{key}"
+
     def _checkpoint(self, stage: str, opts: str) -> str:
-        """``checkpoint_dir`` and ``checkpoint_every`` options: a folder under ``--checkpoint-dir`` named
-        by a hash of the model and the options (and what came before), a checkpoint every 8 steps."""
-        key = hashlib.sha1(f"{self.name},{opts}".encode()).hexdigest()[:12]
-        folder = self.args.checkpoint_dir / f"{stage}-{key}"
-        return f',checkpoint_dir="{folder}",checkpoint_every=8'
+        """``checkpoint_dir`` and ``checkpoint_every`` options of a pass: its folder (keyed by ``opts``
+        and what came before), a checkpoint every 8 steps."""
+        return f',checkpoint_dir="{self._checkpoint_folder(stage, opts)}",checkpoint_every=8'
 
     def _baseline_checkpoint(self, ratio: float) -> Path | None:
-        """The baseline's checkpoint folder under ``--checkpoint-dir`` (keyed like the passes')."""
+        """The baseline's checkpoint folder under ``--checkpoint-dir``, ``None`` without one."""
         if self.args.checkpoint_dir is None:
             return None
         p = self.p
-        key = hashlib.sha1(f"{self.name},{ratio},{self.steps()},{p.batch},{p.seq_len},{p.recover_lr},{self.args.seed}".encode())
-        return self.args.checkpoint_dir / f"baseline-{key.hexdigest()[:12]}"
+        return self._checkpoint_folder(
+            "baseline", f"{ratio},{self.steps()},{p.batch},{p.seq_len},{p.recover_lr},{self.args.seed}")
 
     def rows_at(self, share: float) -> dict[str, Any]:
         """Row name -> what makes it, at ``share`` of the non-embedding parameters removed."""
