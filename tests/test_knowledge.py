@@ -225,5 +225,6 @@ def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
     _run(changed, data, spec)
     assert measured and len(list(tmp_path.glob("knowledge-*.json"))) == 3
     files[0].write_text("{not json")
-    with pytest.raises(PassError, match="cannot be read"):
-        _run(model, data, spec)
+    measured.clear()
+    ctx = _run(model, data, spec)  # a broken file is ignored with a warning and measured again
+    assert measured and any(str(files[0]) in w and "not usable" in w for w in ctx.warnings)

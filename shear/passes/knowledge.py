@@ -196,18 +196,18 @@ class _Chooser:
         return self.scores.lowest_in(group.id, n)
 
 
-def _perturbations(
-    graph: Graph, table: TensorTable, ratio: float, choose: _Chooser, include: str, kinds: tuple[str, ...]
-) -> list[_Perturbation]:
+def _analysed(
+    graph: Graph, ratio: float, include: str, kinds: tuple[str, ...]
+) -> list[tuple[NodeGroup, list[tuple[PruningGroup, list[Any], int]]]]:
+    """The node groups a measurement perturbs, each with (pruning group, primary members it zeroes,
+    structures) per owned group; from the graph alone (no scores), so a cached result can be checked."""
     groups = {g.id: g for g in graph.pruning_groups}
     composites = {c.module: c for c in graph.composites}
-    out: list[_Perturbation] = []
+    out: list[tuple[NodeGroup, list[tuple[PruningGroup, list[Any], int]]]] = []
     for ng in graph.node_groups:
         if include != "all" and ng.kind != include:
             continue
-        slices: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        owned: list[int] = []
-        count = 0
+        owned: list[tuple[PruningGroup, list[Any], int]] = []
         for gid in ng.pruning_groups:
             g = groups.get(gid)
             if g is None or not g.prunable or g.kind not in kinds:
@@ -219,16 +219,27 @@ def _perturbations(
             else:
                 members = list(g.primary)
             n = structure_count(g.size, ratio)
-            if not members or n == 0:
-                continue
+            if members and n > 0:
+                owned.append((g, members, n))
+        if owned:
+            out.append((ng, owned))
+    return out
+
+
+def _perturbations(
+    graph: Graph, table: TensorTable, ratio: float, choose: _Chooser, include: str, kinds: tuple[str, ...]
+) -> list[_Perturbation]:
+    out: list[_Perturbation] = []
+    for ng, owned in _analysed(graph, ratio, include, kinds):
+        slices: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        count = 0
+        for g, members, n in owned:
             idx = choose(g, n, ng.id)
             for m in members:
                 t = table.get(m.param)
                 slices.append((t, m.dim, m.positions[idx].flatten().to(t.device)))
-            owned.append(gid)
             count += int(idx.numel())
-        if slices:
-            out.append(_Perturbation(ng, tuple(owned), tuple(slices), count))
+        out.append(_Perturbation(ng, tuple(g.id for g, _, _ in owned), tuple(slices), count))
     return out
 
 
@@ -303,7 +314,8 @@ class KnowledgeDistributionAnalysis(Pass):
     version (:mod:`shear.passes.knowledge_cache`); a run with the same key loads it instead of
     measuring again. The result does not depend on the passes after this one, so an ablation of
     ratios, schedules or recovery measures it once; ``gamma`` is not in the key (it only reads the
-    ranking), so another gamma re-marks the stored ranking."""
+    ranking), so another gamma re-marks the stored ranking. A stored file is checked field by field and
+    against this graph's node groups; one that fails is ignored with a warning and measured again."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
@@ -319,6 +331,33 @@ class KnowledgeDistributionAnalysis(Pass):
 
         options = options_of(self, skip=("cache_dir", "out_dir", "batch_size", "gamma"))
         return Path(self.cache_dir) / f"knowledge-{cache_key(model, data, options)}.json"
+
+    def _load_cached(self, ctx: Context, cached: Path, graph: Graph) -> KnowledgeDistribution | None:
+        """The result stored at ``cached`` re-marked for this gamma, when it is one for this graph (every
+        analysed node group with its name, kind and pruning groups; exact schema, finite numbers); else
+        ``None`` with a warning naming the file and why, and the pass measures again."""
+        if not cached.exists():
+            return None
+        expected = {
+            ng.id: (ng.name, ng.kind, tuple(g.id for g, _, _ in owned))
+            for ng, owned in _analysed(graph, self.ratio, self.include, self.kinds)
+        }
+        try:
+            if not cached.is_file():
+                raise PassError(
+                    f"knowledge-distribution: the cached result {cached} is not a file; the pass ignores it and "
+                    "measures again (or remove it)"
+                )
+            result = load_result(cached, expected)
+            if (result.ratio, result.proxy) != (self.ratio, self.proxy):
+                raise PassError(
+                    f"knowledge-distribution: the cached result {cached} was measured with ratio {result.ratio}, "
+                    f"proxy {result.proxy}, not ratio {self.ratio}, proxy {self.proxy}; the pass ignores it and measures again"
+                )
+            return result.with_gamma(self.gamma)
+        except PassError as e:
+            ctx.warn(str(e))
+            return None
 
     def _proxy_scores(self, ctx: Context, data: Any, graph: Graph) -> SaliencyScores | None:
         """The scores that choose which structures of a node group the perturbation removes
@@ -362,8 +401,8 @@ class KnowledgeDistributionAnalysis(Pass):
         graph = ctx.get(Graph)
         model = ctx.model
         cached = self._cache_file(model, data)
-        if cached is not None and cached.is_file():
-            result = load_result(cached).with_gamma(self.gamma)
+        result = self._load_cached(ctx, cached, graph) if cached is not None else None
+        if result is not None and cached is not None:
             ctx.put(result)
             return PassResult(
                 changed=False,
@@ -429,8 +468,11 @@ class KnowledgeDistributionAnalysis(Pass):
         else:
             note = "; no figure (set out_dir or compile(dump_dir=...))"
         ctx.put(result)
-        if cached is not None:
-            save_result(cached, result)
+        if cached is not None and not (cached.exists() and not cached.is_file()):
+            try:
+                save_result(cached, result)
+            except OSError as e:
+                ctx.warn(f"knowledge-distribution: could not keep the result in {cached} ({e}); check cache_dir")
         top = strip_peft_prefix(ranking[0][0].node_group.name)
         return PassResult(
             changed=False,
