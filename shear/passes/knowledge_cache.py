@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from shear.errors import PassError
+from shear.runtime.files import atomic_file
 from shear.runtime.training.fingerprint import RunFingerprint, tensor_digest
 
 if TYPE_CHECKING:
@@ -56,16 +56,15 @@ def cache_key(model: nn.Module, data: Any, options: dict[str, Any]) -> str:
 
 
 def save_result(path: Path, kd: KnowledgeDistribution) -> None:
-    """Write ``kd`` to ``path`` as JSON, atomically (a temporary sibling, then a rename)."""
+    """Write ``kd`` to ``path`` as JSON, atomically (:func:`shear.runtime.files.atomic_file`: a hidden
+    sibling, then a rename that replaces only the entry that was there when the write began)."""
     doc = asdict(kd)
     for key in ("unprunable_node_groups", "unprunable_groups"):
         doc[key] = sorted(doc[key])
     doc["figures"] = [str(f) for f in doc["figures"]]
     doc["format"] = FORMAT
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # an unwritable cache_dir (a file, full disk): OutputError naming it
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
 
 
 _TOP = frozenset({
