@@ -26,6 +26,7 @@ import ast
 import dataclasses
 import enum
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -38,7 +39,17 @@ from typing import Any, Literal, Union
 from shear.errors import PipelineError
 from shear.passes.base import Pass
 
-__all__ = ["OptionInfo", "pass_options", "pass_doc", "build_pass", "convert_option", "format_pass", "format_value"]
+__all__ = [
+    "OptionInfo",
+    "pass_options",
+    "pass_doc",
+    "build_pass",
+    "convert_option",
+    "check_fields",
+    "require_number",
+    "format_pass",
+    "format_value",
+]
 
 _MISSING = dataclasses.MISSING
 _TRUE = {"true", "yes", "on", "1"}
@@ -273,6 +284,94 @@ def convert_option(pass_name: str, option: OptionInfo, value: Any) -> Any:
             f"pass {pass_name!r}: option {option.name!r} expects {option.type_name}, "
             f"got {shown} ({type(value).__name__})"
         ) from None
+
+
+def _admits_text(tp: Any) -> bool:
+    """Whether a field of annotation ``tp`` may hold a string as it is (``str``, ``Path``, string literals)."""
+    origin = typing.get_origin(tp)
+    if tp in (Any, object, str) or (isinstance(tp, type) and issubclass(tp, (str, Path, enum.Enum))):
+        return True
+    if origin is Literal:
+        return any(isinstance(a, str) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return any(_admits_text(a) for a in typing.get_args(tp))
+    return False
+
+
+def check_fields(p: Pass) -> None:
+    """Check every option of a pass built in Python (``Random(ratio="0.2")``) against its annotation.
+
+    A pipeline string's text is converted by :func:`build_pass`; a pass object made by hand is not,
+    so a number given as text, a bool for a number or a list of the wrong items would surface later as
+    a ``TypeError`` deep inside the pass. Call it from ``__post_init__``; raises :class:`PipelineError`
+    naming the pass, the option and the fix.
+
+    Example:
+        >>> from shear.passes.random import Random
+        >>> Random(ratio="0.2")
+        Traceback (most recent call last):
+        ...
+        shear.errors.PipelineError: pass 'random': option 'ratio' is the text '0.2', expected float; give it as a number (ratio=0.2)...
+    """
+    for o in pass_options(type(p)):
+        value = getattr(p, o.name)
+        if isinstance(value, str) and not _admits_text(o.type):
+            raise PipelineError(
+                f"pass {p.name!r}: option {o.name!r} is the text {value!r}, expected {o.type_name}; give it as a "
+                f"number or value ({o.name}={value.strip()}), not a string (a pipeline string converts text itself)"
+            )
+        try:
+            _convert(value, o.type)
+        except _BadValue:
+            raise PipelineError(
+                f"pass {p.name!r}: option {o.name!r} expects {o.type_name}, got {value!r} ({type(value).__name__})"
+            ) from None
+
+
+def require_number(
+    where: str,
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Any:
+    """``value`` when it is a finite number (an ``int`` with ``integer``; never a bool or text) within
+    the bounds, else a :class:`PipelineError` naming ``where``, the option, the range and the value.
+
+    Example:
+        >>> require_number("plan", "ratio", 0.2, low=0, high=1, open_low=True, open_high=True)
+        0.2
+        >>> require_number("plan", "ratio", "0.2", low=0, high=1)
+        Traceback (most recent call last):
+        ...
+        shear.errors.PipelineError: plan: ratio must be in [0, 1] (a number), got '0.2' (str); give it as a number, e.g. ratio=0.2
+    """
+    def show(bound: float) -> str:
+        return f"{bound:,}" if isinstance(bound, int) and abs(bound) >= 10**6 else f"{bound:g}"
+
+    kind = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        span = f" in {'(' if open_low else '['}{show(low)}, {show(high)}{')' if open_high else ']'}"
+    elif low is not None:
+        span = f" {'>' if open_low else '>='} {show(low)}"
+    elif high is not None:
+        span = f" {'<' if open_high else '<='} {show(high)}"
+    else:
+        span = ""
+    ok = not isinstance(value, bool) and (isinstance(value, int) or (not integer and isinstance(value, float)))
+    if ok:
+        x = float(value) if not isinstance(value, int) else value
+        ok = (isinstance(x, int) or math.isfinite(x)) and not (
+            low is not None and (x < low or (open_low and x == low))
+        ) and not (high is not None and (x > high or (open_high and x == high)))
+    if not ok:
+        hint = f"; give it as a number, e.g. {name}={value.strip()}" if isinstance(value, str) else ""
+        raise PipelineError(f"{where}: {name} must be{span} ({kind}), got {value!r} ({type(value).__name__}){hint}")
+    return value
 
 
 def build_pass(cls: type[Pass], options: Mapping[str, Any] | None = None) -> Pass:

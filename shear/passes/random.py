@@ -22,10 +22,30 @@ from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph
 from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.options import check_fields, require_number
 from shear.runtime.budget import structure_count
 from shear.runtime.masks import TensorTable, zero_structures
 
-__all__ = ["Random", "choose_structures", "zero_random"]
+__all__ = ["Random", "choose_structures", "zero_random", "GROUP_KINDS", "MAX_SEED"]
+
+GROUP_KINDS: tuple[str, ...] = ("channel", "head", "residual")
+"""The kinds a pruning group has (:class:`~shear.graph.groups.PruningGroup`)."""
+MAX_SEED = 2**64 - 1
+"""The largest seed a torch generator takes."""
+
+
+def _check(ratio: object, seed: object, round_to: object, kinds: tuple[str, ...] | None) -> None:
+    """Options that cannot work, refused before any weight is touched (names the option and the fix)."""
+    require_number("random", "ratio", ratio, low=0.0, high=1.0, open_high=True)
+    require_number("random", "seed", seed, integer=True, low=0, high=MAX_SEED)
+    require_number("random", "round_to", round_to, integer=True, low=1)
+    if kinds is not None:
+        unknown = sorted(set(kinds) - set(GROUP_KINDS))
+        if unknown or not kinds:
+            raise PipelineError(
+                f"random: kinds {list(kinds)} {'names unknown group kinds ' + str(unknown) if unknown else 'is empty'}; "
+                f"use some of {', '.join(GROUP_KINDS)} (e.g. kinds=[channel,head])"
+            )
 
 
 def choose_structures(group: PruningGroup, ratio: float, generator: torch.Generator, round_to: int = 1) -> torch.Tensor:
@@ -49,8 +69,7 @@ def zero_random(
     kinds: tuple[str, ...] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Zero ``ratio`` of the structures of every prunable group of ``model`` in place; return the choice."""
-    if not 0.0 <= ratio < 1.0:
-        raise PipelineError(f"random: ratio must be in [0, 1), got {ratio}")
+    _check(ratio, seed, round_to, kinds)
     gen = torch.Generator().manual_seed(seed)
     table = TensorTable(model)
     chosen: dict[int, torch.Tensor] = {}
@@ -80,6 +99,10 @@ class Random(Pass):
     """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
     kinds: tuple[str, ...] = ("channel", "head", "residual")
     """Group kinds to prune; ``kinds=[channel,head]`` keeps the residual width."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        _check(self.ratio, self.seed, self.round_to, self.kinds)
 
     def run(self, ctx: Context) -> PassResult:
         groups = ctx.get(Graph).pruning_groups
