@@ -184,10 +184,7 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
     the op table rewrites (register one with ``register_op(op, size=rule)``, or mark that space
     unprunable).
     """
-    try:
-        ep = export_model(model, example_inputs, dynamic=True)
-    except TraceError:
-        ep = export_model(model, example_inputs)
+    ep, traced = _export_dynamic(model, example_inputs)
     a = run_analysis(ep, model)
     live = LiveDims(a, _dead_structures(a, plan.cuts))
     for node in list(ep.graph.nodes):
@@ -204,9 +201,57 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
         gm = ep.module()
     if not isinstance(gm, torch.fx.GraphModule):  # pragma: no cover - torch always returns one
         raise GraphError(f"torch.export gave a {type(gm).__name__}, not a GraphModule")
-    args, kwargs = normalize_inputs(model, example_inputs)
+    args, kwargs = normalize_inputs(model, traced)
     gm.meta["shear_inputs"] = (_detached(args), _detached(kwargs))
     return finish_graph_module(gm, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+
+
+def _export_dynamic(model: nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, Any]:
+    """Export ``model`` with dynamic input dimensions; return the program and the inputs it was traced with.
+
+    ``Dim.AUTO`` keeps a dimension of size 1 static (export specialises it), so a batch of one would
+    fix the emitted graph to batch 1. When every tensor input has batch 1, the trace runs on the
+    same inputs repeated to batch 2 instead (the values do not matter to the graph), and falls back
+    to the given inputs when the model does not take them (it hard-codes batch 1), then to fixed shapes.
+    """
+    tries = [example_inputs]
+    doubled = _batch_of_two(example_inputs)
+    if doubled is not None:
+        tries.insert(0, doubled)
+    for inputs in tries:
+        try:
+            return export_model(model, inputs, dynamic=True), inputs
+        except TraceError:
+            continue
+    return export_model(model, example_inputs), example_inputs
+
+
+def _batch_of_two(x: Any) -> Any:
+    """``x`` with every tensor repeated to batch 2 along dim 0, or None unless every tensor has batch 1."""
+    tensors = _tensors(x)
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return None
+    return _map_tensors(x, lambda t: t.expand(2, *t.shape[1:]).clone())
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict) or hasattr(x, "keys") and not isinstance(x, nn.Module):
+        return [t for k in x.keys() for t in _tensors(x[k])]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def _map_tensors(x: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict) or hasattr(x, "keys") and not isinstance(x, nn.Module):
+        return {k: _map_tensors(x[k], fn) for k in x.keys()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
 
 
 def _detached(x: Any) -> Any:

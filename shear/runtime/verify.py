@@ -47,7 +47,7 @@ from shear.runtime.devices import model_dtype
 
 __all__ = [
     "call_model", "flatten_tensors", "Recording", "record", "check", "tolerance", "allowed", "rounding_noise",
-    "compute_dtype", "upcast", "NOISE_BUDGET_BYTES", "NOISE_FACTOR", "UPCAST_BLOCK_BYTES",
+    "compute_dtype", "upcast", "widened_graph", "NOISE_BUDGET_BYTES", "NOISE_FACTOR", "UPCAST_BLOCK_BYTES",
 ]
 
 NOISE_BUDGET_BYTES = 256 << 20
@@ -180,6 +180,10 @@ def upcast(
     if not overrides and not any(narrower(t) for t in [*model.parameters(), *model.buffers()]):
         yield
         return
+    if isinstance(model, torch.fx.GraphModule):  # one flat graph: no submodule forward to hook
+        with _upcast_graph(model, dtype, overrides):
+            yield
+        return
     handles = []
     saved: dict[int, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
 
@@ -237,6 +241,93 @@ def upcast(
         for key in list(saved):
             for m, kind, name, t in reversed(saved.pop(key)):
                 getattr(m, kind)[name] = t
+
+
+_BITCASTS = (torch.ops.aten.view.dtype,)
+"""Graph ops whose dtype argument reinterprets bits rather than converting values: never widened."""
+_DTYPE_ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
+"""Graph ops that only check a traced dtype: dropped from the widened graph (the dtypes change on purpose)."""
+
+
+def _widen(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` (a node argument) with every floating dtype narrower than ``dtype`` replaced by ``dtype``."""
+    if isinstance(value, torch.dtype):
+        narrow = value.is_floating_point and torch.finfo(value).bits < torch.finfo(dtype).bits
+        return dtype if narrow else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_widen(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _widen(v, dtype) for k, v in value.items()}
+    return value
+
+
+def widened_graph(gm: torch.fx.GraphModule, dtype: torch.dtype, overrides: Mapping[int, torch.Tensor] | None = None) -> tuple[torch.fx.Graph, dict[str, torch.Tensor]]:
+    """A copy of ``gm.graph`` that computes in ``dtype``, and the attributes it reads in place of tensors of
+    ``overrides`` (``id(tensor)`` -> value): what :func:`upcast` runs for a ``GraphModule``.
+
+    A traced graph has its dtypes baked in (``x.to(torch.float16)`` after an fp32 norm, a dtype check
+    per input), so converting the weights alone would still round to 16 bits where the model did.
+    Here every narrower floating weight or constant is converted right before each op that reads it
+    (the fp32 copy lives for that op only: a whole fp32 model is never held), every narrower floating
+    dtype argument becomes ``dtype`` (bit reinterpretations excepted), and the dtype checks go.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(lambda x: (x * 2).to(torch.float16))
+        >>> graph, _ = widened_graph(gm, torch.float32)
+        >>> [n.args[1] for n in graph.nodes if n.op == "call_method" and n.target == "to"]
+        [torch.float32]
+    """
+    overrides = overrides or {}
+    bits = torch.finfo(dtype).bits
+    graph = copy.deepcopy(gm.graph)
+    attrs: dict[str, torch.Tensor] = {}
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            try:
+                t = _attr(gm, str(node.target))
+            except AttributeError:
+                continue
+            if not isinstance(t, torch.Tensor):
+                continue
+            if id(t) in overrides:
+                name = f"_shear_widened_{len(attrs)}"
+                attrs[name] = overrides[id(t)]
+                node.target = name
+            elif t.is_floating_point() and torch.finfo(t.dtype).bits < bits:
+                for user in list(node.users):
+                    with graph.inserting_before(user):
+                        cast = graph.call_function(torch.ops.aten._to_copy.default, (node,), {"dtype": dtype})
+                    user.replace_input_with(node, cast)
+        elif node.op in ("call_function", "call_method"):
+            if node.target in _DTYPE_ASSERTS and not node.users:
+                graph.erase_node(node)
+            elif node.target not in _BITCASTS and node.target != "view":
+                node.args, node.kwargs = _widen(node.args, dtype), _widen(node.kwargs, dtype)
+    graph.lint()
+    return graph, attrs
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@contextmanager
+def _upcast_graph(gm: torch.fx.GraphModule, dtype: torch.dtype, overrides: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Run ``gm`` on its :func:`widened_graph` for the duration; its own graph is put back after."""
+    graph, attrs = widened_graph(gm, dtype, overrides)
+    own = gm.graph
+    for name, t in attrs.items():
+        setattr(gm, name, t)
+    gm.graph = graph
+    try:
+        yield
+    finally:
+        gm.graph = own
+        for name in attrs:
+            delattr(gm, name)
 
 
 @dataclass
@@ -409,7 +500,8 @@ def rounding_noise(model: nn.Module, inputs: Any, outputs: list[torch.Tensor]) -
     """max |outputs - model in float64| over floating outputs of equal shape: how far ``model``'s own
     evaluation (``outputs``, in its compute dtype) is from exact arithmetic. A model up to
     :data:`NOISE_BUDGET_BYTES` in float64 is copied whole; a larger one is run in float64 one block at
-    a time (:func:`upcast`). ``None`` when the float64 run fails.
+    a time (:func:`upcast`), and a ``GraphModule`` on its :func:`widened_graph`. ``None`` when the
+    float64 run fails.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -419,7 +511,8 @@ def rounding_noise(model: nn.Module, inputs: Any, outputs: list[torch.Tensor]) -
     """
     size = sum(t.numel() for t in [*model.parameters(), *model.buffers()]) * 8
     try:
-        if size <= NOISE_BUDGET_BYTES:
+        # a GraphModule's traced dtypes stay what they were in a float64 copy: widen its graph instead
+        if size <= NOISE_BUDGET_BYTES and not isinstance(model, torch.fx.GraphModule):
             exact = copy.deepcopy(model).double()
             with _eval_no_grad(exact):
                 ref = flatten_tensors(call_model(exact, _to_double(inputs)))
