@@ -181,7 +181,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
             with a config, 16 deterministic token ids are used when omitted.
         data: calibration / training data for passes that need it.
         verify: check that every pass that changes parameter shapes keeps the function of the
-            masked model on ``example_inputs``; a float sets the absolute tolerance.
+            masked model on ``example_inputs``; a float sets the absolute tolerance. ``False`` skips
+            every check, ``erase``'s own included (as ``erase{verify=false}`` does for one erase).
         inplace: transform ``model`` itself instead of a deep copy.
         device: move the model and inputs there first.
         debug: check IR invariants after every pass (also on under pytest or ``SHEAR_DEBUG=1``).
@@ -236,7 +237,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         progress_sink=RichSink() if progress else None,
         # the caller's untouched model: the dense teacher of passes such as ebft
         dense=None if inplace else original,
-        options=Options(dump_dir=Path(dump_dir) if dump_dir is not None else None),
+        # verify=False also turns off every erase's own check (erase reads ctx.options.verify)
+        options=Options(dump_dir=Path(dump_dir) if dump_dir is not None else None, verify=verify is not False),
     )
     for note in notes:
         ctx.warn(note)
