@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing non-empty output directory (atomically; never the input or the current folder)",
     )
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
-    p.add_argument("--no-verify", action="store_true", help="skip the equivalence check of erased models")
+    p.add_argument("--no-verify", action="store_true", help="skip every equivalence check of erased models (each erase's own too)")
     p.add_argument("--debug", action="store_true", help="check IR invariants after every pass")
     p.add_argument("--dump-dir", default=None, help="write the IR after every pass to this directory")
     p.add_argument(
