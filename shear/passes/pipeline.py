@@ -95,7 +95,10 @@ def default_pipeline(model: object) -> tuple[str, ...]:
 PipelineSpec = Union[str, "os.PathLike[str]", Pass, type[Pass], Sequence[Union[str, Pass, type[Pass]]], None]  # noqa: UP007
 """Anything :func:`resolve_pipeline` accepts."""
 
-_FILE_SUFFIXES = (".toml", ".yaml", ".yml")
+_FILE_SUFFIXES = (".toml", ".yaml", ".yml", ".txt")
+"""What a pipeline file may be: TOML, YAML (PyYAML), or a text file holding one pipeline string."""
+_MAX_FILE_BYTES = 1 << 20
+"""A pipeline file larger than this is refused (a real one is a few hundred bytes)."""
 
 
 class _Parser:
@@ -214,10 +217,38 @@ def parse_pipeline(text: str) -> list[Pass]:
     return [build_pass(lookup_pass(name), options) for name, options in _Parser(text).pipeline()]
 
 
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8, at most :data:`_MAX_FILE_BYTES`; else a :class:`PipelineError` with the fix."""
+    try:
+        size = path.stat().st_size
+        if size > _MAX_FILE_BYTES:
+            raise PipelineError(
+                f"pipeline file {str(path)!r} is {size:,} bytes; a pipeline file holds a few passes (at most "
+                f"{_MAX_FILE_BYTES:,} bytes): check that you passed the right file"
+            )
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"pipeline file {str(path)!r} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PipelineError(
+            f"pipeline file {str(path)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def _read_file(path: Path) -> Any:
     if not path.is_file():
         raise PipelineError(f"pipeline file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in _FILE_SUFFIXES:
+        raise PipelineError(
+            f"pipeline file {str(path)!r} has the suffix {suffix or '(none)'!r}; shear reads .toml, .yaml/.yml "
+            "(with PyYAML) and .txt (one pipeline string such as \"random{ratio=0.3},erase\"): rename it, or give "
+            "the pipeline string itself (--passes)"
+        )
+    text = _read_text(path)
     if suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib
@@ -227,9 +258,11 @@ def _read_file(path: Path) -> Any:
             except ImportError as e:
                 raise PipelineError("reading TOML pipelines on Python 3.10 needs `pip install tomli`") from e
         try:
-            return tomllib.loads(path.read_text())
+            return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise PipelineError(f"pipeline file {str(path)!r} is not valid TOML: {e}") from e
+        except RecursionError:
+            raise PipelineError(f"pipeline file {str(path)!r} is nested too deep to be a pipeline; check the file") from None
     if suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -239,10 +272,12 @@ def _read_file(path: Path) -> Any:
                 "or write the pipeline as TOML"
             ) from e
         try:
-            return yaml.safe_load(path.read_text())
+            return yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise PipelineError(f"pipeline file {str(path)!r} is not valid YAML: {e}") from e
-    return path.read_text()
+        except RecursionError:
+            raise PipelineError(f"pipeline file {str(path)!r} is nested too deep to be a pipeline; check the file") from None
+    return text
 
 
 def _item_passes(item: Any, where: str) -> list[Pass]:
@@ -266,11 +301,19 @@ def _item_passes(item: Any, where: str) -> list[Pass]:
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> list[Pass]:
-    """Passes from a ``.toml`` / ``.yaml`` file (``passes = [...]`` or ``pipeline = "..."``), or a text file."""
+    """Passes from a ``.toml`` / ``.yaml`` file (``passes = [...]`` or ``pipeline = "..."``), or a ``.txt``
+    file holding one pipeline string. Another suffix, text that is not UTF-8 or a file past 1 MiB is
+    a :class:`PipelineError` naming the file and the fix."""
     path = Path(path)
     data = _read_file(path)
     if isinstance(data, str):
-        return parse_pipeline(data.strip())
+        try:
+            return parse_pipeline(data.strip())
+        except PipelineError as e:
+            raise PipelineError(
+                f"pipeline file {str(path)!r}: {e}\n(a {path.suffix} file holds one pipeline string, such as "
+                f"\"random{{ratio=0.3}},erase\"; a table of passes goes in a .toml file)"
+            ) from None
     if isinstance(data, Mapping):
         if "pipeline" in data:
             if not isinstance(data["pipeline"], str):
@@ -293,7 +336,14 @@ def load_pipeline(path: str | os.PathLike[str]) -> list[Pass]:
 
 
 def _looks_like_file(text: str) -> bool:
-    return text.strip().lower().endswith(_FILE_SUFFIXES) and "{" not in text and "," not in text
+    """A path rather than a pipeline string: a known file suffix, or an existing file named with a
+    suffix or a folder (``--pipeline steps.cfg`` then gets the suffix error, not "unknown pass")."""
+    if "{" in text or "," in text:
+        return False
+    name = text.strip()
+    if name.lower().endswith(_FILE_SUFFIXES):
+        return True
+    return ("/" in name or os.sep in name or bool(Path(name).suffix)) and Path(name).is_file()
 
 
 def resolve_pipeline(spec: PipelineSpec) -> list[Pass]:
