@@ -15,10 +15,12 @@ Example (shell)::
     shear plan ./llama-405b --ratio 0.2 --world-size 64 --seq-len 4096   # config only: no weights read
     shear stream-prune ./llama-7b --ratio 0.2 -o ./llama-7b-pruned   # tensor by tensor from the shards
 
-Outputs never replace a user's files: ``-o`` must be a new path or an empty directory unless
-``--overwrite`` is given, and is never the input folder, a file or the current directory; it is
-checked (with the free space) before any work starts. The pruned model is saved with the input's
-tokenizer, so the output folder is usable on its own.
+Outputs never replace a user's files (:mod:`shear.runtime.files`): ``-o`` must be a new path or an
+empty directory unless ``--overwrite`` is given, and is never the input folder, inside it, a file, a
+symbolic link or the current directory; ``--report``, ``--dump-dir``, ``draw -o`` and ``export -o``
+are never inside an input either, and replace only files shear wrote (or with ``--overwrite``).
+Every output is checked (with the free space) before any work starts, and again at the final
+rename. The pruned model is saved with the input's tokenizer, so the output folder is usable on its own.
 
 Exit status: 0 on success, 1 on a shear error (message on stderr), 2 on bad usage.
 """
@@ -138,20 +140,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_draw(args: argparse.Namespace) -> int:
     from shear.graph import draw
-    from shear.runtime.files import check_output_file
+    from shear.runtime.files import atomic_file, check_output_file
 
-    check_output_file(args.output, overwrite=args.overwrite)
+    output = check_output_file(args.output, overwrite=args.overwrite, inputs=[args.model])
     model = load_model(args.model)
     graph = _trace(model, args.seq_len)
-    result = draw(graph, args.output)
-    _console().print(f"wrote {result if result is not None else args.output}")
+    with atomic_file(output) as tmp:  # replaces only what was checked above
+        draw(graph, tmp)
+    _console().print(f"wrote {output}")
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import shear
     from shear.passes import resolve_pipeline
-    from shear.runtime.files import check_output_dir, tree_size
+    from shear.runtime.files import check_output_dir, check_writable_dir, tree_size
 
     if args.passes is not None and args.pipeline is not None:
         raise ShearError("give either --passes or --pipeline, not both")
@@ -165,11 +168,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ShearError("--ratio and --budget set the LoRAShear pipeline; give them without --passes/--pipeline")
     passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
     # before any work: a run's output must not replace the user's files, nor fail to save at the end
-    inputs = [args.model] + [p for p in (args.data, args.pipeline, args.dump_dir) if p and Path(p).exists()]
+    inputs = [args.model] + [p for p in (args.data, args.pipeline) if p and Path(p).exists()]
     output = check_output_dir(
-        args.output, overwrite=args.overwrite, inputs=inputs, needed_bytes=tree_size(Path(args.model).expanduser())
+        args.output, overwrite=args.overwrite, needed_bytes=tree_size(Path(args.model).expanduser()),
+        inputs=inputs + ([args.dump_dir] if args.dump_dir and Path(args.dump_dir).exists() else []),
     )
-    report = _report_path(args)
+    report = _report_path(args, inputs)
+    if args.dump_dir is not None:  # the IR dumps: new, empty, or shear's own earlier dumps (or --overwrite)
+        dump = Path(args.dump_dir).expanduser().resolve()
+        if dump == output.resolve() or output.resolve() in dump.parents:
+            raise OutputError(
+                f"--dump-dir {args.dump_dir} is inside the output {output}, which the save replaces; "
+                "write the dumps to another folder"
+            )
+        check_writable_dir(args.dump_dir, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model)
     tokenizer = _tokenizer(args.model)
     data = _text_data(args.model, args.data, tokenizer)
@@ -254,17 +266,30 @@ def _budget_pipeline(model: Any, data: object | None, args: argparse.Namespace) 
     return resolve_pipeline(spec)
 
 
-def _report_path(args: argparse.Namespace) -> Path | None:
+def _report_path(args: argparse.Namespace, inputs: Sequence[str | Path]) -> Path | None:
     """Where report.html goes (``--report PATH``, default ``<output>/report.html``; ``--no-report``:
-    nowhere), checked before any work: an existing file is kept unless ``--overwrite`` is given."""
+    nowhere), checked before any work by the output guard: never a folder, a symbolic link, a file of
+    an input (the model folder, the data, the pipeline file) or of a sub-folder of the output (the
+    save replaces it); an existing file is kept unless ``--overwrite`` is given."""
+    from shear.runtime.files import check_output_file
+
     if args.no_report:
         return None
-    path = (Path(args.report) if args.report else Path(args.output) / "report.html").expanduser().resolve()
+    output = Path(args.output).expanduser().resolve()
     if not args.report:
-        return path  # inside the output folder, which check_output_dir has cleared
-    if path.is_dir() or (path.exists() and not getattr(args, "overwrite", False)):
-        raise OutputError(f"--report {path}: exists already; give another path (or --overwrite to replace a file)")
-    return path
+        return output / "report.html"  # inside the output folder, which check_output_dir has cleared
+    path = Path(args.report).expanduser()
+    if path.resolve().parent == output and not path.is_symlink():
+        return path.resolve()  # saved with the model, listed in its manifest
+    try:
+        if output in path.resolve().parents:
+            raise OutputError(
+                f"{path} is inside a sub-folder of the output {output}, which the save replaces; "
+                f"write it next to the model ({output / path.name}) or outside the output"
+            )
+        return check_output_file(path, overwrite=args.overwrite, inputs=inputs)
+    except OutputError as e:
+        raise OutputError(f"--report: {e}") from e
 
 
 def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
@@ -300,7 +325,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import shear
     from shear.runtime.gguf_export import check_output
 
-    check_output(args.output, force=args.force)  # before the model loads
+    # before the model loads; never into the model or tokenizer folder
+    check_output(args.output, force=args.force, inputs=[args.model, args.tokenizer])
     model = load_model(args.model)
     tokenizer = args.tokenizer or args.model
     path = shear.export(model, args.output, format=args.format, tokenizer=tokenizer, dtype=args.dtype,

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import shear.runtime.checkpoint as ckpt
-from shear.errors import CheckpointError
+from shear.errors import CheckpointError, OutputError
 from shear.passes.random import zero_random
 from shear.runtime.checkpoint import load, save
 from shear.runtime.codegen import codegen
@@ -121,7 +121,7 @@ def test_overwrite_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt, "sha256_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full.*previous content of .* is untouched"):
         save(second, tmp_path / "m", overwrite=True)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dir left behind

@@ -14,7 +14,8 @@ For every pass, in order, the manager
    preserve the graph, retires ``ctx.graph`` (to ``ctx.retired``), so that discovery runs again
    before the next pass that requires the graph; when checks are on, checks the IR invariants
    (``ctx.graph.check()``);
-4. writes the printed IR (and an SVG when graphviz ``dot`` is installed) to ``dump_dir``;
+4. writes the printed IR (and an SVG when graphviz ``dot`` is installed) to ``dump_dir``, never over
+   a file shear did not write there (:func:`shear.runtime.files.write_owned`);
 5. calls the hooks (``shear.compile`` uses them for the report and the equivalence check).
 
 A failing pass becomes a :class:`PassError` naming it and the passes before it, with the original
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from shear.errors import PassError, PipelineError
+from shear.errors import OutputError, PassError, PipelineError
 from shear.graph.ir import Graph
 from shear.passes.base import (
     DENSE,
@@ -60,6 +61,7 @@ from shear.passes.base import (
 from shear.passes.options import build_pass, format_pass
 from shear.passes.pipeline import PipelineSpec, format_pipeline, resolve_pipeline
 from shear.passes.registry import registered_passes
+from shear.runtime.files import owned_file, write_owned
 from shear.runtime.hf_config import max_positions
 
 __all__ = ["PassManager", "PassRecord", "PassHook", "checks_enabled"]
@@ -221,9 +223,8 @@ class PassManager:
         """Run the pipeline on ``ctx``; returns (and keeps in ``self.records``) one record per pass."""
         self.records = []
         planned = self.plan(set(ctx.analyses) | ({DENSE} if ctx.dense is not None else set()))
-        if self.dump_dir is not None:
-            self.dump_dir.mkdir(parents=True, exist_ok=True)
-            (self.dump_dir / "pipeline.txt").write_text(format_pipeline([p for p, _ in planned]) + "\n")
+        if self.dump_dir is not None:  # never over a file shear did not write (shear.runtime.files)
+            write_owned(self.dump_dir, "pipeline.txt", format_pipeline([p for p, _ in planned]) + "\n")
         with ctx.progress(total=len(self.passes), description="passes") as bar:
             for p in self.passes:
                 bar.set_description(f"pass {p.name}")
@@ -292,17 +293,20 @@ class PassManager:
 
     def _dump(self, index: int, p: Pass, ctx: Context) -> None:
         assert self.dump_dir is not None
-        stem = self.dump_dir / f"{index:02d}-{p.name}"
+        stem = f"{index:02d}-{p.name}"
         graph = ctx.graph
         n_params = sum(t.numel() for t in ctx.model.parameters())
         header = f"# after pass {index}: {format_pass(p)}\n# parameters: {n_params}\n"
         body = str(graph) if graph is not None else "# (no graph in the context yet)"
-        stem.with_suffix(".txt").write_text(header + body + "\n")
+        write_owned(self.dump_dir, f"{stem}.txt", header + body + "\n")
         if graph is None or shutil.which("dot") is None:
             return
         try:
             from shear.graph import draw
 
-            draw(graph, stem.with_suffix(".svg"))
+            with owned_file(self.dump_dir, f"{stem}.svg") as tmp:
+                draw(graph, tmp)
+        except OutputError:
+            raise
         except Exception as e:  # noqa: BLE001 - a drawing failure must not fail the pipeline
             ctx.warn(f"dump: could not draw the graph after {p.name!r}: {type(e).__name__}: {e}")

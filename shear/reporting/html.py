@@ -422,8 +422,15 @@ def render(d: ReportData) -> str:
 
 
 def write_html(d: ReportData, path: str | os.PathLike[str]) -> Path:
-    """Write :func:`render` of ``d`` to ``path`` (its folder is created); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render(d), encoding="utf-8")
-    return path
+    """Write :func:`render` of ``d`` to ``path`` (its folder is created); returns the path.
+
+    The page is rendered first, then written atomically through the output guard
+    (:func:`shear.runtime.files.atomic_file`): a path is replaced only while it is what
+    :func:`~shear.runtime.files.check_output_file` saw (the CLI checks ``--report`` before any work).
+    """
+    from shear.runtime.files import atomic_file
+
+    text = render(d)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -34,8 +34,7 @@ Example:
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from shear.errors import ExportError
+from shear.runtime.files import atomic_file, check_output_file
 from shear.runtime.gguf_vocab import GgufVocab, read_vocab
 from shear.runtime.hf_config import hf_base_model
 from shear.runtime.model_facts import base_weight_name, is_lora_param
@@ -414,8 +414,13 @@ def _write_header(writer: Any, plan: GgufPlan, vocab: GgufVocab, dtype: str, nam
         writer.add_chat_template(vocab.chat_template)
 
 
-def check_output(path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """The output file path, refused when it exists (unless ``force``) or is a directory."""
+def check_output(
+    path: str | os.PathLike[str], *, force: bool = False, inputs: Iterable[str | os.PathLike[str] | None] = ()
+) -> Path:
+    """The output file path, refused when it exists (unless ``force``) or is a directory
+    (:class:`~shear.errors.ExportError`), and by the output guard
+    (:func:`shear.runtime.files.check_output_file`: a symbolic link, a path inside or equal to one
+    of ``inputs``, such as the model or tokenizer folder, :class:`~shear.errors.OutputError`)."""
     out = Path(path).expanduser()
     if out.is_dir():
         raise ExportError(f"{out} is a directory; give the path of the .gguf file to write")
@@ -423,7 +428,7 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False) -> Path:
         raise ExportError(f"{out} already exists; pass force=True (CLI: --force) to replace it")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent} does not exist; create the folder first")
-    return out
+    return check_output_file(out, overwrite=force, inputs=inputs)
 
 
 def export_gguf(
@@ -449,7 +454,9 @@ def export_gguf(
     """
     import gguf
 
-    out = check_output(path, force=force)
+    source = getattr(getattr(hf_base_model(model), "config", None), "_name_or_path", "") or ""
+    folders = [f for f in (tokenizer, source) if isinstance(f, (str, os.PathLike)) and Path(f).expanduser().is_dir()]
+    out = check_output(path, force=force, inputs=folders)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: GGUF export writes {sorted(DTYPES)}")
     plan = plan_gguf(model)
@@ -468,24 +475,15 @@ def export_gguf(
         or out.stem
     )
 
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
-    writer = gguf.GGUFWriter(tmp, plan.arch)
-    try:
-        _write_header(writer, plan, vocab, dtype, label)
-        for tensor_name, data, raw in tensors:
-            writer.add_tensor(tensor_name, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if out.exists() and not force:  # appeared while writing
-            raise ExportError(
-                f"{out} appeared while the export ran; nothing replaced (pass force=True to replace it)"
-            )
-        os.replace(tmp, out)
-    finally:
-        writer.close()
-        tmp.unlink(missing_ok=True)
+    with atomic_file(out) as tmp:  # replaces only what check_output saw; never what appeared meanwhile
+        writer = gguf.GGUFWriter(tmp, plan.arch)
+        try:
+            _write_header(writer, plan, vocab, dtype, label)
+            for tensor_name, data, raw in tensors:
+                writer.add_tensor(tensor_name, data, raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return out

@@ -33,15 +33,22 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def save_figure(fig: Any, stem: str | os.PathLike[str], formats: Sequence[str] = ("png", "svg")) -> list[Path]:
-    """Lay out ``fig`` and write ``<stem>.<fmt>`` for every format (parents created); return the paths."""
+    """Lay out ``fig`` and write ``<stem>.<fmt>`` for every format (parents created); return the paths.
+
+    Written with :func:`shear.runtime.files.write_owned`: a file of the same name that shear did not
+    write there is never replaced (:class:`~shear.errors.OutputError`)."""
+    import io
+
+    from shear.runtime.files import write_owned
+
     fig.tight_layout()
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in formats:
-        path = stem.with_name(f"{stem.name}.{fmt}")
-        fig.savefig(path, format=fmt, dpi=150)
-        paths.append(path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=150)
+        # never over a file shear did not write there (shear-files.json records what it wrote)
+        paths.append(write_owned(stem.parent, f"{stem.name}.{fmt}", buf.getvalue()))
     return paths
 
 

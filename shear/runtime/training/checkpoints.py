@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shear.errors import CheckpointError
+from shear.errors import CheckpointError, OutputError
 from shear.runtime.files import atomic_dir, sha256_file
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "remove_stale_temporaries",
+    "check_checkpoint_dir",
     "FORMAT",
 ]
 
@@ -121,7 +122,7 @@ def save_checkpoint(
 
     ``extra`` (tensors and plain data) goes to ``state.pt``; ``info`` (JSON-able) to ``trainer.json``.
     """
-    root = Path(root)
+    root = check_checkpoint_dir(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tensors, aliases = _dedup(model.state_dict())
@@ -136,10 +137,39 @@ def save_checkpoint(
     return final
 
 
+def check_checkpoint_dir(root: str | os.PathLike[str]) -> Path:
+    """``root`` as a checkpoint folder: refused with :class:`~shear.errors.OutputError` when it, or a
+    folder above it, is a file or a symbolic link to nowhere, so a run fails before it trains, not at
+    its first checkpoint.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "ckpt"
+        >>> _ = f.write_text("mine")
+        >>> check_checkpoint_dir(f)
+        Traceback (most recent call last):
+        ...
+        shear.errors.OutputError: checkpoint_dir ... is a file, not a folder; ...
+    """
+    path = Path(root).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"checkpoint_dir {path} is a symbolic link to nowhere; give a real folder (new or one of this run's)")
+    place = path
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        what = "is a file" if place == path else f"is inside {place}, which is a file"
+        raise OutputError(f"checkpoint_dir {path} {what}, not a folder; give a new folder (or this run's checkpoint folder)")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise OutputError(f"checkpoint_dir {path}: no write permission in {place}; choose a folder you can write")
+    return path
+
+
 def remove_stale_temporaries(root: str | os.PathLike[str]) -> None:
     """Delete the half-written ``.step-*.tmp-*`` directories (and replaced ``.step-*.old-*`` ones) a killed
-    run left behind."""
-    root = Path(root)
+    run left behind. Checks ``root`` first (:func:`check_checkpoint_dir`): training calls this before
+    its first step."""
+    root = check_checkpoint_dir(root)
     if root.is_dir():
         for p in [*root.glob(".step-*.tmp-*"), *root.glob(".step-*.old-*"), *root.glob(".tmp-step-*")]:
             shutil.rmtree(p, ignore_errors=True)
