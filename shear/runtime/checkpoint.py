@@ -48,12 +48,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shear.errors import CheckpointError, GraphError, OutputError
+from shear.runtime.devices import check_device
 from shear.runtime.files import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.runtime.hf_config import candidate_config_updates, hf_base_model, refresh_config
+from shear.runtime.manifest_schema import check_manifest, check_module_attrs
 from shear.runtime.masks import TensorTable
 from shear.runtime.model_facts import base_weight_name, is_lora_param
 from shear.runtime.module_rules import find_rms_norm, update_module_attributes
-from shear.runtime.safe_archive import check_program_archive, no_pickle
+from shear.runtime.remote_code import refuse_remote_code
+from shear.runtime.safe_archive import check_program_archive, no_pickle, read_json_bytes
 
 __all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
 
@@ -65,6 +68,8 @@ _BUFFERS = "shear_buffers.safetensors"
 _MANIFEST = "shear.json"
 _ADAPTER = "adapter"
 _PROGRAM = "program.pt2"
+_MAX_MANIFEST = 256 << 20
+"""The largest ``shear.json`` read (one of a very large model is a few MiB)."""
 _DATA_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".md", ".html")
 """What a checkpoint directory may hold besides the program: data formats that load without running code."""
 
@@ -292,10 +297,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"{path} is not a shear checkpoint (no {_MANIFEST}); write it with shear.save, or load a plain "
             "transformers directory with from_pretrained"
         )
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mf} is corrupt ({e}); re-save the model") from e
+    size = mf.stat().st_size
+    if size > _MAX_MANIFEST:
+        raise CheckpointError(f"{mf} has {size} bytes, more than a manifest can need ({_MAX_MANIFEST}); re-save the model")
+    manifest = read_json_bytes(mf.read_bytes(), str(mf), _MAX_MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mf} is not a {FORMAT} manifest; re-save the model with shear.save")
     version = manifest.get("version", 0)
@@ -306,13 +311,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"{mf} has format version {version}, which did not hash every file; load it with the shear that wrote "
             "it and save it again with this one"
         )
-    needed = ["class", "transformers", "requires_grad", "files"] + (
-        ["graph_module"] if manifest.get("graph_module") else ["shapes", "dtypes", "aliases", "module_attrs", "peft"]
-    )
-    missing = [k for k in needed if k not in manifest]
-    if missing or not isinstance(manifest["files"], dict):
-        raise CheckpointError(f"{mf} lacks {missing or ['files']}; the manifest is damaged, re-save the model")
-    return manifest
+    return check_manifest(manifest, str(mf))
 
 
 def _check_files(path: Path, manifest: dict[str, Any], integrity: bool) -> None:
@@ -447,7 +446,9 @@ def load(
         >>> mine = shear.load("out/custom", classes=[MyForCausalLM])    # doctest: +SKIP
     """
     path = Path(path)
+    device = check_device(device, "shear.load(device=...)")
     manifest = _read_manifest(path)
+    refuse_remote_code(path)
     _check_files(path, manifest, integrity)
     if manifest.get("graph_module"):
         return _load_graph_module(path, manifest, device)
@@ -502,6 +503,7 @@ def load(
         update_module_attributes(base)
     except GraphError as e:
         raise CheckpointError(f"{path}: the saved shapes do not fit {type(base).__name__}: {e}") from e
+    check_module_attrs(base, manifest["module_attrs"], str(path / _MANIFEST))
     for mod_name, attrs in manifest["module_attrs"].items():
         mod = base.get_submodule(mod_name)
         for k, v in attrs.items():

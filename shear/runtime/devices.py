@@ -24,7 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["model_device", "model_dtype", "seeded_draw", "untiled_linears", "TENSOR_CORE_MULTIPLE"]
+__all__ = [
+    "model_device", "model_dtype", "seeded_draw", "untiled_linears", "TENSOR_CORE_MULTIPLE", "check_device",
+    "available_devices",
+]
 
 
 def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
@@ -83,4 +86,59 @@ def untiled_linears(model: nn.Module, multiple: int = TENSOR_CORE_MULTIPLE) -> l
         if isinstance(m, nn.Linear) and max(m.in_features, m.out_features) >= multiple:
             if m.in_features % multiple or m.out_features % multiple:
                 out.append(name)
+    return out
+
+
+def check_device(spec: str | torch.device, what: str = "device") -> torch.device:
+    """``spec`` as a :class:`torch.device` that exists on this machine, or :class:`~shear.errors.InputError`
+    naming it (``what`` says where it came from, e.g. ``--device``) and the devices there are.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> try:
+        ...     check_device("toaster:7", "--device")
+        ... except InputError as e:
+        ...     print(type(e).__name__)
+        InputError
+    """
+    from shear.errors import InputError
+
+    have = available_devices()
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InputError(
+            f"{what} {spec!r} is not a torch device ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"give one of {have}"
+        ) from e
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        ok, count = bool(torch.backends.mps.is_available()), 1
+    elif dev.type in ("cuda", "xpu") and backend is not None:
+        ok, count = bool(backend.is_available()), int(backend.device_count()) if backend.is_available() else 0
+    else:
+        raise InputError(f"{what} {spec!r}: shear runs on {sorted({'cpu', 'cuda', 'mps', 'xpu'})} devices; give one of {have}")
+    if not ok:
+        raise InputError(
+            f"{what} {spec!r}: this machine has no {dev.type.upper()} device (torch {torch.__version__} sees none); "
+            f"give one of {have}, or install a torch build with {dev.type} support"
+        )
+    if dev.index is not None and not 0 <= dev.index < count:
+        raise InputError(f"{what} {spec!r}: there are {count} {dev.type} devices (0..{count - 1}); give one of {have}")
+    return dev
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run a model on, e.g. ``['cpu', 'cuda:0']``."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        out.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        out += [f"xpu:{i}" for i in range(xpu.device_count())]
     return out
