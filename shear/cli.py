@@ -69,6 +69,9 @@ def load_model(spec: str) -> Any:
         raise ModelLoadError(
             f"model path {spec!r} is a file; expected a directory written by save_pretrained or shear.save"
         )
+    from shear.runtime.remote_code import refuse_remote_code
+
+    refuse_remote_code(path)  # before transformers (or shear.load) reads the folder
     if (path / "shear.json").is_file():
         from shear.runtime.checkpoint import load
 
@@ -167,6 +170,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if spec is not None and (args.ratio is not None or args.budget != "auto"):
         raise ShearError("--ratio and --budget set the LoRAShear pipeline; give them without --passes/--pipeline")
     passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
+    if args.device is not None:
+        from shear.runtime.devices import check_device
+
+        check_device(args.device, "--device")  # a device this machine lacks fails now, not after loading
     # before any work: a run's output must not replace the user's files, nor fail to save at the end
     inputs = [args.model] + [p for p in (args.data, args.pipeline) if p and Path(p).exists()]
     output = check_output_dir(
@@ -227,6 +234,9 @@ def _tokenizer(model_dir: str) -> Any:
     """The tokenizer saved in the model folder, or None when it has none."""
     if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
         return None
+    from shear.runtime.remote_code import refuse_remote_code
+
+    refuse_remote_code(model_dir)  # tokenizer_config.json's auto_map: transformers would offer to run it
     try:
         from transformers import AutoTokenizer
 
