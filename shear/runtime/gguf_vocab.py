@@ -96,6 +96,11 @@ def _load_tokenizer(tokenizer: Any) -> Any:
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
 
+        from shear.runtime.remote_code import refuse_remote_code
+
+        if Path(tokenizer).is_dir():
+            refuse_remote_code(tokenizer)  # tokenizer_config.json's auto_map: transformers would offer to run it
+
         try:
             return AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
         except (OSError, ValueError) as e:
