@@ -64,6 +64,9 @@ def read_config(path: str | os.PathLike[str]) -> tuple[Any, Path | None]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p} has no config.json; pass a model directory written by save_pretrained or a config file")
+        from shear.runtime.remote_code import refuse_remote_code
+
+        refuse_remote_code(p)  # an auto_map would have transformers offer to run the folder's code
         try:
             return AutoConfig.from_pretrained(str(p), local_files_only=True), p
         except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad config
