@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import PipelineError
+from shear.passes.options import require_number
 from shear.scale.memory import MemoryLine, ModelShape, Training, format_bytes, lhspg_memory, streamed_memory
 from shear.scale.source import ModelSource, blocks_of, open_source
 
@@ -176,10 +176,8 @@ def plan_source(
     from shear.runtime.codegen import apply_plan, plan_removal
     from shear.runtime.hf_config import candidate_config_updates, refresh_config
 
-    if not 0.0 < ratio < 1.0:
-        raise PipelineError(f"plan: ratio must be in (0, 1), got {ratio}")
-    if round_to < 1:
-        raise PipelineError(f"plan: round_to must be >= 1, got {round_to}")
+    require_number("plan", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
+    require_number("plan", "round_to", round_to, integer=True, low=1, high=1 << 20)
     t0 = started if started is not None else time.perf_counter()
     groups = src.graph.pruning_groups
     counts = {g.id: structure_count(g.size, ratio, round_to) for g in groups if g.prunable}
@@ -239,10 +237,12 @@ def plan(
         >>> p.params_after < p.params_before                                    # doctest: +SKIP
         True
     """
-    if world_size < 1 or batch < 1 or seq_len < 1 or lora_r < 1:
-        raise PipelineError(
-            f"plan: world_size, batch, seq_len and lora_r must be >= 1, got {world_size}, {batch}, {seq_len}, {lora_r}"
-        )
+    require_number("plan", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
+    require_number("plan", "round_to", round_to, integer=True, low=1, high=1 << 20)
+    for name, value, high in (
+        ("world_size", world_size, 1 << 20), ("batch", batch, 1 << 20), ("seq_len", seq_len, 1 << 24), ("lora_r", lora_r, 1 << 16)
+    ):
+        require_number("plan", name, value, integer=True, low=1, high=high)
     t0 = time.perf_counter()
     src = open_source(model, layers=layers)
     training = Training(world_size=world_size, batch=batch, seq_len=seq_len, lora_r=lora_r)

@@ -21,15 +21,28 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
-from shear.errors import CheckpointError, GraphError, ModelLoadError
+from shear.errors import CheckpointError, GraphError, InputError, ModelLoadError
 from shear.graph.ir import Graph
 
-__all__ = ["ModelSource", "open_source", "read_config", "meta_model", "block_prefix", "blocks_of", "TRACE_TOKENS"]
+__all__ = [
+    "ModelSource",
+    "open_source",
+    "read_config",
+    "check_config_bounds",
+    "estimate_params",
+    "meta_model",
+    "block_prefix",
+    "blocks_of",
+    "TRACE_TOKENS",
+    "LIMITS",
+    "MAX_PARAMS",
+]
 
 TRACE_TOKENS = 8
 """Length of the token sequence the template is traced with (shapes do not depend on it)."""
@@ -56,8 +69,28 @@ class ModelSource:
     stamped: bool
 
 
+def _config_json(p: Path) -> dict[str, Any]:
+    """The JSON object in config file ``p``, its sizes checked (:func:`check_config_bounds`) before
+    transformers builds anything from it."""
+    try:
+        if p.stat().st_size > 16 << 20:
+            raise ModelLoadError(f"{p} is larger than 16 MiB; a transformers config is a few kB: check the file")
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise ModelLoadError(f"{p} is nested too deep to be a transformers config; check the file") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelLoadError(f"{p} is not a readable config JSON ({type(e).__name__}: {e}); check the file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ModelLoadError(f"{p} is not a transformers config JSON with a model_type; pass a model's config.json")
+    check_config_bounds(SimpleNamespace(**{k: v for k, v in data.items() if isinstance(k, str)}), p)
+    return data
+
+
 def read_config(path: str | os.PathLike[str]) -> tuple[Any, Path | None]:
-    """The transformers config of a model directory or config JSON file, and the directory (or None)."""
+    """The transformers config of a model directory or config JSON file, and the directory (or None).
+
+    The sizes are bounded before transformers reads the file (:func:`check_config_bounds`): a config
+    claiming 10**8 layers is an :class:`InputError` at once, not minutes of building."""
     from transformers import AutoConfig
 
     p = Path(path).expanduser()
@@ -67,20 +100,103 @@ def read_config(path: str | os.PathLike[str]) -> tuple[Any, Path | None]:
         from shear.runtime.remote_code import refuse_remote_code
 
         refuse_remote_code(p)  # an auto_map would have transformers offer to run the folder's code
+        _config_json(p / "config.json")
         try:
             return AutoConfig.from_pretrained(str(p), local_files_only=True), p
         except Exception as e:  # noqa: BLE001 - transformers raises several types for a bad config
             raise ModelLoadError(f"{p}/config.json cannot be read by transformers: {type(e).__name__}: {e}") from e
     if not p.is_file():
         raise ModelLoadError(f"{p} does not exist; pass a model directory or a config.json path")
+    data = _config_json(p)
+    kind = data.pop("model_type")
     try:
-        data = json.loads(p.read_text())
-        kind = data.pop("model_type")
         return AutoConfig.for_model(kind, **data), None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
-        raise ModelLoadError(f"{p} is not a transformers config JSON with a model_type ({type(e).__name__}: {e})") from e
-    except ValueError as e:
-        raise ModelLoadError(f"{p}: transformers does not know this config: {e}") from e
+    except Exception as e:  # noqa: BLE001 - unknown model_type, a field of the wrong type, ...
+        raise ModelLoadError(f"{p}: transformers cannot build this config ({type(e).__name__}: {str(e)[:300]}); fix the file") from None
+
+
+LIMITS: dict[str, int] = {
+    "num_hidden_layers": 4096,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 16,
+    "vocab_size": 1 << 24,
+    "num_local_experts": 1 << 12,
+    "num_experts": 1 << 12,
+    "n_routed_experts": 1 << 12,
+}
+"""Largest value a config field may claim (tens of times past any published model): a config past
+them describes no model that fits anywhere, and building its skeleton would not finish."""
+MAX_PARAMS = 10**14
+"""Largest parameter count a config may claim (200 TB of bf16 weights)."""
+_MAX_MODULES = 1 << 20
+"""Largest module count the meta skeleton may have (layers x experts)."""
+
+
+def estimate_params(config: Any) -> int:
+    """Parameters the config asks for, from its sizes alone (attention, MLP or experts, embeddings).
+
+    Example:
+        >>> from types import SimpleNamespace as C
+        >>> estimate_params(C(num_hidden_layers=2, hidden_size=4, intermediate_size=8, vocab_size=10,
+        ...                   num_attention_heads=2, tie_word_embeddings=True))
+        360
+    """
+    def get(name: str, default: int = 0) -> int:
+        v = getattr(config, name, None)
+        return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+    h, layers = get("hidden_size"), get("num_hidden_layers")
+    heads = get("num_attention_heads", 1) or 1
+    hd = get("head_dim") or h // heads
+    kv = get("num_key_value_heads") or heads
+    ffn = get("moe_intermediate_size") or get("intermediate_size") or 4 * h
+    experts = max(get("num_local_experts"), get("num_experts"), get("n_routed_experts"), 1)
+    attention = 2 * h * heads * hd + 2 * h * kv * hd
+    mlp = 3 * h * ffn * experts
+    embeddings = get("vocab_size") * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def check_config_bounds(config: Any, where: str | os.PathLike[str]) -> None:
+    """Refuse a config that asks for more than can fit, before anything is built.
+
+    Each size field must be a positive integer within :data:`LIMITS`, and the parameter estimate
+    (:func:`estimate_params`) at most :data:`MAX_PARAMS`; an :class:`InputError` names the file, the
+    field or the estimate, and the fix. A config claiming 10**8 layers is refused in microseconds
+    instead of building a skeleton that never finishes.
+    """
+    for name, limit in LIMITS.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
+            shown = repr(value) if len(repr(value)) < 40 else repr(value)[:40] + "..."
+            estimate = f"; with it the config asks for about {estimate_params(config):.3g} parameters" if isinstance(value, int) else ""
+            raise InputError(
+                f"{where}: {name} = {shown} is not a size shear can plan (a positive integer at most {limit:,}{estimate}); "
+                "fix the config (is it the right file?)"
+            )
+    params = estimate_params(config)
+    if params > MAX_PARAMS:
+        raise InputError(
+            f"{where}: the config asks for about {params:.3g} parameters ({2 * params / 1e12:.3g} TB of bf16 weights), "
+            f"more than the {MAX_PARAMS:.0e} shear plans; fix the sizes in the config (num_hidden_layers, hidden_size, "
+            "intermediate_size, vocab_size)"
+        )
+    experts = max(
+        (v for v in (getattr(config, k, 0) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+         if isinstance(v, int)),
+        default=1,
+    )
+    layers = getattr(config, "num_hidden_layers", 1) or 1
+    if layers * max(experts, 1) > _MAX_MODULES:
+        raise InputError(
+            f"{where}: {layers:,} layers x {experts:,} experts is more modules than a skeleton can hold "
+            f"(at most {_MAX_MODULES:,}); fix the config"
+        )
 
 
 def meta_model(config: Any) -> nn.Module:
@@ -146,6 +262,7 @@ def open_source(path: str | os.PathLike[str], *, layers: str = "stamp") -> Model
     if layers not in ("stamp", "all"):
         raise GraphError(f"layers must be 'stamp' or 'all', got {layers!r}")
     config, directory = read_config(path)
+    check_config_bounds(config, directory / "config.json" if directory is not None else Path(path))
     model = meta_model(config)
     prefix = block_prefix(model)
     n = len(blocks_of(model, prefix))

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from shear.errors import CheckpointError, OutputError, PipelineError
+from shear.passes.options import require_number
 from shear.runtime.codegen import ErasurePlan, apply_plan, drop_indices, plan_removal
 from shear.runtime.files import atomic_dir, check_output_dir
 from shear.scale.scores import TensorKeys, stream_magnitude, tensor_keys
@@ -282,8 +283,8 @@ def prune_streamed(
             f"stream-prune: criterion {criterion!r} does not stream; choose from {', '.join(CRITERIA)} "
             "(activation and Taylor criteria need calibration data or gradients: prune in memory with shear.compile)"
         )
-    if not 0.0 < ratio < 1.0:
-        raise PipelineError(f"stream-prune: ratio must be in (0, 1), got {ratio}")
+    require_number("stream-prune", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
+    require_number("stream-prune", "round_to", round_to, integer=True, low=1, high=1 << 20)
     stages: list[Stage] = []
     source = Path(model).expanduser()
     with measure_stage("plan (meta)", stages):
