@@ -143,7 +143,7 @@ def fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
     p = os.fspath(path)
     try:
         st = os.lstat(p)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not there, or a parent is a file
         return Fingerprint("absent")
     ident = (st.st_dev, st.st_ino)
     if stat.S_ISLNK(st.st_mode):
