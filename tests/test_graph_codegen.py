@@ -243,3 +243,112 @@ def test_strided_slice_size_rule_renumbers_whole_strides_and_refuses_the_rest() 
     live, node = _slice_node([True, False, False, False, False, False], "symbolic", None, 1)
     with pytest.raises(GraphError, match="slice with symbolic bounds over a pruned dimension"):
         rule(live, node)
+
+
+# --- the shipped tiny LLaMA through the graph emitter ------------------------------------------------
+
+
+def _tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    from shear.zoo import load_tiny_llama
+
+    return load_tiny_llama(dtype=dtype).model
+
+
+def _erase_stats(small: nn.Module) -> dict[str, object]:
+    return next(r for r in small.shear_report.passes if r.name == "erase").stats
+
+
+@pytest.mark.parametrize(
+    ("kinds", "dtype"),
+    [("channel", torch.float32), ("head", torch.float32), ("residual", torch.float32), (None, torch.float32),
+     (None, torch.float16)],
+)
+def test_graph_emit_of_the_tiny_llama_verifies_within_1e5(kinds: str | None, dtype: torch.dtype) -> None:
+    """MLP channels, kv-head families and the residual width, alone and together; fp16 (what the CLI
+    loads) is checked in fp32 on a widened copy of the graph, against the masked model itself."""
+    model = _tiny_llama(dtype)
+    choose = "random{ratio=0.3,seed=0" + (f",kinds=[{kinds}]" if kinds else "") + "}"
+    small = shear.compile(model, f"{choose},erase{{emit=graph}}")
+    stats = _erase_stats(small)
+    assert isinstance(small, torch.fx.GraphModule) and stats["emitted"] == "graph"
+    assert stats["structures"] > 0 and stats["params_after"] < stats["params_before"]
+    assert isinstance(stats["max_diff"], float) and stats["max_diff"] <= 1e-5
+    assert next(iter(small.parameters())).dtype == dtype  # verification put the graph back as it was
+    if dtype == torch.float32:  # the check's figure is the plain difference from the masked model
+        masked = shear.compile(model, choose)
+        ids = small.meta["shear_inputs"][1]["input_ids"]
+        assert _max_diff(small, masked, {"input_ids": ids}) <= 1e-5
+
+
+def test_graph_emitted_from_batch_1_inputs_takes_any_batch() -> None:
+    """The default example inputs have batch 1; export would fix the batch to 1, so the emitter traces
+    them at batch 2: the graph (and the program shear.save writes) gives every row its batch-1 logits."""
+    from shear.runtime.graph_codegen import export_graph_module
+    from shear.runtime.verify import allowed
+
+    model = _tiny_llama()
+    small = shear.compile(model, "random{ratio=0.3,seed=0},erase{emit=graph}")
+    masked = shear.compile(model, "random{ratio=0.3,seed=0}")
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        three = small(input_ids=ids).logits
+        ones = torch.cat([small(input_ids=ids[i : i + 1]).logits for i in range(3)])
+        reference = masked(input_ids=ids).logits
+        saved = export_graph_module(small).module()(input_ids=ids, use_cache=False).logits
+    assert three.shape == (3, 11, model.config.vocab_size)
+    assert float((three - ones).abs().max()) <= 1e-5
+    assert float((three - reference).abs().max()) <= allowed(float(reference.abs().max()))
+    assert float((saved - three).abs().max()) <= 1e-5
+
+
+def _plant_wrong_erase(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Erase the wrong MLP channels from each down_proj (the neighbours of the zero ones): the shapes
+    still fit, the function does not."""
+    import shear.runtime.graph_codegen as gc
+
+    real = gc._slice_state
+
+    def wrong(ep: object, model: nn.Module, plan: object) -> None:
+        for name, dims in plan.cuts.items():
+            if name.endswith("mlp.down_proj.weight") and 1 in dims:
+                size = model.get_parameter(name).shape[1]
+                shifted = torch.unique((dims[1] + 1) % size)
+                assert shifted.numel() == dims[1].numel() and not torch.equal(shifted, dims[1])
+                dims[1] = shifted
+        real(ep, model, plan)
+
+    monkeypatch.setattr(gc, "_slice_state", wrong)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_planted_wrong_graph_erase_fails_verification(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    _plant_wrong_erase(monkeypatch)
+    with pytest.raises(PassError, match="small model differs from the masked original"):
+        shear.compile(_tiny_llama(dtype), "random{ratio=0.3,seed=0,kinds=[channel]},erase{emit=graph}")
+
+
+def test_cli_no_verify_skips_every_erase_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--no-verify`` reaches erase's own check (it used to skip only the pipeline's): with a planted
+    wrong erase the run fails without the flag and saves with it, and no recording is ever taken."""
+    from pathlib import Path
+
+    import shear.runtime.verify as verify
+    from shear.cli import main
+    from shear.zoo import TINY_LLAMA_DIR
+
+    _plant_wrong_erase(monkeypatch)
+    out = Path(str(tmp_path))
+    argv = ["prune", str(TINY_LLAMA_DIR), "--pipeline", "random{ratio=0.3,seed=0,kinds=[channel]},erase{emit=graph}"]
+    assert main([*argv, "-o", str(out / "checked")]) == 1
+    assert "VerifyError: verify: small model differs from the masked original" in capsys.readouterr().err
+    assert not (out / "checked").exists()
+    recordings: list[object] = []
+    real = verify.record
+    monkeypatch.setattr(verify, "record", lambda *a, **k: recordings.append(a) or real(*a, **k))
+    assert main([*argv, "-o", str(out / "unchecked"), "--no-verify"]) == 0
+    assert (out / "unchecked" / "shear.json").is_file() and recordings == []
+    with pytest.raises(PassError, match="small model differs"):  # the API's verify=True still checks
+        shear.compile(_tiny_llama(), "random{ratio=0.3,seed=0,kinds=[channel]},erase{emit=graph}")
+    assert len(recordings) == 1

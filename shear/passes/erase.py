@@ -43,7 +43,8 @@ class Erase(Pass):
 
     verify: bool = True
     """Compare the small model with the masked one on the example inputs (also off when
-    ``ctx.options.verify`` is False)."""
+    ``ctx.options.verify`` is False: ``shear.compile(verify=False)``, ``shear prune --no-verify``).
+    Without it, ``emit=auto`` cannot see that a sliced module tree fails to run: it slices the tree."""
     min_keep: int = 1
     """Structures each group keeps even when all are zero (a head-less attention cannot reshape)."""
     emit: str = "auto"

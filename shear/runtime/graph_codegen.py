@@ -22,8 +22,14 @@ instead emits the model as a ``torch.fx.GraphModule`` built from ``torch.export`
 The caller verifies the result against the masked original, as for the module tree. The graph is
 the eval-mode computation (export traces in eval mode): its parameters train, but dropout is gone.
 It takes the inputs it was traced with (the same keyword names; non-tensor ones such as
-``use_cache`` are filled in), and varies in every dimension that export could keep dynamic (a
-dimension of size 1 in the example inputs stays 1).
+``use_cache`` are filled in), and varies in every dimension that export could keep dynamic. Export
+fixes a dimension of size 1, so example inputs of batch 1 are traced repeated to batch 2: the emitted
+graph takes any batch (any other dimension of size 1 in the example inputs stays 1).
+
+A 16-bit graph has its dtypes baked in; erase's check runs it in fp32 on a widened copy of its graph
+(:func:`shear.runtime.verify.widened_graph`), as it runs a 16-bit module tree in fp32, and compares
+it with the masked model itself (the graph keeps the norms of a narrower residual and divides by the
+old width, where the module tree rescales them).
 
 Example:
     >>> import torch
