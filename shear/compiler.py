@@ -223,7 +223,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
     check_compile_inputs(
         model, example_inputs if example_inputs is not None else default_example_inputs(model), data,
-        reads_weights=any(p.reads_weights for p in manager.passes),
+        reads_weights=any(p.reads_weights for p in manager.passes), verify=verify,
     )
     if dump_dir is not None:
         check_writable_dir(dump_dir)

@@ -10,7 +10,9 @@ work. :func:`check_compile_inputs` finds the usual ones first and raises an
 * token ids that are not integers, negative, past the vocabulary, or sequences past the positions
   the model has;
 * integer inputs to a model that computes in floating point (and has no embedding to take them);
-* training data with token ids past the vocabulary.
+* an example input with a zero-size dimension (batch 0, sequence length 0): nothing to trace or compare;
+* training data with token ids past the vocabulary;
+* a ``verify`` tolerance that is not a finite number >= 0 (NaN would fail every erase, blamed on erase).
 
 Example:
     >>> import torch
@@ -23,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from itertools import chain
 from typing import Any
@@ -33,7 +36,7 @@ from torch import nn
 from shear.errors import DataError, InputError
 from shear.runtime.model_facts import forward_logits
 
-__all__ = ["check_compile_inputs"]
+__all__ = ["check_compile_inputs", "check_verify_option"]
 
 
 def _tensors(inputs: Any) -> list[tuple[str, torch.Tensor]]:
@@ -121,11 +124,49 @@ def _check_dtypes(model: nn.Module, inputs: Any) -> None:
         ) from e
 
 
-def check_compile_inputs(model: nn.Module, example_inputs: Any, data: Any, *, reads_weights: bool) -> None:
+def check_verify_option(verify: object) -> None:
+    """``shear.compile(verify=...)``: ``True`` (the default tolerance policy), ``False`` (no check), or an
+    absolute tolerance that is a finite number >= 0; else an :class:`InputError` that blames the option.
+
+    Example:
+        >>> check_verify_option(1e-4)
+        >>> check_verify_option(float("nan"))
+        Traceback (most recent call last):
+        ...
+        shear.errors.InputError: shear.compile: verify=nan is not a tolerance; ...
+    """
+    if isinstance(verify, bool):
+        return
+    if isinstance(verify, (int, float)) and math.isfinite(verify) and verify >= 0:
+        return
+    raise InputError(
+        f"shear.compile: verify={verify!r} is not a tolerance; give verify=True (the default policy), False (no "
+        "equivalence check), or the largest allowed absolute difference, a finite number >= 0 (e.g. verify=1e-4)"
+    )
+
+
+def _check_shapes(inputs: Any) -> None:
+    """Every example input tensor has at least one element along each dimension (batch, sequence)."""
+    for name, t in _tensors(inputs):
+        if t.dim() >= 1 and 0 in t.shape:
+            dims = {0: "batch", 1: "sequence length"} if t.dim() >= 2 else {0: "length"}
+            which = ", ".join(f"{dims.get(i, f'dimension {i}')} 0" for i, n in enumerate(t.shape) if n == 0)
+            raise InputError(
+                f"example input {name!r} has shape {tuple(t.shape)} ({which}): nothing to trace or compare; give at "
+                "least one sequence of at least one token, e.g. torch.zeros(1, 16, dtype=torch.long)"
+            )
+
+
+def check_compile_inputs(
+    model: nn.Module, example_inputs: Any, data: Any, *, reads_weights: bool, verify: object = True
+) -> None:
     """Raise :class:`InputError` / :class:`DataError` for inputs no pipeline can use; see the module doc.
 
-    ``reads_weights``: some pass of the pipeline reads weight values (all but graph analysis).
+    ``reads_weights``: some pass of the pipeline reads weight values (all but graph analysis);
+    ``verify``: the compile's ``verify`` option (:func:`check_verify_option`).
     """
+    check_verify_option(verify)
+    _check_shapes(example_inputs)
     _check_weights(model, reads_weights)
     vocab = _vocab(model)
     if vocab is not None:
