@@ -26,9 +26,11 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from torch import nn
 
 from shear.errors import CheckpointError, OutputError
 from shear.runtime.files import atomic_dir, sha256_file
+from shear.runtime.safe_archive import read_json_bytes
 
 __all__ = [
     "TrainCheckpoint",
@@ -49,6 +52,8 @@ __all__ = [
     "latest_checkpoint",
     "remove_stale_temporaries",
     "check_checkpoint_dir",
+    "check_record",
+    "RECORD_FIELDS",
     "FORMAT",
 ]
 
@@ -197,21 +202,106 @@ def _clone_tree(obj: Any) -> Any:
     return obj
 
 
+_MAX_INFO = 256 << 20
+"""The largest ``trainer.json`` read (per-step losses of a long run are a few MiB)."""
+_SHA = re.compile(r"[0-9a-f]{64}")
+_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,512}")
+
+
+def _count(v: Any, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v < 1 << 62
+
+
+def _plain(v: Any, depth: int = 0) -> bool:
+    """JSON made of finite numbers, strings, bools, null, lists and objects, at most 8 levels deep."""
+    if depth > 8:
+        return False
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if v is None or isinstance(v, (bool, int, str)):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x, depth + 1) for k, x in v.items())
+    return False
+
+
+def _rng_ok(v: Any) -> bool:
+    """The JSON half of :func:`~shear.runtime.training.rng.capture_rng`: python's and numpy's MT states."""
+    if not isinstance(v, dict) or set(v) != {"python", "numpy"}:
+        return False
+    py, np_ = v["python"], v["numpy"]
+    py_ok = (isinstance(py, list) and len(py) == 3 and _count(py[0]) and isinstance(py[1], list) and len(py[1]) == 625
+             and all(_count(x) and x < 1 << 32 for x in py[1][:624]) and _count(py[1][624])
+             and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2]))))
+    np_ok = (isinstance(np_, list) and len(np_) == 5 and np_[0] == "MT19937" and isinstance(np_[1], list)
+             and len(np_[1]) == 624 and all(_count(x) and x < 1 << 32 for x in np_[1]) and _count(np_[2])
+             and np_[2] <= 624 and np_[3] in (0, 1) and isinstance(np_[4], (int, float)) and math.isfinite(np_[4]))
+    return bool(py_ok and np_ok)
+
+
+RECORD_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "format": lambda v: v == FORMAT,
+    "version": lambda v: v == VERSION,
+    "step": _count,
+    "aliases": lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _KEY.fullmatch(k) and isinstance(x, str) and _KEY.fullmatch(x) for k, x in v.items()),
+    "files": lambda v: isinstance(v, dict) and all(
+        isinstance(e, dict) and set(e) == {"size", "sha256"} and _count(e["size"])
+        and isinstance(e["sha256"], str) and bool(_SHA.fullmatch(e["sha256"])) for e in v.values()),
+    "losses": lambda v: isinstance(v, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+    "tokens": _count,
+    "world_size": lambda v: _count(v, 1),
+    "finished": lambda v: isinstance(v, bool),
+    "config": lambda v: isinstance(v, dict) and _plain(v),
+    "fingerprint": lambda v: isinstance(v, dict) and _plain(v),
+    "rng": _rng_ok,
+}
+"""Every field ``trainer.json`` may hold, with its check; the first five are required. A field not
+listed is refused, like a value that fails its check."""
+_REQUIRED = ("format", "version", "step", "aliases", "files")
+
+
+def check_record(info: dict[str, Any], path: Path) -> None:
+    """``trainer.json``'s ``info`` checked field by field (:data:`RECORD_FIELDS`): no unknown field, each
+    value of its type and range, the step that of the folder's name, aliases naming saved tensors only
+    once loaded. :class:`CheckpointError` names the field and the fix."""
+    unknown = sorted(set(info) - set(RECORD_FIELDS))
+    if unknown:
+        raise _corrupt(path, f"{_INFO} holds unknown fields {unknown[:5]} (known: {sorted(RECORD_FIELDS)})")
+    missing = [k for k in _REQUIRED if k not in info]
+    if missing:
+        raise _corrupt(path, f"{_INFO} lacks {missing}")
+    bad = [k for k, v in info.items() if not RECORD_FIELDS[k](v)]
+    if bad:
+        raise _corrupt(path, f"{_INFO}'s field {bad[0]!r} has a value of the wrong type or out of range")
+    m = _STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != info["step"]:
+        raise _corrupt(path, f"{_INFO} says step {info['step']}, the folder is {path.name}")
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
     """Read and validate ``path`` (a ``step-<n>`` directory); :class:`CheckpointError` says what is wrong."""
     path = Path(path)
     info_file = path / _INFO
     if not info_file.is_file():
         raise _corrupt(path, f"{_INFO} is missing")
+    if info_file.stat().st_size > _MAX_INFO:
+        raise _corrupt(path, f"{_INFO} has {info_file.stat().st_size} bytes, more than a record can need ({_MAX_INFO})")
     try:
-        info = json.loads(info_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        info = read_json_bytes(info_file.read_bytes(), str(info_file), _MAX_INFO)
+    except CheckpointError as e:
         raise _corrupt(path, f"{_INFO} does not parse ({e})") from e
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise _corrupt(path, f"{_INFO} is not a {FORMAT} record")
-    if int(info.get("version", 0)) > VERSION:
+    version = info.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _corrupt(path, f"{_INFO}'s version is {version!r}, not a number")
+    if version > VERSION:
         raise CheckpointError(f"{path} has format version {info['version']}; this shear reads up to {VERSION}")
-    if int(info.get("version", 0)) < VERSION:
+    if version < VERSION:
         raise CheckpointError(
             f"{path} was written by an older shear (format {info.get('version')}, no file hashes or run fingerprint); "
             "start over with resume=False or a new checkpoint_dir"
@@ -219,6 +309,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
     files = info.get("files")
     if not isinstance(files, dict) or set(files) != {_WEIGHTS, _STATE}:
         raise _corrupt(path, f"{_INFO} does not list {_WEIGHTS} and {_STATE} with their hashes")
+    check_record(info, path)
     unlisted = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != _INFO)
     if unlisted:
         raise _corrupt(path, f"{unlisted} are not in {_INFO}'s file list")
@@ -236,6 +327,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
         raise _corrupt(path, f"{_WEIGHTS} cannot be read ({e})") from e
     model_state = {k: v.clone() for k, v in weights.items()}
     for alias, name in info["aliases"].items():
+        if name not in model_state or alias in weights:
+            raise _corrupt(path, f"{_INFO} aliases {alias!r} to {name!r}, which is not a single saved tensor")
         model_state[alias] = model_state[name]
     try:
         state = torch.load(path / _STATE, map_location="cpu", weights_only=True)
