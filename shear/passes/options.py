@@ -274,6 +274,13 @@ _SCALARS: dict[type, Any] = {bool: _to_bool, int: _to_number, float: _to_number,
 before ``int``, a ``PurePath`` subclass finds ``Path`` only if it is one)."""
 
 
+def _hint(option: OptionInfo) -> str:
+    """How to spell a value of the option's type, appended to a type error."""
+    if option.type is bool:
+        return f"; give {option.name}=true or {option.name}=false"
+    return f"; give {option.name}=<{option.type_name}>"
+
+
 def convert_option(pass_name: str, option: OptionInfo, value: Any) -> Any:
     """``value`` converted to the option's type, or a :class:`PipelineError` naming all three."""
     try:
@@ -282,7 +289,7 @@ def convert_option(pass_name: str, option: OptionInfo, value: Any) -> Any:
         shown = value if not isinstance(value, str) else f"'{value}'"
         raise PipelineError(
             f"pass {pass_name!r}: option {option.name!r} expects {option.type_name}, "
-            f"got {shown} ({type(value).__name__})"
+            f"got {shown} ({type(value).__name__}){_hint(option)}"
         ) from None
 
 
@@ -324,7 +331,7 @@ def check_fields(p: Pass) -> None:
             _convert(value, o.type)
         except _BadValue:
             raise PipelineError(
-                f"pass {p.name!r}: option {o.name!r} expects {o.type_name}, got {value!r} ({type(value).__name__})"
+                f"pass {p.name!r}: option {o.name!r} expects {o.type_name}, got {value!r} ({type(value).__name__}){_hint(o)}"
             ) from None
 
 
