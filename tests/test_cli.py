@@ -156,7 +156,7 @@ def test_prune_writes_the_html_report(tiny_dir: Path, tmp_path: Path) -> None:
     assert f"report: {out / 'report.html'}" in r.stdout and '<section id="widths">' in page
     assert shear.load(out) is not None  # the report is listed and hashed in the saved folder's manifest
     again = run_cli("prune", str(tiny_dir), "--passes", "erase", "-o", str(tmp_path / "b"), "--report", str(out / "report.html"))
-    assert again.returncode != 0 and "exists already" in again.stderr and not (tmp_path / "b").exists()
+    assert again.returncode != 0 and "report.html exists; pass overwrite=True (--overwrite)" in again.stderr and not (tmp_path / "b").exists()
     assert main(["prune", str(tiny_dir), "--passes", "erase", "-o", str(tmp_path / "c"), "--no-report"]) == 0
     assert not (tmp_path / "c" / "report.html").exists()
 
