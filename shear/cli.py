@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shear.errors import DataError, ModelLoadError, OutputError, PipelineError, ShearError
+from shear.errors import DataError, InputError, ModelLoadError, OutputError, PipelineError, ShearError
 
 __all__ = ["main", "load_model", "build_parser"]
 
@@ -506,10 +506,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MAX_EXAMPLE_TOKENS = 1 << 16
+"""Longest example sequence inspect, draw and prune trace with (a trace needs a few tokens)."""
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Numbers no command can use, refused before any model loads (names the option and the fix)."""
+    seq_len = getattr(args, "seq_len", None)
+    if seq_len is not None:
+        high = _MAX_EXAMPLE_TOKENS if args.command in ("inspect", "draw", "prune") else 1 << 24
+        if not 1 <= seq_len <= high:
+            raise InputError(
+                f"--seq-len {seq_len}: a sequence needs 1 to {high:,} tokens; give a positive length "
+                f"(default {16 if args.command != 'plan' else 2048})"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shear`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         return int(args.func(args))
     except ShearError as e:
         print(f"shear {args.command}: error: {e}", file=sys.stderr)
