@@ -17,7 +17,7 @@ from _train_worker import EditHook, ddp_config, ddp_model, ddp_tokens, pattern_t
 from models import build
 from safetensors.torch import load_file
 
-from shear.errors import CheckpointError, DataError, TrainingError
+from shear.errors import CheckpointError, DataError, OutputError, TrainingError
 from shear.runtime.training import (
     InstructionBatches,
     StepLog,
@@ -381,7 +381,7 @@ def test_checkpoint_layout_and_atomic_write(tmp_path: Path, monkeypatch: pytest.
         raise OSError("disk full")
 
     monkeypatch.setattr(ck.torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full.*nothing was written at .*step-1"):
         _quick(tmp_path / "other")
     assert list((tmp_path / "other" / "c").iterdir()) == []
     monkeypatch.undo()
