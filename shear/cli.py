@@ -333,14 +333,16 @@ def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import shear
-    from shear.runtime.gguf_export import check_output
+    from shear.runtime.gguf_export import check_output, check_pre
 
     # before the model loads; never into the model or tokenizer folder
     check_output(args.output, force=args.force, inputs=[args.model, args.tokenizer])
+    check_pre(args.pre)
     model = load_model(args.model)
     tokenizer = args.tokenizer or args.model
     path = shear.export(model, args.output, format=args.format, tokenizer=tokenizer, dtype=args.dtype,
-                        merge_lora=args.merge_lora, force=args.force, pre=args.pre)  # fmt: skip
+                        merge_lora=args.merge_lora, force=args.force, pre=args.pre,
+                        allow_nonfinite=args.allow_nonfinite)  # fmt: skip
     _console().print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -470,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"], help="weight type (default f16)")
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--merge-lora", action="store_true", help="fold unmerged LoRA adapters into the written weights")
-    p.add_argument("--pre", default=None, help="llama.cpp pre-tokenizer name, when shear cannot tell it")
+    p.add_argument("--pre", default=None, help="llama.cpp pre-tokenizer name, when shear cannot tell it (one llama.cpp knows)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write tensors holding NaN or Inf (refused by default)")
     p.add_argument("--force", "--overwrite", dest="force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_export)
 

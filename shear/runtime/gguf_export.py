@@ -50,6 +50,8 @@ from shear.runtime.hf_config import hf_base_model
 from shear.runtime.model_facts import base_weight_name, is_lora_param
 
 __all__ = [
+    "LLAMA_CPP_PRE_TOKENIZERS",
+    "check_pre",
     "DTYPES",
     "FAMILY",
     "GgufPlan",
@@ -431,6 +433,51 @@ def check_output(
     return check_output_file(out, overwrite=force, inputs=inputs)
 
 
+LLAMA_CPP_PRE_TOKENIZERS: frozenset[str] = frozenset({
+    "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+    "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon", "mpt", "starcoder", "gpt-2", "phi-2", "jina-es",
+    "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "jina-v1-en", "jina-v2-code",
+    "roberta-bpe", "refact", "command-r", "qwen2", "deepseek-r1-qwen", "stablelm2", "olmo", "dbrx", "smaug-bpe",
+    "poro-chat", "glm4", "chatglm-bpe", "viking", "jais", "tekken", "smollm", "codeshell", "bloom", "gpt3-finnish",
+    "exaone", "exaone4", "chameleon", "minerva-7b", "megrez", "gpt-4o", "llama4", "superbpe", "trillion",
+    "bailingmoe", "bailingmoe2", "seed-coder", "hunyuan", "hunyuan-dense", "kimi-k2", "grok-2",
+})
+"""The ``tokenizer.ggml.pre`` names llama.cpp's loader accepts; any other name makes the file fail to load there."""
+
+
+def check_pre(pre: object) -> str | None:
+    """``pre`` when it is None or a pre-tokenizer name llama.cpp knows; else an :class:`ExportError`
+    naming the value and the known names (checked before the model is read or anything written).
+
+    Example:
+        >>> check_pre("llama-bpe")
+        'llama-bpe'
+        >>> check_pre("'; rm -rf /")
+        Traceback (most recent call last):
+        ...
+        shear.errors.ExportError: pre="'; rm -rf /" is not a pre-tokenizer llama.cpp knows; ...
+    """
+    if pre is None or (isinstance(pre, str) and pre in LLAMA_CPP_PRE_TOKENIZERS):
+        return pre
+    shown = repr(pre) if len(repr(pre)) <= 60 else repr(pre)[:60] + "..."
+    raise ExportError(
+        f"pre={shown} is not a pre-tokenizer llama.cpp knows; give one of {', '.join(sorted(LLAMA_CPP_PRE_TOKENIZERS))} "
+        "(CLI: --pre), or leave it out to let shear tell it from tokenizer.json"
+    )
+
+
+def _non_finite(tensors: list[tuple[str, np.ndarray, Any]]) -> list[str]:
+    """Names of the tensors about to be written that hold NaN or Inf (bf16 is stored as raw uint16)."""
+    bad = []
+    for name, data, raw in tensors:
+        if raw is not None and data.dtype == np.uint16:  # bf16 bits: exponent all ones is Inf or NaN
+            if bool(((data & 0x7F80) == 0x7F80).any()):
+                bad.append(name)
+        elif np.issubdtype(data.dtype, np.floating) and not bool(np.isfinite(data).all()):
+            bad.append(name)
+    return bad
+
+
 def export_gguf(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -441,6 +488,7 @@ def export_gguf(
     force: bool = False,
     name: str | None = None,
     pre: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``model`` (LLaMA, Mistral, Qwen2, SmolLM2; pruned or not) as a GGUF file llama.cpp runs.
 
@@ -450,13 +498,15 @@ def export_gguf(
     not changed); without it they are refused. ``pre`` names llama.cpp's pre-tokenizer when
     shear's table does not know the tokenizer's. The file is written to a temporary sibling and
     renamed into place, so a failure leaves nothing; an existing ``path`` is replaced only with
-    ``force=True``. Returns the path.
+    ``force=True``. A tensor holding NaN or Inf as written (a damaged model, or an f16 overflow) is an
+    :class:`ExportError` naming it, unless ``allow_nonfinite=True``. Returns the path.
     """
     import gguf
 
     source = getattr(getattr(hf_base_model(model), "config", None), "_name_or_path", "") or ""
     folders = [f for f in (tokenizer, source) if isinstance(f, (str, os.PathLike)) and Path(f).expanduser().is_dir()]
     out = check_output(path, force=force, inputs=folders)
+    check_pre(pre)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: GGUF export writes {sorted(DTYPES)}")
     plan = plan_gguf(model)
@@ -468,6 +518,13 @@ def export_gguf(
     tensors = list(
         gguf_tensors(model, plan, dtype, merge_lora=merge_lora)
     )  # every refusal happens before writing
+    bad = [] if allow_nonfinite else _non_finite(tensors)
+    if bad:
+        raise ExportError(
+            f"{len(bad)} tensors hold NaN or Inf as written in {dtype} (e.g. {', '.join(bad[:3])}); llama.cpp would "
+            "produce garbage. Reload or repair the model (a value past 65504 overflows f16: try dtype='bf16'), "
+            f"or pass allow_nonfinite=True (CLI: --allow-nonfinite) to write it anyway; nothing was written to {out}"
+        )
     base = hf_base_model(model)
     label = (
         name
