@@ -109,3 +109,167 @@ def test_a_spoiled_knowledge_cache_is_ignored_with_a_warning_and_measured_again(
     assert any(str(cached) in w for w in ctx.warnings) and ctx.get(KnowledgeDistribution) == fresh
     reloaded = _kd_run(tiny.model, data, tmp_path)  # the good file is used again, silently
     assert not reloaded.warnings and reloaded.get(KnowledgeDistribution) == fresh
+
+
+# -- bounds before work: a config that claims too much ---------------------------------------------
+
+
+def _config(tmp_path: Path, **changes: Any) -> Path:
+    cfg = json.loads((TINY_LLAMA_DIR / "config.json").read_text())
+    cfg.update(changes)
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_hidden_layers": 10**8}, r"num_hidden_layers = 100000000 .*at most 4,096; with it the config asks for about 1.97e\+13 parameters"),
+        ({"hidden_size": 10**7}, r"hidden_size = 10000000 is not a size"),
+        ({"vocab_size": "many"}, r"vocab_size = 'many' is not a size"),
+        ({"num_hidden_layers": 4000, "hidden_size": 65536, "intermediate_size": 1 << 20, "num_attention_heads": 512},
+         r"asks for about 8.3\de\+14 parameters .*fix the sizes"),
+    ],
+)
+def test_plan_refuses_a_config_that_claims_too_much_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict[str, Any], message: str
+) -> None:
+    """Destructive 7: `shear plan` on a config claiming 10**8 layers hung; now it is refused in well
+    under a second, as a directory and as a bare config file, with the estimate in the message."""
+    folder = _config(tmp_path, **changes)
+    for target in (folder, folder / "config.json"):
+        start = time.perf_counter()
+        with pytest.raises(InputError, match=message):
+            shear.plan(target)
+        assert time.perf_counter() - start < 5
+        assert main(["plan", str(target)]) == 1
+        err = capsys.readouterr().err
+        assert "config.json" in err and "fix" in err
+
+
+def test_plan_refuses_a_config_nested_too_deep(tmp_path: Path) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ModelLoadError, match="nested too deep"):
+        shear.plan(bad)
+
+
+# -- options: a seed past 64 bits, unknown kinds, a size given as text ------------------------------
+
+
+def test_random_seed_ratio_and_kinds_are_checked_before_work() -> None:
+    from shear.passes import parse_pipeline
+    from shear.passes.random import Random
+
+    with pytest.raises(PipelineError, match=r"random: seed must be in \[0, 18,446,744,073,709,551,615\]"):
+        parse_pipeline("random{seed=100000000000000000000000}")
+    with pytest.raises(PipelineError, match=r"random: seed must be in"):
+        Random(seed=10**23)
+    with pytest.raises(PipelineError, match=r"unknown group kinds \['bogus'\]; use some of channel, head, residual"):
+        parse_pipeline("random{kinds=[bogus]}")
+    with pytest.raises(PipelineError, match=r"kinds \[\] is empty"):
+        Random(kinds=())
+    with pytest.raises(PipelineError, match=r"option 'ratio' is the text '0.2', expected float; give it as a number"):
+        Random(ratio="0.2")  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"random: ratio must be in \[0, 1\)"):
+        Random(ratio=float("nan"))
+    assert parse_pipeline("random{kinds=[channel,head],seed=7}") == [Random(kinds=("channel", "head"), seed=7)]
+
+
+def test_a_size_given_as_text_is_refused_by_plan_and_prune_streamed(tmp_path: Path) -> None:
+    folder = _config(tmp_path)
+    with pytest.raises(PipelineError, match=r"plan: ratio must be in \(0, 1\) \(a number\), got '0.2' \(str\); give it as a number"):
+        shear.plan(folder, ratio="0.2")  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"plan: seq_len must be in \[1, "):
+        shear.plan(folder, seq_len=0)
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match=r"stream-prune: ratio must be in \(0, 1\) \(a number\), got '0.2'"):
+        shear.prune_streamed(TINY_LLAMA_DIR, out, ratio="0.2")  # type: ignore[arg-type]
+    assert not out.exists()
+
+
+def test_erase_verify_that_is_not_a_bool_is_blamed_on_the_option() -> None:
+    from shear.passes import parse_pipeline
+    from shear.passes.erase import Erase
+
+    for bad in ("nan", "-1"):
+        with pytest.raises(PipelineError, match=rf"option 'verify' expects bool, got '{bad}'.*give verify=true or verify=false"):
+            parse_pipeline(f"erase{{verify={bad}}}")
+    with pytest.raises(PipelineError, match=r"option 'verify' expects bool, got nan"):
+        Erase(verify=float("nan"))  # type: ignore[arg-type]
+
+
+def test_compile_verify_tolerance_must_be_a_finite_number(tiny: Any) -> None:
+    for bad in (float("nan"), -1, "1e-4"):
+        with pytest.raises(InputError, match=r"shear.compile: verify=.* is not a tolerance; give verify=True"):
+            shear.compile(tiny.model, "random{ratio=0.3},erase", verify=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("shape", "which"), [((0, 16), "batch 0"), ((1, 0), "sequence length 0")])
+def test_compile_refuses_empty_example_inputs(tiny: Any, shape: tuple[int, int], which: str) -> None:
+    with pytest.raises(InputError, match=rf"example input 'input_ids' has shape \({shape[0]}, {shape[1]}\) \({which}\)"):
+        shear.compile(tiny.model, "random{ratio=0.3},erase", example_inputs={"input_ids": torch.zeros(shape, dtype=torch.long)})
+
+
+# -- files and the command line --------------------------------------------------------------------
+
+
+def test_pipeline_files_txt_non_utf8_and_unknown_suffix(tmp_path: Path) -> None:
+    from shear.passes import resolve_pipeline
+
+    txt = tmp_path / "steps.txt"
+    txt.write_text("random{ratio=0.3,seed=0},erase\n")
+    assert [p.name for p in resolve_pipeline(str(txt))] == ["random", "erase"]  # was "unknown pass '.../steps.txt'"
+    latin = tmp_path / "steps.toml"
+    latin.write_bytes('[[passes]]\nname = "random"\n# r\xe9glage\n'.encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"steps.toml' is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+        resolve_pipeline(str(latin))
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe random")
+    with pytest.raises(PipelineError, match=r"bad.txt' is not UTF-8 text"):
+        resolve_pipeline(str(tmp_path / "bad.txt"))
+    cfg = tmp_path / "steps.cfg"
+    cfg.write_text("erase")
+    with pytest.raises(PipelineError, match=r"has the suffix '.cfg'; shear reads .toml, .yaml/.yml .* and .txt"):
+        resolve_pipeline(str(cfg))
+    table = tmp_path / "table.txt"
+    table.write_text('[[passes]]\nname = "random"\n')
+    with pytest.raises(PipelineError, match=r"(?s)table.txt': bad pipeline string.*a table of passes goes in a .toml file"):
+        resolve_pipeline(str(table))
+
+
+@pytest.mark.parametrize("seq_len", ["0", "-5"])
+def test_inspect_refuses_a_seq_len_below_one(seq_len: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(TINY_LLAMA_DIR), "--seq-len", seq_len]) == 1
+    err = capsys.readouterr().err
+    assert f"--seq-len {seq_len}: a sequence needs 1 to 65,536 tokens; give a positive length" in err
+    assert "Traceback" not in err
+
+
+def test_export_refuses_an_unknown_pre_tokenizer_and_non_finite_weights(
+    tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(TINY_LLAMA_DIR), "-o", str(out), "--pre", "anything\nat all"]) == 1
+    assert "is not a pre-tokenizer llama.cpp knows; give one of" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ExportError, match="is not a pre-tokenizer llama.cpp knows"):
+        shear.export(tiny.model, out, tokenizer=TINY_LLAMA_DIR, pre="x" * 500)
+    broken = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        broken.model.layers[2].self_attn.o_proj.weight[0, 0] = math.inf
+    with pytest.raises(ExportError, match=r"2 tensors hold NaN or Inf as written in f16 \(e.g. blk.1.ffn_up.weight, blk.2.attn_output.weight\).*allow_nonfinite=True"):
+        shear.export(broken, out, tokenizer=TINY_LLAMA_DIR)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with torch.no_grad():
+        big = copy.deepcopy(tiny.model)
+        big.model.layers[0].mlp.down_proj.weight[0, 0] = 1e6  # finite in fp32, Inf in f16
+    with pytest.raises(ExportError, match=r"blk.0.ffn_down.weight.*try dtype='bf16'"):
+        shear.export(big, out, tokenizer=TINY_LLAMA_DIR)
+    assert shear.export(broken, out, tokenizer=TINY_LLAMA_DIR, allow_nonfinite=True) == out and out.is_file()
+
+
+def test_every_error_here_is_a_shear_error() -> None:
+    for cls in (ExportError, InputError, ModelLoadError, PipelineError):
+        assert issubclass(cls, ShearError)
