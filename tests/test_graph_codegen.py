@@ -352,3 +352,34 @@ def test_cli_no_verify_skips_every_erase_check(
     with pytest.raises(PassError, match="small model differs"):  # the API's verify=True still checks
         shear.compile(_tiny_llama(), "random{ratio=0.3,seed=0,kinds=[channel]},erase{emit=graph}")
     assert len(recordings) == 1
+
+
+class BatchOfOne(nn.Module):
+    """A forward that hard-codes batch 1 (``view(1, ...)``): export cannot keep the batch dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(50, 16), nn.Linear(16, 50)
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx)
+        return self.head(x + self.down(torch.relu(self.up(x))).view(1, idx.shape[1], 16))
+
+
+def test_a_graph_that_fixes_the_batch_refuses_other_batches_with_an_input_error(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from shear.errors import InputError
+    from shear.runtime.checkpoint import load, save
+
+    torch.manual_seed(0)
+    model, ids = BatchOfOne().eval(), torch.randint(0, 50, (1, 8))
+    small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0},erase{emit=graph}", example_inputs=ids)
+    assert isinstance(small, torch.fx.GraphModule) and small.up.weight.shape[0] == 16
+    again = load(save(small, Path(str(tmp_path)) / "b1"))
+    for gm in (small, again):
+        assert gm(torch.randint(0, 50, (1, 5))).shape == (1, 5, 50)  # the sequence length still varies
+        with pytest.raises(InputError, match=r"idx has shape \(3, 8\), but this graph fixes its dimension 0 to 1.*"
+                           r"idx.shape\[0\] == 1 \(one sequence at a time\)"):
+            gm(torch.randint(0, 50, (3, 8)))

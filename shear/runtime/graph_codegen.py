@@ -69,7 +69,7 @@ import torch.fx
 from torch import nn
 
 import shear.graph.rules_size  # noqa: F401  (registers the size facets)
-from shear.errors import GraphError, TraceError
+from shear.errors import GraphError, InputError, TraceError
 from shear.graph.analysis import DimAnalysis
 from shear.graph.live_dims import LiveDims
 from shear.graph.op_specs import SIZE_RULES, SizeRule, lookup_size_rule, register_op
@@ -83,8 +83,8 @@ from shear.graph.trace import (
 from shear.runtime.masks import drop_indices
 
 __all__ = [
-    "graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule", "TracedConstants", "finish_graph_module",
-    "export_graph_module",
+    "graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule", "TracedConstants", "FixedDims",
+    "finish_graph_module", "export_graph_module",
 ]
 
 aten = torch.ops.aten
@@ -155,10 +155,67 @@ class TracedConstants:
         return args, {**self.constants, **kw}
 
 
+class FixedDims:
+    """Forward pre-hook: refuses, with an :class:`~shear.errors.InputError` that names the input and
+    the size it needs, a tensor input whose size differs in a dimension the graph fixed.
+
+    ``torch.export`` keeps a dimension static where the model needs it (a forward that hard-codes
+    ``view(1, ...)`` fixes the batch to 1); the graph's own check would fail with a bare guard
+    assertion. ``fixed`` maps an input name to ``{dimension: size}``; ``names`` are the positional
+    order of the inputs.
+
+    Example:
+        >>> hook = FixedDims(["idx"], {"idx": {0: 1}})
+        >>> hook(nn.Identity(), (torch.zeros(3, 5),), {})
+        Traceback (most recent call last):
+        shear.errors.InputError: idx has shape (3, 5), but this graph fixes its dimension 0 to 1: ...
+    """
+
+    def __init__(self, names: list[str], fixed: dict[str, dict[int, int]]) -> None:
+        self.names = list(names)
+        self.fixed = {k: dict(v) for k, v in fixed.items()}
+
+    def __call__(self, _module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        for name, value in [*zip(self.names, args, strict=False), *kw.items()]:
+            dims = self.fixed.get(name)
+            if not dims or not isinstance(value, torch.Tensor):
+                continue
+            for dim, size in dims.items():
+                if dim < value.dim() and value.shape[dim] != size:
+                    what = "batch (dimension 0)" if dim == 0 else f"dimension {dim}"
+                    raise InputError(
+                        f"{name} has shape {tuple(value.shape)}, but this graph fixes its dimension {dim} to {size}: "
+                        f"the model's forward hard-codes that size, so torch.export could not keep the {what} "
+                        f"dynamic when shear emitted it. Call it with {name}.shape[{dim}] == {size}"
+                        + (" (one sequence at a time)" if dim == 0 and size == 1 else "")
+                        + ", or make the forward read that size from its input and prune again"
+                    )
+
+
+def _fixed_dims(gm: torch.fx.GraphModule) -> FixedDims | None:
+    """The :class:`FixedDims` of ``gm``'s tensor inputs (static sizes in their traced metadata)."""
+    names: list[str] = []
+    fixed: dict[str, dict[int, int]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        names.append(str(node.target))
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = {d: int(n) for d, n in enumerate(val.shape) if isinstance(n, int)}
+            if dims:
+                fixed[str(node.target)] = dims
+    return FixedDims(names, fixed) if fixed else None
+
+
 def finish_graph_module(gm: torch.fx.GraphModule, constants: dict[str, Any]) -> torch.fx.GraphModule:
-    """Make an unlifted exported program usable as a model: traced constants filled in, and
-    ``train()``/``eval()`` allowed (torch blocks both because the graph is fixed to the traced mode;
-    shear traces in eval mode, so the flag changes nothing)."""
+    """Make an unlifted exported program usable as a model: traced constants filled in, inputs of a
+    size the graph fixed refused with a clear error (:class:`FixedDims`), and ``train()``/``eval()``
+    allowed (torch blocks both because the graph is fixed to the traced mode; shear traces in eval
+    mode, so the flag changes nothing)."""
+    fixed = _fixed_dims(gm)
+    if fixed is not None:
+        gm.register_forward_pre_hook(fixed, with_kwargs=True)
     if constants:
         gm.register_forward_pre_hook(TracedConstants(constants), with_kwargs=True, prepend=True)
     for attr in ("train", "eval"):
