@@ -203,11 +203,13 @@ def check_module_attrs(model: nn.Module, attrs: dict[str, dict[str, float]], whe
     """Each ``module_attrs`` entry names a module of ``model`` that may take it (:data:`MODULE_ATTRS`) and
     a value its config allows: an RMS norm's epsilon, equal to the config's (``rms_norm_eps`` ...) times
     ``d / d'`` for the norm's current width ``d'`` and a whole former width ``d`` up to
-    :data:`MAX_NORM_WIDTH` (the rescale erasure applies). :class:`CheckpointError` otherwise."""
+    :data:`MAX_NORM_WIDTH` (the rescale erasure applies), the same ``d`` for norms of the same width
+    (one residual stream). :class:`CheckpointError` otherwise."""
     from shear.runtime.hf_config import hf_base_model
 
     hf = hf_base_model(model)
     eps0 = _config_eps(getattr(hf, "config", None)) if hf is not None else None
+    formers: dict[int, tuple[float, str]] = {}
     for name, values in attrs.items():
         try:
             mod = model.get_submodule(name)
@@ -229,3 +231,8 @@ def check_module_attrs(model: nn.Module, attrs: dict[str, dict[str, float]], whe
                 raise _fail(where, f"module_attrs.{name}.{k}",
                             f"is {v!r}, but config.json's epsilon {eps0!r} rescaled for a norm now {width} wide "
                             f"gives eps * d/{width} for a whole former width d; {v!r} would mean d = {former:.6g}")
+            seen = formers.setdefault(width, (former, name))
+            if abs(seen[0] - former) > 1e-3 * former:
+                raise _fail(where, f"module_attrs.{name}.{k}",
+                            f"is {v!r}, which makes this norm {former:.6g} wide before pruning while {seen[1]}, as wide "
+                            f"now ({width}), was {seen[0]:.6g}: one of the epsilons was edited")

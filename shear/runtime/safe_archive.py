@@ -174,12 +174,12 @@ def _payload(file: Path, reader: Any, kind: str, names: set[str]) -> set[str]:
     for fqn, entry in doc["config"].items():
         if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
             raise _refuse(file, f"{record}: {fqn!r} is not a tensor entry (keys {sorted(_ENTRY_KEYS)})")
-        if entry["use_pickle"] is not False:
-            raise _refuse(file, f"{record} stores {fqn!r} as a pickle (use_pickle), which would run code on load")
         name = entry["path_name"]
         if not isinstance(name, str) or not path_name.fullmatch(name):
             kind_of = "a pickled object" if isinstance(name, str) and "obj_" in name.lower() else "not a tensor record"
             raise _refuse(file, f"{record}: {fqn!r} is stored at {name!r}, {kind_of}, which would be loaded as code or a pickle")
+        if entry["use_pickle"] is not False:
+            raise _refuse(file, f"{record} stores {fqn!r} as a pickle (use_pickle), which would run code on load")
         if f"{folder}{name}" not in names:
             raise _refuse(file, f"{record}: {fqn!r} names the record {folder}{name}, which is missing (names are exact)")
         meta = entry["tensor_meta"]
