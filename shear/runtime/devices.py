@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from shear.errors import InputError
+
 __all__ = [
     "model_device", "model_dtype", "seeded_draw", "untiled_linears", "TENSOR_CORE_MULTIPLE", "check_device",
     "available_devices",
@@ -102,8 +104,6 @@ def check_device(spec: str | torch.device, what: str = "device") -> torch.device
         ...     print(type(e).__name__)
         InputError
     """
-    from shear.errors import InputError
-
     have = available_devices()
     try:
         dev = torch.device(spec)
