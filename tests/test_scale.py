@@ -214,7 +214,7 @@ def test_output_is_never_the_source_or_inside_it(sharded: Path) -> None:
     before = _digests(sharded)
     with pytest.raises(OutputError, match="is the input"):
         shear.prune_streamed(sharded, sharded, overwrite=True)
-    with pytest.raises(OutputError, match="inside the source"):
+    with pytest.raises(OutputError, match="inside the input"):
         shear.prune_streamed(sharded, sharded / "pruned")
     assert _digests(sharded) == before and not (sharded / "pruned").exists()
 
