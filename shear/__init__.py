@@ -32,9 +32,9 @@ _LAZY = {
     "compile": ("shear.compiler", "compile"),
     "trace": ("shear.graph", "trace"),
     "draw": ("shear.graph", "draw"),
-    "save": ("shear.runtime.checkpoint", "save"),
-    "load": ("shear.runtime.checkpoint", "load"),
-    "export": ("shear.runtime.export", "export"),
+    "save": ("shear.io.checkpoint", "save"),
+    "load": ("shear.io.checkpoint", "load"),
+    "export": ("shear.io.export", "export"),
     "plan": ("shear.scale.plan", "plan"),
     "prune_streamed": ("shear.scale.stream", "prune_streamed"),
 }

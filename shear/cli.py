@@ -15,7 +15,7 @@ Example (shell)::
     shear plan ./llama-405b --ratio 0.2 --world-size 64 --seq-len 4096   # config only: no weights read
     shear stream-prune ./llama-7b --ratio 0.2 -o ./llama-7b-pruned   # tensor by tensor from the shards
 
-Outputs never replace a user's files (:mod:`shear.runtime.files`): ``-o`` must be a new path or an
+Outputs never replace a user's files (:mod:`shear.io.outputs`): ``-o`` must be a new path or an
 empty directory unless ``--overwrite`` is given, and is never the input folder, inside it, a file, a
 symbolic link or the current directory; ``--report``, ``--dump-dir``, ``draw -o`` and ``export -o``
 are never inside an input either, and replace only files shear wrote (or with ``--overwrite``).
@@ -69,11 +69,11 @@ def load_model(spec: str) -> Any:
         raise ModelLoadError(
             f"model path {spec!r} is a file; expected a directory written by save_pretrained or shear.save"
         )
-    from shear.runtime.remote_code import refuse_remote_code
+    from shear.io.remote_code import refuse_remote_code
 
     refuse_remote_code(path)  # before transformers (or shear.load) reads the folder
     if (path / "shear.json").is_file():
-        from shear.runtime.checkpoint import load
+        from shear.io.checkpoint import load
 
         return load(path)
     if not (path / "config.json").is_file():
@@ -143,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_draw(args: argparse.Namespace) -> int:
     from shear.graph import draw
-    from shear.runtime.files import atomic_file, check_output_file
+    from shear.io.outputs import atomic_file, check_output_file
 
     output = check_output_file(args.output, overwrite=args.overwrite, inputs=[args.model])
     model = load_model(args.model)
@@ -157,7 +157,7 @@ def cmd_draw(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import shear
     from shear.passes import resolve_pipeline
-    from shear.runtime.files import check_output_dir, check_writable_dir, tree_size
+    from shear.io.outputs import check_output_dir, check_writable_dir, tree_size
 
     if args.passes is not None and args.pipeline is not None:
         raise ShearError("give either --passes or --pipeline, not both")
@@ -171,7 +171,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ShearError("--ratio and --budget set the LoRAShear pipeline; give them without --passes/--pipeline")
     passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
     if args.device is not None:
-        from shear.runtime.devices import check_device
+        from shear.model.devices import check_device
 
         check_device(args.device, "--device")  # a device this machine lacks fails now, not after loading
     # before any work: a run's output must not replace the user's files, nor fail to save at the end
@@ -210,7 +210,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out.print(small.shear_report)
     inside = report is not None and report.parent.resolve() == output.resolve()
     if report is not None and inside:  # part of the saved folder: listed and hashed in its manifest
-        from shear.reporting import render
+        from shear.report import render
 
         extra = {report.name: render(small.shear_report.details)}
     else:
@@ -218,7 +218,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     shear.save(small, output, overwrite=args.overwrite, tokenizer=tokenizer, files=extra)
     out.print(f"saved to {args.output}" + (" (with the tokenizer)" if tokenizer is not None else ""))
     if report is not None and not inside:
-        from shear.reporting import write_html
+        from shear.report import write_html
 
         write_html(small.shear_report.details, report)
     if report is not None:
@@ -234,7 +234,7 @@ def _tokenizer(model_dir: str) -> Any:
     """The tokenizer saved in the model folder, or None when it has none."""
     if not any((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
         return None
-    from shear.runtime.remote_code import refuse_remote_code
+    from shear.io.remote_code import refuse_remote_code
 
     refuse_remote_code(model_dir)  # tokenizer_config.json's auto_map: transformers would offer to run it
     try:
@@ -281,7 +281,7 @@ def _report_path(args: argparse.Namespace, inputs: Sequence[str | Path]) -> Path
     nowhere), checked before any work by the output guard: never a folder, a symbolic link, a file of
     an input (the model folder, the data, the pipeline file) or of a sub-folder of the output (the
     save replaces it); an existing file is kept unless ``--overwrite`` is given."""
-    from shear.runtime.files import check_output_file
+    from shear.io.outputs import check_output_file
 
     if args.no_report:
         return None
@@ -333,7 +333,7 @@ def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import shear
-    from shear.runtime.gguf_export import check_output, check_pre
+    from shear.io.gguf import check_output, check_pre
 
     # before the model loads; never into the model or tokenizer folder
     check_output(args.output, force=args.force, inputs=[args.model, args.tokenizer])

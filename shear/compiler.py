@@ -25,10 +25,10 @@ from shear.errors import ModelError, PipelineError, ShearError, VerifyError
 from shear.passes.base import Context, Options, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
-from shear.report import CompileReport, ReportBuilder
-from shear.runtime.devices import model_device, model_dtype
-from shear.runtime.model_facts import base_weight_name, forward_logits, is_lora_param
-from shear.runtime.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_noise, upcast
+from shear.report.summary import CompileReport, ReportBuilder
+from shear.model.devices import model_device, model_dtype
+from shear.model.facts import base_weight_name, forward_logits, is_lora_param
+from shear.codegen.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_noise, upcast
 
 __all__ = ["compile", "default_example_inputs", "reference_output", "EquivalenceCheck"]
 
@@ -60,7 +60,7 @@ def _to_device(x: Any, device: torch.device | None) -> Any:
 
 def reference_output(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Run ``model`` on example inputs (tuple, dict, or tensor) and return its main output tensor
-    (:func:`shear.runtime.model_facts.forward_logits`); a :class:`VerifyError` when it has none."""
+    (:func:`shear.model.facts.forward_logits`); a :class:`VerifyError` when it has none."""
     try:
         return forward_logits(model, inputs)
     except ModelError as e:
@@ -72,10 +72,10 @@ class EquivalenceCheck:
 
     Before such a pass the model is the masked original (pruned structures are zero); after it,
     the smaller model must give the same outputs on the example inputs, within ``tol`` (an absolute
-    tolerance) or, by default, :func:`shear.runtime.verify.allowed`: the one policy that
+    tolerance) or, by default, :func:`shear.codegen.verify.allowed`: the one policy that
     ``erase``'s own check uses, with the model's floating-point rounding noise when the difference
     exceeds the plain tolerance. 16-bit models are run in fp32, one block converted at a time
-    (:func:`shear.runtime.verify.upcast`), so a right erase passes and a wrong one fails in any dtype.
+    (:func:`shear.codegen.verify.upcast`), so a right erase passes and a wrong one fails in any dtype.
     """
 
     def __init__(self, inputs: Any, tol: float | None = None) -> None:
@@ -188,11 +188,11 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         debug: check IR invariants after every pass (also on under pytest or ``SHEAR_DEBUG=1``).
         dump_dir: write the printed IR (and SVG with graphviz) after every pass.
         progress: render progress bars with rich on stderr.
-        report: write the self-contained HTML report (:mod:`shear.reporting`) to this path.
+        report: write the self-contained HTML report (:mod:`shear.report`) to this path.
 
     Returns:
         The transformed model, same class as the input where the passes keep it (codegen slices
-        the module tree in place), with a :class:`~shear.report.CompileReport` attached as
+        the module tree in place), with a :class:`~shear.report.summary.CompileReport` attached as
         ``model.shear_report``.
 
     Raises:
@@ -209,8 +209,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         True
     """
     from shear.preflight import check_compile_inputs
-    from shear.runtime.files import check_writable_dir
-    from shear.runtime.progress import RichSink
+    from shear.io.outputs import check_writable_dir
+    from shear.progress import RichSink
 
     notes: list[str] = []
     if isinstance(passes, str) and not passes.strip() or isinstance(passes, (list, tuple)) and not passes:
@@ -286,7 +286,7 @@ def _attach_report(ctx: Context, summary: CompileReport, path: str | os.PathLike
 
     The pruned model matters more than its report: a failure here becomes a warning, not an error.
     """
-    from shear.reporting import collect, write_html
+    from shear.report import collect, write_html
 
     try:
         summary.details = collect(ctx, summary)

@@ -167,7 +167,7 @@ def _params(model: Any) -> int:
 def _evaluate(model: Any, tokenizer: Any, texts: dict[str, str], args: argparse.Namespace, label: str) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from shear.runtime.evaluation import evaluate_perplexity, forward_tokens
+    from shear.evaluation import evaluate_perplexity, forward_tokens
 
     total = 0
     for text in texts.values():
@@ -188,7 +188,7 @@ def _evaluate(model: Any, tokenizer: Any, texts: dict[str, str], args: argparse.
 
 
 def _generate(model: Any, tokenizer: Any, args: argparse.Namespace) -> list[str]:
-    from shear.runtime.evaluation import greedy_generate
+    from shear.evaluation import greedy_generate
 
     return [
         greedy_generate(model, tokenizer, p, chat=chat, max_new_tokens=args.new_tokens) for p, chat in PROMPTS
@@ -206,7 +206,7 @@ def _draw(model: Any, example: dict[str, Any], out: Path, graph: Any = None) -> 
 
 def _write_html(result: DemoResult, details: Any, out: Path) -> Path:
     """``report.html``: the pipeline's report data plus the demo's perplexities and generations."""
-    from shear.reporting import ReportData, write_html
+    from shear.report import ReportData, write_html
 
     details = details if details is not None else ReportData(title="", notes=[result.pruning])
     details.title = f"shear demo: {result.model}"

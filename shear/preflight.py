@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError, InputError
-from shear.runtime.model_facts import forward_logits
+from shear.model.facts import forward_logits
 
 __all__ = ["check_compile_inputs", "check_verify_option"]
 
@@ -170,7 +170,7 @@ def check_compile_inputs(
     _check_weights(model, reads_weights)
     vocab = _vocab(model)
     if vocab is not None:
-        from shear.runtime.hf_config import max_positions
+        from shear.codegen.hf_config import max_positions
 
         limit = max_positions(model)
         for name, t in _tensors(example_inputs):

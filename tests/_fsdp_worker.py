@@ -43,7 +43,7 @@ def run_pipeline(batch: int, ckpt: str | None = None, crash_at: int | None = Non
     from shear.data import TextData
     from shear.passes import PassManager
     from shear.passes.base import Context
-    from shear.passes.lhspg import LhspgHook
+    from shear.passes.lorashear.lhspg import LhspgHook
     from shear.zoo import load_tiny_llama
 
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from models import build  # noqa: E402
 
-from shear.runtime.training import (  # noqa: E402
+from shear.training import (  # noqa: E402
     TokenBatches,
     TrainConfig,
     TrainHook,

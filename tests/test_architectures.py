@@ -13,9 +13,9 @@ from models import build, fresh_inputs
 from torch import nn
 
 import shear
-from shear.graph.norms import RmsNormSpec, find_rms_norm, probe_rms_norm
-from shear.runtime.hf_config import refresh_config
-from shear.runtime.module_rules import LayerConfig
+from shear.graph.modules.norms import RmsNormSpec, find_rms_norm, probe_rms_norm
+from shear.codegen.hf_config import refresh_config
+from shear.codegen.module_rules import LayerConfig
 
 
 def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_a_transposed_parameter_keeps_its_roles() -> None:
 
 
 def test_default_lora_targets_cover_linear_subclasses_and_conv1d() -> None:
-    from shear.runtime.training.lora import ensure_lora, lora_target_names
+    from shear.training.adapters import ensure_lora, lora_target_names
 
     gpt2, _ = build("gpt2")
     assert {n.rsplit(".", 1)[-1] for n in lora_target_names(gpt2)} == {"c_attn", "c_proj", "c_fc"}  # Conv1D
@@ -130,8 +130,8 @@ def test_default_lora_targets_cover_linear_subclasses_and_conv1d() -> None:
 
 def test_sequence_length_is_held_to_learned_position_embeddings() -> None:
     from shear.passes.base import Context
-    from shear.passes.recovery_rounds import with_response as _with_response
-    from shear.runtime.hf_config import max_positions
+    from shear.passes.lorashear.recovery_rounds import with_response as _with_response
+    from shear.codegen.hf_config import max_positions
 
     gpt2, inputs = build("gpt2")  # n_positions=64, learned
     assert max_positions(gpt2) == 64 and max_positions(build("bert")[0]) == 64
@@ -184,14 +184,14 @@ def test_head_dim_goes_only_with_whole_heads_in_eager_attention() -> None:
     assert not [w for w in small.shear_report.warnings if "overlap" in w]
     attn = small.transformer.h[0].attn  # fewer heads, and GPTJAttention (out_proj) knows it: no fallback
     assert type(small).__name__ == "GPTJForCausalLM" and attn.num_attention_heads == 2
-    from shear.runtime.hf_config import max_positions
+    from shear.codegen.hf_config import max_positions
 
     assert max_positions(model) == 64  # its sinusoidal table is a 64-row buffer: a longer input fails
 
 
 @pytest.mark.parametrize(
     "name",
-    ["shear.graph.norms", "shear.graph.modules", "shear.runtime.module_rules", "shear.graph.spaces", "shear.graph.pins"],
+    ["shear.graph.modules.norms", "shear.graph.modules.composites", "shear.codegen.module_rules", "shear.graph.spaces", "shear.graph.pins"],
 )
 def test_docstring_examples(name: str) -> None:
     import doctest
@@ -202,7 +202,7 @@ def test_docstring_examples(name: str) -> None:
 
 
 def test_attention_rule_refuses_partial_heads() -> None:
-    from shear.runtime.module_rules import hf_attention
+    from shear.codegen.module_rules import hf_attention
 
     attn = build("phi3")[0].model.layers[0].self_attn  # 4 q + 2 kv heads of 16 in one qkv_proj (128 rows)
     attn.qkv_proj.weight = nn.Parameter(attn.qkv_proj.weight[:120])  # k/v lose 8 rows: not whole heads

@@ -12,11 +12,11 @@ from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.graph.ir import Graph
 from shear.passes import Context, parse_pipeline
-from shear.passes.magnitude import Magnitude, prune_lowest_norm, structure_norms
-from shear.passes.sparsegpt import SparseGPT, sparsegpt_prune
-from shear.passes.wanda import Wanda, wanda_mask
-from shear.runtime.calibration import StatsCollector, collect_stats, prunable_linears, target_linears
-from shear.runtime.sparsity import (
+from shear.passes.baselines.magnitude import Magnitude, prune_lowest_norm, structure_norms
+from shear.passes.baselines.sparsegpt import SparseGPT, sparsegpt_prune
+from shear.passes.baselines.wanda import Wanda, wanda_mask
+from shear.kernels.calibration import StatsCollector, collect_stats, prunable_linears, target_linears
+from shear.kernels.sparsity import (
     WeightMasks,
     masks_from_zeros,
     nm_mask,
@@ -236,7 +236,7 @@ def test_structured_magnitude_then_erase_equals_masked() -> None:
 def test_structured_masks_and_lora() -> None:
     model, inputs = build("llama", lora=True)
     ctx = Context(model=model, example_inputs=inputs)
-    from shear.passes.discover import DiscoverGroups
+    from shear.passes.core.discover import DiscoverGroups
 
     DiscoverGroups().run(ctx)
     lora_before = {n: p.clone() for n, p in model.named_parameters() if "lora_A" in n}
@@ -287,7 +287,7 @@ def test_sequential_calibration_sees_pruned_inputs() -> None:
     dense = collect_stats(model, _ids())  # before pruning; target_linears by default
     seen: dict[str, torch.Tensor] = {}
 
-    from shear.runtime.calibration import sequential_prune
+    from shear.kernels.calibration import sequential_prune
 
     def prune(name: str, layer: nn.Linear, stats: object) -> None:
         seen[name] = stats.col_norms.clone()  # type: ignore[attr-defined]

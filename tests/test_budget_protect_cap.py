@@ -8,7 +8,7 @@ import torch
 
 import shear
 from shear.errors import KernelError
-from shear.runtime.budget import ParamBudget
+from shear.kernels.allocation import ParamBudget
 from shear.zoo import load_tiny_llama
 
 
@@ -53,7 +53,7 @@ def test_cap_is_ignored_by_global_selection_and_checked(mlp_budget) -> None:
 
 def test_lhspg_rejects_a_cap_below_one() -> None:
     from shear.errors import PipelineError
-    from shear.passes.lhspg import LHSPG
+    from shear.passes.lorashear.lhspg import LHSPG
 
     with pytest.raises(PipelineError, match="protect_cap must be at least 1"):
         LHSPG(protect_cap=0.9)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import shear
-from shear.runtime.budget import ParamBudget
+from shear.kernels.allocation import ParamBudget
 from shear.zoo import load_tiny_llama
 
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role
-from shear.passes.random import zero_random
-from shear.runtime.codegen import apply_plan, codegen, plan_erasure
-from shear.runtime.module_rules import RMS_NORMS, RmsNormSpec, update_module_attributes
+from shear.passes.baselines.random import zero_random
+from shear.codegen.module_tree import apply_plan, codegen, plan_erasure
+from shear.codegen.module_rules import RMS_NORMS, RmsNormSpec, update_module_attributes
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -16,7 +16,7 @@ from shear.compiler import default_example_inputs, reference_output
 from shear.errors import PassError, PipelineError, VerifyError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.passes import Context, Pass, PassResult, register_pass, registered_passes
-from shear.report import CompileReport
+from shear.report.summary import CompileReport
 
 
 def mlp() -> nn.Sequential:
@@ -282,7 +282,7 @@ def test_verify_tolerates_fp32_rounding_of_a_deep_model_but_not_a_wrong_one(
     really wrong is still rejected, with the measured noise in the message."""
     from model_fixtures import load_smollm2_once
 
-    from shear.runtime import verify
+    from shear.codegen import verify
 
     (model, _, _, _), _, _ = load_smollm2_once(tmp_path_factory)
     ids = {"input_ids": torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))}

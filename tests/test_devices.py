@@ -20,12 +20,12 @@ from models import build
 
 from shear.compiler import default_example_inputs
 from shear.graph.trace import trace
-from shear.passes.lhspg import LhspgHook
-from shear.passes.random import zero_random
-from shear.runtime.codegen import apply_plan, plan_erasure
-from shear.runtime.devices import model_device, seeded_draw
-from shear.runtime.lhspg import StructureViews
-from shear.runtime.training import ensure_lora, lora_layers, merge_and_reset_lora
+from shear.passes.lorashear.lhspg import LhspgHook
+from shear.passes.baselines.random import zero_random
+from shear.codegen.module_tree import apply_plan, plan_erasure
+from shear.model.devices import model_device, seeded_draw
+from shear.kernels.lhspg import StructureViews
+from shear.training import ensure_lora, lora_layers, merge_and_reset_lora
 
 
 @pytest.fixture(scope="module")

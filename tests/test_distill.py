@@ -13,7 +13,7 @@ from torch.nn import functional as F
 import shear
 from shear.data import TextData
 from shear.errors import PipelineError
-from shear.runtime.training import (
+from shear.training import (
     DistillLoss,
     TokenBatches,
     TrainConfig,
@@ -33,7 +33,7 @@ def tiny():
 
 
 def test_doctests():
-    module = importlib.import_module("shear.runtime.training.distill")
+    module = importlib.import_module("shear.training.distill")
     assert doctest.testmod(module, raise_on_error=True).failed == 0
 
 

@@ -38,7 +38,7 @@ def _llama(layers: int, lora: bool, *, meta: bool = False, **shape: int) -> torc
     with torch.device("meta" if meta else "cpu"):
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **cfg))
     if lora:
-        from shear.runtime.training import ensure_lora
+        from shear.training import ensure_lora
 
         model, _ = ensure_lora(model, r=4)
     return model

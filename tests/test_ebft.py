@@ -1,4 +1,4 @@
-"""EBFT: block-wise reconstruction of pruned decoders against the dense teacher (shear.passes.ebft).
+"""EBFT: block-wise reconstruction of pruned decoders against the dense teacher (shear.passes.finetune.ebft).
 
 Tiny seeded LLaMA-family models from configs; calibration ids drawn with torch.randint over the
 tiny vocabulary (and, once, real text from the committed corpus through a character tokenizer).
@@ -23,10 +23,10 @@ import shear
 from shear.errors import DataError, KernelError, PipelineError
 from shear.passes import parse_pipeline
 from shear.passes.base import Context, Pass, PassResult
-from shear.passes.ebft import EBFT, EBFTReport, KeepDense
-from shear.passes.progress import ProgressBar
-from shear.passes.random import zero_random
-from shear.runtime.blockwise import (
+from shear.passes.finetune.ebft import EBFT, EBFTReport, KeepDense
+from shear.progress import ProgressBar
+from shear.passes.baselines.random import zero_random
+from shear.kernels.ebft import (
     block_mse,
     block_reconstruct,
     capture_block_inputs,

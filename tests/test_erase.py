@@ -21,13 +21,13 @@ from torch import nn
 import shear
 from shear.graph import Graph, PruningGroup, trace
 from shear.passes.base import Context
-from shear.passes.erase import Erase
+from shear.passes.core.erase import Erase
 from shear.passes.manager import PassManager
-from shear.passes.random import Random
-from shear.runtime.checkpoint import load, save
-from shear.runtime.codegen import ErasureReport
-from shear.runtime.masks import TensorTable
-from shear.runtime.verify import call_model, flatten_tensors
+from shear.passes.baselines.random import Random
+from shear.io.checkpoint import load, save
+from shear.codegen.module_tree import ErasureReport
+from shear.model.tensors import TensorTable
+from shear.codegen.verify import call_model, flatten_tensors
 
 
 @functools.cache
@@ -163,7 +163,7 @@ def test_erase_on_a_gpu_warns_about_widths_off_the_tensor_cores(
 ) -> None:
     """Widths that are not multiples of 64 ran 2.75x slower than dense on an H200: erase says so on
     CUDA and names the fix (the device check is patched; CI has no GPU)."""
-    import shear.passes.erase as erase
+    import shear.passes.core.erase as erase
 
     monkeypatch.setattr(erase, "model_device", lambda model: torch.device("cuda"))
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))

@@ -1,4 +1,4 @@
-"""shear.runtime.evaluation: sliding-window perplexity, multiple-choice scoring, generation."""
+"""shear.evaluation: sliding-window perplexity, multiple-choice scoring, generation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear.data import MultipleChoice, define_word_task
 from shear.errors import DataError, ModelLoadError
-from shear.runtime.evaluation import (
+from shear.evaluation import (
     evaluate_perplexity,
     forward_tokens,
     greedy_generate,
@@ -139,7 +139,7 @@ def test_option_logprobs_match_unpadded_scoring(tiny: LlamaForCausalLM) -> None:
 
 def test_score_choices_accuracy(tiny: LlamaForCausalLM, monkeypatch: pytest.MonkeyPatch) -> None:
     items = [MultipleChoice("c", ("a", "bb", "c"), k, "toy") for k in (0, 1, 2, 0)]
-    import shear.runtime.evaluation.choice as choice
+    import shear.evaluation.choice as choice
 
     monkeypatch.setattr(choice, "option_logprobs", lambda m, t, item: [-1.0, -1.5, -9.0])
     result = score_choices(tiny, CharTokenizer(), items)

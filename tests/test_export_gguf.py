@@ -115,7 +115,7 @@ def _check_tensors(
         if want.ndim == 1 or dtype == "f32":
             np.testing.assert_array_equal(data, want, err_msg=name)
         else:
-            rounded = tensor.detach().to(shear.runtime.gguf_export.DTYPES[dtype]).float().numpy()
+            rounded = tensor.detach().to(shear.io.gguf.DTYPES[dtype]).float().numpy()
             np.testing.assert_array_equal(data, rounded, err_msg=name)
 
 

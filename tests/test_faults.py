@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 import shear
-import shear.runtime.files as files
+import shear.io.outputs as files
 from shear.cli import main
 from shear.data import TextData
 from shear.errors import CheckpointError, DataError, InputError, OutputError, PipelineError, ShearError
-from shear.runtime.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
+from shear.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
 from shear.zoo import TINY_LLAMA_DIR, load_tiny_llama
 
 PRUNE = "random{ratio=0.3,seed=0},erase"

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from shear.errors import CheckpointError, DistributedError
-from shear.runtime.sharded import gather, is_sharded, writable
-from shear.runtime.training import TokenBatches, TrainConfig, train
-from shear.runtime.training.distributed import detect_parallel, requested_strategy
-from shear.runtime.training.sharded_checkpoints import check_sharded_checkpoint
+from shear.model.dtensor import gather, is_sharded, writable
+from shear.training import TokenBatches, TrainConfig, train
+from shear.training.distributed import detect_parallel, requested_strategy
+from shear.training.dcp_checkpoints import check_sharded_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fsdp_worker import run_pipeline  # noqa: E402
@@ -157,7 +157,7 @@ def test_fsdp_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
 def test_shard_helpers_docstring_example() -> None:
     import doctest
 
-    import shear.runtime.sharded as mod
+    import shear.model.dtensor as mod
 
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shear.graph import trace
-from shear.passes.random import zero_random
-from shear.runtime.checkpoint import load, save
-from shear.runtime.codegen import codegen
+from shear.passes.baselines.random import zero_random
+from shear.io.checkpoint import load, save
+from shear.codegen.module_tree import codegen
 
 CI_CASES = 200
 SLOW_CASES = 3000

@@ -11,8 +11,8 @@ from torch import nn
 import shear
 from shear.errors import GraphError, PassError, PipelineError
 from shear.passes import parse_pipeline
-from shear.runtime.codegen import codegen
-from shear.runtime.verify import call_model, flatten_tensors
+from shear.codegen.module_tree import codegen
+from shear.codegen.verify import call_model, flatten_tensors
 
 
 class HardCodedAttention(nn.Module):
@@ -171,7 +171,7 @@ def test_codegen_emit_errors() -> None:
 def test_docstring_example() -> None:
     import doctest
 
-    import shear.runtime.graph_codegen as module
+    import shear.codegen.graph_module as module
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8 and result.failed == 0
@@ -180,7 +180,7 @@ def test_docstring_example() -> None:
 def test_graph_module_saves_loads_and_fine_tunes(tmp_path: object) -> None:
     from pathlib import Path
 
-    from shear.runtime.checkpoint import load, save
+    from shear.io.checkpoint import load, save
 
     model, ids = _tiny_gpt()
     small = shear.compile(model, "discover-groups,random{ratio=0.5,seed=0},erase", example_inputs=ids)
@@ -210,7 +210,7 @@ def test_graph_module_saves_loads_and_fine_tunes(tmp_path: object) -> None:
 
 
 def test_export_of_a_foreign_graph_module_is_refused() -> None:
-    from shear.runtime.graph_codegen import export_graph_module
+    from shear.codegen.graph_module import export_graph_module
 
     with pytest.raises(GraphError, match="not emitted by shear"):
         export_graph_module(torch.fx.symbolic_trace(nn.Linear(2, 2)))
@@ -219,7 +219,7 @@ def test_export_of_a_foreign_graph_module_is_refused() -> None:
 def _slice_node(dead: list[bool], start: object, end: object, step: object) -> tuple[object, torch.fx.Node]:
     """A graph ``x[start:end:step]`` over a 6-wide dimension whose structures ``dead`` are erased."""
     from shear.graph.analysis import DimAnalysis
-    from shear.runtime.graph_codegen import LiveDims
+    from shear.codegen.graph_module import LiveDims
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
@@ -231,7 +231,7 @@ def _slice_node(dead: list[bool], start: object, end: object, step: object) -> t
 
 
 def test_strided_slice_size_rule_renumbers_whole_strides_and_refuses_the_rest() -> None:
-    from shear.runtime.graph_codegen import SIZE_RULES
+    from shear.codegen.graph_module import SIZE_RULES
 
     rule = SIZE_RULES[torch.ops.aten.slice]
     live, node = _slice_node([True, True, False, False, False, False], 0, None, 2)  # pair 0 erased
@@ -283,8 +283,8 @@ def test_graph_emit_of_the_tiny_llama_verifies_within_1e5(kinds: str | None, dty
 def test_graph_emitted_from_batch_1_inputs_takes_any_batch() -> None:
     """The default example inputs have batch 1; export would fix the batch to 1, so the emitter traces
     them at batch 2: the graph (and the program shear.save writes) gives every row its batch-1 logits."""
-    from shear.runtime.graph_codegen import export_graph_module
-    from shear.runtime.verify import allowed
+    from shear.codegen.graph_module import export_graph_module
+    from shear.codegen.verify import allowed
 
     model = _tiny_llama()
     small = shear.compile(model, "random{ratio=0.3,seed=0},erase{emit=graph}")
@@ -304,7 +304,7 @@ def test_graph_emitted_from_batch_1_inputs_takes_any_batch() -> None:
 def _plant_wrong_erase(monkeypatch: pytest.MonkeyPatch) -> None:
     """Erase the wrong MLP channels from each down_proj (the neighbours of the zero ones): the shapes
     still fit, the function does not."""
-    import shear.runtime.graph_codegen as gc
+    import shear.codegen.graph_module as gc
 
     real = gc._slice_state
 
@@ -334,7 +334,7 @@ def test_cli_no_verify_skips_every_erase_check(
     wrong erase the run fails without the flag and saves with it, and no recording is ever taken."""
     from pathlib import Path
 
-    import shear.runtime.verify as verify
+    import shear.codegen.verify as verify
     from shear.cli import main
     from shear.zoo import TINY_LLAMA_DIR
 
@@ -371,7 +371,7 @@ def test_a_graph_that_fixes_the_batch_refuses_other_batches_with_an_input_error(
     from pathlib import Path
 
     from shear.errors import InputError
-    from shear.runtime.checkpoint import load, save
+    from shear.io.checkpoint import load, save
 
     torch.manual_seed(0)
     model, ids = BatchOfOne().eval(), torch.randint(0, 50, (1, 8))

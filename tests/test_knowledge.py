@@ -13,7 +13,7 @@ from models import VOCAB, build
 from shear.data import TextData
 from shear.errors import PassError, PipelineError
 from shear.passes import Context, PassManager
-from shear.passes.knowledge import KnowledgeDistribution, KnowledgeDistributionAnalysis, pooled_perplexity
+from shear.passes.lorashear.knowledge import KnowledgeDistribution, KnowledgeDistributionAnalysis, pooled_perplexity
 
 PLANTED = "model.layers.1.mlp/channel"
 
@@ -167,7 +167,7 @@ def test_result_is_independent_of_model_copy(planted: tuple[torch.nn.Module, Tex
 def test_activation_proxy_zeroes_the_lowest_activation_structures(planted: tuple[torch.nn.Module, TextData]) -> None:
     """proxy=activation measures each node group with its lowest Wanda-style structures zeroed (the
     criterion LHSPG prunes by), scored on ``calibration`` training windows; reproduced by hand here."""
-    from shear.runtime.saliency import compute_saliency
+    from shear.kernels.saliency import compute_saliency
 
     model, data = planted
     ctx = _run(copy.deepcopy(model), data, "knowledge-distribution{proxy=activation,ratio=0.5,seq_len=32,max_windows=2,calibration=4}")
@@ -199,7 +199,7 @@ def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
     """A second run with the same weights, text and options loads the stored result without measuring;
     another gamma re-marks the stored ranking without measuring; another option (the proxy's seed) or
     other weights is another key and measures again."""
-    import shear.passes.knowledge as knowledge
+    import shear.passes.lorashear.knowledge as knowledge
 
     model, data = planted
     spec = f'knowledge-distribution{{proxy=random,seq_len=32,max_windows=2,cache_dir="{tmp_path}"}}'

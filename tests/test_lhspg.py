@@ -19,11 +19,11 @@ from shear.data import TextData
 from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.trace import trace
 from shear.passes.base import Context
-from shear.passes.lhspg import LHSPG, LhspgHook
-from shear.runtime.budget import ParamBudget, base_param_count
-from shear.runtime.lhspg import StructureViews
-from shear.runtime.masks import TensorTable, nonzero_structures, zero_structures
-from shear.runtime.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
+from shear.passes.lorashear.lhspg import LHSPG, LhspgHook
+from shear.kernels.allocation import ParamBudget, base_param_count
+from shear.kernels.lhspg import StructureViews
+from shear.model.tensors import TensorTable, nonzero_structures, zero_structures
+from shear.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
 from shear.zoo import load_tiny_llama
 
 SEQ = 64

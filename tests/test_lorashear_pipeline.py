@@ -12,7 +12,7 @@ import torch
 
 import shear
 from shear.data import TextData
-from shear.runtime.budget import base_param_count
+from shear.kernels.allocation import base_param_count
 from shear.zoo import load_tiny_llama
 
 PIPELINE = (
@@ -65,7 +65,7 @@ def test_knowledge_distribution_groups_stay_whole(tmp_path):
     assert "protect_cap=inf" in pipeline
     from shear.passes import PassManager
     from shear.passes.base import Context
-    from shear.runtime.masks import TensorTable, nonzero_structures
+    from shear.model.tensors import TensorTable, nonzero_structures
 
     ctx = Context(model=model, example_inputs=ids, data=data)
     PassManager(pipeline).run(ctx)

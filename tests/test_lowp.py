@@ -18,10 +18,10 @@ import shear
 from shear.data import TextData
 from shear.errors import VerifyError
 from shear.graph.trace import trace
-from shear.runtime import verify
-from shear.runtime.codegen import apply_plan, plan_erasure
-from shear.runtime.masks import TensorTable, zero_structures
-from shear.runtime.training import ensure_lora
+from shear.codegen import verify
+from shear.codegen.module_tree import apply_plan, plan_erasure
+from shear.model.tensors import TensorTable, zero_structures
+from shear.training import ensure_lora
 from shear.zoo import load_tiny_llama
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -172,7 +172,8 @@ def test_lora_on_a_bf16_model_keeps_adapters_fp32(tiny_llama):
 def test_taylor_saliency_of_a_bf16_model_keeps_no_gradient_copy(tiny_llama):
     """16-bit weights: taylor1's gradients are consumed as autograd finishes each one (at most one
     exists at a time) and agree with the full-gradient path (which keeps them all) to float rounding."""
-    from shear.runtime import saliency, saliency_signals
+    from shear.kernels import saliency
+    from shear.kernels import saliency_signals
 
     model, tok = tiny_llama
     data = TextData.from_corpus(tok, max_train_chars=20_000, max_val_chars=3_000)
@@ -204,7 +205,7 @@ def test_taylor_saliency_of_a_bf16_model_keeps_no_gradient_copy(tiny_llama):
 def test_chunked_weight_scans_agree_with_whole_tensor_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     """The report's zero test and the preflight's finiteness test read big tensors in chunks (no
     embedding-sized copy); with chunks of a few elements they still see every entry."""
-    import shear.report as report
+    import shear.report.summary as report
     from shear.graph.groups import Member, PruningGroup, Role
     from shear.preflight import _all_finite
 

@@ -11,7 +11,7 @@ import torch
 from shear.errors import GraphError, PassError, PipelineError
 from shear.passes import Context, Pass, PassManager, PassRecord, PassResult, register_pass
 from shear.passes.manager import checks_enabled
-from shear.passes.progress import ProgressBar
+from shear.progress import ProgressBar
 
 
 class FakeGraph:
@@ -232,7 +232,7 @@ def test_progress_reaches_the_sink() -> None:
 
 
 def test_rich_sink_renders() -> None:
-    from shear.passes.progress import RichSink
+    from shear.progress import RichSink
 
     c = ctx()
     c.progress_sink = RichSink()

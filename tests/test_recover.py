@@ -18,9 +18,9 @@ from shear.data import TextData
 from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.passes.base import Context
 from shear.passes.options import build_pass
-from shear.passes.recover import RecoverDynamic, RecoveryResult
-from shear.runtime.recovery import degradation, instruction_loss, mean_log, relative_gain, source_weights
-from shear.runtime.training import TokenBatches, ensure_lora, lora_layers
+from shear.passes.lorashear.recovery import RecoverDynamic, RecoveryResult
+from shear.kernels.recovery import degradation, instruction_loss, mean_log, relative_gain, source_weights
+from shear.training import TokenBatches, ensure_lora, lora_layers
 from shear.zoo import load_tiny_llama
 
 SEQ = 64

@@ -1,9 +1,9 @@
 """One registration per op and per module: each facet given once reaches every consumer.
 
 An op's channel rule (the analysis), alias flag (parameter roles) and size rule (GraphModule
-codegen) are one entry of ``shear.graph.op_specs.OP_SPECS``; a module's attribute rule (erasure),
+codegen) are one entry of ``shear.graph.ops.specs.OP_SPECS``; a module's attribute rule (erasure),
 zero-preservation (the analysis) and RMS-norm spec (analysis and rescale) are one entry of
-``shear.graph.module_registry.MODULE_SPECS``. The old tables are read-only views of these.
+``shear.graph.modules.table.MODULE_SPECS``. The old tables are read-only views of these.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from torch import nn
 import shear
 from shear.errors import GraphError
 from shear.graph.analysis import ALIAS_OPS, DimAnalysis
-from shear.graph.module_registry import MODULE_SPECS, ModuleSpec, register_module
-from shear.graph.op_specs import OP_SPECS, OpSpec, is_alias_op, lookup_rule, lookup_size_rule, register_op
-from shear.graph.registry import OP_RULES
-from shear.runtime.graph_codegen import SIZE_RULES, register_size_rule
+from shear.graph.modules.table import MODULE_SPECS, ModuleSpec, register_module
+from shear.graph.ops.specs import OP_SPECS, OpSpec, is_alias_op, lookup_rule, lookup_size_rule, register_op
+from shear.graph.ops.registry import OP_RULES
+from shear.codegen.graph_module import SIZE_RULES, register_size_rule
 
 aten = torch.ops.aten
 OP = aten.special_entr  # an op shear has no rule for
@@ -116,9 +116,9 @@ class _Swish(nn.Module):
 
 
 def test_one_registration_gives_a_module_its_facets() -> None:
-    from shear.graph.modules import is_zero_preserving_module
-    from shear.graph.norms import RMS_NORMS, RmsNormSpec, find_rms_norm
-    from shear.runtime.module_rules import MODULE_RULES, find_rule, update_module_attributes
+    from shear.graph.modules.composites import is_zero_preserving_module
+    from shear.graph.modules.norms import RMS_NORMS, RmsNormSpec, find_rms_norm
+    from shear.codegen.module_rules import MODULE_RULES, find_rule, update_module_attributes
 
     def attributes(m: nn.Module) -> None:
         m.width = int(m.weight.shape[0])
@@ -144,9 +144,9 @@ def test_one_registration_gives_a_module_its_facets() -> None:
 
 
 def test_the_old_module_helpers_are_thin_wrappers() -> None:
-    from shear.graph.modules import ZERO_PRESERVING_MODULES, register_zero_preserving_module
-    from shear.graph.norms import find_rms_norm, register_norm_rescale, register_rms_norm
-    from shear.runtime.module_rules import (
+    from shear.graph.modules.composites import ZERO_PRESERVING_MODULES, register_zero_preserving_module
+    from shear.graph.modules.norms import find_rms_norm, register_norm_rescale, register_rms_norm
+    from shear.codegen.module_rules import (
         STRUCTURAL_RULES,
         find_rule,
         register_module_rule,
@@ -182,8 +182,8 @@ def test_the_old_module_helpers_are_thin_wrappers() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["shear.graph.op_specs", "shear.graph.module_registry", "shear.graph.facet_views", "shear.graph.live_dims",
-     "shear.graph.rules_size", "shear.graph.rms_norm_spec"],
+    ["shear.graph.ops.specs", "shear.graph.modules.table", "shear.graph.facet_views", "shear.graph.live_dims",
+     "shear.graph.ops.size", "shear.graph.modules.rms_norm_spec"],
 )  # fmt: skip
 def test_docstring_examples(name: str) -> None:
     import doctest

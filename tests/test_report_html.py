@@ -17,7 +17,7 @@ import torch
 from models import build
 
 import shear
-from shear.reporting import SECTIONS, ReportData, render
+from shear.report import SECTIONS, ReportData, render
 
 LORASHEAR = (
     "lora{r=4},discover-groups,"

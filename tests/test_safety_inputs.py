@@ -24,7 +24,7 @@ from shear.cli import main
 from shear.data import TextData
 from shear.errors import ExportError, InputError, ModelLoadError, PipelineError, ShearError
 from shear.passes import Context, PassManager
-from shear.passes.knowledge import KnowledgeDistribution
+from shear.passes.lorashear.knowledge import KnowledgeDistribution
 from shear.zoo import TINY_LLAMA_DIR, load_tiny_llama
 
 
@@ -161,7 +161,7 @@ def test_plan_refuses_a_config_nested_too_deep(tmp_path: Path) -> None:
 
 def test_random_seed_ratio_and_kinds_are_checked_before_work() -> None:
     from shear.passes import parse_pipeline
-    from shear.passes.random import Random
+    from shear.passes.baselines.random import Random
 
     with pytest.raises(PipelineError, match=r"random: seed must be in \[0, 18,446,744,073,709,551,615\]"):
         parse_pipeline("random{seed=100000000000000000000000}")
@@ -192,7 +192,7 @@ def test_a_size_given_as_text_is_refused_by_plan_and_prune_streamed(tmp_path: Pa
 
 def test_erase_verify_that_is_not_a_bool_is_blamed_on_the_option() -> None:
     from shear.passes import parse_pipeline
-    from shear.passes.erase import Erase
+    from shear.passes.core.erase import Erase
 
     for bad in ("nan", "-1"):
         with pytest.raises(PipelineError, match=rf"option 'verify' expects bool, got '{bad}'.*give verify=true or verify=false"):

@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import shear
-import shear.runtime.checkpoint as checkpoint
+import shear.io.checkpoint as checkpoint
 from shear.cli import main
 from shear.errors import CheckpointError, InputError, ModelLoadError
-from shear.runtime.files import sha256_file
-from shear.runtime.safe_archive import check_program_archive
-from shear.runtime.training.checkpoints import load_checkpoint, save_checkpoint
+from shear.io.outputs import sha256_file
+from shear.io.safe_archive import check_program_archive
+from shear.training.checkpoints import load_checkpoint, save_checkpoint
 from shear.zoo import TINY_LLAMA_DIR, load_tiny_llama
 
 PRUNE = "random{ratio=0.3,seed=0},erase"

@@ -1,4 +1,4 @@
-"""The output guard (shear.runtime.files) on every path shear writes, as a user and an attacker meet it.
+"""The output guard (shear.io.outputs) on every path shear writes, as a user and an attacker meet it.
 
 Each test builds its own folders, hashes the user's tree before and after, and checks that every
 refusal is an OutputError (a ShearError) naming the path and the fix: no output inside or equal to
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import shear
-import shear.runtime.files as files
+import shear.io.outputs as files
 from shear.cli import main
 from shear.errors import OutputError, ShearError
 from shear.zoo import TINY_LLAMA_DIR
@@ -191,7 +191,7 @@ def test_figures_never_replace_a_file_shear_did_not_write(tmp_path: Path) -> Non
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from shear.runtime.plots import save_figure
+    from shear.report.figures import save_figure
 
     mine = tmp_path / "fig.png"
     mine.write_bytes(b"my picture")
@@ -277,7 +277,7 @@ def test_a_killed_save_leaves_a_sibling_the_next_run_removes(tmp_path: Path) -> 
         f"""
         import os, signal
         from pathlib import Path
-        from shear.runtime.files import atomic_dir
+        from shear.io.outputs import atomic_dir
         with atomic_dir(Path({str(out)!r})) as tmp:
             (tmp / "half.bin").write_bytes(b"x" * 100)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -327,7 +327,7 @@ def test_disk_full_mid_save_is_an_output_error_and_the_old_folder_is_untouched(t
 
 
 def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
-    from shear.runtime.training import TokenBatches, TrainConfig, TrainHook, train
+    from shear.training import TokenBatches, TrainConfig, TrainHook, train
     from shear.zoo import load_tiny_llama
 
     class _NoStep(TrainHook):
@@ -345,8 +345,8 @@ def test_checkpoint_dir_that_is_a_file_is_refused_before_training(tmp_path: Path
 
 
 def test_knowledge_cache_in_a_file_is_an_output_error(tmp_path: Path) -> None:
-    from shear.passes.knowledge import KnowledgeDistribution
-    from shear.passes.knowledge_cache import save_result
+    from shear.passes.lorashear.knowledge import KnowledgeDistribution
+    from shear.passes.lorashear.knowledge_cache import save_result
 
     blocker = tmp_path / "cache"
     blocker.write_text("mine")

@@ -12,11 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import shear.runtime.checkpoint as ckpt
+import shear.io.checkpoint as ckpt
 from shear.errors import CheckpointError, OutputError
-from shear.passes.random import zero_random
-from shear.runtime.checkpoint import load, save
-from shear.runtime.codegen import codegen
+from shear.passes.baselines.random import zero_random
+from shear.io.checkpoint import load, save
+from shear.codegen.module_tree import codegen
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

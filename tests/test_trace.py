@@ -16,7 +16,7 @@ from shear.graph.pins import pin_kind
 from shear.graph.printer import format_graph, format_structure
 from shear.graph.trace import export_model, run_analysis
 from shear.passes.base import Context
-from shear.passes.discover import DiscoverGroups
+from shear.passes.core.discover import DiscoverGroups
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -141,7 +141,7 @@ def test_groups_are_closed(arch: str, lora: bool) -> None:
     model, inputs = build(arch, lora)
     ep = export_model(model, inputs)
     a = run_analysis(ep, model)
-    from shear.graph.discover import discover
+    from shear.graph.discovery import discover
 
     g = discover(model, ep, a)
     for group in g.prunable_groups:
@@ -178,7 +178,7 @@ def test_groups_are_closed(arch: str, lora: bool) -> None:
 
 
 def _inside_zero_preserving(model: nn.Module, node) -> bool:
-    from shear.graph.modules import is_zero_preserving_module
+    from shear.graph.modules.composites import is_zero_preserving_module
 
     mods = dict(model.named_modules())
 

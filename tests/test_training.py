@@ -18,7 +18,7 @@ from models import build
 from safetensors.torch import load_file
 
 from shear.errors import CheckpointError, DataError, OutputError, TrainingError
-from shear.runtime.training import (
+from shear.training import (
     InstructionBatches,
     StepLog,
     TokenBatches,
@@ -56,7 +56,7 @@ def _instructions(n: int = 10, seed: int = 0) -> list[tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples(module: str) -> None:
-    mod = importlib.import_module(f"shear.runtime.training.{module}")
+    mod = importlib.import_module(f"shear.training.{module}")
     assert mod.__doc__ and "Example" in mod.__doc__
     failed, _ = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert failed == 0
@@ -213,7 +213,7 @@ class _FakeDecoder(torch.nn.Module):
 
 
 def test_auto_checkpointing_decides_from_predicted_and_available_memory(tmp_path: Path) -> None:
-    from shear.runtime.training.memory import (
+    from shear.training.peak_memory import (
         CHECKPOINTING_FRACTION,
         activation_bytes,
         auto_checkpointing,
@@ -247,7 +247,7 @@ def test_auto_checkpointing_decides_from_predicted_and_available_memory(tmp_path
 
 
 def test_auto_checkpointing_says_when_it_turns_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shear.runtime.training import loop
+    from shear.training import loop
 
     model, _ = build("llama", lora=True)
     cfg = TrainConfig(steps=1, batch_size=2, seq_len=16)
@@ -375,7 +375,7 @@ def test_checkpoint_layout_and_atomic_write(tmp_path: Path, monkeypatch: pytest.
     info = json.loads((step / "trainer.json").read_text())
     assert info["step"] == 2 and len(info["losses"]) == 2 and info["config"]["steps"] == 2
     # a write that fails midway leaves no step directory and no temporary behind
-    import shear.runtime.training.checkpoints as ck
+    import shear.training.checkpoints as ck
 
     def boom(*a: object, **k: object) -> None:
         raise OSError("disk full")
@@ -491,7 +491,7 @@ def test_edit_hook_roundtrips_its_state() -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "opt"])
 def test_chunked_loss_equals_full_logits_loss_and_grads(arch: str) -> None:
     """Loss sum and every gradient (LoRA and a trainable head) match the full-logits loss."""
-    from shear.runtime.training.loss import (
+    from shear.kernels.losses import (
         causal_lm_loss_sum,
         chunked_causal_lm_loss_sum,
         head_bypassed,
@@ -540,8 +540,8 @@ def test_chunked_loss_training_matches_full_logits_training() -> None:
 @pytest.mark.parametrize(("available", "chunked"), [(1 << 14, True), (1 << 40, False)])
 def test_auto_loss_chunking_follows_the_memory_available(monkeypatch: pytest.MonkeyPatch, available: int, chunked: bool) -> None:
     """``loss_chunk_tokens="auto"`` (the default) chunks only when the full logits would crowd the device."""
-    import shear.runtime.training.loop as loop
-    import shear.runtime.training.memory as memory
+    import shear.training.loop as loop
+    import shear.training.peak_memory as memory
 
     calls: list[int] = []
     real = loop.chunked_causal_lm_loss_sum
@@ -562,7 +562,7 @@ def test_auto_loss_chunking_follows_the_memory_available(monkeypatch: pytest.Mon
 
 
 def test_head_bypass_restores_the_head_after_an_error() -> None:
-    from shear.runtime.training.loss import head_bypassed, output_head
+    from shear.kernels.losses import head_bypassed, output_head
 
     model, _ = build("llama")
     head = model.lm_head

@@ -64,7 +64,7 @@ def test_shared_selection_keeps_every_layer_alike(tmp_path: Path) -> None:
     """``selection="shared"`` (LHSPG's option, the budget's rule): per-layer scores pick the
     structures, every layer removes the same count, and the result loads in stock transformers.
     ``uniform`` tops its fraction up group by group and leaves the layers uneven at this target."""
-    from shear.runtime.budget import ParamBudget, zero_to_budget
+    from shear.kernels.allocation import ParamBudget, zero_to_budget
 
     model = load_tiny_llama().model
     ids = torch.randint(0, 2048, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -119,7 +119,7 @@ def test_smollm2_loads_from_package(tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.mark.models
 def test_smollm2_perplexity_on_validation_text_in_band(tmp_path_factory: pytest.TempPathFactory) -> None:
     from shear.data import load_text
-    from shear.runtime.evaluation import perplexity
+    from shear.evaluation import perplexity
 
     (model, tokenizer, _, _), _, _ = load_smollm2_once(tmp_path_factory)
     result = perplexity(

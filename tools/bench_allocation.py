@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import PASS_TOKENS, ood_windows  # noqa: E402
 
-from shear.runtime.budget import base_param_count  # noqa: E402
+from shear.kernels.allocation import base_param_count  # noqa: E402
 
 __all__ = ["main", "allocation"]
 
@@ -115,7 +115,7 @@ class Probe:
 
     def sensitivity(self) -> list[float]:
         """Pooled in-domain perplexity increase when half of one MLP's channels go (knowledge distribution's measure)."""
-        from shear.runtime.evaluation import window_perplexity
+        from shear.evaluation import window_perplexity
 
         windows = {k: v[:PASS_TOKENS].view(-1, 128) for k, v in self.data.validation.items()}
 
@@ -133,7 +133,7 @@ class Probe:
 
     def evaluate(self) -> tuple[float, float, float]:
         """In-domain and out-of-domain mean perplexity, and the licences source's."""
-        from shear.runtime.evaluation import window_perplexity
+        from shear.evaluation import window_perplexity
 
         ind = []
         for ids in self.data.validation.values():

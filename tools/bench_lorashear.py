@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
-from shear.runtime.budget import base_param_count
+from shear.kernels.allocation import base_param_count
 
 __all__ = ["main"]
 
 
 
 def _measure(fn: Any, *args: Any) -> tuple[Any, float, int]:
-    from shear.runtime.training.memory import PeakMemory
+    from shear.training.peak_memory import PeakMemory
 
     start = time.perf_counter()
     with PeakMemory(torch.device("cpu")) as meter:
@@ -50,8 +50,8 @@ def _measure(fn: Any, *args: Any) -> tuple[Any, float, int]:
 def _one_shot_magnitude(model: torch.nn.Module, ratio: float, args: argparse.Namespace) -> torch.nn.Module:
     import shear
     from shear.graph.trace import trace
-    from shear.runtime.budget import zero_to_budget
-    from shear.runtime.lhspg import StructureViews
+    from shear.kernels.allocation import zero_to_budget
+    from shear.kernels.lhspg import StructureViews
 
     model = copy.deepcopy(model)
     ids = {"input_ids": torch.arange(16).view(1, 16)}

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 
 from shear.passes.budgets import lhspg_steps
-from shear.runtime.budget import base_param_count
+from shear.kernels.allocation import base_param_count
 
 __all__ = ["main", "Profile"]
 
@@ -133,7 +133,7 @@ class Bench:
 
     def run(self, method: str, ratio: float, fn: Any, *, nonzero: bool = False) -> torch.nn.Module | None:
         """Time ``fn``, evaluate the model it returns and record the row (``None``: the row was resumed)."""
-        from shear.runtime.training.memory import PeakMemory
+        from shear.training.peak_memory import PeakMemory
 
         if self.done(method, ratio):
             print(f"{method} @ {ratio:.0%}: kept from {self.json}", flush=True)
@@ -243,7 +243,7 @@ class Bench:
         """Wanda, then LoRA on the pretraining sources for as long as EBFT ran (``seconds``).
 
         The adapters stay unmerged: merging ``B @ A`` would fill the pruned weights."""
-        from shear.runtime.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
+        from shear.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
 
         p = self.p
         model = self.compile(f"wanda{{ratio={ratio},nsamples={p.calib},seq_len={p.seq_len}}}")
@@ -333,7 +333,7 @@ def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int
     ``steps`` steps of ``batch x seq_len`` tokens, merged; ``seed`` seeds the calibration windows, the
     training batches and the adapters, as ``--seed`` does the LoRAShear rows'; with ``checkpoint_dir``
     the training writes a checkpoint every 8 steps there and resumes from the latest."""
-    from shear.runtime.training import TokenBatches, TrainConfig, ensure_lora, train
+    from shear.training import TokenBatches, TrainConfig, ensure_lora, train
 
     model = copy.deepcopy(model)
     mlps = [layer.mlp for layer in model.model.layers]
@@ -389,7 +389,7 @@ class Ablation(Bench):
         """In-domain: validation windows after the first :data:`PASS_TOKENS` of each source, the text
         the passes' own decisions read (knowledge distribution's 8 x 128-token windows, recovery's
         4 x 256), so no row is scored on text it was selected on; out-of-domain: :func:`ood_windows`."""
-        from shear.runtime.evaluation import window_perplexity
+        from shear.evaluation import window_perplexity
 
         ppl = {}
         for name, ids in self.data.validation.items():

@@ -33,8 +33,8 @@ from bench_training_memory import LLAMA_SHAPES
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear.graph import trace
-from shear.passes.random import zero_random
-from shear.runtime.codegen import codegen, plan_erasure
+from shear.passes.baselines.random import zero_random
+from shear.codegen.module_tree import codegen, plan_erasure
 
 __all__ = ["main"]
 

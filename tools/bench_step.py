@@ -5,7 +5,7 @@ every block Linear) and gradient checkpointing setting:
 
 * ``plain peft``   — written here with no shear code: ``get_peft_model``, ``model(input_ids,
   labels=...)``, ``loss.backward()``, grad-norm clip 1.0, ``AdamW.step()``, ``zero_grad``;
-* ``shear lhspg``  — :func:`shear.runtime.training.train` with LHSPG's hook inside a period (every
+* ``shear lhspg``  — :func:`shear.training.train` with LHSPG's hook inside a period (every
   step decays the period's redundant structures with the half-space projection and holds the earlier
   ones at zero);
 * ``shear recovery`` — the same loop without a hook (LoRA training of the pruned model, as
@@ -34,7 +34,7 @@ import torch
 from bench_training_memory import LLAMA_SHAPES
 from torch import nn
 
-from shear.runtime.training import TrainHook
+from shear.training import TrainHook
 
 __all__ = ["main", "plain_peft_step", "load_model", "run"]
 
@@ -123,10 +123,10 @@ class _Clock(TrainHook):
 
 def _shear(base: nn.Module, args: argparse.Namespace, tokens: torch.Tensor, lhspg: bool) -> tuple[Callable[[], float], Any]:
     from shear.graph.trace import trace
-    from shear.passes.lhspg import LhspgHook
-    from shear.runtime.budget import ParamBudget
-    from shear.runtime.lhspg import StructureViews
-    from shear.runtime.training import TokenBatches, TrainConfig, ensure_lora, train
+    from shear.passes.lorashear.lhspg import LhspgHook
+    from shear.kernels.allocation import ParamBudget
+    from shear.kernels.lhspg import StructureViews
+    from shear.training import TokenBatches, TrainConfig, ensure_lora, train
 
     model, _ = ensure_lora(copy.deepcopy(base), r=8)
     hooks: list[Any] = []
@@ -157,7 +157,7 @@ def _shear(base: nn.Module, args: argparse.Namespace, tokens: torch.Tensor, lhsp
 def _profile(setup: Any, args: argparse.Namespace) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    from shear.runtime.training import TokenBatches, TrainConfig, train
+    from shear.training import TokenBatches, TrainConfig, train
 
     model, hooks, _, tokens = setup
     config = TrainConfig(steps=2, batch_size=args.batch, seq_len=args.seq, lr=2e-4,

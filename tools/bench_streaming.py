@@ -44,7 +44,7 @@ SHARD_BYTES = 4 << 30
 
 def write_random_checkpoint(path: Path, config: dict[str, object], *, shard_bytes: int = SHARD_BYTES) -> None:
     """Write a bf16 checkpoint of ``config`` with random weights, one tensor in memory at a time."""
-    from shear.runtime.files import atomic_dir
+    from shear.io.outputs import atomic_dir
     from shear.scale.shards import INDEX
     from shear.scale.source import meta_model, read_config
     from shear.scale.writer import SafetensorsWriter

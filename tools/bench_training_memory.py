@@ -54,7 +54,7 @@ from typing import Any, Literal
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shear.runtime.training import (
+from shear.training import (
     PeakMemory,
     TokenBatches,
     TrainConfig,
@@ -64,7 +64,7 @@ from shear.runtime.training import (
     tensor_bytes,
     train,
 )
-from shear.runtime.training.memory import current_rss_bytes
+from shear.training.peak_memory import current_rss_bytes
 
 __all__ = ["main", "measure", "measure_phases", "llama_shape"]
 
@@ -146,12 +146,12 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     from shear.data import TextData
     from shear.graph import Graph
     from shear.passes.base import Context
-    from shear.passes.discover import DiscoverGroups
-    from shear.passes.erase import Erase
-    from shear.passes.lhspg import LHSPG, LhspgResult, _calibration, _eligible, _scorer
+    from shear.passes.core.discover import DiscoverGroups
+    from shear.passes.core.erase import Erase
+    from shear.passes.lorashear.lhspg import LHSPG, LhspgResult, _calibration, _eligible, _scorer
     from shear.passes.manager import PassManager
-    from shear.runtime.codegen import ErasureReport
-    from shear.runtime.saliency import parse_weights
+    from shear.codegen.module_tree import ErasureReport
+    from shear.kernels.saliency import parse_weights
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -71,7 +71,7 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 def _peak() -> Callable[[], float]:
     """Start measuring peak memory on the current device; the returned function reads it in bytes."""
-    from shear.runtime.training import PeakMemory
+    from shear.training import PeakMemory
 
     meter = PeakMemory(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     meter.__enter__()
@@ -156,7 +156,7 @@ def check_erase(args: argparse.Namespace, name: str) -> list[Row]:
     from bench_training_memory import llama_shape
 
     import shear
-    from shear.runtime.training import tensor_bytes
+    from shear.training import tensor_bytes
 
     shape = _shape(args, name)
     model = llama_shape(shape)
@@ -178,9 +178,9 @@ def check_lhspg_7b(args: argparse.Namespace) -> list[Row]:
 
     from shear.data import TextData
     from shear.passes.base import Context
-    from shear.passes.discover import DiscoverGroups
-    from shear.passes.lhspg import LHSPG, LhspgResult
-    from shear.runtime.training import ensure_lora, tensor_bytes
+    from shear.passes.core.discover import DiscoverGroups
+    from shear.passes.lorashear.lhspg import LHSPG, LhspgResult
+    from shear.training import ensure_lora, tensor_bytes
 
     shape = _shape(args, "7b")
     model = llama_shape(shape)

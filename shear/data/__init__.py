@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 from shear.data.corpus import DOC_SEPARATOR, Document, load_corpus, load_documents, load_text, verify_data
-from shear.data.files import read_bytes, read_jsonl, read_text
+from shear.data.readers import read_bytes, read_jsonl, read_text
 from shear.data.instructions import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -26,7 +26,7 @@ from shear.data.layout import DATA_ENV, corpus_file, data_root, instructions_fil
 from shear.data.sources import SOURCE_NAMES, SOURCES, SPLITS, SourceInfo
 from shear.data.tasks import MultipleChoice, define_word_task, next_line_task
 from shear.data.text import TextData, require_text_data
-from shear.runtime.evaluation import window_perplexity
+from shear.evaluation import window_perplexity
 
 __all__ = [
     "ALPACA_PROMPT",

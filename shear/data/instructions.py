@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from shear.data.files import read_jsonl
+from shear.data.readers import read_jsonl
 from shear.data.layout import instructions_file
 from shear.errors import DataError
 

@@ -22,7 +22,7 @@ import re
 
 from shear.data.corpus import load_documents
 from shear.errors import DataError
-from shear.runtime.evaluation.choice import MultipleChoice
+from shear.evaluation.choice import MultipleChoice
 
 __all__ = ["MultipleChoice", "next_line_task", "define_word_task"]
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError
-from shear.runtime.evaluation.perplexity import window_perplexity
+from shear.evaluation.perplexity import window_perplexity
 
 __all__ = ["TextData", "HasData", "calibration_ids", "require_text_data"]
 
@@ -193,9 +193,9 @@ class TextData:
     ) -> dict[str, float]:
         """Per-source perplexity on non-overlapping validation windows (fast; for analysis passes).
 
-        For reported numbers use :func:`shear.runtime.evaluation.evaluate_perplexity`
+        For reported numbers use :func:`shear.evaluation.evaluate_perplexity`
         (sliding windows with context); this one scores every token of each window
-        (:func:`shear.runtime.evaluation.window_perplexity`).
+        (:func:`shear.evaluation.window_perplexity`).
         """
         names = list(self.validation if sources is None else sources)
         if not names:

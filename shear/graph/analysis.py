@@ -22,7 +22,7 @@ import torch.fx
 
 from shear.errors import GraphError
 from shear.graph.groups import Role
-from shear.graph.op_specs import ALIAS_OPS, is_alias_op
+from shear.graph.ops.specs import ALIAS_OPS, is_alias_op
 from shear.graph.spaces import SpaceTable
 
 __all__ = ["Dims", "DimAnalysis", "StateRef", "Diagnostic", "ALIAS_OPS"]

@@ -1,6 +1,6 @@
 """Which positions of each graph value's dimensions survive erasure: what size rules read.
 
-A size rule (the ``size`` facet of :func:`shear.graph.op_specs.register_op`) gets a :class:`LiveDims`
+A size rule (the ``size`` facet of :func:`shear.graph.ops.specs.register_op`) gets a :class:`LiveDims`
 and one graph node, and rewrites the node's size constants from the surviving positions.
 
 Example:

@@ -2,7 +2,7 @@
 
 ``trace(model, example_inputs)`` exports with ``strict=False`` (nodes carry ``nn_module_stack``, so
 every aten op maps to its module and parameters), runs every op's channel rule once in
-topological order, and hands the result to discovery (:mod:`shear.graph.discover`).
+topological order, and hands the result to discovery (:mod:`shear.graph.discovery`).
 
 Example:
     >>> import torch, shear
@@ -23,14 +23,14 @@ import torch
 import torch.fx
 from torch import nn
 
-import shear.graph.rules_compute  # noqa: F401  (registers rules)
-import shear.graph.rules_layout  # noqa: F401  (registers rules)
-import shear.graph.rules_size  # noqa: F401  (registers the size facets)
+import shear.graph.ops.compute  # noqa: F401  (registers rules)
+import shear.graph.ops.layout  # noqa: F401  (registers rules)
+import shear.graph.ops.size  # noqa: F401  (registers the size facets)
 from shear.errors import GraphError, TraceError
 from shear.graph.analysis import DimAnalysis, StateRef
 from shear.graph.ir import Graph
-from shear.graph.modules import is_zero_preserving_module
-from shear.graph.registry import lookup_rule, unknown_rule
+from shear.graph.modules.composites import is_zero_preserving_module
+from shear.graph.ops.registry import lookup_rule, unknown_rule
 
 __all__ = ["trace", "export_model", "normalize_inputs", "run_analysis", "dynamic_shapes_for"]
 
@@ -201,7 +201,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Graph:
     ``example_inputs`` is a tensor, a tuple of positional arguments or a dict of keyword arguments.
     The model may live on the meta device (no weights); inputs are moved there too.
     """
-    from shear.graph.discover import discover
+    from shear.graph.discovery import discover
 
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}")

@@ -23,7 +23,7 @@ from shear.errors import PipelineError
 from shear.graph.ir import Graph
 
 if TYPE_CHECKING:
-    from shear.runtime.progress import ProgressBar, ProgressSink
+    from shear.progress import ProgressBar, ProgressSink
 
 from shear.passes.keys import DENSE, Key, OneOf, _key_of, canonical_key, key_name, missing_error
 
@@ -230,7 +230,7 @@ class Context:
             ...     for step in range(10):
             ...         bar.advance()
         """
-        from shear.runtime.progress import open_bar
+        from shear.progress import open_bar
 
         with open_bar(self.progress_sink, total, description) as bar:
             yield bar

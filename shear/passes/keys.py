@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, TypeVar, overload
 
 from shear.errors import PipelineError
 from shear.graph.ir import Graph
-from shear.runtime.sparsity import WeightMasks
+from shear.kernels.sparsity import WeightMasks
 
 if TYPE_CHECKING:
     from shear.passes.base import Pass

@@ -15,7 +15,7 @@ For every pass, in order, the manager
    before the next pass that requires the graph; when checks are on, checks the IR invariants
    (``ctx.graph.check()``);
 4. writes the printed IR (and an SVG when graphviz ``dot`` is installed) to ``dump_dir``, never over
-   a file shear did not write there (:func:`shear.runtime.files.write_owned`);
+   a file shear did not write there (:func:`shear.io.outputs.write_owned`);
 5. calls the hooks (``shear.compile`` uses them for the report and the equivalence check).
 
 A failing pass becomes a :class:`PassError` naming it and the passes before it, with the original
@@ -61,8 +61,8 @@ from shear.passes.base import (
 from shear.passes.options import build_pass, format_pass
 from shear.passes.pipeline import PipelineSpec, format_pipeline, resolve_pipeline
 from shear.passes.registry import registered_passes
-from shear.runtime.files import owned_file, write_owned
-from shear.runtime.hf_config import max_positions
+from shear.io.outputs import owned_file, write_owned
+from shear.codegen.hf_config import max_positions
 
 __all__ = ["PassManager", "PassRecord", "PassHook", "checks_enabled"]
 
@@ -223,7 +223,7 @@ class PassManager:
         """Run the pipeline on ``ctx``; returns (and keeps in ``self.records``) one record per pass."""
         self.records = []
         planned = self.plan(set(ctx.analyses) | ({DENSE} if ctx.dense is not None else set()))
-        if self.dump_dir is not None:  # never over a file shear did not write (shear.runtime.files)
+        if self.dump_dir is not None:  # never over a file shear did not write (shear.io.outputs)
             write_owned(self.dump_dir, "pipeline.txt", format_pipeline([p for p, _ in planned]) + "\n")
         with ctx.progress(total=len(self.passes), description="passes") as bar:
             for p in self.passes:

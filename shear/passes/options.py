@@ -314,7 +314,7 @@ def check_fields(p: Pass) -> None:
     naming the pass, the option and the fix.
 
     Example:
-        >>> from shear.passes.random import Random
+        >>> from shear.passes.baselines.random import Random
         >>> Random(ratio="0.2")
         Traceback (most recent call last):
         ...

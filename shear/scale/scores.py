@@ -11,7 +11,7 @@ choices of lower levels zeroed in a copy of each tensor as it is read. For LLaMA
 is two passes: the residual width, then every block's MLP channels and kv-head families.
 
 Per structure, each member's sum of squares is kept and summed in member order, as
-:func:`shear.passes.magnitude.structure_norms` sums them, so the scores are bit-identical for
+:func:`shear.passes.baselines.magnitude.structure_norms` sums them, so the scores are bit-identical for
 tensors up to :data:`~shear.scale.memory.CHUNK_ELEMENTS` elements; larger tensors are reduced in
 slabs (float64, so the order only moves the last bits).
 
@@ -29,8 +29,8 @@ import torch
 
 from shear.errors import CheckpointError
 from shear.graph.groups import Member, PruningGroup
-from shear.runtime.budget import structure_count
-from shear.runtime.masks import TensorTable
+from shear.kernels.allocation import structure_count
+from shear.model.tensors import TensorTable
 from shear.scale.memory import CHUNK_ELEMENTS
 from shear.scale.shards import ShardedCheckpoint
 from shear.scale.source import ModelSource
@@ -82,7 +82,7 @@ def tensor_keys(ckpt: ShardedCheckpoint, src: ModelSource) -> TensorKeys:
 def member_sumsq(t: torch.Tensor, m: Member, size: int, chunk: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Float64 ``[size]``: sum of squares of each structure's slice of ``t`` along ``m.dim``.
 
-    The formula of :func:`shear.passes.magnitude.structure_norms`; a 2-D tensor over ``chunk``
+    The formula of :func:`shear.passes.baselines.magnitude.structure_norms`; a 2-D tensor over ``chunk``
     elements is reduced in slabs along its other dimension.
     """
     pos = m.positions.flatten().to(t.device)

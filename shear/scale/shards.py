@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from shear.errors import CheckpointError
-from shear.runtime.files import sha256_file
+from shear.io.outputs import sha256_file
 
 __all__ = ["DTYPES", "TensorInfo", "ShardedCheckpoint", "INDEX", "SINGLE"]
 

@@ -97,7 +97,7 @@ def read_config(path: str | os.PathLike[str]) -> tuple[Any, Path | None]:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"{p} has no config.json; pass a model directory written by save_pretrained or a config file")
-        from shear.runtime.remote_code import refuse_remote_code
+        from shear.io.remote_code import refuse_remote_code
 
         refuse_remote_code(p)  # an auto_map would have transformers offer to run the folder's code
         _config_json(p / "config.json")
@@ -212,7 +212,7 @@ def meta_model(config: Any) -> nn.Module:
 
 def block_prefix(model: nn.Module) -> str:
     """The module path of the decoder blocks (``model.layers`` for LLaMA-style models)."""
-    from shear.runtime.blockwise import BLOCK_PATHS
+    from shear.kernels.ebft import BLOCK_PATHS
 
     for path in BLOCK_PATHS:
         try:

@@ -3,10 +3,10 @@
 :func:`prune_streamed` never holds the model: the groups come from the config on the meta device
 (:mod:`shear.scale.source`), the magnitude scores from one tensor at a time
 (:mod:`shear.scale.scores`), and erasure reads each source tensor, drops the erased rows and
-columns (:func:`shear.runtime.codegen.drop_indices`, the in-memory codegen's own slicing), rescales
+columns (:func:`shear.codegen.module_tree.drop_indices`, the in-memory codegen's own slicing), rescales
 the RMS norms over a shrunk width, and appends it to the output shard it came from
 (:class:`~shear.scale.writer.SafetensorsWriter`). The shapes, the refreshed config and the module
-attributes come from applying the same :class:`~shear.runtime.codegen.ErasurePlan` to the meta
+attributes come from applying the same :class:`~shear.codegen.module_tree.ErasurePlan` to the meta
 skeleton, so the output equals what ``shear.compile(model, "magnitude{ratio=...},erase")`` saves.
 
 The output directory is a shear checkpoint: the shards (same names as the source's) and their
@@ -15,7 +15,7 @@ buffers, tokenizer and generation files copied from the source, and ``shear.json
 file's sha256, so :func:`shear.load` reads it, and ``from_pretrained`` does where the config can
 say the pruned sizes. The source is opened read-only and never written; the output is checked
 before any work (never the source, nor inside it) and swapped in atomically
-(:func:`shear.runtime.files.atomic_dir`).
+(:func:`shear.io.outputs.atomic_dir`).
 
 Example:
     >>> report = prune_streamed("llama-7b", "llama-7b-pruned", ratio=0.2)      # doctest: +SKIP
@@ -39,8 +39,8 @@ import torch
 
 from shear.errors import CheckpointError, OutputError, PipelineError
 from shear.passes.options import require_number
-from shear.runtime.codegen import ErasurePlan, apply_plan, drop_indices, plan_removal
-from shear.runtime.files import atomic_dir, check_output_dir
+from shear.codegen.module_tree import ErasurePlan, apply_plan, drop_indices, plan_removal
+from shear.io.outputs import atomic_dir, check_output_dir
 from shear.scale.scores import TensorKeys, stream_magnitude, tensor_keys
 from shear.scale.shards import INDEX, ShardedCheckpoint
 from shear.scale.source import ModelSource, open_source
@@ -149,7 +149,7 @@ def _buffers(src: ModelSource, config: Any) -> dict[str, torch.Tensor]:
 
 def _norm_weights(src: ModelSource, keys: TensorKeys, plan: ErasurePlan) -> dict[str, tuple[Any, int, int]]:
     """Canonical norm weight -> (its RmsNormSpec, width before, width after) for norms erase rescales."""
-    from shear.graph.norms import find_rms_norm
+    from shear.graph.modules.norms import find_rms_norm
 
     out = {}
     for module_name, (d, d_new) in plan.norms.items():
@@ -166,8 +166,8 @@ def write_pruned(
 ) -> tuple[ErasurePlan, bool]:
     """Write the pruned checkpoint into the (empty) directory ``tmp``; return the plan and whether a
     plain ``from_pretrained`` can rebuild it. Mutates ``src.model`` into the pruned meta skeleton."""
-    from shear.runtime.checkpoint import FORMAT, VERSION, module_attributes, record_files
-    from shear.runtime.hf_config import candidate_config_updates, refresh_config
+    from shear.io.checkpoint import FORMAT, VERSION, module_attributes, record_files
+    from shear.codegen.hf_config import candidate_config_updates, refresh_config
 
     keys = keys or tensor_keys(ckpt, src)
     config0 = copy.deepcopy(src.model.config)
@@ -275,8 +275,8 @@ def prune_streamed(
         OutputError: ``output`` exists (without ``overwrite``), is or lies inside the source, or
             its disk lacks the space.
     """
-    from shear.runtime.budget import ParamBudget
-    from shear.runtime.hf_config import hf_base_model  # noqa: F401  (transformers is needed below)
+    from shear.kernels.allocation import ParamBudget
+    from shear.codegen.hf_config import hf_base_model  # noqa: F401  (transformers is needed below)
 
     if criterion not in CRITERIA:
         raise PipelineError(

@@ -20,7 +20,7 @@ import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from shear.runtime.files import atomic_dir
+from shear.io.outputs import atomic_dir
 
 __all__ = ["CACHE_ENV", "resolve_cache_dir", "atomic_directory"]
 
@@ -48,6 +48,6 @@ def atomic_directory(final: Path) -> AbstractContextManager[Path]:
 
     If another process created ``final`` meanwhile, its entry wins and ours is discarded (both
     hold the same conversion). On an exception the temporary directory is removed. This is
-    :func:`shear.runtime.files.atomic_dir` with ``replace=False``.
+    :func:`shear.io.outputs.atomic_dir` with ``replace=False``.
     """
     return atomic_dir(final, replace=False)

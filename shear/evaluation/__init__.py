@@ -1,0 +1,42 @@
+"""Evaluation: sliding-window perplexity per source, multiple-choice scoring, greedy generation,
+and lm-eval-harness when installed.
+
+Example:
+    >>> from shear.data import load_corpus                                   # doctest: +SKIP
+    >>> from shear.evaluation import evaluate_perplexity             # doctest: +SKIP
+    >>> print(evaluate_perplexity(model, tok, load_corpus("validation")).table())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from shear.evaluation.choice import ChoiceResult, MultipleChoice, option_logprobs, score_choices
+from shear.evaluation.generation import greedy_generate
+from shear.evaluation.harness import lm_eval_available, lm_eval_harness
+from shear.evaluation.perplexity import (
+    PerplexityReport,
+    PerplexityResult,
+    evaluate_perplexity,
+    forward_tokens,
+    nll_sum,
+    perplexity,
+    sliding_windows,
+    window_perplexity,
+)
+
+__all__ = [
+    "ChoiceResult",
+    "MultipleChoice",
+    "PerplexityReport",
+    "PerplexityResult",
+    "evaluate_perplexity",
+    "forward_tokens",
+    "greedy_generate",
+    "lm_eval_available",
+    "lm_eval_harness",
+    "option_logprobs",
+    "perplexity",
+    "score_choices",
+    "sliding_windows",
+    "nll_sum",
+    "window_perplexity",
+]

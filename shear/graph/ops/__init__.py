@@ -1,0 +1,1 @@
+"""Per-aten-op facts: the channel, alias and size rules of every op shear knows, in one table."""

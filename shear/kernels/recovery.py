@@ -1,0 +1,253 @@
+"""The arithmetic of dynamic knowledge recovery (LoRAShear Algorithm 5), free of any pass machinery.
+
+* :func:`degradation` — how much worse each source got: ``log(ppl_pruned) - log(ppl_dense)``, the
+  excess next-token loss in nats per token (0 = as good as dense; negative = better than dense);
+* :func:`source_weights` — the next round's sampling mixture from the degradations: every source
+  keeps a floor share, the rest goes by ``softmax(d / temperature)`` or in proportion to ``d``;
+* :func:`relative_gain` / :func:`mean_log` — the convergence test on the mean validation log-ppl;
+* :func:`instruction_loss` — mean response-token NLL of instruction examples (labels -100 on the prompt);
+* :func:`plot_recovery` — the figure: the mixture per round as stacked bars, per-source ppl as lines.
+
+Example:
+    >>> d = degradation({"a": 40.0, "b": 20.0}, {"a": 20.0, "b": 20.0})
+    >>> round(d["a"], 3), d["b"]
+    (0.693, 0.0)
+    >>> w = source_weights(d, floor=0.5, temperature=0.25)
+    >>> round(w["a"], 3), round(w["b"], 3), w["b"] >= 0.5 / 2
+    (0.721, 0.279, True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from shear.errors import DataError, KernelError
+from shear.model.devices import model_device
+
+__all__ = [
+    "WeightMode",
+    "degradation",
+    "source_weights",
+    "mean_log",
+    "relative_gain",
+    "instruction_loss",
+    "plot_recovery",
+]
+
+WeightMode = Literal["softmax", "proportional"]
+"""How the non-floor share of the mixture follows the degradations."""
+
+
+def degradation(pruned: Mapping[str, float], dense: Mapping[str, float]) -> dict[str, float]:
+    """``log(ppl_pruned_s) - log(ppl_dense_s)`` per source of ``pruned`` (``inf`` for a non-finite ppl).
+
+    The log ratio is the excess mean next-token loss in nats, so it compares across sources whose
+    dense perplexities differ by an order of magnitude (a ratio, not a difference of perplexities),
+    and a source that pruning left as good as dense scores 0.
+    """
+    missing = sorted(set(pruned) - set(dense))
+    if missing:
+        raise DataError(f"no dense perplexity for sources {missing}; the dense reference covers {sorted(dense)}")
+    out = {}
+    for name, ppl in pruned.items():
+        ref = dense[name]
+        if not (math.isfinite(ref) and ref > 0):
+            raise DataError(f"the dense perplexity of source {name!r} is {ref}; it must be a finite number > 0")
+        out[name] = math.log(ppl) - math.log(ref) if math.isfinite(ppl) and ppl > 0 else math.inf
+    return out
+
+
+def source_weights(
+    degradations: Mapping[str, float],
+    *,
+    floor: float = 0.5,
+    temperature: float = 0.25,
+    mode: WeightMode = "softmax",
+) -> dict[str, float]:
+    """The sampling mixture for the next round: ``floor / S + (1 - floor) * p_s``, summing to 1.
+
+    ``floor`` is the share of the samples spread uniformly (each of the ``S`` sources gets at least
+    ``floor / S``: no source starves, so the least degraded ones are not forgotten); the remaining
+    ``1 - floor`` follows ``p``:
+
+    * ``mode="softmax"``: ``p = softmax(d / temperature)`` — shift-invariant (equal degradations give a
+      uniform mixture, whatever their size) and sharper where sources differ by more than
+      ``temperature`` nats; a source ``temperature`` nats more degraded than another gets ``e`` times
+      its dynamic share;
+    * ``mode="proportional"``: ``p = max(d, 0) / sum(max(d, 0))`` — scale-free; sources no worse than
+      dense get the floor only; all ``d <= 0`` gives a uniform mixture.
+
+    Non-finite degradations (a source whose ppl overflowed) take the whole dynamic share, evenly.
+    The result is monotone in each degradation: a more degraded source never gets less.
+
+    Example:
+        >>> source_weights({"a": 0.3, "b": 0.3, "c": 0.3})
+        {'a': 0.3333333333333333, 'b': 0.3333333333333333, 'c': 0.3333333333333333}
+        >>> source_weights({"a": 1.0, "b": 0.0}, floor=0.2, mode="proportional")
+        {'a': 0.9, 'b': 0.1}
+    """
+    check_weight_options(floor, temperature, mode)
+    names = list(degradations)
+    if not names:
+        raise DataError("source_weights needs at least one source")
+    d = [float(degradations[n]) for n in names]
+    if any(math.isnan(x) for x in d):
+        raise DataError(f"degradations contain NaN: {dict(zip(names, d))}")
+    s = len(names)
+    infinite = [x == math.inf for x in d]
+    if any(infinite):
+        p = [1.0 / sum(infinite) if i else 0.0 for i in infinite]
+    elif mode == "softmax":
+        t = torch.tensor(d, dtype=torch.float64) / temperature
+        p = torch.softmax(t, dim=0).tolist()
+    else:
+        pos = [max(x, 0.0) for x in d]
+        total = sum(pos)
+        p = [x / total for x in pos] if total > 0 else [1.0 / s] * s
+    w = [floor / s + (1.0 - floor) * q for q in p]
+    total = sum(w)
+    return {n: x / total for n, x in zip(names, w)}
+
+
+def check_weight_options(floor: float, temperature: float, mode: str) -> None:
+    """KernelError for a ``floor`` outside [0, 1], a ``temperature`` <= 0, or an unknown ``mode``."""
+    if not (isinstance(floor, (int, float)) and 0.0 <= floor <= 1.0):
+        raise KernelError(
+            f"floor must be in [0, 1] (the share of samples spread uniformly over the sources), got {floor!r}"
+        )
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise KernelError(f"temperature must be a finite number > 0 (nats), got {temperature!r}")
+    if mode not in ("softmax", "proportional"):
+        raise KernelError(f"weights must be 'softmax' or 'proportional', got {mode!r}")
+
+
+def mean_log(ppl: Mapping[str, float]) -> float:
+    """Mean of ``log(ppl_s)`` over the sources (``exp`` of it is the geometric-mean perplexity)."""
+    if not ppl:
+        raise DataError("mean_log needs at least one source perplexity")
+    vals = [math.log(p) if math.isfinite(p) and p > 0 else math.inf for p in ppl.values()]
+    return sum(vals) / len(vals)
+
+
+def relative_gain(before: float, after: float) -> float:
+    """``(before - after) / |before|``: the share a lower-is-better metric improved (negative: worse).
+
+    Example:
+        >>> round(relative_gain(4.0, 3.9), 6)
+        0.025
+    """
+    if not math.isfinite(before):
+        return math.inf if math.isfinite(after) else 0.0
+    if not math.isfinite(after):
+        return -math.inf
+    if before == 0:
+        return 0.0 if after == 0 else -math.inf
+    return (before - after) / abs(before)
+
+
+@torch.no_grad()
+def instruction_loss(
+    model: nn.Module,
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+) -> float:
+    """Mean next-token NLL over the response tokens (labels != -100) of ``examples``, padded right.
+
+    Example:
+        >>> instruction_loss(model, data.instructions_val, pad_id=0)   # doctest: +SKIP
+        3.21
+    """
+    if not examples:
+        raise DataError("instruction_loss got no examples; TextData.from_corpus(..., instructions=N) adds some")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            width = max(int(ids.numel()) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, (x, y) in enumerate(chunk):
+                n = int(x.numel())
+                ids[row, :n], labels[row, :n], mask[row, :n] = x, y, 1
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            target = labels[:, 1:].reshape(-1)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), target, ignore_index=-100, reduction="sum"
+            )
+            nll += float(loss)
+            count += int((target != -100).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise DataError("the instruction examples have no response tokens (all labels are -100)")
+    return nll / count
+
+
+def plot_recovery(
+    rounds: Sequence[tuple[str, Mapping[str, float], Mapping[str, float]]],
+    dense: Mapping[str, float],
+    stem: str | os.PathLike[str],
+    *,
+    formats: Sequence[str] = ("png", "svg"),
+) -> list[Path]:
+    """Draw a recovery run: the source mixture of every round, and per-source ppl after every round.
+
+    ``rounds`` holds ``(label, weights, ppl)`` per evaluation point, the first one being the state
+    before recovery (its ``weights`` empty); a round with empty ``weights`` (an instruction round)
+    gets a grey bar. Dense perplexities are drawn as dashed lines in each source's colour. Writes
+    ``<stem>.<fmt>`` per format and returns the paths.
+    """
+    from shear.report.figures import _pyplot, save_figure
+
+    if not rounds:
+        raise DataError("plot_recovery needs at least the evaluation before recovery")
+    plt = _pyplot()
+    sources = list(rounds[0][2])
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sources)}
+    n = len(rounds)
+    fig, (ax_w, ax_p) = plt.subplots(1, 2, figsize=(max(9.0, 1.1 * n + 5.0), 4.2))
+    try:
+        x = list(range(1, n))
+        bottom = [0.0] * (n - 1)
+        for s in sources:
+            h = [float(r[1].get(s, 0.0)) for r in rounds[1:]]
+            ax_w.bar(x, h, bottom=bottom, color=colours[s], label=s, edgecolor="white", linewidth=0.5)
+            bottom = [b + v for b, v in zip(bottom, h)]
+        grey = [1.0 if not r[1] else 0.0 for r in rounds[1:]]
+        if any(grey):
+            ax_w.bar(x, grey, color="#bbbbbb", label="instructions", edgecolor="white", linewidth=0.5)
+        ax_w.set_xticks(x)
+        ax_w.set_xticklabels([r[0] for r in rounds[1:]], rotation=45, ha="right", fontsize=8)
+        ax_w.set_ylim(0, 1)
+        ax_w.set_ylabel("share of training samples")
+        ax_w.set_title("Source mixture per round", fontsize=10)
+        ax_w.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        xs = list(range(n))
+        for s in sources:
+            ys = [float(r[2].get(s, math.nan)) for r in rounds]
+            ax_p.plot(xs, ys, marker="o", color=colours[s], label=s)
+            if s in dense:
+                ax_p.axhline(dense[s], color=colours[s], linestyle="--", linewidth=0.8)
+        ax_p.set_xticks(xs)
+        ax_p.set_xticklabels([r[0] for r in rounds], rotation=45, ha="right", fontsize=8)
+        ax_p.set_yscale("log")
+        ax_p.set_ylabel("validation perplexity (dashed: dense)")
+        ax_p.set_title("Per-source perplexity after each round", fontsize=10)
+        ax_p.legend(fontsize=7, loc="best")
+        return save_figure(fig, stem, formats)
+    finally:
+        plt.close(fig)

@@ -1,0 +1,1 @@
+"""One answer per model fact: devices, dtypes, decoder blocks, tensor tables, DTensor access."""

@@ -1,0 +1,1 @@
+"""Baselines at equal budget: magnitude, Wanda, SparseGPT, Taylor (LLM-Pruner), random."""

@@ -1,0 +1,113 @@
+"""The ``taylor`` pass: LLM-Pruner's first-order structured baseline.
+
+On calibration windows from ``ctx.data`` it takes the gradient of the next-token loss w.r.t. the
+effective weights (LoRA folded in), scores each structure by ``Σ |W ⊙ G|`` over each member's
+slices combined across members by ``aggregate`` (LLM-Pruner's element-wise first-order importance,
+summed per group), and zeroes the lowest ``ratio`` of the structures of every prunable group (at
+least one stays; ``round_to`` as in ``random``). ``erase`` then removes them. The scores go to
+``ctx.get("taylor")`` (group id -> float ``[size]``) and the choice to ``ctx.get("taylor-pruned")``
+(group id -> sorted indices).
+
+Example:
+    >>> Taylor(ratio=0.3).name                  # pipeline string: "taylor{ratio=0.3}"
+    'taylor'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from shear.data.text import calibration_ids
+from shear.errors import PipelineError
+from shear.graph.groups import PruningGroup
+from shear.graph.ir import Graph
+from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.kernels.allocation import structure_count, zero_to_budget
+from shear.model.tensors import TensorTable, zero_structures
+from shear.kernels.saliency import taylor_importance
+
+__all__ = ["Taylor", "zero_lowest"]
+
+
+def zero_lowest(
+    model: torch.nn.Module,
+    groups: tuple[PruningGroup, ...],
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    round_to: int = 1,
+) -> dict[int, torch.Tensor]:
+    """Zero the lowest-scoring ``ratio`` of the structures of every scored prunable group; return the choice."""
+    if not 0.0 <= ratio < 1.0:
+        raise PipelineError(f"taylor: ratio must be in [0, 1), got {ratio}")
+    table = TensorTable(model)
+    chosen: dict[int, torch.Tensor] = {}
+    for g in groups:
+        if not g.prunable or g.id not in scores:
+            continue
+        n = structure_count(g.size, ratio, round_to)
+        idx = torch.sort(torch.argsort(scores[g.id], stable=True)[:n]).values
+        zero_structures(table, g, idx)
+        chosen[g.id] = idx
+    return chosen
+
+
+@register_pass
+@dataclass(frozen=True)
+class Taylor(Pass):
+    """Zero the structures with the lowest first-order Taylor importance (LLM-Pruner), per group."""
+
+    name: ClassVar[str] = "taylor"
+    requires: ClassVar[tuple[type, ...]] = (Graph,)
+    ensures: ClassVar[tuple[str, ...]] = ("taylor", "taylor-pruned")
+
+    ratio: float = 0.3
+    """Fraction of each prunable group's structures to zero, in [0, 1)."""
+    aggregate: Literal["sum", "mean", "max"] = "sum"
+    """How the per-member importances of a structure combine."""
+    samples: int = 16
+    """Calibration windows."""
+    seq_len: int = 128
+    """Tokens per calibration window."""
+    seed: int = 0
+    """Seed of the calibration window choice."""
+    batch_size: int = 4
+    """Windows per forward/backward pass."""
+    round_to: int = 1
+    """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
+    params: float = 0.0
+    """When > 0: remove this share of the model's parameters instead (kv-head families and channels,
+    counted as ``lhspg`` counts them), the same number of structures per group LHSPG would remove."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise PipelineError(f"taylor: ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.params < 1.0:
+            raise PipelineError(f"taylor: params must be in [0, 1), got {self.params}; e.g. params=0.2")
+
+    def run(self, ctx: Context) -> PassResult:
+        graph = ctx.get(Graph)
+        ids = calibration_ids(ctx, self.name, self.samples, self.seq_len, self.seed)
+        scores = taylor_importance(
+            ctx.model,
+            graph.pruning_groups,
+            ids,
+            composites=graph.composites,
+            aggregate=self.aggregate,
+            batch_size=self.batch_size,
+        )
+        if self.params > 0:
+            chosen = zero_to_budget(ctx.model, graph.pruning_groups, scores, self.params, round_to=self.round_to)
+        else:
+            chosen = zero_lowest(ctx.model, graph.pruning_groups, scores, self.ratio, self.round_to)
+        ctx.put(scores, "taylor")
+        ctx.put(chosen, "taylor-pruned")
+        n = sum(int(v.numel()) for v in chosen.values())
+        target = f"{self.params:.0%} of parameters" if self.params else f"ratio {self.ratio}"
+        return PassResult(
+            changed=n > 0,
+            message=f"zeroed {n} structures in {len(chosen)} prunable groups by first-order Taylor ({target})",
+            stats={"structures": n, "groups": len(chosen)},
+        )

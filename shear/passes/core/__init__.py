@@ -1,0 +1,1 @@
+"""Passes every pipeline needs: discovery, erasure, LoRA adapters."""

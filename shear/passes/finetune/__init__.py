@@ -1,0 +1,1 @@
+"""Fine-tuning recovery beyond LoRAShear's own: EBFT block-wise reconstruction."""

@@ -1,0 +1,1 @@
+"""LoRAShear's passes: saliency, knowledge distribution, LHSPG, dynamic recovery."""
