@@ -1,6 +1,7 @@
 """Finding passes by name: the built-in pass modules, lookups with "did you mean", friendly names.
 
-Every module in :mod:`shear.passes` that defines passes registers them with
+The built-in passes live in the method folders of :data:`METHOD_PACKAGES` (the rest of
+:mod:`shear.passes` is the infrastructure that runs them); each pass module registers its passes with
 :func:`~shear.passes.base.register_pass` when imported. :func:`load_builtin_passes` imports them
 all once (a module that fails to import is recorded, not fatal, so one broken pass cannot take the
 others down; the failure is shown where the pass is asked for).
@@ -23,6 +24,7 @@ from shear.errors import PipelineError
 from shear.passes.base import PASS_REGISTRY, Pass
 
 __all__ = [
+    "METHOD_PACKAGES",
     "load_builtin_passes",
     "lookup_pass",
     "closest_first",
@@ -32,26 +34,28 @@ __all__ = [
     "find_by_friendly_name",
 ]
 
-_INFRASTRUCTURE = frozenset({"base", "manager", "pipeline", "progress", "registry", "options"})
+METHOD_PACKAGES = ("shear.passes.core", "shear.passes.lorashear", "shear.passes.baselines", "shear.passes.finetune")
+"""The folders that hold passes, one per family of methods; the only ones :func:`load_builtin_passes` scans."""
 _IMPORT_ERRORS: dict[str, str] = {}
 _LOADED = False
 
 
 def load_builtin_passes() -> None:
-    """Import every pass module of :mod:`shear.passes` once, so their passes are registered."""
+    """Import every pass module of the :data:`METHOD_PACKAGES` once, so their passes are registered."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    package_dir = Path(__file__).parent
-    for info in sorted(pkgutil.iter_modules([str(package_dir)]), key=lambda i: i.name):
-        if info.name in _INFRASTRUCTURE or info.name.startswith("_"):
-            continue
-        module = f"shear.passes.{info.name}"
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001 - recorded and shown where the pass is asked for
-            _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
+    for package in METHOD_PACKAGES:
+        package_dir = Path(importlib.import_module(package).__file__ or "").parent
+        for info in sorted(pkgutil.iter_modules([str(package_dir)]), key=lambda i: i.name):
+            if info.name.startswith("_"):
+                continue
+            module = f"{package}.{info.name}"
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001 - recorded and shown where the pass is asked for
+                _IMPORT_ERRORS[module] = f"{type(e).__name__}: {e}"
 
 
 def import_errors() -> dict[str, str]:
