@@ -21,14 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from shear.codegen.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_noise, upcast
 from shear.errors import ModelError, PipelineError, ShearError, VerifyError
+from shear.model.devices import model_device, model_dtype
+from shear.model.facts import base_weight_name, forward_logits, is_lora_param
 from shear.passes.base import Context, Options, Pass
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
 from shear.report.summary import CompileReport, ReportBuilder
-from shear.model.devices import model_device, model_dtype
-from shear.model.facts import base_weight_name, forward_logits, is_lora_param
-from shear.codegen.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_noise, upcast
 
 __all__ = ["compile", "default_example_inputs", "reference_output", "EquivalenceCheck"]
 
@@ -208,8 +208,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         >>> small.shear_report.params_after < small.shear_report.params_before              # doctest: +SKIP
         True
     """
-    from shear.preflight import check_compile_inputs
     from shear.io.outputs import check_writable_dir
+    from shear.preflight import check_compile_inputs
     from shear.progress import RichSink
 
     notes: list[str] = []

@@ -13,9 +13,9 @@ from models import build, fresh_inputs
 from torch import nn
 
 import shear
-from shear.graph.modules.norms import RmsNormSpec, find_rms_norm, probe_rms_norm
 from shear.codegen.hf_config import refresh_config
 from shear.codegen.module_rules import LayerConfig
+from shear.graph.modules.norms import RmsNormSpec, find_rms_norm, probe_rms_norm
 
 
 def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -129,9 +129,9 @@ def test_default_lora_targets_cover_linear_subclasses_and_conv1d() -> None:
 
 
 def test_sequence_length_is_held_to_learned_position_embeddings() -> None:
+    from shear.codegen.hf_config import max_positions
     from shear.passes.base import Context
     from shear.passes.lorashear.recovery_rounds import with_response as _with_response
-    from shear.codegen.hf_config import max_positions
 
     gpt2, inputs = build("gpt2")  # n_positions=64, learned
     assert max_positions(gpt2) == 64 and max_positions(build("bert")[0]) == 64

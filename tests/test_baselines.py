@@ -11,10 +11,6 @@ import shear
 from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.graph.ir import Graph
-from shear.passes import Context, parse_pipeline
-from shear.passes.baselines.magnitude import Magnitude, prune_lowest_norm, structure_norms
-from shear.passes.baselines.sparsegpt import SparseGPT, sparsegpt_prune
-from shear.passes.baselines.wanda import Wanda, wanda_mask
 from shear.kernels.calibration import StatsCollector, collect_stats, prunable_linears, target_linears
 from shear.kernels.sparsity import (
     WeightMasks,
@@ -23,6 +19,10 @@ from shear.kernels.sparsity import (
     register_mask_hooks,
     unstructured_mask,
 )
+from shear.passes import Context, parse_pipeline
+from shear.passes.baselines.magnitude import Magnitude, prune_lowest_norm, structure_norms
+from shear.passes.baselines.sparsegpt import SparseGPT, sparsegpt_prune
+from shear.passes.baselines.wanda import Wanda, wanda_mask
 
 CALIB = {"nsamples": 4, "seq_len": 16}
 

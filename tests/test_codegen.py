@@ -10,11 +10,11 @@ from hand_groups import llama_groups, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from shear.codegen.module_rules import RMS_NORMS, RmsNormSpec, update_module_attributes
+from shear.codegen.module_tree import apply_plan, codegen, plan_erasure
 from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role
 from shear.passes.baselines.random import zero_random
-from shear.codegen.module_tree import apply_plan, codegen, plan_erasure
-from shear.codegen.module_rules import RMS_NORMS, RmsNormSpec, update_module_attributes
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -17,14 +17,14 @@ from models import build
 from shear.errors import PipelineError
 from shear.graph import trace
 from shear.graph.ir import Graph
+from shear.model.facts import strip_peft_prefix
 from shear.passes import PassManager, parse_pipeline
 from shear.passes.base import DENSE, Context, OneOf, Pass, PassResult, register_pass
+from shear.passes.core.lora import AddLora, LoraState
 from shear.passes.finetune.ebft import EBFT, KeepDense
 from shear.passes.lorashear.knowledge import KnowledgeDistribution
 from shear.passes.lorashear.lhspg import LHSPG, _unprunable
-from shear.passes.core.lora import AddLora, LoraState
 from shear.passes.lorashear.recovery import DensePerplexity, RecoverDynamic
-from shear.model.facts import strip_peft_prefix
 from shear.training import ensure_lora
 
 PASSES = Path(__file__).resolve().parents[1] / "shear" / "passes"

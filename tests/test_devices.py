@@ -18,13 +18,13 @@ import torch
 from device_check import DeviceCheck
 from models import build
 
+from shear.codegen.module_tree import apply_plan, plan_erasure
 from shear.compiler import default_example_inputs
 from shear.graph.trace import trace
-from shear.passes.lorashear.lhspg import LhspgHook
-from shear.passes.baselines.random import zero_random
-from shear.codegen.module_tree import apply_plan, plan_erasure
-from shear.model.devices import model_device, seeded_draw
 from shear.kernels.lhspg import StructureViews
+from shear.model.devices import model_device, seeded_draw
+from shear.passes.baselines.random import zero_random
+from shear.passes.lorashear.lhspg import LhspgHook
 from shear.training import ensure_lora, lora_layers, merge_and_reset_lora
 
 

@@ -20,20 +20,20 @@ from models import VOCAB, build
 from torch import nn
 
 import shear
-from shear.errors import DataError, KernelError, PipelineError
-from shear.passes import parse_pipeline
-from shear.passes.base import Context, Pass, PassResult
-from shear.passes.finetune.ebft import EBFT, EBFTReport, KeepDense
-from shear.progress import ProgressBar
-from shear.passes.baselines.random import zero_random
+from shear.errors import DataError, KernelError, ModelError, PipelineError
 from shear.kernels.ebft import (
     block_mse,
     block_reconstruct,
     capture_block_inputs,
-    decoder_blocks,
     infer_masks,
     run_block,
 )
+from shear.model.blocks import decoder_blocks
+from shear.passes import parse_pipeline
+from shear.passes.base import Context, Pass, PassResult
+from shear.passes.baselines.random import zero_random
+from shear.passes.finetune.ebft import EBFT, EBFTReport, KeepDense
+from shear.progress import ProgressBar
 
 FAST: dict[str, Any] = dict(lr=1e-3, epochs=8, batch_size=4)
 
@@ -417,9 +417,9 @@ def test_missing_or_wrong_teacher() -> None:
 
 def test_model_without_decoder_blocks() -> None:
     cnn, _ = build("cnn")
-    with pytest.raises(KernelError, match="TinyResNet has no decoder blocks"):
+    with pytest.raises(ModelError, match="TinyResNet has no decoder blocks"):
         decoder_blocks(cnn)
-    with pytest.raises(KernelError, match="TinyResNet has no decoder blocks"):
+    with pytest.raises(ModelError, match="TinyResNet has no decoder blocks"):
         EBFT().run(Context(model=cnn, data=_ids(), results={"dense-model": copy.deepcopy(cnn)}))
 
 

@@ -19,15 +19,15 @@ from models import ARCHS, build, fresh_inputs
 from torch import nn
 
 import shear
+from shear.codegen.module_tree import ErasureReport
+from shear.codegen.verify import call_model, flatten_tensors
 from shear.graph import Graph, PruningGroup, trace
+from shear.io.checkpoint import load, save
+from shear.model.tensors import TensorTable
 from shear.passes.base import Context
+from shear.passes.baselines.random import Random
 from shear.passes.core.erase import Erase
 from shear.passes.manager import PassManager
-from shear.passes.baselines.random import Random
-from shear.io.checkpoint import load, save
-from shear.codegen.module_tree import ErasureReport
-from shear.model.tensors import TensorTable
-from shear.codegen.verify import call_model, flatten_tensors
 
 
 @functools.cache

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from shear.errors import CheckpointError, DistributedError
 from shear.model.dtensor import gather, is_sharded, writable
 from shear.training import TokenBatches, TrainConfig, train
-from shear.training.distributed import detect_parallel, requested_strategy
 from shear.training.dcp_checkpoints import check_sharded_checkpoint
+from shear.training.distributed import detect_parallel, requested_strategy
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fsdp_worker import run_pipeline  # noqa: E402

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shear.graph import trace
-from shear.passes.baselines.random import zero_random
-from shear.io.checkpoint import load, save
 from shear.codegen.module_tree import codegen
+from shear.graph import trace
+from shear.io.checkpoint import load, save
+from shear.passes.baselines.random import zero_random
 
 CI_CASES = 200
 SLOW_CASES = 3000

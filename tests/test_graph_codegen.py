@@ -9,10 +9,10 @@ from models import build, fresh_inputs
 from torch import nn
 
 import shear
-from shear.errors import GraphError, PassError, PipelineError
-from shear.passes import parse_pipeline
 from shear.codegen.module_tree import codegen
 from shear.codegen.verify import call_model, flatten_tensors
+from shear.errors import GraphError, PassError, PipelineError
+from shear.passes import parse_pipeline
 
 
 class HardCodedAttention(nn.Module):
@@ -218,8 +218,8 @@ def test_export_of_a_foreign_graph_module_is_refused() -> None:
 
 def _slice_node(dead: list[bool], start: object, end: object, step: object) -> tuple[object, torch.fx.Node]:
     """A graph ``x[start:end:step]`` over a 6-wide dimension whose structures ``dead`` are erased."""
-    from shear.graph.analysis import DimAnalysis
     from shear.codegen.graph_module import LiveDims
+    from shear.graph.analysis import DimAnalysis
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")

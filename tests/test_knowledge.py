@@ -13,7 +13,11 @@ from models import VOCAB, build
 from shear.data import TextData
 from shear.errors import PassError, PipelineError
 from shear.passes import Context, PassManager
-from shear.passes.lorashear.knowledge import KnowledgeDistribution, KnowledgeDistributionAnalysis, pooled_perplexity
+from shear.passes.lorashear.knowledge import (
+    KnowledgeDistribution,
+    KnowledgeDistributionAnalysis,
+    pooled_perplexity,
+)
 
 PLANTED = "model.layers.1.mlp/channel"
 

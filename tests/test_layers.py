@@ -60,7 +60,7 @@ def test_lint_imports_keeps_the_layers(capsys: pytest.CaptureFixture[str]) -> No
 def test_every_module_sits_in_a_layer() -> None:
     _, graph = _graph()
     named = set().union(*(modules for modules, _ in _layers()))
-    packages = {"shear", "shear"}  # hold layers of different heights; their __init__ only re-exports
+    packages = {"shear"}  # hold layers of different heights; their __init__ only re-exports
     outside = sorted(
         m for m in graph.modules
         if m not in packages and not any(m == n or m.startswith(n + ".") for n in named)

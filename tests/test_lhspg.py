@@ -18,11 +18,11 @@ import shear
 from shear.data import TextData
 from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.trace import trace
-from shear.passes.base import Context
-from shear.passes.lorashear.lhspg import LHSPG, LhspgHook
 from shear.kernels.allocation import ParamBudget, base_param_count
 from shear.kernels.lhspg import StructureViews
 from shear.model.tensors import TensorTable, nonzero_structures, zero_structures
+from shear.passes.base import Context
+from shear.passes.lorashear.lhspg import LHSPG, LhspgHook
 from shear.training import TokenBatches, TrainConfig, TrainHook, ensure_lora, train
 from shear.zoo import load_tiny_llama
 

@@ -63,9 +63,9 @@ def test_knowledge_distribution_groups_stay_whole(tmp_path):
     pipeline = PIPELINE.format(out=tmp_path, ratio=0.2).replace(",erase,", ",").split(",recover-dynamic")[0]
     pipeline = pipeline.replace("lr=0.002}", "lr=0.002,protect_cap=inf}")
     assert "protect_cap=inf" in pipeline
+    from shear.model.tensors import TensorTable, nonzero_structures
     from shear.passes import PassManager
     from shear.passes.base import Context
-    from shear.model.tensors import TensorTable, nonzero_structures
 
     ctx = Context(model=model, example_inputs=ids, data=data)
     PassManager(pipeline).run(ctx)

@@ -15,11 +15,11 @@ import torch
 import transformers
 
 import shear
+from shear.codegen import verify
+from shear.codegen.module_tree import apply_plan, plan_erasure
 from shear.data import TextData
 from shear.errors import VerifyError
 from shear.graph.trace import trace
-from shear.codegen import verify
-from shear.codegen.module_tree import apply_plan, plan_erasure
 from shear.model.tensors import TensorTable, zero_structures
 from shear.training import ensure_lora
 from shear.zoo import load_tiny_llama
@@ -172,8 +172,7 @@ def test_lora_on_a_bf16_model_keeps_adapters_fp32(tiny_llama):
 def test_taylor_saliency_of_a_bf16_model_keeps_no_gradient_copy(tiny_llama):
     """16-bit weights: taylor1's gradients are consumed as autograd finishes each one (at most one
     exists at a time) and agree with the full-gradient path (which keeps them all) to float rounding."""
-    from shear.kernels import saliency
-    from shear.kernels import saliency_signals
+    from shear.kernels import saliency, saliency_signals
 
     model, tok = tiny_llama
     data = TextData.from_corpus(tok, max_train_chars=20_000, max_val_chars=3_000)

@@ -7,9 +7,9 @@ import torch
 from hand_groups import llama_groups, tiny_llama
 
 from shear.errors import PipelineError
+from shear.model.tensors import TensorTable, nonzero_structures
 from shear.passes.base import PASS_REGISTRY, Context
 from shear.passes.baselines.random import Random, zero_random
-from shear.model.tensors import TensorTable, nonzero_structures
 
 
 class _G:

@@ -16,10 +16,10 @@ import torch
 import shear
 from shear.data import TextData
 from shear.errors import DataError, KernelError, PassError, PipelineError
-from shear.passes.base import Context
-from shear.passes.options import build_pass
-from shear.passes.lorashear.recovery import RecoverDynamic, RecoveryResult
 from shear.kernels.recovery import degradation, instruction_loss, mean_log, relative_gain, source_weights
+from shear.passes.base import Context
+from shear.passes.lorashear.recovery import RecoverDynamic, RecoveryResult
+from shear.passes.options import build_pass
 from shear.training import TokenBatches, ensure_lora, lora_layers
 from shear.zoo import load_tiny_llama
 

@@ -16,12 +16,12 @@ import torch.fx
 from torch import nn
 
 import shear
+from shear.codegen.graph_module import SIZE_RULES, register_size_rule
 from shear.errors import GraphError
 from shear.graph.analysis import ALIAS_OPS, DimAnalysis
 from shear.graph.modules.table import MODULE_SPECS, ModuleSpec, register_module
-from shear.graph.ops.specs import OP_SPECS, OpSpec, is_alias_op, lookup_rule, lookup_size_rule, register_op
 from shear.graph.ops.registry import OP_RULES
-from shear.codegen.graph_module import SIZE_RULES, register_size_rule
+from shear.graph.ops.specs import OP_SPECS, OpSpec, is_alias_op, lookup_rule, lookup_size_rule, register_op
 
 aten = torch.ops.aten
 OP = aten.special_entr  # an op shear has no rule for
@@ -116,9 +116,9 @@ class _Swish(nn.Module):
 
 
 def test_one_registration_gives_a_module_its_facets() -> None:
+    from shear.codegen.module_rules import MODULE_RULES, find_rule, update_module_attributes
     from shear.graph.modules.composites import is_zero_preserving_module
     from shear.graph.modules.norms import RMS_NORMS, RmsNormSpec, find_rms_norm
-    from shear.codegen.module_rules import MODULE_RULES, find_rule, update_module_attributes
 
     def attributes(m: nn.Module) -> None:
         m.width = int(m.weight.shape[0])
@@ -144,14 +144,14 @@ def test_one_registration_gives_a_module_its_facets() -> None:
 
 
 def test_the_old_module_helpers_are_thin_wrappers() -> None:
-    from shear.graph.modules.composites import ZERO_PRESERVING_MODULES, register_zero_preserving_module
-    from shear.graph.modules.norms import find_rms_norm, register_norm_rescale, register_rms_norm
     from shear.codegen.module_rules import (
         STRUCTURAL_RULES,
         find_rule,
         register_module_rule,
         register_structural_rule,
     )
+    from shear.graph.modules.composites import ZERO_PRESERVING_MODULES, register_zero_preserving_module
+    from shear.graph.modules.norms import find_rms_norm, register_norm_rescale, register_rms_norm
 
     before = dict(MODULE_SPECS)
     try:

@@ -14,11 +14,11 @@ from shear.data import TextData
 from shear.errors import DataError, KernelError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.graph.ir import LoraComposite
-from shear.passes import Context, PassManager, parse_pipeline
-from shear.passes.lorashear.saliency import Saliency
-from shear.passes.baselines.taylor import Taylor
-from shear.model.tensors import TensorTable, nonzero_structures
 from shear.kernels.saliency import CRITERIA, compute_saliency, parse_weights, taylor_importance
+from shear.model.tensors import TensorTable, nonzero_structures
+from shear.passes import Context, PassManager, parse_pipeline
+from shear.passes.baselines.taylor import Taylor
+from shear.passes.lorashear.saliency import Saliency
 
 
 def _rows(size: int) -> torch.Tensor:

@@ -140,8 +140,8 @@ def check_lorashear(arch: str, data: Any, ratio: float = 0.03) -> dict[str, Any]
     embeddings (64 here) recover on the corpus only: the instruction prompts are longer.
     """
     import shear
-    from shear.kernels.allocation import base_param_count
     from shear.codegen.hf_config import max_positions
+    from shear.kernels.allocation import base_param_count
 
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]()

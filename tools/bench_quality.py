@@ -69,8 +69,8 @@ from typing import Any
 
 import torch
 
-from shear.passes.budgets import lhspg_steps
 from shear.kernels.allocation import base_param_count
+from shear.passes.budgets import lhspg_steps
 
 __all__ = ["main", "Profile"]
 

@@ -32,9 +32,9 @@ import torch
 from bench_training_memory import LLAMA_SHAPES
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shear.codegen.module_tree import codegen, plan_erasure
 from shear.graph import trace
 from shear.passes.baselines.random import zero_random
-from shear.codegen.module_tree import codegen, plan_erasure
 
 __all__ = ["main"]
 

@@ -123,9 +123,9 @@ class _Clock(TrainHook):
 
 def _shear(base: nn.Module, args: argparse.Namespace, tokens: torch.Tensor, lhspg: bool) -> tuple[Callable[[], float], Any]:
     from shear.graph.trace import trace
-    from shear.passes.lorashear.lhspg import LhspgHook
     from shear.kernels.allocation import ParamBudget
     from shear.kernels.lhspg import StructureViews
+    from shear.passes.lorashear.lhspg import LhspgHook
     from shear.training import TokenBatches, TrainConfig, ensure_lora, train
 
     model, _ = ensure_lora(copy.deepcopy(base), r=8)

@@ -143,15 +143,15 @@ def _trim() -> None:
 
 def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     """Run saliency, LHSPG, erase and recovery on a LLaMA shape; one row per phase."""
+    from shear.codegen.module_tree import ErasureReport
     from shear.data import TextData
     from shear.graph import Graph
+    from shear.kernels.saliency import parse_weights
     from shear.passes.base import Context
     from shear.passes.core.discover import DiscoverGroups
     from shear.passes.core.erase import Erase
     from shear.passes.lorashear.lhspg import LHSPG, LhspgResult, _calibration, _eligible, _scorer
     from shear.passes.manager import PassManager
-    from shear.codegen.module_tree import ErasureReport
-    from shear.kernels.saliency import parse_weights
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.model.facts import base_weight_name, is_lora_param
 from shear.codegen.module_rules import in_out_features
+from shear.model.facts import base_weight_name, is_lora_param
 
 __all__ = [
     "CONFIG_RULES",

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from shear.errors import GraphError
-from shear.graph.modules.table import ModuleRule, PredicateView, lookup_module, register_module, type_view
 from shear.graph.modules.norms import RMS_NORMS, RmsNormSpec, find_rms_norm, register_rms_norm
+from shear.graph.modules.table import ModuleRule, PredicateView, lookup_module, register_module, type_view
 
 __all__ = [
     "ModuleRule",

@@ -46,12 +46,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.errors import GraphError, VerifyError
-from shear.graph.groups import Member, PruningGroup, Role
 from shear.codegen import verify as _verify
 from shear.codegen.hf_config import refresh_config
-from shear.model.tensors import TensorTable, drop_indices, nonzero_structures
 from shear.codegen.module_rules import find_rms_norm, update_module_attributes
+from shear.errors import GraphError, VerifyError
+from shear.graph.groups import Member, PruningGroup, Role
+from shear.model.tensors import TensorTable, drop_indices, nonzero_structures
 
 __all__ = [
     "ErasurePlan", "ErasureReport", "plan_erasure", "plan_removal", "apply_plan", "codegen", "EMIT_MODES", "drop_indices",

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from shear.errors import ShearError, VerifyError
+from shear.model.blocks import decoder_blocks
 from shear.model.devices import model_dtype
 
 __all__ = [
@@ -135,8 +136,6 @@ def _units(model: nn.Module, bits: int = 32) -> list[tuple[nn.Module, bool]]:
     """``(module, whole)`` pairs that :func:`upcast` converts one at a time (to ``bits``): each decoder
     block as a whole (a block larger than :data:`UPCAST_BLOCK_BYTES` once converted: its submodules,
     see :func:`_split`), and every other module with tensors of its own (just those)."""
-    from shear.kernels.ebft import decoder_blocks
-
     try:
         blocks = list(decoder_blocks(model))
     except ShearError:

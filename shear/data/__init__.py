@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 from shear.data.corpus import DOC_SEPARATOR, Document, load_corpus, load_documents, load_text, verify_data
-from shear.data.readers import read_bytes, read_jsonl, read_text
 from shear.data.instructions import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -23,6 +22,7 @@ from shear.data.instructions import (
     tokenize_instruction,
 )
 from shear.data.layout import DATA_ENV, corpus_file, data_root, instructions_file, manifest_file
+from shear.data.readers import read_bytes, read_jsonl, read_text
 from shear.data.sources import SOURCE_NAMES, SOURCES, SPLITS, SourceInfo
 from shear.data.tasks import MultipleChoice, define_word_task, next_line_task
 from shear.data.text import TextData, require_text_data

@@ -16,8 +16,8 @@ import json
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from shear.data.readers import read_jsonl
 from shear.data.layout import corpus_file, data_root, manifest_file
+from shear.data.readers import read_jsonl
 from shear.data.sources import SOURCE_NAMES
 from shear.errors import DataError
 

@@ -18,8 +18,8 @@ import os
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from shear.data.readers import read_jsonl
 from shear.data.layout import instructions_file
+from shear.data.readers import read_jsonl
 from shear.errors import DataError
 
 __all__ = [

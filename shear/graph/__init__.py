@@ -12,11 +12,11 @@ from shear.graph.analysis import Diagnostic, DimAnalysis
 from shear.graph.draw import draw, to_dot
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role, Slice
 from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
-from shear.graph.modules.table import ModuleSpec, register_module
 from shear.graph.modules.composites import register_zero_preserving_module
 from shear.graph.modules.norms import RmsNormSpec, find_rms_norm, register_norm_rescale, register_rms_norm
-from shear.graph.ops.specs import OpSpec
+from shear.graph.modules.table import ModuleSpec, register_module
 from shear.graph.ops.registry import OP_RULES, register_op
+from shear.graph.ops.specs import OpSpec
 from shear.graph.trace import trace
 
 __all__ = [

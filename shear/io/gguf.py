@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from shear.codegen.hf_config import hf_base_model
 from shear.errors import ExportError
 from shear.io.outputs import atomic_file, check_output_file
 from shear.io.gguf_vocab import GgufVocab, read_vocab
-from shear.codegen.hf_config import hf_base_model
 from shear.model.facts import base_weight_name, is_lora_param
 
 __all__ = [

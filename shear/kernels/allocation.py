@@ -32,8 +32,8 @@ from torch import nn
 
 from shear.errors import KernelError
 from shear.graph.groups import PruningGroup
-from shear.model.tensors import TensorTable
 from shear.model.facts import is_lora_param
+from shear.model.tensors import TensorTable
 
 __all__ = ["ParamBudget", "base_param_count", "structure_count", "zero_to_budget"]
 

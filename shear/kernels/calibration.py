@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from shear.errors import DataError, KernelError
+from shear.model.blocks import block_path, decoder_blocks
 from shear.model.devices import model_device
 
 if TYPE_CHECKING:
@@ -160,22 +161,18 @@ def prunable_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """The linear layers the sparsity baselines prune, by name in ``model.named_modules()``.
 
-    For a decoder LLM (blocks found by :func:`shear.kernels.ebft.decoder_blocks`), every linear
+    For a decoder LLM (blocks found by :func:`shear.model.blocks.decoder_blocks`), every linear
     inside its blocks; embeddings and ``lm_head`` are left dense, as in the Wanda/SparseGPT papers.
     Other models: every linear except the output embedding (``get_output_embeddings()``).
     """
-    from shear.kernels.ebft import decoder_blocks
-
     names = {id(m): n for n, m in model.named_modules()}
-    try:
-        blocks = decoder_blocks(model)
-    except KernelError:
+    if block_path(model) is None:
         out = prunable_linears(model)
         get_out = getattr(model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
         return {n: m for n, m in out.items() if m is not head}
     found: dict[str, nn.Linear] = {}
-    for block in blocks:
+    for block in decoder_blocks(model):
         found.update(prunable_linears(block, names[id(block)]))
     return found
 
@@ -236,10 +233,10 @@ def sequential_prune(
     call ``prune(name, layer, stats)`` for each, then run the pruned block again to make the next
     block's inputs. ``bar`` advances once per layer. Returns the pruned layers' names in order.
 
-    Raises :class:`KernelError` when the model has no decoder blocks (see
-    :data:`shear.kernels.ebft.BLOCK_PATHS`).
+    Raises :class:`~shear.errors.ModelError` when the model has no decoder blocks (see
+    :data:`shear.model.blocks.BLOCK_PATHS`).
     """
-    from shear.kernels.ebft import capture_block_inputs, decoder_blocks, run_block
+    from shear.kernels.ebft import capture_block_inputs, run_block
 
     _check_ids(ids)
     blocks = decoder_blocks(model)

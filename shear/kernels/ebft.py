@@ -37,15 +37,13 @@ import torch
 from torch import nn
 
 from shear.errors import KernelError
+from shear.model.blocks import decoder_blocks, unwrap_model
 from shear.model.devices import model_device
 from shear.model.facts import is_lora_param
 
 __all__ = [
-    "BLOCK_PATHS",
     "BlockInputs",
     "Reconstruction",
-    "unwrap_model",
-    "decoder_blocks",
     "capture_block_inputs",
     "run_block",
     "block_mse",
@@ -54,65 +52,8 @@ __all__ = [
     "block_reconstruct",
 ]
 
-BLOCK_PATHS: tuple[str, ...] = (
-    "model.layers",  # LLaMA, Qwen2, Mistral, Gemma, Phi-3 (…ForCausalLM)
-    "model.decoder.layers",  # OPT
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
-    "gpt_neox.layers",  # Pythia / GPT-NeoX
-    "model.language_model.layers",  # multimodal wrappers
-    "transformer.blocks",  # MPT
-    "layers",  # a bare LlamaModel and friends
-    "decoder.layers",  # a bare OPTModel
-    "h",  # a bare GPT2Model
-)
-"""Attribute paths (from the unwrapped model) where decoder blocks live, tried in order."""
-
-
 class _Stop(Exception):
     """Raised by a capture hook to end a forward pass once the blocks' inputs are recorded."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model under a peft wrapper (``PeftModel.get_base_model()``), else ``model`` itself."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        base = get_base()
-        if isinstance(base, nn.Module):
-            return base
-    return model
-
-
-def _get_path(module: nn.Module, path: str) -> Any:
-    obj: Any = module
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a (possibly peft-wrapped) HF-style decoder LLM, in order.
-
-    Raises :class:`KernelError` naming the model class when none of :data:`BLOCK_PATHS` holds a
-    non-empty ``nn.ModuleList``.
-
-    Example:
-        >>> decoder_blocks(torch.nn.Linear(2, 2))
-        Traceback (most recent call last):
-        ...
-        shear.errors.KernelError: Linear has no decoder blocks: ...
-    """
-    base = unwrap_model(model)
-    for path in BLOCK_PATHS:
-        blocks = _get_path(base, path)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    raise KernelError(
-        f"{type(base).__name__} has no decoder blocks: block-wise reconstruction needs a decoder LLM whose "
-        f"blocks are an nn.ModuleList at one of {', '.join(BLOCK_PATHS)} (a transformers causal LM such as "
-        "LlamaForCausalLM). Add the path to shear.kernels.ebft.BLOCK_PATHS for a new architecture."
-    )
 
 
 @dataclass

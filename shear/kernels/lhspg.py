@@ -38,8 +38,8 @@ from torch import nn
 from shear.errors import KernelError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import LoraComposite
-from shear.model.tensors import TensorTable
 from shear.model.dtensor import gather, writable
+from shear.model.tensors import TensorTable
 
 __all__ = ["StructureViews", "LoraLink"]
 

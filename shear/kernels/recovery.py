@@ -6,7 +6,6 @@
   keeps a floor share, the rest goes by ``softmax(d / temperature)`` or in proportion to ``d``;
 * :func:`relative_gain` / :func:`mean_log` — the convergence test on the mean validation log-ppl;
 * :func:`instruction_loss` — mean response-token NLL of instruction examples (labels -100 on the prompt);
-* :func:`plot_recovery` — the figure: the mixture per round as stacked bars, per-source ppl as lines.
 
 Example:
     >>> d = degradation({"a": 40.0, "b": 20.0}, {"a": 20.0, "b": 20.0})
@@ -20,9 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -38,7 +35,6 @@ __all__ = [
     "mean_log",
     "relative_gain",
     "instruction_loss",
-    "plot_recovery",
 ]
 
 WeightMode = Literal["softmax", "proportional"]
@@ -195,59 +191,3 @@ def instruction_loss(
     if count == 0:
         raise DataError("the instruction examples have no response tokens (all labels are -100)")
     return nll / count
-
-
-def plot_recovery(
-    rounds: Sequence[tuple[str, Mapping[str, float], Mapping[str, float]]],
-    dense: Mapping[str, float],
-    stem: str | os.PathLike[str],
-    *,
-    formats: Sequence[str] = ("png", "svg"),
-) -> list[Path]:
-    """Draw a recovery run: the source mixture of every round, and per-source ppl after every round.
-
-    ``rounds`` holds ``(label, weights, ppl)`` per evaluation point, the first one being the state
-    before recovery (its ``weights`` empty); a round with empty ``weights`` (an instruction round)
-    gets a grey bar. Dense perplexities are drawn as dashed lines in each source's colour. Writes
-    ``<stem>.<fmt>`` per format and returns the paths.
-    """
-    from shear.report.figures import _pyplot, save_figure
-
-    if not rounds:
-        raise DataError("plot_recovery needs at least the evaluation before recovery")
-    plt = _pyplot()
-    sources = list(rounds[0][2])
-    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(sources)}
-    n = len(rounds)
-    fig, (ax_w, ax_p) = plt.subplots(1, 2, figsize=(max(9.0, 1.1 * n + 5.0), 4.2))
-    try:
-        x = list(range(1, n))
-        bottom = [0.0] * (n - 1)
-        for s in sources:
-            h = [float(r[1].get(s, 0.0)) for r in rounds[1:]]
-            ax_w.bar(x, h, bottom=bottom, color=colours[s], label=s, edgecolor="white", linewidth=0.5)
-            bottom = [b + v for b, v in zip(bottom, h)]
-        grey = [1.0 if not r[1] else 0.0 for r in rounds[1:]]
-        if any(grey):
-            ax_w.bar(x, grey, color="#bbbbbb", label="instructions", edgecolor="white", linewidth=0.5)
-        ax_w.set_xticks(x)
-        ax_w.set_xticklabels([r[0] for r in rounds[1:]], rotation=45, ha="right", fontsize=8)
-        ax_w.set_ylim(0, 1)
-        ax_w.set_ylabel("share of training samples")
-        ax_w.set_title("Source mixture per round", fontsize=10)
-        ax_w.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        xs = list(range(n))
-        for s in sources:
-            ys = [float(r[2].get(s, math.nan)) for r in rounds]
-            ax_p.plot(xs, ys, marker="o", color=colours[s], label=s)
-            if s in dense:
-                ax_p.axhline(dense[s], color=colours[s], linestyle="--", linewidth=0.8)
-        ax_p.set_xticks(xs)
-        ax_p.set_xticklabels([r[0] for r in rounds], rotation=45, ha="right", fontsize=8)
-        ax_p.set_yscale("log")
-        ax_p.set_ylabel("validation perplexity (dashed: dense)")
-        ax_p.set_title("Per-source perplexity after each round", fontsize=10)
-        ax_p.legend(fontsize=7, loc="best")
-        return save_figure(fig, stem, formats)
-    finally:
-        plt.close(fig)

@@ -57,7 +57,6 @@ from torch import nn
 from shear.errors import DataError, KernelError
 from shear.graph.groups import Member, PruningGroup
 from shear.graph.ir import LoraComposite
-from shear.model.tensors import TensorTable
 from shear.kernels.saliency_signals import (
     add_rowsum,
     input_norms,
@@ -66,6 +65,7 @@ from shear.kernels.saliency_signals import (
     row_blocks,
     rowsum,
 )
+from shear.model.tensors import TensorTable
 
 __all__ = [
     "CRITERIA",

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from shear.errors import DataError, ShearError
+from shear.model.blocks import decoder_blocks
 from shear.model.devices import model_device
 from shear.model.tensors import TensorTable
 
@@ -93,8 +94,6 @@ def _checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     the calibration gradients of taylor saliency cost one block's activations, not the model's (on a
     7B at 4 x 256 calibration tokens, predicted: 0.5 GB instead of 9 GB). Eval-mode forwards are deterministic,
     so the gradients are the same. Models without known decoder blocks run as they are."""
-    from shear.kernels.ebft import decoder_blocks
-
     try:
         blocks = list(decoder_blocks(model))
     except ShearError:

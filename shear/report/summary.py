@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from shear.graph.groups import PruningGroup
+from shear.model.facts import base_weight_name
 from shear.passes.base import Context, Pass
 from shear.passes.manager import PassRecord
-from shear.model.facts import base_weight_name
 
 __all__ = ["CompileReport", "GroupRecord", "PassRecord", "ReportBuilder", "zero_structures"]
 

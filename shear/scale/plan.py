@@ -172,9 +172,9 @@ def plan_source(
     (the meta skeleton becomes the pruned shapes)."""
     from dataclasses import replace
 
-    from shear.kernels.allocation import ParamBudget, structure_count
-    from shear.codegen.module_tree import apply_plan, plan_removal
     from shear.codegen.hf_config import candidate_config_updates, refresh_config
+    from shear.codegen.module_tree import apply_plan, plan_removal
+    from shear.kernels.allocation import ParamBudget, structure_count
 
     require_number("plan", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
     require_number("plan", "round_to", round_to, integer=True, low=1, high=1 << 20)

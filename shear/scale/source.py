@@ -29,6 +29,7 @@ from torch import nn
 
 from shear.errors import CheckpointError, GraphError, InputError, ModelLoadError
 from shear.graph.ir import Graph
+from shear.model.blocks import BLOCK_PATHS, block_path
 
 __all__ = [
     "ModelSource",
@@ -212,15 +213,9 @@ def meta_model(config: Any) -> nn.Module:
 
 def block_prefix(model: nn.Module) -> str:
     """The module path of the decoder blocks (``model.layers`` for LLaMA-style models)."""
-    from shear.kernels.ebft import BLOCK_PATHS
-
-    for path in BLOCK_PATHS:
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return path
+    path = block_path(model)
+    if path is not None:
+        return path
     raise GraphError(f"{type(model).__name__}: no decoder blocks at {', '.join(BLOCK_PATHS)}; cannot plan it block by block")
 
 

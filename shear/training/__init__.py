@@ -16,6 +16,8 @@ Example:
     >>> result = train(model, TokenBatches.from_config({"web": ids}, cfg), cfg)            # doctest: +SKIP
 """
 
+from shear.kernels.losses import causal_lm_loss_sum, count_targets
+from shear.training.adapters import ensure_lora, is_lora_param, lora_layers, merge_and_reset_lora
 from shear.training.batches import IGNORE_INDEX, BatchStream, InstructionBatches, TokenBatches
 from shear.training.checkpoints import (
     TrainCheckpoint,
@@ -29,8 +31,7 @@ from shear.training.distill import DistillLoss, chunked_distill_sums
 from shear.training.distributed import Parallel, detect_parallel
 from shear.training.hooks import TrainHook, TrainState
 from shear.training.loop import LossFn, select_trainable, train
-from shear.training.adapters import ensure_lora, is_lora_param, lora_layers, merge_and_reset_lora
-from shear.kernels.losses import causal_lm_loss_sum, count_targets
+from shear.training.optim import Schedule, build_optimizer, build_scheduler, reset_optimizer_state
 from shear.training.peak_memory import (
     MemoryStats,
     PeakMemory,
@@ -38,7 +39,6 @@ from shear.training.peak_memory import (
     lora_state_bytes,
     tensor_bytes,
 )
-from shear.training.optim import Schedule, build_optimizer, build_scheduler, reset_optimizer_state
 from shear.training.result import StepLog, TrainResult
 from shear.training.rng import capture_rng, restore_rng, seed_everything
 

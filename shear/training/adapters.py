@@ -28,8 +28,8 @@ from torch import nn
 
 from shear.errors import TrainingError
 from shear.model.devices import seeded_draw
-from shear.model.facts import is_lora_param
 from shear.model.dtensor import gather, writable
+from shear.model.facts import is_lora_param
 
 __all__ = ["ensure_lora", "lora_layers", "merge_and_reset_lora", "is_lora_param", "lora_target_names"]
 

@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from shear.errors import TrainingError
-from shear.training.batches import IGNORE_INDEX
 from shear.kernels.losses import count_targets, forward_kwargs, head_bypassed, logits_of, output_head
+from shear.training.batches import IGNORE_INDEX
 
 __all__ = ["DistillLoss", "chunked_distill_sums", "check_distill_options"]
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shear.model.blocks import block_path, decoder_blocks
 from shear.model.dtensor import gather
 
 __all__ = ["fsdp_mesh", "transformer_blocks", "shard_copy", "write_back", "gradient_sync"]
@@ -47,14 +48,10 @@ def fsdp_mesh(device: torch.device | None) -> Any:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules to shard one by one: instances of the classes any submodule lists in
-    ``_no_split_modules`` (transformers' decoder layers), else the members of the longest ModuleList."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
-    if blocks:
-        return blocks
+    """The modules to shard one by one: a decoder LLM's blocks (:func:`shear.model.blocks.decoder_blocks`,
+    the one answer to where they are), else, for any other model, the members of its longest ModuleList."""
+    if block_path(model) is not None:
+        return list(decoder_blocks(model))
     lists = [list(m) for m in model.modules() if isinstance(m, nn.ModuleList)]
     return max(lists, key=len) if lists else []
 

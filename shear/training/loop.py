@@ -46,23 +46,8 @@ import torch
 from torch import nn
 
 from shear.errors import CheckpointError, TrainingError
-from shear.model.devices import model_device
-from shear.kernels.losses import LOSS_CHUNK_TOKENS
-from shear.training.batches import BatchStream
-from shear.training.checkpoints import (
-    TrainCheckpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
-from shear.training.config import TrainConfig
-from shear.training.distributed import Parallel, detect_parallel
-from shear.training.fingerprint import RunFingerprint
-from shear.training.fsdp import fsdp_mesh, shard_copy, write_back
-from shear.training.hooks import TrainHook, TrainState
-from shear.training.adapters import is_lora_param
 from shear.kernels.losses import (
+    LOSS_CHUNK_TOKENS,
     causal_lm_loss_sum,
     chunk_tokens,
     chunked_causal_lm_loss_sum,
@@ -72,10 +57,17 @@ from shear.kernels.losses import (
     logits_of,
     output_head,
 )
-from shear.training.peak_memory import PeakMemory, auto_checkpointing, auto_loss_chunking
-from shear.training.optim import build_optimizer, build_scheduler
-from shear.training.result import StepLog, TrainResult
-from shear.training.rng import capture_rng, restore_rng, seed_everything
+from shear.model.devices import model_device
+from shear.training.adapters import is_lora_param
+from shear.training.batches import BatchStream
+from shear.training.checkpoints import (
+    TrainCheckpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from shear.training.config import TrainConfig
 from shear.training.dcp_checkpoints import (
     SHARDED_FORMAT,
     is_sharded_checkpoint,
@@ -83,6 +75,14 @@ from shear.training.dcp_checkpoints import (
     read_record,
     save_sharded_checkpoint,
 )
+from shear.training.distributed import Parallel, detect_parallel
+from shear.training.fingerprint import RunFingerprint
+from shear.training.fsdp import fsdp_mesh, shard_copy, write_back
+from shear.training.hooks import TrainHook, TrainState
+from shear.training.optim import build_optimizer, build_scheduler
+from shear.training.peak_memory import PeakMemory, auto_checkpointing, auto_loss_chunking
+from shear.training.result import StepLog, TrainResult
+from shear.training.rng import capture_rng, restore_rng, seed_everything
 
 __all__ = ["train", "select_trainable", "resolve_bf16", "LossFn", "Progress"]
 

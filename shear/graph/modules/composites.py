@@ -26,8 +26,8 @@ from collections.abc import Callable
 from torch import nn
 
 from shear.graph.ir import LoraComposite
-from shear.graph.modules.table import PredicateView, lookup_module, register_module
 from shear.graph.modules.norms import find_rms_norm
+from shear.graph.modules.table import PredicateView, lookup_module, register_module
 
 __all__ = [
     "ZERO_PRESERVING_MODULES",

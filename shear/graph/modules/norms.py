@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.graph.modules.table import lookup_module, register_module, type_view
 from shear.graph.modules.rms_norm_spec import RmsNormSpec
+from shear.graph.modules.table import lookup_module, register_module, type_view
 
 __all__ = [
     "RmsNormSpec",

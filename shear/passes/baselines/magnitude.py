@@ -35,10 +35,8 @@ from torch import nn
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph
-from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.kernels.allocation import structure_count, zero_to_budget
 from shear.kernels.calibration import target_linears
-from shear.model.tensors import TensorTable, zero_structures
 from shear.kernels.sparsity import (
     WeightMasks,
     check_mode,
@@ -47,6 +45,8 @@ from shear.kernels.sparsity import (
     select_mask,
     store_masks,
 )
+from shear.model.tensors import TensorTable, zero_structures
+from shear.passes.base import Context, Pass, PassResult, register_pass
 
 __all__ = ["Magnitude", "structure_norms", "prune_lowest_norm", "structure_masks", "magnitude_masks"]
 

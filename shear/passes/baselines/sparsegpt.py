@@ -38,9 +38,9 @@ from torch import nn
 
 from shear.data.text import calibration_ids
 from shear.errors import PassError, PipelineError
-from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.kernels.calibration import LayerStats, sequential_prune, target_linears
 from shear.kernels.sparsity import WeightMasks, check_mode, check_nm, check_ratio, store_masks
+from shear.passes.base import Context, Pass, PassResult, register_pass
 
 __all__ = ["SparseGPT", "SparseGPTResult", "sparsegpt_prune"]
 

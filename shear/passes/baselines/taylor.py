@@ -24,10 +24,10 @@ from shear.data.text import calibration_ids
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph
-from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.kernels.allocation import structure_count, zero_to_budget
-from shear.model.tensors import TensorTable, zero_structures
 from shear.kernels.saliency import taylor_importance
+from shear.model.tensors import TensorTable, zero_structures
+from shear.passes.base import Context, Pass, PassResult, register_pass
 
 __all__ = ["Taylor", "zero_lowest"]
 

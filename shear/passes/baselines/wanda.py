@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from shear.data.text import calibration_ids
-from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.kernels.calibration import LayerStats, sequential_prune, target_linears
 from shear.kernels.sparsity import WeightMasks, check_mode, check_nm, check_ratio, select_mask, store_masks
+from shear.passes.base import Context, Pass, PassResult, register_pass
 
 __all__ = ["Wanda", "wanda_scores", "wanda_mask"]
 

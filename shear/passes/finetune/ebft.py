@@ -43,9 +43,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from shear.codegen.module_tree import ErasureReport
 from shear.data.text import calibration_ids
 from shear.errors import PipelineError
-from shear.passes.base import DENSE, Context, Key, Pass, PassResult, register_analysis, register_pass
 from shear.kernels.ebft import (
     BlockInputs,
     block_reconstruct,
@@ -56,10 +56,10 @@ from shear.kernels.ebft import (
     trainable_parameters,
     unwrap_model,
 )
-from shear.codegen.module_tree import ErasureReport
+from shear.kernels.sparsity import WeightMasks
 from shear.model.devices import model_device
 from shear.model.facts import is_lora_param
-from shear.kernels.sparsity import WeightMasks
+from shear.passes.base import DENSE, Context, Key, Pass, PassResult, register_analysis, register_pass
 
 __all__ = [
     "EBFT",

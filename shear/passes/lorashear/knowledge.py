@@ -46,14 +46,15 @@ import torch
 from torch import nn
 
 from shear.errors import PassError, PipelineError
+from shear.figures import plot_deviation
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph, NodeGroup
+from shear.kernels.allocation import structure_count
+from shear.kernels.saliency import SaliencyScores, compute_saliency
+from shear.model.facts import strip_peft_prefix
+from shear.model.tensors import TensorTable
 from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
 from shear.passes.lorashear.knowledge_cache import cache_key, load_result, save_result
-from shear.kernels.allocation import structure_count
-from shear.model.tensors import TensorTable
-from shear.model.facts import strip_peft_prefix
-from shear.kernels.saliency import SaliencyScores, compute_saliency
 
 __all__ = ["KnowledgeDistributionAnalysis", "KnowledgeDistribution", "NodeGroupDeviation", "pooled_perplexity"]
 
@@ -380,8 +381,6 @@ class KnowledgeDistributionAnalysis(Pass):
 
     def _with_figure(self, result: KnowledgeDistribution, out_dir: Path) -> KnowledgeDistribution:
         """``result`` with the deviation bar chart written under ``out_dir``."""
-        from shear.report.figures import plot_deviation
-
         entries = result.entries
         finite = [e.deviation for e in entries if math.isfinite(e.deviation)]
         cap = max([abs(d) for d in finite] + [1.0]) * 10

@@ -47,14 +47,14 @@ import torch
 from shear.data.text import TextData, require_text_data
 from shear.errors import PipelineError
 from shear.graph.ir import Graph
-from shear.passes.base import Context, Key, Pass, PassResult, register_analysis, register_pass
-from shear.passes.finetune.ebft import RequiresTeacher, dense_teacher
-from shear.passes.lorashear.knowledge import KnowledgeDistribution
-from shear.passes.core.lora import AddLora, LoraState
 from shear.kernels.allocation import ParamBudget
 from shear.kernels.lhspg import StructureViews
-from shear.model.facts import strip_peft_prefix
 from shear.kernels.saliency import compute_saliency, parse_weights
+from shear.model.facts import strip_peft_prefix
+from shear.passes.base import Context, Key, Pass, PassResult, register_analysis, register_pass
+from shear.passes.core.lora import AddLora, LoraState
+from shear.passes.finetune.ebft import RequiresTeacher, dense_teacher
+from shear.passes.lorashear.knowledge import KnowledgeDistribution
 from shear.training.distill import DistillLoss, check_distill_options
 from shear.training.hooks import TrainHook
 

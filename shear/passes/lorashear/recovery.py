@@ -73,6 +73,11 @@ from torch import nn
 
 from shear.data.text import TextData, require_text_data
 from shear.errors import DataError, KernelError, PipelineError
+from shear.figures import plot_recovery
+from shear.kernels.recovery import (
+    check_weight_options,
+    mean_log,
+)
 from shear.passes.base import (
     Context,
     Key,
@@ -91,11 +96,6 @@ from shear.passes.lorashear.recovery_results import (
     Stage,
 )
 from shear.passes.lorashear.recovery_rounds import RecoveryRun, optional_dense, sources_of
-from shear.kernels.recovery import (
-    check_weight_options,
-    mean_log,
-    plot_recovery,
-)
 from shear.training.distill import check_distill_options
 
 __all__ = ["RecoverDynamic", "RecoveryResult", "RecoveryRound", "DensePerplexity"]

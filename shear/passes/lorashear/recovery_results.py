@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from shear.errors import PassError
+from shear.kernels.recovery import (
+    mean_log,
+)
 from shear.passes.base import (
     DENSE,
     OneOf,
     register_analysis,
-)
-from shear.kernels.recovery import (
-    mean_log,
 )
 
 __all__ = ["Stage", "RecoveryRound", "RecoveryResult", "DensePerplexity", "DENSE_REFERENCE"]

@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from shear.codegen.hf_config import max_positions
 from shear.data.text import TextData
 from shear.errors import DataError
-from shear.passes.base import Context
-from shear.passes.lorashear.recovery_results import DensePerplexity, RecoveryResult, RecoveryRound, Stage
-from shear.codegen.hf_config import max_positions
 from shear.kernels.recovery import (
     degradation,
     instruction_loss,
@@ -27,6 +25,8 @@ from shear.kernels.recovery import (
     relative_gain,
     source_weights,
 )
+from shear.passes.base import Context
+from shear.passes.lorashear.recovery_results import DensePerplexity, RecoveryResult, RecoveryRound, Stage
 
 if TYPE_CHECKING:
     from shear.passes.lorashear.recovery import RecoverDynamic

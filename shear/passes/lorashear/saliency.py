@@ -24,8 +24,8 @@ from typing import ClassVar, Literal
 
 from shear.data.text import calibration_ids
 from shear.graph.ir import Graph
-from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
 from shear.kernels.saliency import SaliencyScores, compute_saliency, parse_weights
+from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
 
 __all__ = ["Saliency"]
 
