@@ -10,7 +10,7 @@ from hand_groups import llama_groups, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from shear.codegen.module_rules import RMS_NORMS, RmsNormSpec, update_module_attributes
+from shear.codegen.module_rules import RmsNormSpec, find_rms_norm, update_module_attributes
 from shear.codegen.module_tree import apply_plan, codegen, plan_erasure
 from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role
@@ -92,7 +92,7 @@ def test_rms_norm_rescale_formula() -> None:
     keep = [0, 2, 3, 5]
     small = copy.deepcopy(norm)
     small.weight = nn.Parameter(norm.weight.detach()[keep])
-    RMS_NORMS[nn.RMSNorm].rescale(small, 6, 4)
+    find_rms_norm(norm).rescale(small, 6, 4)
     update_module_attributes(small)
     assert small.normalized_shape == (4,)
     torch.testing.assert_close(small(x[:, keep]), norm(x)[:, keep], rtol=0, atol=1e-6)

@@ -16,12 +16,19 @@ import torch.fx
 from torch import nn
 
 import shear
-from shear.codegen.graph_module import SIZE_RULES, register_size_rule
+from shear.codegen.graph_module import register_size_rule
 from shear.errors import GraphError
-from shear.graph.analysis import ALIAS_OPS, DimAnalysis
+from shear.graph.analysis import DimAnalysis
 from shear.graph.modules.table import MODULE_SPECS, ModuleSpec, register_module
-from shear.graph.ops.registry import OP_RULES
-from shear.graph.ops.specs import OP_SPECS, OpSpec, is_alias_op, lookup_rule, lookup_size_rule, register_op
+from shear.graph.ops.specs import (
+    OP_SPECS,
+    OpSpec,
+    alias_ops,
+    is_alias_op,
+    lookup_rule,
+    lookup_size_rule,
+    register_op,
+)
 
 aten = torch.ops.aten
 OP = aten.special_entr  # an op shear has no rule for
@@ -44,9 +51,9 @@ def test_one_registration_gives_an_op_all_three_facets(clean_op: None) -> None:
     register_op(OP, channel=channel, alias=True, size=size)
     assert OP_SPECS[OP] == OpSpec(channel=channel, alias=True, size=size)
     # the consumers: the analysis' rule lookup, its alias test, the codegen's size lookup (overloads too)
-    assert lookup_rule(OP.default) is channel and OP_RULES[OP] is channel
-    assert is_alias_op(OP.default) and OP in ALIAS_OPS
-    assert lookup_size_rule(OP.default) is size and SIZE_RULES[OP] is size
+    assert lookup_rule(OP.default) is channel
+    assert is_alias_op(OP.default) and OP in alias_ops()
+    assert lookup_size_rule(OP.default) is size
 
 
 def test_the_channel_rule_reaches_the_trace_and_the_alias_reaches_roles(clean_op: None) -> None:
@@ -85,12 +92,10 @@ def test_facets_merge_and_the_old_helpers_write_the_one_table(clean_op: None) ->
     register_op(OP.default, alias=False)  # an overload's own facet wins over its packet's
     assert not is_alias_op(OP.default) and lookup_rule(OP.default) is entr
     OP_SPECS.pop(OP.default)
-    with pytest.raises(TypeError):
-        OP_RULES[OP] = entr  # type: ignore[index]  # the views are read-only
 
 
 def test_built_in_aliases_and_size_rules_come_from_the_table() -> None:
-    assert set(ALIAS_OPS) == {
+    assert alias_ops() == {
         aten._to_copy, aten.to, aten.type_as, aten.clone, aten.contiguous, aten.alias, aten.detach,
         aten.add, aten.sub, aten.mul, aten.div, aten.neg,
     }  # fmt: skip
@@ -116,9 +121,9 @@ class _Swish(nn.Module):
 
 
 def test_one_registration_gives_a_module_its_facets() -> None:
-    from shear.codegen.module_rules import MODULE_RULES, find_rule, update_module_attributes
+    from shear.codegen.module_rules import find_rule, update_module_attributes
     from shear.graph.modules.composites import is_zero_preserving_module
-    from shear.graph.modules.norms import RMS_NORMS, RmsNormSpec, find_rms_norm
+    from shear.graph.modules.norms import RmsNormSpec, find_rms_norm
 
     def attributes(m: nn.Module) -> None:
         m.width = int(m.weight.shape[0])
@@ -131,8 +136,8 @@ def test_one_registration_gives_a_module_its_facets() -> None:
         assert MODULE_SPECS[_Norm] == ModuleSpec(attributes=attributes, rms_norm=spec)
         # the consumers: erasure's attribute rules, the analysis' RMS-norm and zero-preserving tests
         norm = _Norm()
-        assert find_rule(norm) is attributes and MODULE_RULES[_Norm] is attributes
-        assert find_rms_norm(norm) is spec and RMS_NORMS[_Norm] is spec
+        assert find_rule(norm) is attributes and MODULE_SPECS[_Norm].attributes is attributes
+        assert find_rms_norm(norm) is spec and MODULE_SPECS[_Norm].rms_norm is spec
         assert is_zero_preserving_module(norm) and is_zero_preserving_module(_Swish())
         norm.weight = nn.Parameter(norm.weight[:3])
         update_module_attributes(norm)
@@ -182,7 +187,7 @@ def test_the_old_module_helpers_are_thin_wrappers() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["shear.graph.ops.specs", "shear.graph.modules.table", "shear.graph.facet_views", "shear.graph.live_dims",
+    ["shear.graph.ops.specs", "shear.graph.modules.table", "shear.graph.live_dims",
      "shear.graph.ops.size", "shear.graph.modules.rms_norm_spec"],
 )  # fmt: skip
 def test_docstring_examples(name: str) -> None:

@@ -72,7 +72,7 @@ import shear.graph.ops.size  # noqa: F401  (registers the size facets)
 from shear.errors import GraphError, InputError, TraceError
 from shear.graph.analysis import DimAnalysis
 from shear.graph.live_dims import LiveDims
-from shear.graph.ops.specs import SIZE_RULES, SizeRule, lookup_size_rule, register_op
+from shear.graph.ops.specs import SizeRule, lookup_size_rule, register_op
 from shear.graph.trace import (
     _canonical_names,
     dynamic_shapes_for,
@@ -83,7 +83,7 @@ from shear.graph.trace import (
 from shear.model.tensors import drop_indices
 
 __all__ = [
-    "graph_codegen", "LiveDims", "SIZE_RULES", "register_size_rule", "TracedConstants", "FixedDims",
+    "graph_codegen", "LiveDims", "register_size_rule", "TracedConstants", "FixedDims",
     "finish_graph_module", "export_graph_module",
 ]
 
@@ -98,7 +98,7 @@ def register_size_rule(op: Any, *more_ops: Any) -> Callable[[SizeRule], SizeRule
         >>> from shear.graph.ops.specs import OP_SPECS
         >>> @register_size_rule(torch.ops.aten.special_entr)
         ... def entr_sizes(live, node) -> None: ...
-        >>> SIZE_RULES[torch.ops.aten.special_entr] is entr_sizes
+        >>> lookup_size_rule(torch.ops.aten.special_entr.default) is entr_sizes
         True
         >>> del OP_SPECS[torch.ops.aten.special_entr]
     """

@@ -13,7 +13,7 @@ looked up along the MRO, then by structure, so a new architecture is a new entry
     register_module(MyAttention, attributes=_my_attention)   # or @register_module_rule(MyAttention)
 
 How an RMS-style norm whose width shrinks is rescaled lives in :mod:`shear.graph.modules.norms`
-(:data:`RMS_NORMS`, re-exported here), which the analysis shares.
+(:func:`find_rms_norm`, re-exported here), which the analysis shares.
 
 Example:
     >>> import torch
@@ -35,12 +35,11 @@ import torch
 from torch import nn
 
 from shear.errors import GraphError
-from shear.graph.modules.norms import RMS_NORMS, RmsNormSpec, find_rms_norm, register_rms_norm
-from shear.graph.modules.table import ModuleRule, PredicateView, lookup_module, register_module, type_view
+from shear.graph.modules.norms import RmsNormSpec, find_rms_norm, register_rms_norm
+from shear.graph.modules.table import ModuleRule, PredicateView, lookup_module, register_module
 
 __all__ = [
     "ModuleRule",
-    "MODULE_RULES",
     "register_module_rule",
     "find_rule",
     "STRUCTURAL_RULES",
@@ -49,15 +48,10 @@ __all__ = [
     "LayerConfig",
     "update_module_attributes",
     "RmsNormSpec",
-    "RMS_NORMS",
     "register_rms_norm",
     "find_rms_norm",
     "in_out_features",
 ]
-
-MODULE_RULES = type_view("attributes")
-"""Read-only view: module type -> attribute rule, derived from the module table. Looked up along
-the MRO (most specific first)."""
 
 _M = TypeVar("_M", bound=ModuleRule)
 

@@ -15,7 +15,7 @@ from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
 from shear.graph.modules.composites import register_zero_preserving_module
 from shear.graph.modules.norms import RmsNormSpec, find_rms_norm, register_norm_rescale, register_rms_norm
 from shear.graph.modules.table import ModuleSpec, register_module
-from shear.graph.ops.registry import OP_RULES, register_op
+from shear.graph.ops.registry import register_op
 from shear.graph.ops.specs import OpSpec
 from shear.graph.trace import trace
 
@@ -28,7 +28,6 @@ __all__ = [
     "Member",
     "NodeGroup",
     "NormRescale",
-    "OP_RULES",
     "Overlap",
     "PruningGroup",
     "Role",

@@ -22,10 +22,10 @@ import torch.fx
 
 from shear.errors import GraphError
 from shear.graph.groups import Role
-from shear.graph.ops.specs import ALIAS_OPS, is_alias_op
+from shear.graph.ops.specs import is_alias_op
 from shear.graph.spaces import SpaceTable
 
-__all__ = ["Dims", "DimAnalysis", "StateRef", "Diagnostic", "ALIAS_OPS"]
+__all__ = ["Dims", "DimAnalysis", "StateRef", "Diagnostic"]
 
 _aten = torch.ops.aten
 

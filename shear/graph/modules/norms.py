@@ -39,11 +39,10 @@ import torch
 from torch import nn
 
 from shear.graph.modules.rms_norm_spec import RmsNormSpec
-from shear.graph.modules.table import lookup_module, register_module, type_view
+from shear.graph.modules.table import lookup_module, register_module
 
 __all__ = [
     "RmsNormSpec",
-    "RMS_NORMS",
     "EPS_ATTRS",
     "register_rms_norm",
     "register_norm_rescale",
@@ -51,10 +50,6 @@ __all__ = [
     "probe_rms_norm",
 ]
 
-
-RMS_NORMS = type_view("rms_norm")
-"""Read-only view: RMS-norm type -> spec, derived from the module table. A mean-centring norm
-(LayerNorm) is deliberately absent."""
 
 _PROBED: dict[type, RmsNormSpec | None] = {}
 

@@ -47,7 +47,6 @@ from typing import Any
 from torch import nn
 
 from shear.errors import GraphError
-from shear.graph.facet_views import FacetView
 from shear.graph.modules.rms_norm_spec import RmsNormSpec
 
 __all__ = [
@@ -58,7 +57,6 @@ __all__ = [
     "register_module",
     "lookup_module",
     "PredicateView",
-    "type_view",
     "types_only",
     "RmsNormSpec",
 ]
@@ -162,7 +160,3 @@ def types_only(key: Any) -> bool:
     """A key of :data:`MODULE_SPECS` that is a module type (not a predicate)."""
     return isinstance(key, type)
 
-
-def type_view(facet: str) -> FacetView:
-    """Read-only, live view: module type -> ``facet``, for the types that set it."""
-    return FacetView(MODULE_SPECS, facet, keys=types_only)

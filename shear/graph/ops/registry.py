@@ -24,9 +24,9 @@ import torch
 import torch.fx
 
 from shear.graph.analysis import DimAnalysis
-from shear.graph.ops.specs import OP_RULES, Rule, lookup_rule, register_op
+from shear.graph.ops.specs import Rule, lookup_rule, register_op
 
-__all__ = ["Rule", "OP_RULES", "register_op", "lookup_rule", "unknown_rule", "op_name", "fresh_like", "norm_dim"]
+__all__ = ["Rule", "register_op", "lookup_rule", "unknown_rule", "op_name", "fresh_like", "norm_dim"]
 
 
 def op_name(target: Any) -> str:

@@ -37,16 +37,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx
-
-from shear.graph.facet_views import FacetView
-
-if TYPE_CHECKING:
-    from shear.graph.analysis import DimAnalysis
-    from shear.graph.live_dims import LiveDims
 
 __all__ = [
     "Rule",
@@ -58,16 +52,17 @@ __all__ = [
     "lookup_rule",
     "lookup_size_rule",
     "is_alias_op",
-    "OP_RULES",
-    "SIZE_RULES",
-    "ALIAS_OPS",
+    "alias_ops",
 ]
 
-Rule = Callable[["DimAnalysis", torch.fx.Node], Any]
-"""A channel rule: the spaces of the op's output(s) from those of its inputs."""
+Rule = Callable[[Any, torch.fx.Node], Any]
+"""A channel rule ``rule(a, node)``: the spaces of the op's output(s) from those of its inputs, read from
+``a``, the :class:`~shear.graph.analysis.DimAnalysis` (typed ``Any`` here: the table sits below the
+analysis that reads it)."""
 
-SizeRule = Callable[["LiveDims", torch.fx.Node], None]
-"""Rewrites the size constants of one graph node in place, from the surviving positions."""
+SizeRule = Callable[[Any, torch.fx.Node], None]
+"""``rule(live, node)`` rewrites the size constants of one graph node in place, from the surviving
+positions in ``live``, a :class:`~shear.graph.live_dims.LiveDims`."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +141,6 @@ def is_alias_op(target: Any) -> bool:
     return bool(lookup_op(target, "alias"))
 
 
-OP_RULES = FacetView(OP_SPECS, "channel")
-"""Read-only view: op -> channel rule, derived from :data:`OP_SPECS`."""
-
-SIZE_RULES = FacetView(OP_SPECS, "size")
-"""Read-only view: op -> size rule, derived from :data:`OP_SPECS`."""
-
-ALIAS_OPS = FacetView(OP_SPECS, "alias", present=bool).keys()
-"""Read-only view: the ops registered with ``alias=True``, derived from :data:`OP_SPECS`."""
+def alias_ops() -> set[Any]:
+    """The ops registered with ``alias=True`` (keys of :data:`OP_SPECS`)."""
+    return {op for op, spec in OP_SPECS.items() if spec.alias}
