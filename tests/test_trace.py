@@ -12,8 +12,8 @@ from torch import nn
 import shear
 from shear.errors import GraphError, TraceError
 from shear.graph.groups import Role
+from shear.graph.ir import format_graph, format_structure
 from shear.graph.pins import pin_kind
-from shear.graph.printer import format_graph, format_structure
 from shear.graph.trace import export_model, run_analysis
 from shear.passes.base import Context
 from shear.passes.core.discover import DiscoverGroups

@@ -5,7 +5,7 @@
 compares the two snapshots. A snapshot holds, for the environment it runs in:
 
 - the versions of torch, transformers, peft and accelerate;
-- the IR structure (``shear.graph.printer.format_structure``: groups, sizes, pin kinds, LoRA
+- the IR structure (``shear.graph.ir.format_structure``: groups, sizes, pin kinds, LoRA
   composites, overlaps) of every architecture of ``tools/arch_coverage.py``, plain and with LoRA —
   the property that matters: the same model traced under two releases gives the same groups;
 - the coverage row of each architecture (prune at random, erase, verify, save/load);
@@ -59,7 +59,7 @@ def _structures(archs: list[str]) -> dict[str, str]:
     from arch_coverage import ARCHITECTURES, VOCAB, _with_lora
 
     import shear
-    from shear.graph.printer import format_structure
+    from shear.graph.ir import format_structure
 
     out: dict[str, str] = {}
     for arch in archs:

@@ -10,18 +10,40 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from shear.errors import PipelineError
 from shear.graph.ir import Graph
 from shear.kernels.sparsity import WeightMasks
 
-if TYPE_CHECKING:
-    from shear.passes.base import Pass
+__all__ = [
+    "Key", "DENSE", "OneOf", "register_analysis", "key_name", "canonical_key", "ensures_key", "missing_error",
+    "DeclaresEnsures", "set_pass_source",
+]  # fmt: skip
 
 
-__all__ = ["Key", "DENSE", "OneOf", "register_analysis", "key_name", "canonical_key", "ensures_key", "missing_error"]
+class DeclaresEnsures(Protocol):
+    """What :func:`ensures_key` reads of a pass (an instance or a class): the keys it ensures."""
+
+    ensures: Any
+
+
+_PASS_SOURCE: list[Callable[[], Iterable[DeclaresEnsures]]] = []
+"""Where the registered passes come from: :mod:`shear.passes.registry` installs its lookup here when
+imported (see :func:`set_pass_source`), so this module, below the passes, never imports them."""
+
+
+def set_pass_source(source: Callable[[], Iterable[DeclaresEnsures]]) -> None:
+    """Install the function that lists the registered passes (loading the built-in ones on first call)."""
+    _PASS_SOURCE[:] = [source]
+
+
+def _registered() -> list[DeclaresEnsures]:
+    return [p for source in _PASS_SOURCE for p in source()]
+
+
 
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
@@ -79,10 +101,8 @@ def missing_error(key: Key | OneOf, needed_by: str | None = None) -> PipelineErr
         >>> str(missing_error("unicorn", "horse-pass"))
         "pass 'horse-pass' requires result 'unicorn', and no registered pass ensures it. Store it with ctx.put(value, 'unicorn') before running it"
     """
-    from shear.passes.registry import registered_passes
-
     first = canonical_key(key.keys[0] if isinstance(key, OneOf) else key)
-    providers = [cls.name for cls in registered_passes().values() if ensures_key(cls, first)]
+    providers = [getattr(cls, "name", "?") for cls in _registered() if ensures_key(cls, first)]
     hint = _HINTS.get(first)
     what = f"pass {needed_by!r} requires result {key_name(key)!r}" if needed_by else f"the context holds no {key_name(key)!r}"
     what += f" ({hint})" if hint else ""
@@ -96,9 +116,7 @@ def missing_error(key: Key | OneOf, needed_by: str | None = None) -> PipelineErr
 def _key_of(name: str) -> Key:
     """The key a ``ctx.results`` name stands for: a registered result type, else the name itself."""
     if name not in _ANALYSIS_NAMES and name != DENSE:
-        from shear.passes.registry import load_builtin_passes
-
-        load_builtin_passes()
+        _registered()  # pass modules register their result names when they load
     return _ANALYSIS_NAMES.get(name, name)
 
 
@@ -136,7 +154,7 @@ class OneOf:
         if not self.keys:
             raise PipelineError("OneOf needs at least one key")
 
-def ensures_key(p: Pass | type[Pass], key: Key) -> bool:
+def ensures_key(p: DeclaresEnsures, key: Key) -> bool:
     """Whether pass ``p`` (an instance or a class) declares that it ensures ``key``."""
     key = canonical_key(key)
     return any(canonical_key(k) == key for k in p.ensures)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shear.errors import PipelineError
 from shear.passes.base import PASS_REGISTRY, Pass
+from shear.passes.keys import set_pass_source
 
 __all__ = [
     "METHOD_PACKAGES",
@@ -105,3 +106,6 @@ def find_by_friendly_name(attr: str) -> type[Pass] | None:
         if key in (cls.__name__.lower(), cls.name.replace("-", "")):
             return cls
     return None
+
+
+set_pass_source(lambda: registered_passes().values())

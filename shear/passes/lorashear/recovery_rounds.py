@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -28,17 +28,43 @@ from shear.kernels.recovery import (
 from shear.passes.base import Context
 from shear.passes.lorashear.recovery_results import DensePerplexity, RecoveryResult, RecoveryRound, Stage
 
-if TYPE_CHECKING:
-    from shear.passes.lorashear.recovery import RecoverDynamic
+__all__ = ["RecoveryOptions", "RecoveryRun", "sources_of", "optional_dense", "with_response"]
 
-__all__ = ["RecoveryRun", "sources_of", "optional_dense", "with_response"]
+
+class RecoveryOptions(Protocol):
+    """What a recovery run reads of its pass (:class:`~shear.passes.lorashear.recovery.RecoverDynamic`,
+    where each option is documented)."""
+
+    name: str
+    stage_list: tuple[Stage, ...]
+    instructions: bool
+    max_rounds: int
+    steps_per_round: int
+    min_gain: float
+    keep_best: bool
+    floor: float
+    temperature: float
+    mixture: Literal["softmax", "proportional"]
+    lr: float
+    batch_size: int
+    grad_accum: int
+    seq_len: int
+    eval_windows: int | None
+    eval_batch_size: int
+    seed: int
+    gradient_checkpointing: bool | Literal["auto"]
+    checkpoint_dir: str
+    checkpoint_every: int
+    distill: float
+    distill_temperature: float
+    teacher: str
 
 
 class RecoveryRun:
     """The state of one recovery run: the streams, the current metrics, and the records so far."""
 
     def __init__(
-        self, p: RecoverDynamic, ctx: Context, data: TextData, sources: list[str], dense: dict[str, float]
+        self, p: RecoveryOptions, ctx: Context, data: TextData, sources: list[str], dense: dict[str, float]
     ) -> None:
         from shear.training import InstructionBatches, TokenBatches
 
