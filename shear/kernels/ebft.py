@@ -1,7 +1,7 @@
 """Block-wise reconstruction of a pruned decoder against its dense teacher (the engine of ``ebft``).
 
 A decoder LLM is a stack of blocks that each map the residual stream ``[b, L, hidden]`` to a new
-one. EBFT (papers/ebft-analysis.txt) tunes the blocks of a sparse or pruned student one at a time
+one. EBFT (block-wise reconstruction fine-tuning; docs/lorashear.md) tunes the blocks of a sparse or pruned student one at a time
 so that each reproduces the dense teacher's block output on calibration windows:
 
 1. :func:`capture_block_inputs` runs the model on calibration ids up to the blocks and records

@@ -37,10 +37,9 @@ __all__ = [
 ROW_BLOCK_ELEMENTS = 1 << 23
 """Elements of a weight that saliency holds in fp32 at once (32 MB): every criterion is a sum over
 elements, so a weight is scored in blocks of rows and never as whole fp32 copies (``W``, ``BA``,
-``W + BA``, products: six of them made the scoring of a 16-bit model peak at ~1.7x its weights).
-32 MB is glibc's largest mmap threshold: each freed block goes back to the OS on the CPU instead of
-fragmenting the heap (glibc's default malloc, LLaMA-1B shape: with 16 MB blocks LHSPG's peak RSS
-was 1.9x the weights, with 32 MB 1.6x)."""
+``W + BA``, products: whole copies multiply a 16-bit model's peak memory). 32 MB is glibc's largest
+mmap threshold: each freed block goes back to the OS on the CPU instead of fragmenting the heap
+(measured with ``tools/bench_training_memory.py``; docs/results/)."""
 
 
 def row_blocks(shape: Sequence[int]) -> list[slice]:

@@ -69,9 +69,7 @@ def seeded_draw(tensor: torch.Tensor, draw: Callable[[torch.Tensor], object]) ->
 
 TENSOR_CORE_MULTIPLE = 64
 """Width (features) that GPU matrix kernels tile by: a Linear whose in or out features are not a
-multiple of it falls off the tensor-core fast path. Measured on an NVIDIA H200 in bf16 (prefill of
-8 x 512 tokens, ``tools/bench_speed.py``): a LLaMA-2-7B shape pruned by 20% at arbitrary widths ran
-2.75x slower than the dense model (315 ms against 114), and 1.19x faster pruned with ``round_to=64``."""
+multiple of it falls off the tensor-core fast path (measurements: docs/results/speed.md)."""
 
 
 def untiled_linears(model: nn.Module, multiple: int = TENSOR_CORE_MULTIPLE) -> list[str]:

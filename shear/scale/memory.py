@@ -48,7 +48,8 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 24
 """Elements of a tensor slab the streamed saliency reduces at once (float64 work: 3 copies)."""
 BASE_BYTES = 600 * 2**20
-"""Resident memory of the interpreter with torch and transformers loaded (measured ~0.4-0.6 GB)."""
+"""Resident memory of the interpreter with torch and transformers loaded (an upper bound of what
+``tools/bench_streaming.py`` measures)."""
 
 
 @dataclass(frozen=True)

@@ -87,9 +87,8 @@ class Erase(Pass):
             if untiled:
                 ctx.warn(
                     f"erase: {len(untiled)} Linear layers now have widths that are not multiples of "
-                    f"{TENSOR_CORE_MULTIPLE} (e.g. {untiled[0]}); GPU matrix kernels run such widths far slower (a "
-                    "20%-pruned LLaMA-2-7B shape prefilled 2.75x slower than dense on an H200, 1.19x faster with "
-                    "round_to=64). Prune with round_to=64 (lhspg{round_to=64}, random/magnitude{round_to=64})"
+                    f"{TENSOR_CORE_MULTIPLE} (e.g. {untiled[0]}); GPU matrix kernels can run such widths slower than the "
+                    "dense model's (docs/gpus.md). Prune with round_to=64 (lhspg{round_to=64}, random/magnitude{round_to=64})"
                 )
         removed = {g: int(v.numel()) for g, v in report.plan.removed.items() if v.numel()}
         return PassResult(

@@ -19,11 +19,7 @@ is a PipelineError).
 Data: ``ctx.data`` is a :class:`shear.data.TextData` (``nsamples`` windows of ``seq_len`` tokens are
 drawn with ``seed``), or a ``[n, seq_len]`` long tensor of calibration ids used as is.
 
-Measured (CPU, perplexity on 4 validation windows of 128/256 tokens): shear's tiny trained LLaMA,
-kjv dense 24.7, 70% unstructured magnitude 48.7 -> EBFT 29.8 (16 windows, lr 3e-3, ~10 s);
-30% structured magnitude + erase 284 -> 59. SmolLM2-135M, 50% unstructured magnitude: kjv 279 ->
-62.7 (dense 19.3), wordnet 897 -> 201 (defaults: 32x256 tokens, lr 2e-4, 5 epochs, ~40 min on two
-shared cores); sparsity stays exactly 50%.
+What it recovers on the reference models is in docs/results/ (EBFT rows), with the commands.
 
 Example:
     >>> p = EBFT(nsamples=32, seq_len=256, lr=2e-4, epochs=5)   # "ebft{nsamples=32,lr=0.0002,epochs=5}"

@@ -19,7 +19,7 @@ structures that stay. The schedule, on one run of the shared training loop
    all layers (only important rows carry it: redundant B rows are zero) and the adapters restart
    (A re-drawn, B zero, their AdamW moments dropped).
 
-What changed against DESIGN.md's reconstruction: the decay multiplies the *merged* iterate, so the
+Where this differs from a literal reading of the update (docs/lorashear.md): the decay multiplies the *merged* iterate, so the
 last step of a period gives exactly zero even when ``B A`` is not zero (``x + sBA - lambda x`` is not
 zero at ``lambda = 1``); the half-space test compares with the base slice, the structure's value
 before the step. The group counts are a parameter budget, not a share of groups.
