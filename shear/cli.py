@@ -156,8 +156,8 @@ def cmd_draw(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     import shear
-    from shear.passes import resolve_pipeline
     from shear.io.outputs import check_output_dir, check_writable_dir, tree_size
+    from shear.passes import resolve_pipeline
 
     if args.passes is not None and args.pipeline is not None:
         raise ShearError("give either --passes or --pipeline, not both")

@@ -12,6 +12,7 @@ from shear.errors import DataError, KernelError, PassError, PipelineError
 from shear.graph.groups import Member, PruningGroup, Role
 from shear.graph.ir import Graph
 from shear.kernels.calibration import StatsCollector, collect_stats, prunable_linears, target_linears
+from shear.kernels.sparsegpt import sparsegpt_prune
 from shear.kernels.sparsity import (
     WeightMasks,
     masks_from_zeros,
@@ -21,7 +22,7 @@ from shear.kernels.sparsity import (
 )
 from shear.passes import Context, parse_pipeline
 from shear.passes.baselines.magnitude import Magnitude, prune_lowest_norm, structure_norms
-from shear.passes.baselines.sparsegpt import SparseGPT, sparsegpt_prune
+from shear.passes.baselines.sparsegpt import SparseGPT
 from shear.passes.baselines.wanda import Wanda, wanda_mask
 
 CALIB = {"nsamples": 4, "seq_len": 16}

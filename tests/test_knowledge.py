@@ -211,8 +211,8 @@ def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
     files = sorted(tmp_path.glob("knowledge-*.json"))
     assert len(files) == 1
     measured: list[int] = []
-    real = knowledge._measure
-    monkeypatch.setattr(knowledge, "_measure", lambda *a, **k: measured.append(1) or real(*a, **k))
+    real = knowledge.measure_perturbed
+    monkeypatch.setattr(knowledge, "measure_perturbed", lambda *a, **k: measured.append(1) or real(*a, **k))
     again = _run(model, data, spec).get(KnowledgeDistribution)
     assert again == first and not measured  # loaded, not measured
     regamma = _run(model, data, spec.replace("proxy=random", "proxy=random,gamma=1")).get(KnowledgeDistribution)

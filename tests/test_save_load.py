@@ -13,10 +13,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import shear.io.checkpoint as ckpt
-from shear.errors import CheckpointError, OutputError
-from shear.passes.baselines.random import zero_random
-from shear.io.checkpoint import load, save
 from shear.codegen.module_tree import codegen
+from shear.errors import CheckpointError, OutputError
+from shear.io.checkpoint import load, save
+from shear.passes.baselines.random import zero_random
 
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -47,16 +47,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shear.errors import CheckpointError, GraphError, OutputError
-from shear.model.devices import check_device
-from shear.io.outputs import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.codegen.hf_config import candidate_config_updates, hf_base_model, refresh_config
-from shear.io.manifest_schema import check_manifest, check_module_attrs
-from shear.model.tensors import TensorTable
-from shear.model.facts import base_weight_name, is_lora_param
 from shear.codegen.module_rules import find_rms_norm, update_module_attributes
+from shear.errors import CheckpointError, GraphError, OutputError
+from shear.io.manifest_schema import check_manifest, check_module_attrs
+from shear.io.outputs import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.io.remote_code import refuse_remote_code
 from shear.io.safe_archive import check_program_archive, no_pickle, read_json_bytes
+from shear.model.devices import check_device
+from shear.model.facts import base_weight_name, is_lora_param
+from shear.model.tensors import TensorTable
 
 __all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
 

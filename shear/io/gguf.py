@@ -45,8 +45,8 @@ from torch import nn
 
 from shear.codegen.hf_config import hf_base_model
 from shear.errors import ExportError
-from shear.io.outputs import atomic_file, check_output_file
 from shear.io.gguf_vocab import GgufVocab, read_vocab
+from shear.io.outputs import atomic_file, check_output_file
 from shear.model.facts import base_weight_name, is_lora_param
 
 __all__ = [

@@ -10,8 +10,8 @@ The LoRAShear paper reports its cost ("one GPU within a couple of GPU days" for 
 step counts; ``paper`` is the longest budget here, sized for such a run on one GPU, not a copy of
 the paper's (unpublished) schedule. Every budget spends about a quarter of its steps in LHSPG, with
 no warm-up, and the rest recovering the final structure on the pretraining text: at an equal token
-budget on SmolLM2 that schedule beat the paper's shape (a warm-up, LHSPG most of the steps, half of
-recovery on instructions) at 20% and 50% (README, "LoRAShear against plain pruning").
+budget that schedule beat the paper's shape (a warm-up, LHSPG most of the steps, half of recovery
+on instructions) (docs/results/ablation.md).
 
 Example:
     >>> lorashear_pipeline(0.2, "quick").split(",lhspg")[0].split(",")[:2]

@@ -44,8 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from shear.codegen.hf_config import max_positions
 from shear.errors import OutputError, PassError, PipelineError
 from shear.graph.ir import Graph
+from shear.io.outputs import owned_file, write_owned
 from shear.passes.base import (
     DENSE,
     Context,
@@ -61,8 +63,6 @@ from shear.passes.base import (
 from shear.passes.options import build_pass, format_pass
 from shear.passes.pipeline import PipelineSpec, format_pipeline, resolve_pipeline
 from shear.passes.registry import registered_passes
-from shear.io.outputs import owned_file, write_owned
-from shear.codegen.hf_config import max_positions
 
 __all__ = ["PassManager", "PassRecord", "PassHook", "checks_enabled"]
 

@@ -71,7 +71,7 @@ LORASHEAR_PIPELINE: tuple[str, ...] = (
 """What ``shear.compile(model, data=...)`` runs on a causal language model (LoRAShear, Algorithm 1):
 add LoRA adapters (kept when the model has them), discover the minimally removable structures,
 mark the most knowledge-bearing node groups unprunable, prune MLP channels progressively with LHSPG
-(``lhspg{kinds=[channel,head]}`` adds attention heads; README, "Ablation at equal budget"), erase the
+(``lhspg{kinds=[channel,head]}`` adds attention heads; docs/results/ablation.md), erase the
 zero structures, recover knowledge from the pretraining sources (``recover-dynamic{stages="pretrain,instruct"}``
 adds instructions), fold LoRA away. Passes that are not registered (an optional module that failed to import) are left out with a
 warning, never silently."""

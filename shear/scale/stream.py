@@ -37,10 +37,10 @@ from typing import Any
 
 import torch
 
-from shear.errors import CheckpointError, OutputError, PipelineError
-from shear.passes.options import require_number
 from shear.codegen.module_tree import ErasurePlan, apply_plan, drop_indices, plan_removal
+from shear.errors import CheckpointError, OutputError, PipelineError
 from shear.io.outputs import atomic_dir, check_output_dir
+from shear.passes.options import require_number
 from shear.scale.scores import TensorKeys, stream_magnitude, tensor_keys
 from shear.scale.shards import INDEX, ShardedCheckpoint
 from shear.scale.source import ModelSource, open_source
@@ -166,8 +166,8 @@ def write_pruned(
 ) -> tuple[ErasurePlan, bool]:
     """Write the pruned checkpoint into the (empty) directory ``tmp``; return the plan and whether a
     plain ``from_pretrained`` can rebuild it. Mutates ``src.model`` into the pruned meta skeleton."""
-    from shear.io.checkpoint import FORMAT, VERSION, module_attributes, record_files
     from shear.codegen.hf_config import candidate_config_updates, refresh_config
+    from shear.io.checkpoint import FORMAT, VERSION, module_attributes, record_files
 
     keys = keys or tensor_keys(ckpt, src)
     config0 = copy.deepcopy(src.model.config)
@@ -275,8 +275,8 @@ def prune_streamed(
         OutputError: ``output`` exists (without ``overwrite``), is or lies inside the source, or
             its disk lacks the space.
     """
-    from shear.kernels.allocation import ParamBudget
     from shear.codegen.hf_config import hf_base_model  # noqa: F401  (transformers is needed below)
+    from shear.kernels.allocation import ParamBudget
 
     if criterion not in CRITERIA:
         raise PipelineError(

@@ -21,10 +21,10 @@ import torch
 from shear.errors import PipelineError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph
-from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.passes.options import check_fields, require_number
 from shear.kernels.allocation import structure_count
 from shear.model.tensors import TensorTable, zero_structures
+from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.options import check_fields, require_number
 
 __all__ = ["Random", "choose_structures", "zero_random", "GROUP_KINDS", "MAX_SEED"]
 

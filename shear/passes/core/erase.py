@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from shear.codegen.module_tree import EMIT_MODES, ErasureReport, codegen
 from shear.errors import PipelineError
 from shear.graph.ir import Graph
+from shear.model.devices import TENSOR_CORE_MULTIPLE, model_device, untiled_linears
 from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
 from shear.passes.options import check_fields, require_number
-from shear.codegen.module_tree import EMIT_MODES, ErasureReport, codegen
-from shear.model.devices import TENSOR_CORE_MULTIPLE, model_device, untiled_linears
 
 __all__ = ["Erase"]
 

@@ -38,237 +38,32 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import nn
 
 from shear.errors import PassError, PipelineError
 from shear.figures import plot_deviation
-from shear.graph.groups import PruningGroup
-from shear.graph.ir import Graph, NodeGroup
-from shear.kernels.allocation import structure_count
+from shear.graph.ir import Graph
+from shear.kernels.knowledge import (
+    Chooser,
+    Perturbation,
+    analysed_node_groups,
+    measure_perturbed,
+    network_order,
+    perturbations,
+    pooled_perplexity,
+)
 from shear.kernels.saliency import SaliencyScores, compute_saliency
 from shear.model.facts import strip_peft_prefix
 from shear.model.tensors import TensorTable
-from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
+from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.passes.lorashear.knowledge_cache import cache_key, load_result, save_result
+from shear.passes.lorashear.knowledge_results import KnowledgeDistribution, NodeGroupDeviation, marked_count
 
 __all__ = ["KnowledgeDistributionAnalysis", "KnowledgeDistribution", "NodeGroupDeviation", "pooled_perplexity"]
-
-
-@dataclass(frozen=True)
-class NodeGroupDeviation:
-    """What pruning one node group did to perplexity."""
-
-    node_group: int
-    name: str
-    kind: str
-    """``basic`` or ``composed``."""
-    pruning_groups: tuple[int, ...]
-    """Pruning groups marked unprunable when this node group ranks in the top ``gamma``."""
-    structures: int
-    """Structures zeroed for the measurement (summed over its pruning groups)."""
-    ppl: float
-    deviation: float
-    """``ppl - base ppl`` (``inf`` when perplexity was not finite)."""
-    relative: float
-    """``ppl / base ppl - 1``."""
-    unprunable: bool = False
-
-
-@dataclass(frozen=True)
-class KnowledgeDistribution:
-    """Result of Algorithm 3: per node group deviation, the ranking, and the groups to keep."""
-
-    base_ppl: float
-    base_ppl_by_source: dict[str, float]
-    entries: tuple[NodeGroupDeviation, ...]
-    """One per analysed node group, in network order (the order of their modules in the model)."""
-    ranking: tuple[int, ...]
-    """Node group ids, largest deviation first."""
-    unprunable_node_groups: frozenset[int]
-    unprunable_groups: frozenset[int]
-    """Pruning group ids that pruning passes (LHSPG) must skip."""
-    ratio: float
-    gamma: float
-    proxy: str
-    figures: tuple[Path, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        ids = [e.node_group for e in self.entries]
-        if sorted(ids) != sorted(self.ranking) or len(set(ids)) != len(ids):
-            raise PassError("KnowledgeDistribution: ranking must order exactly the analysed node groups")
-        if not self.unprunable_node_groups <= set(ids):
-            raise PassError("KnowledgeDistribution: unprunable node groups must be analysed ones")
-
-    def with_gamma(self, gamma: float) -> KnowledgeDistribution:
-        """The same measurement with the top ``gamma`` of the ranking (rounded up) marked unprunable:
-        gamma only reads the ranking, so a cached result serves every gamma.
-
-        Example:
-            >>> kd.with_gamma(0.2).unprunable_node_groups >= kd.unprunable_node_groups   # doctest: +SKIP
-            True
-        """
-        marked = frozenset(self.ranking[: _marked_count(gamma, len(self.ranking))])
-        entries = tuple(replace(e, unprunable=e.node_group in marked) for e in self.entries)
-        return replace(
-            self,
-            entries=entries,
-            unprunable_node_groups=marked,
-            unprunable_groups=frozenset(g for e in entries if e.unprunable for g in e.pruning_groups),
-            gamma=gamma,
-        )
-
-    def entry(self, node_group: int) -> NodeGroupDeviation:
-        for e in self.entries:
-            if e.node_group == node_group:
-                return e
-        raise PassError(f"KnowledgeDistribution: node group {node_group} was not analysed; analysed: {[e.node_group for e in self.entries]}")
-
-    def table(self) -> str:
-        """A Markdown table of the node groups, most sensitive first."""
-        lines = [
-            f"base perplexity {self.base_ppl:.3f}; ratio {self.ratio}, proxy {self.proxy}, gamma {self.gamma}",
-            "",
-            "| rank | node group | kind | structures | ppl | Δppl | Δ% | unprunable |",
-            "|---:|---|---|---:|---:|---:|---:|:---:|",
-        ]
-        for rank, ng in enumerate(self.ranking, 1):
-            e = self.entry(ng)
-            lines.append(
-                f"| {rank} | {strip_peft_prefix(e.name)} | {e.kind} | {e.structures} | {e.ppl:.3f} | "
-                f"{e.deviation:+.3f} | {100 * e.relative:+.1f} | {'yes' if e.unprunable else ''} |"
-            )
-        return "\n".join(lines)
-
-
-def _marked_count(gamma: float, analysed: int) -> int:
-    """Node groups the top ``gamma`` fraction of ``analysed`` ones is, rounded up."""
-    return min(analysed, math.ceil(gamma * analysed - 1e-9))
-
-
-def pooled_perplexity(by_source: dict[str, float]) -> float:
-    """Geometric mean of per-source perplexities (``exp`` of the mean per-source NLL)."""
-    if not by_source:
-        return float("nan")
-    vals = list(by_source.values())
-    if any(not math.isfinite(v) or v <= 0 for v in vals):
-        return float("inf")
-    return math.exp(sum(math.log(v) for v in vals) / len(vals))
-
-
-@dataclass(frozen=True)
-class _Perturbation:
-    """The primary slices one node group's measurement zeroes: (tensor, dim, flat indices)."""
-
-    node_group: NodeGroup
-    pruning_groups: tuple[int, ...]
-    slices: tuple[tuple[torch.Tensor, int, torch.Tensor], ...]
-    structures: int
-
-
-def _network_order(model: nn.Module, graph: Graph) -> dict[int, tuple[float, int]]:
-    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    out = {}
-    for ng in graph.node_groups:
-        pos = [position[m] for m in ng.modules if m in position]
-        out[ng.id] = (float(min(pos)) if pos else math.inf, ng.id)
-    return out
-
-
-class _Chooser:
-    """Which structures of a pruning group a measurement zeroes."""
-
-    def __init__(self, proxy: str, scores: SaliencyScores | None, seed: int) -> None:
-        self.proxy, self.scores, self.seed = proxy, scores, seed
-
-    def __call__(self, group: PruningGroup, n: int, node_group: int) -> torch.Tensor:
-        if n <= 0:
-            return torch.zeros(0, dtype=torch.long)
-        if self.proxy == "random":
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + node_group * 1009 + group.id)
-            return torch.randperm(group.size, generator=gen)[:n].sort().values
-        assert self.scores is not None
-        if group.id not in self.scores.by_group:
-            raise PassError(f"knowledge-distribution: the {self.proxy} scores have no entry for group {group.name}")
-        return self.scores.lowest_in(group.id, n)
-
-
-def _analysed(
-    graph: Graph, ratio: float, include: str, kinds: tuple[str, ...]
-) -> list[tuple[NodeGroup, list[tuple[PruningGroup, list[Any], int]]]]:
-    """The node groups a measurement perturbs, each with (pruning group, primary members it zeroes,
-    structures) per owned group; from the graph alone (no scores), so a cached result can be checked."""
-    groups = {g.id: g for g in graph.pruning_groups}
-    composites = {c.module: c for c in graph.composites}
-    out: list[tuple[NodeGroup, list[tuple[PruningGroup, list[Any], int]]]] = []
-    for ng in graph.node_groups:
-        if include != "all" and ng.kind != include:
-            continue
-        owned: list[tuple[PruningGroup, list[Any], int]] = []
-        for gid in ng.pruning_groups:
-            g = groups.get(gid)
-            if g is None or not g.prunable or g.kind not in kinds:
-                continue
-            if ng.kind == "composed":
-                comp = composites.get(ng.name)
-                prefix = f"{comp.module if comp is not None else ng.name}."
-                members = [m for m in g.primary if m.param.startswith(prefix)]
-            else:
-                members = list(g.primary)
-            n = structure_count(g.size, ratio)
-            if members and n > 0:
-                owned.append((g, members, n))
-        if owned:
-            out.append((ng, owned))
-    return out
-
-
-def _perturbations(
-    graph: Graph, table: TensorTable, ratio: float, choose: _Chooser, include: str, kinds: tuple[str, ...]
-) -> list[_Perturbation]:
-    out: list[_Perturbation] = []
-    for ng, owned in _analysed(graph, ratio, include, kinds):
-        slices: list[tuple[torch.Tensor, int, torch.Tensor]] = []
-        count = 0
-        for g, members, n in owned:
-            idx = choose(g, n, ng.id)
-            for m in members:
-                t = table.get(m.param)
-                slices.append((t, m.dim, m.positions[idx].flatten().to(t.device)))
-            count += int(idx.numel())
-        out.append(_Perturbation(ng, tuple(g.id for g, _, _ in owned), tuple(slices), count))
-    return out
-
-
-def _measure(
-    model: nn.Module, p: _Perturbation, evaluate: Any
-) -> dict[str, float]:
-    """Zero the perturbation's slices, evaluate, restore them bit for bit (checked)."""
-    saved = [(t, dim, idx, t.detach().index_select(dim, idx).clone()) for t, dim, idx in p.slices]
-    try:
-        with torch.no_grad():
-            for t, dim, idx, _ in saved:
-                t.index_fill_(dim, idx, 0)
-        return dict(evaluate(model))
-    finally:
-        with torch.no_grad():
-            for t, dim, idx, values in reversed(saved):
-                t.index_copy_(dim, idx, values)
-            for t, dim, idx, values in saved:
-                now = t.detach().index_select(dim, idx)
-                if not torch.equal(now.view(torch.uint8) if now.is_floating_point() else now,
-                                   values.view(torch.uint8) if values.is_floating_point() else values):
-                    raise PassError(
-                        f"knowledge-distribution: weights of node group {p.node_group.name} were not restored "
-                        "exactly after the measurement"
-                    )
-
-
-register_analysis("knowledge-distribution", KnowledgeDistribution)
 
 
 @register_pass
@@ -287,11 +82,9 @@ class KnowledgeDistributionAnalysis(Pass):
     proxy: Literal["magnitude", "activation", "random", "saliency"] = "activation"
     """Which structures are zeroed: lowest activation saliency (Wanda-style ``‖W ⊙ ‖X‖‖`` on
     ``calibration`` training windows, the criterion LHSPG prunes by), lowest magnitude, seeded
-    random, or lowest ``ctx.get(SaliencyScores)`` (the ``saliency`` pass). Activation by default: on
-    SmolLM2-135M (no LoRA) the node groups it marks (MLPs 0, 29, 1) let an MLP cut of 20% of the non-embedding parameters keep
-    in-domain / out-of-domain ppl 57.4 / 44.4 before any training, against 67.4 / 54.8 cut uniformly;
-    the magnitude proxy measures what pruning the lowest-norm channels does, and on SmolLM2 that
-    destroys every layer (ppl ~10^6 for a 20% cut), so it ranks the wrong thing."""
+    random, or lowest ``ctx.get(SaliencyScores)`` (the ``saliency`` pass). Activation by default: the
+    magnitude proxy measures what pruning the lowest-norm channels does, which on trained LLMs
+    destroys every layer and so ranks the wrong thing (docs/results/ablation.md)."""
     calibration: int = 8
     """Calibration training windows (``seq_len`` tokens) of the activation proxy."""
     include: Literal["all", "basic", "composed"] = "all"
@@ -341,7 +134,7 @@ class KnowledgeDistributionAnalysis(Pass):
             return None
         expected = {
             ng.id: (ng.name, ng.kind, tuple(g.id for g, _, _ in owned))
-            for ng, owned in _analysed(graph, self.ratio, self.include, self.kinds)
+            for ng, owned in analysed_node_groups(graph, self.ratio, self.include, self.kinds)
         }
         try:
             if not cached.is_file():
@@ -413,7 +206,7 @@ class KnowledgeDistributionAnalysis(Pass):
             )
         scores = self._proxy_scores(ctx, data, graph)
         table = TensorTable(model)
-        todo = _perturbations(graph, table, self.ratio, _Chooser(self.proxy, scores, self.seed), self.include, self.kinds)
+        todo = perturbations(graph, table, self.ratio, Chooser(self.proxy, scores, self.seed), self.include, self.kinds)
         if not todo:
             raise PassError("knowledge-distribution: no node group owns a prunable structure; nothing to analyse")
 
@@ -422,18 +215,18 @@ class KnowledgeDistributionAnalysis(Pass):
 
         base_by_source = evaluate(model)
         base = pooled_perplexity(base_by_source)
-        measured: list[tuple[_Perturbation, float]] = []
+        measured: list[tuple[Perturbation, float]] = []
         with ctx.progress(total=len(todo), description="knowledge-distribution") as bar:
             for p in todo:
-                measured.append((p, pooled_perplexity(_measure(model, p, evaluate))))
+                measured.append((p, pooled_perplexity(measure_perturbed(model, p, evaluate))))
                 bar.advance()
 
         def dev(ppl: float) -> float:
             return ppl - base if math.isfinite(ppl) else math.inf
 
         ranking = sorted(measured, key=lambda t: (-dev(t[1]), t[0].node_group.id))
-        marked = {p.node_group.id for p, _ in ranking[: _marked_count(self.gamma, len(ranking))]}
-        order = _network_order(model, graph)
+        marked = {p.node_group.id for p, _ in ranking[: marked_count(self.gamma, len(ranking))]}
+        order = network_order(model, graph)
         entries = tuple(
             NodeGroupDeviation(
                 node_group=p.node_group.id,

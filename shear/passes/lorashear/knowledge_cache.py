@@ -1,7 +1,7 @@
 """A directory of knowledge-distribution results, keyed by what determines them.
 
 Knowledge distribution is the costliest analysis of the LoRAShear pipeline (one perplexity
-evaluation per node group: 32-54 minutes of a SmolLM2 LoRAShear row on the shared 2-core CPU, 61-78% of its wall time) and its
+evaluation per node group; its share of a run is in docs/results/ablation.md) and its
 result does not depend on the pruning ratio, the schedule or the recovery that follow. A run with
 ``knowledge-distribution{cache_dir=...}`` stores its result as JSON under a key made of the model's
 weights (adapters left out: their random start does not change what a node group is worth to the
@@ -13,7 +13,7 @@ field by field against a fixed schema and checked against the node groups the ru
 
 Example:
     >>> import tempfile, pathlib
-    >>> from shear.passes.lorashear.knowledge import KnowledgeDistribution, NodeGroupDeviation
+    >>> from shear.passes.lorashear.knowledge_results import KnowledgeDistribution, NodeGroupDeviation
     >>> e = NodeGroupDeviation(0, "mlp", "basic", (0,), 4, 12.0, 2.0, 0.2, unprunable=True)
     >>> kd = KnowledgeDistribution(10.0, {"a": 10.0}, (e,), (0,), frozenset({0}), frozenset({0}), 0.5, 0.1, "random")
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "kd.json"
@@ -29,16 +29,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
 from shear.errors import PassError
 from shear.io.outputs import atomic_file
+from shear.passes.lorashear.knowledge_results import KnowledgeDistribution, NodeGroupDeviation
 from shear.training.fingerprint import RunFingerprint, tensor_digest
-
-if TYPE_CHECKING:
-    from shear.passes.lorashear.knowledge import KnowledgeDistribution, NodeGroupDeviation
 
 __all__ = ["cache_key", "save_result", "load_result", "FORMAT", "MAX_BYTES", "Expected"]
 
@@ -126,8 +124,6 @@ def _keys(doc: Any, keys: frozenset[str], where: str) -> dict[str, Any]:
 
 
 def _entry(doc: Any, i: int) -> NodeGroupDeviation:
-    from shear.passes.lorashear.knowledge import NodeGroupDeviation
-
     where = f"entries[{i}]"
     e = _keys(doc, _ENTRY, where)
     kind = _str(e["kind"], f"{where}.kind")
@@ -150,8 +146,6 @@ def _entry(doc: Any, i: int) -> NodeGroupDeviation:
 
 def _result(doc: Any) -> KnowledgeDistribution:
     """The document as a :class:`KnowledgeDistribution`, every field of its exact type and range."""
-    from shear.passes.lorashear.knowledge import KnowledgeDistribution
-
     d = _keys(doc, _TOP, "the file")
     if d["format"] != FORMAT:
         raise _Bad(f"not a {FORMAT} file")

@@ -227,7 +227,7 @@ class LHSPG(Pass):
     """Optimizer steps per period Tp; redundant structures reach exactly zero at its last step."""
     warmup: int = 0
     """LoRA-only steps before the first period (the paper has them; at an equal token budget they
-    do more as recovery steps on the final structure: README, "LoRAShear against plain pruning")."""
+    do more as recovery steps on the final structure: docs/results/ablation.md)."""
     lr: float = 2e-4
     """AdamW learning rate of the LoRA adapters."""
     batch_size: int = 4
@@ -241,12 +241,8 @@ class LHSPG(Pass):
     saliency: str = "activation=1"
     """Saliency weights ``criterion=weight`` (quote lists in a pipeline string:
     ``saliency="magnitude=1,activation=0.5"``); criteria as in the ``saliency`` pass. Wanda-style
-    activation saliency by default: on SmolLM2-135M with 20% of the non-embedding parameters cut from
-    the MLPs at once (no training; in-domain / out-of-domain ppl, dense 34.9 / 27.5) it scored 64.5 /
-    54.3 against 72.5 / 67.4 for LLM-Pruner's element-wise Taylor ``Σ|W·G|``, 103.8 / 94.9 for
-    ``taylor1`` (``|Σ W·G|`` per structure) and 10^6 for magnitude. (The tiny trained LLaMA, after
-    LHSPG without recovery, dense 42.7, ranked them closer: at 20% / 50% activation+taylor1 53.3 /
-    173, activation 51.9 / 189, magnitude 81.2 / 335.)"""
+    activation saliency by default: it kept the most quality of the criteria compared in
+    docs/results/ablation.md."""
     calibration: int = 8
     """Calibration sequences for data-driven saliency criteria (activation, taylor)."""
     selection: str = "uniform"
@@ -254,19 +250,16 @@ class LHSPG(Pass):
     every layer: stock ``from_pretrained`` and vLLM load the result) or ``global``."""
     kinds: tuple[str, ...] = ("channel",)
     """Group kinds LHSPG may prune: MLP channels by default; ``kinds=[channel,head]`` adds attention
-    heads (kv-head families), ``residual`` the hidden width. Heads are off by default: on
-    SmolLM2-135M at 20% of the non-embedding parameters, pruning them too was most of LoRAShear's
-    loss to plain Taylor pruning of MLP channels + LoRA at the same token budget (one of SmolLM2's 3
-    kv-head families is a third of a layer's attention)."""
+    heads (kv-head families), ``residual`` the hidden width. Heads are off by default: with few kv
+    heads one family is a large share of a layer's attention, and pruning them cost quality at an
+    equal token budget (docs/results/ablation.md)."""
     protect_cap: float = 1.5
     """How much wider than the others knowledge-distribution's protected groups may stay, as a multiple
     of the share of structures the other groups keep (``uniform`` selection only): they keep all of
     theirs while the others keep two thirds or more, and 1.5 times the others' share past that, so at
     high ratios they give up structures instead of the others being cut ever deeper; ``inf`` keeps
-    them whole (the paper). On SmolLM2-135M at 50% of the non-embedding parameters (61k training
-    tokens; in-domain / out-of-domain ppl, the LLM-Pruner-style baseline 183.9 / 213.9) whole
-    protection left the 27 other MLPs a quarter of their channels: 142.2 / 317.8, Debian's licences
-    at 890; with the cap 160.6 / 171.3 (licences 246). At 20% the cap does not bind."""
+    them whole (the paper; at high ratios whole protection leaves the other groups too little,
+    docs/results/ablation.md)."""
     round_to: int = 1
     """Keep multiples of this many structures in groups at least that large (8 for fast kernels)."""
     tolerance: float = 0.005

@@ -139,8 +139,7 @@ class RecoverDynamic(Pass):
     """Which datasets to recover on, in order. ``pretrain,instruct`` is the paper's recovery, ``instruct``
     alone its instruction-only ablation (in a pipeline string quote it,
     ``recover-dynamic{stages="pretrain,instruct"}``, or write ``pretrain+instruct``). The default is
-    the pretraining sources alone: at an equal token budget they recover more, and SmolLM2-Instruct
-    still answers the demo's questions (README, "LoRAShear against plain pruning")."""
+    the pretraining sources alone: at an equal token budget they recover more (docs/results/ablation.md)."""
     instructions: bool = True
     """Run the instruction stage when ``stages`` names it and the data has instructions."""
     max_rounds: int = 5
