@@ -405,3 +405,46 @@ def test_structured_mode_requires_graph() -> None:
     model, inputs = build("llama")
     small = shear.compile(model, "magnitude{ratio=0.25},erase", example_inputs=inputs)  # structured by default
     assert [p.name for p in small.shear_report.passes][:2] == ["discover-groups", "magnitude"]
+
+
+# -- LLM-Pruner's MLP baseline: taylor{kinds=[channel]} -------------------------------------------------
+
+
+def test_taylor_channels_only_is_llm_pruners_mlp_cut() -> None:
+    """``taylor{kinds=[channel]}`` cuts the same count of channels from every MLP, chosen by LLM-Pruner's
+    first-order importance ``Σ |W ⊙ dL/dW|`` over gate and up rows and the down column (computed here
+    by hand from the HF attribute names, the reference), and leaves heads and the residual alone."""
+    import copy
+
+    from shear.passes.manager import PassManager
+
+    model, inputs = build("llama")
+    ids = _ids(n=8)
+    ctx = Context(model=model, example_inputs=inputs, data=ids)
+    reference = copy.deepcopy(model)
+    PassManager(parse_pipeline("discover-groups,taylor{ratio=0.25,kinds=[channel],samples=8,seq_len=16}")).run(ctx)
+    graph, chosen = ctx.get(Graph), ctx.results["taylor-pruned"]
+    assert {graph.pruning_groups[g].kind for g in chosen} == {"channel"}
+    mlps = [layer.mlp for layer in reference.model.layers]
+    assert len(chosen) == len(mlps)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for m in mlps:
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            lin.weight.requires_grad_(True)
+    for i in range(0, 8, 4):
+        reference(input_ids=ids[i : i + 4], labels=ids[i : i + 4]).loss.backward()
+    for m, (gid, idx) in zip(mlps, sorted(chosen.items())):
+        g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+        score = (g * g.grad).abs().sum(1) + (u * u.grad).abs().sum(1) + (d * d.grad).abs().sum(0)
+        n = round(0.25 * score.numel())
+        assert idx.numel() == n and idx.tolist() == score.argsort()[:n].sort().values.tolist()
+    untouched = [gr for gr in graph.prunable_groups if gr.kind != "channel"]
+    assert untouched and all(gr.id not in chosen for gr in untouched)
+
+
+def test_taylor_kinds_are_checked() -> None:
+    with pytest.raises(PipelineError, match="kinds must be some of"):
+        parse_pipeline("taylor{kinds=[mlp]}")
+    with pytest.raises(PipelineError, match="counts channels and heads"):
+        parse_pipeline("taylor{params=0.2,kinds=[residual]}")

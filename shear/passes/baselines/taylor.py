@@ -4,7 +4,9 @@ On calibration windows from ``ctx.data`` it takes the gradient of the next-token
 effective weights (LoRA folded in), scores each structure by ``Σ |W ⊙ G|`` over each member's
 slices combined across members by ``aggregate`` (LLM-Pruner's element-wise first-order importance,
 summed per group), and zeroes the lowest ``ratio`` of the structures of every prunable group (at
-least one stays; ``round_to`` as in ``random``). ``erase`` then removes them. The scores go to
+least one stays; ``round_to`` as in ``random``), of the group kinds in ``kinds``. ``erase`` then
+removes them. ``taylor{kinds=[channel]}`` with one ratio is LLM-Pruner's MLP baseline: the same
+count of channels cut from every MLP, whatever the model calls its projections. The scores go to
 ``ctx.get("taylor")`` (group id -> float ``[size]``) and the choice to ``ctx.get("taylor-pruned")``
 (group id -> sorted indices).
 
@@ -29,7 +31,10 @@ from shear.kernels.saliency import taylor_importance
 from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
 
-__all__ = ["Taylor", "zero_lowest"]
+__all__ = ["KINDS", "Taylor", "zero_lowest"]
+
+KINDS = ("channel", "head", "residual")
+"""The pruning group kinds ``taylor`` can score (``kinds=...``)."""
 
 
 def zero_lowest(
@@ -80,28 +85,40 @@ class Taylor(Pass):
     params: float = 0.0
     """When > 0: remove this share of the model's parameters instead (kv-head families and channels,
     counted as ``lhspg`` counts them), the same number of structures per group LHSPG would remove."""
+    kinds: tuple[str, ...] = ("channel", "head", "residual")
+    """Group kinds to score and prune; ``kinds=[channel]`` prunes MLP channels only (LLM-Pruner's MLP
+    baseline). With ``params`` the budget counts channels and kv-head families of these kinds."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise PipelineError(f"taylor: ratio must be in [0, 1), got {self.ratio}")
         if not 0.0 <= self.params < 1.0:
             raise PipelineError(f"taylor: params must be in [0, 1), got {self.params}; e.g. params=0.2")
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise PipelineError(f"taylor: kinds must be some of {list(KINDS)}, got {list(self.kinds)}")
+        if self.params > 0 and not {"channel", "head"} & set(self.kinds):
+            raise PipelineError("taylor: a parameter budget (params=...) counts channels and heads; add one to kinds")
 
     def run(self, ctx: Context) -> PassResult:
         graph = ctx.get(Graph)
         ids = calibration_ids(ctx, self.name, self.samples, self.seq_len, self.seed)
+        groups = tuple(g for g in graph.pruning_groups if g.kind in self.kinds)
         scores = taylor_importance(
             ctx.model,
-            graph.pruning_groups,
+            groups,
             ids,
             composites=graph.composites,
             aggregate=self.aggregate,
             batch_size=self.batch_size,
         )
         if self.params > 0:
-            chosen = zero_to_budget(ctx.model, graph.pruning_groups, scores, self.params, round_to=self.round_to)
+            budget_kinds = tuple(k for k in ("channel", "head") if k in self.kinds)
+            chosen = zero_to_budget(
+                ctx.model, groups, scores, self.params, kinds=budget_kinds, round_to=self.round_to
+            )
         else:
-            chosen = zero_lowest(ctx.model, graph.pruning_groups, scores, self.ratio, self.round_to)
+            chosen = zero_lowest(ctx.model, groups, scores, self.ratio, self.round_to)
         ctx.put(scores, "taylor")
         ctx.put(chosen, "taylor-pruned")
         n = sum(int(v.numel()) for v in chosen.values())
