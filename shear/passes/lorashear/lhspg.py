@@ -58,7 +58,15 @@ from shear.passes.lorashear.knowledge import KnowledgeDistribution
 from shear.training.distill import DistillLoss, check_distill_options
 from shear.training.hooks import TrainHook
 
-__all__ = ["LHSPG", "LhspgHook", "LhspgResult", "distill_loss"]
+__all__ = [
+    "LHSPG",
+    "LhspgHook",
+    "LhspgResult",
+    "distill_loss",
+    "eligible_groups",
+    "saliency_calibration",
+    "saliency_scorer",
+]
 
 
 @dataclass
@@ -314,12 +322,12 @@ class LHSPG(Pass):
         start = time.perf_counter()
         data = require_text_data(ctx, self.name)
         graph = ctx.get(Graph)
-        eligible, protected = _eligible(ctx, graph, self.kinds, self.selection == "uniform" and math.isfinite(self.protect_cap))
+        eligible, protected = eligible_groups(ctx, graph, self.kinds, self.selection == "uniform" and math.isfinite(self.protect_cap))
         budget = ParamBudget(ctx.model, graph.prunable_groups)
         views = StructureViews(ctx.model, [graph.pruning_groups[i] for i in eligible], graph.composites)
         weights = parse_weights(self.saliency)
-        calib = _calibration(data, self.calibration, self.seq_len, self.seed, weights)
-        score = _scorer(graph, eligible, weights, calib)
+        calib = saliency_calibration(data, self.calibration, self.seq_len, self.seed, weights)
+        score = saliency_scorer(graph, eligible, weights, calib)
         initial = score(ctx.model)
         counts = budget.counts(
             self.ratio,
@@ -429,9 +437,11 @@ def _unprunable(ctx: Context, graph: Graph) -> frozenset[int]:
     return frozenset(g.id for g in graph.pruning_groups if strip_peft_prefix(g.name) in names)
 
 
-def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...], capped: bool) -> tuple[list[int], list[int]]:
+def eligible_groups(ctx: Context, graph: Graph, kinds: tuple[str, ...], capped: bool) -> tuple[list[int], list[int]]:
     """The groups LHSPG may prune, and those of them knowledge-distribution protected: with ``capped``
-    (a finite ``protect_cap``) the protected groups are eligible and listed again; else they are left out."""
+    (a finite ``protect_cap``) the protected groups are eligible and listed again; else they are left out.
+
+    Raises :class:`~shear.errors.PipelineError` for an unknown kind or when nothing is eligible."""
     unknown = set(kinds) - {"channel", "head", "residual"}
     if unknown:
         raise PipelineError(f"lhspg: unknown group kinds {sorted(unknown)}; use channel, head, residual")
@@ -449,21 +459,27 @@ def _eligible(ctx: Context, graph: Graph, kinds: tuple[str, ...], capped: bool) 
 _DATA_CRITERIA = ("activation", "taylor1", "taylor2")
 
 
-def _calibration(
+def saliency_calibration(
     data: TextData, n: int, seq_len: int, seed: int, weights: dict[str, float]
 ) -> torch.Tensor | None:
+    """The ``[n, seq_len]`` calibration windows LHSPG's saliency reads, or ``None`` when no criterion
+    of ``weights`` needs data (norms only), so a weight-only saliency reads no text. Public so that
+    tools measuring LHSPG's phases (``tools.bench_training_memory``) score exactly as the pass does."""
     if not any(weights.get(c, 0.0) for c in _DATA_CRITERIA):
         return None
     return data.calibration(n, seq_len, seed=seed)
 
 
-def _scorer(
+def saliency_scorer(
     graph: Graph,
     eligible: list[int],
     weights: dict[str, float],
     calibration: torch.Tensor | None,
 ) -> Any:
-    """``model -> {group id: scores}``: the weighted saliency criteria on the current weights."""
+    """``model -> {group id: scores}``: the weighted saliency criteria on the current weights.
+
+    The one scorer LHSPG calls before every period; public so that a tool can measure the saliency
+    phase on its own with the same criteria, groups and calibration as the pass."""
     groups = [graph.pruning_groups[i] for i in eligible]
 
     def score(model: torch.nn.Module) -> dict[int, torch.Tensor]:
