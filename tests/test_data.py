@@ -195,7 +195,8 @@ def test_rebuild_reproduces_committed_corpus() -> None:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         pytest.skip("the rebuild needs Debian's apt-get and dpkg-deb")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "build_corpus.py"), "--check"],
+        [sys.executable, "-m", "tools.build_corpus", "--check"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1200,

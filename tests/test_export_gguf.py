@@ -455,19 +455,12 @@ def test_llama_cpp_runs_the_exported_file(
 ) -> None:
     """llama.cpp's logits for the exported tiny model match shear's within f16 rounding, and greedy
     decoding picks the same tokens."""
-    import importlib.util
-
     python = _llama_cpp_python()
     if python is None:
         pytest.skip(
             "llama-cpp-python is not installed (set SHEAR_LLAMA_CPP_PYTHON to an interpreter that has it)"
         )
-    spec = importlib.util.spec_from_file_location(
-        "_gguf_check", Path(__file__).parents[1] / "tools" / "gguf_check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    from tools import gguf_check as tool
 
     model = (
         pruned

@@ -240,12 +240,8 @@ def test_writer_streams_a_standard_file(tmp_path: Path) -> None:
 
 
 def test_bench_tool_writes_a_random_checkpoint_tensor_by_tensor(tmp_path: Path) -> None:
-    import importlib.util
+    from tools import bench_streaming as tool
 
-    spec = importlib.util.spec_from_file_location("_bench_streaming", Path(__file__).parents[1] / "tools" / "bench_streaming.py")
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     config = {**tool.LLAMA2_7B, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": VOCAB}
     tool.write_random_checkpoint(tmp_path / "src", config, shard_bytes=40_000)

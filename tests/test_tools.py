@@ -1,31 +1,20 @@
-"""Smoke tests of the benchmark scripts under tools/: they run, write their table, and resume."""
+"""Smoke tests of the tools package (``python -m tools.<name>``): they run, write their table, and resume;
+and the architecture coverage check's assertions."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"_tools_{name}", TOOLS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tools import arch_coverage, bench_allocation, bench_quality, compat
 
 
 def test_bench_quality_dense_row_and_table(tmp_path: Path) -> None:
     out = tmp_path / "q.md"
-    _load("bench_quality").main(["--quick", "--ratios", "--unstructured", "0", "--out", str(out)])
+    bench_quality.main(["--quick", "--ratios", "--unstructured", "0", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in rows] == ["dense"]
     assert rows[0]["params"] == 1_049_728
@@ -42,7 +31,7 @@ def test_bench_quality_resume_keeps_finished_rows(tmp_path: Path, capsys: pytest
         finished.append({"method": method, "ratio": 0.5, "params": 500, "ppl": ppl, "wall_s": 60.0, "peak_mb": 1.0,
                          "recovery_steps": 3, "recovery_tokens": 96})
     out.with_suffix(".json").write_text(json.dumps(finished))
-    _load("bench_quality").main(["--quick", "--ratios", "0.5", "--unstructured", "0", "--out", str(out), "--resume"])
+    bench_quality.main(["--quick", "--ratios", "0.5", "--unstructured", "0", "--out", str(out), "--resume"])
     assert "kept from" in capsys.readouterr().out
     assert json.loads(out.with_suffix(".json").read_text()) == finished
     table = out.read_text()
@@ -61,7 +50,7 @@ def test_bench_quality_table_only_merges_side_by_side_runs(tmp_path: Path) -> No
     out.with_suffix(".json").write_text(json.dumps([dense, structured]))
     other = tmp_path / "u.json"
     other.write_text(json.dumps([dense, unstructured]))
-    _load("bench_quality").main(["--out", str(out), "--table-only", str(other)])
+    bench_quality.main(["--out", str(out), "--table-only", str(other)])
     assert json.loads(out.with_suffix(".json").read_text()) == [dense, structured, unstructured]
     table = out.read_text()
     assert "smollm2-135m-instruct (full profile)" in table and "merged from 2 runs" in table
@@ -71,7 +60,7 @@ def test_bench_quality_table_only_merges_side_by_side_runs(tmp_path: Path) -> No
 
 def test_arch_coverage_table(tmp_path: Path) -> None:
     out = tmp_path / "coverage.md"
-    rows = _load("arch_coverage").main(["--archs", "phi3", "falcon", "--no-lora", "--out", str(out)])
+    rows = arch_coverage.main(["--archs", "phi3", "falcon", "--no-lora", "--out", str(out)])
     phi3, falcon = rows
     assert phi3["emitted"] == "module tree" and phi3["reload"] == "exact" and phi3["diff"] <= 1e-5
     assert {"head", "residual"} <= set(phi3["kinds"]) and phi3["after"] < phi3["params"]
@@ -80,7 +69,7 @@ def test_arch_coverage_table(tmp_path: Path) -> None:
 
 
 def test_arch_coverage_runs_the_lorashear_pipeline(tmp_path: Path) -> None:
-    (row,) = _load("arch_coverage").main(["--archs", "phi3", "--lorashear", "--out", str(tmp_path / "l.md")])
+    (row,) = arch_coverage.main(["--archs", "phi3", "--lorashear", "--out", str(tmp_path / "l.md")])
     assert row["class"] == "Phi3ForCausalLM" and row["reload"] == "exact" and row["verify"] <= 1e-5
     assert 0.02 <= row["removed"] <= 0.04 and row["stages"] == "pretrain+instruct"  # target 3%
 
@@ -88,7 +77,6 @@ def test_arch_coverage_runs_the_lorashear_pipeline(tmp_path: Path) -> None:
 def test_compat_snapshot_and_compare(tmp_path: Path) -> None:
     """A snapshot records the structure of an architecture; compare tells a pinned-only change from a
     change of what prunes, and a worse suite from an equal one."""
-    compat = _load("compat")
     snap = compat.snapshot(tmp_path / "s.json", ["llama"], suites=False)
     assert "[residual x64] prunable" in snap["structures"]["llama"] and snap["coverage"]["llama+lora"] == "ok"
     text, worse = compat.compare(snap, json.loads((tmp_path / "s.json").read_text()))
@@ -109,9 +97,8 @@ def test_compat_snapshot_and_compare(tmp_path: Path) -> None:
 def test_bench_quality_ablation_baseline_row(tmp_path: Path) -> None:
     """The LLM-Pruner-style row: the same count of MLP channels cut from every layer, LoRA trained
     and merged; rows carry out-of-domain perplexities where the Debian texts are installed."""
-    bench = _load("bench_quality")
     out = tmp_path / "a.md"
-    bench.main(["--quick", "--ablation", "0.2", "--only", "LLM-Pruner-style (MLP)", "--out", str(out)])
+    bench_quality.main(["--quick", "--ablation", "0.2", "--only", "LLM-Pruner-style (MLP)", "--out", str(out)])
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [r["method"] for r in rows] == ["dense", "LLM-Pruner-style (MLP)"]
     dense, base = rows
@@ -119,7 +106,7 @@ def test_bench_quality_ablation_baseline_row(tmp_path: Path) -> None:
     assert dense["params"] - base["params"] == 4 * 3 * 128 * 103
     assert set(dense["ppl"]) == set(base["ppl"])
     ood = [k for k in dense["ppl"] if k.startswith("ood:")]
-    assert len(ood) == sum(Path(folder).is_dir() for folder, _ in bench.OOD_SOURCES.values())
+    assert len(ood) == sum(Path(folder).is_dir() for folder, _ in bench_quality.OOD_SOURCES.values())
     table = out.read_text()
     assert "out-of-domain ppl" in table and "| LLM-Pruner-style (MLP) | 891,520 | 20.1% |" in table
     assert "| 1.00x / 1.00x |" in table or not ood
@@ -128,12 +115,11 @@ def test_bench_quality_ablation_baseline_row(tmp_path: Path) -> None:
 def test_bench_quality_tokens_scale_multiplies_every_training_step() -> None:
     """The budget curve's rows: ``--tokens-scale 4`` is four times the steps of every stage, the same
     periods and rounds (so 4 x 61,440 tokens)."""
-    bench = _load("bench_quality")
-    p = bench.scaled(bench.ABLATION, 4)
+    p = bench_quality.scaled(bench_quality.ABLATION, 4)
     assert p.lhspg == "warmup=32,periods=4,steps_per_period=32" and (p.rounds, p.steps_per_round) == (2, 20)
-    assert bench.scaled(bench.ABLATION, 1) == bench.ABLATION
+    assert bench_quality.scaled(bench_quality.ABLATION, 1) == bench_quality.ABLATION
     with pytest.raises(SystemExit, match="at least 1"):
-        bench.scaled(bench.ABLATION, 0)
+        bench_quality.scaled(bench_quality.ABLATION, 0)
 
 
 def test_bench_allocation_removes_the_same_total_in_every_allocation() -> None:
@@ -141,7 +127,7 @@ def test_bench_allocation_removes_the_same_total_in_every_allocation() -> None:
     protected layers at 1.5x the others' kept count, whole protection at their full width."""
     import math
 
-    allocation = _load("bench_allocation").allocation
+    allocation = bench_allocation.allocation
     for protected, cap in (([], math.inf), ([0, 29, 1], math.inf), ([0, 29, 1], 1.5), ([0], 1.5)):
         counts = allocation(30 * 1024, 1536, 30, protected, cap)
         assert sum(counts) == 30 * 1024 and all(0 <= n < 1536 for n in counts)
@@ -157,11 +143,10 @@ def test_bench_quality_ablation_row_resumes_from_its_checkpoints(tmp_path: Path)
     """``--checkpoint-dir``: rows stopped half way (LoRAShear in its third recovery round, the
     baseline after 56 of its 60 steps) pick up from there when the same command runs again, and end
     where the uninterrupted runs ended."""
-    bench = _load("bench_quality")
     rows = ["LLM-Pruner-style (MLP)", "LoRAShear, protect_cap=1.5, LHSPG 4x4, pretrain-only recovery"]
     ck = tmp_path / "ck"
     args = ["--quick", "--ablation", "0.2", "--only", *rows, "--checkpoint-dir", str(ck)]
-    bench.main(args + ["--out", str(tmp_path / "a.md")])
+    bench_quality.main(args + ["--out", str(tmp_path / "a.md")])
     first = json.loads((tmp_path / "a.json").read_text())[1:]
     assert [r["method"] for r in first] == rows and not any("resumed" in r for r in first)
     baseline, lhspg, recover = sorted(ck.iterdir())
@@ -175,10 +160,27 @@ def test_bench_quality_ablation_row_resumes_from_its_checkpoints(tmp_path: Path)
     shutil.rmtree(rounds[-1])  # as if stopped in round 3, at its step-8 checkpoint
     drop_latest(rounds[2])
     drop_latest(baseline)
-    bench.main(args + ["--out", str(tmp_path / "b.md")])
+    bench_quality.main(args + ["--out", str(tmp_path / "b.md")])
     again = json.loads((tmp_path / "b.json").read_text())[1:]
     assert again[0]["resumed"] == [w for w in again[0]["resumed"] if "resumed from step 56 of 60" in w] != []
     assert any("resumed from step 8 of 11" in w for w in again[1]["resumed"])
     assert any("had already finished" in w for w in again[1]["resumed"])
     for a, b in zip(first, again):
         assert a["ppl"] == b["ppl"] and a["params"] == b["params"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("arch", list(arch_coverage.ARCHITECTURES))
+def test_arch_coverage_every_architecture_erases_exactly(arch: str, lora: bool) -> None:
+    """``tools.arch_coverage``'s table as assertions: every architecture traces; where something is
+    prunable, pruning 40% at random and erasing gives the masked model's logits (1e-5), fewer
+    parameters, and ``shear.save`` / ``shear.load`` give them back exactly; where nothing is, the
+    analysis says why."""
+    row = arch_coverage.check(arch, lora=lora)
+    if not row["kinds"]:
+        assert row["why"], f"{arch}: nothing prunable and no reason given"
+        return
+    assert row["groups"] > 0 and row["after"] < row["params"]
+    assert row["diff"] <= 1e-5, f"{arch}: erased logits differ from the masked model's by {row['diff']:.2e}"
+    assert row["reload"] == "exact"

@@ -10,9 +10,9 @@ downloaded), traced, pruned at random (``ratio`` of every prunable group), erase
   with ``--no-lora``);
 - for an architecture with nothing prunable, the first reason the analysis gave.
 
-    python tools/arch_coverage.py                    # every architecture below, Markdown table
-    python tools/arch_coverage.py --archs llama phi3 --out coverage.md
-    python tools/arch_coverage.py --lorashear        # the whole LoRAShear pipeline per architecture
+    python -m tools.arch_coverage                    # every architecture below, Markdown table
+    python -m tools.arch_coverage --archs llama phi3 --out coverage.md
+    python -m tools.arch_coverage --lorashear        # the whole LoRAShear pipeline per architecture
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "LORASHEAR", "check", "check_lorashear", "main"]
+__all__ = ["ARCHITECTURES", "LORASHEAR", "VOCAB", "check", "check_lorashear", "main", "table", "with_lora"]
 
 VOCAB = 128
 _GQA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -81,7 +81,9 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def _with_lora(model: nn.Module) -> nn.Module:
+def with_lora(model: nn.Module) -> nn.Module:
+    """``model`` with peft LoRA r=4 on every linear, initialised non-zero (``init_lora_weights=False``)
+    so the adapters change the logits and a wrong erase of them shows; in eval mode."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
@@ -95,7 +97,7 @@ def check(arch: str, ratio: float = 0.4, lora: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().float().eval()
     if lora:
-        model = _with_lora(model)
+        model = with_lora(model)
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids}
     graph = shear.trace(model, inputs)

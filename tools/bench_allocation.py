@@ -12,11 +12,11 @@ the most sensitive ones:
   (``knowledge-distribution`` + ``lhspg{protect_cap=inf}``: the paper);
 * ``top k, cap 1.5``: they keep 1.5x the others' kept share (``lhspg{protect_cap=1.5}``, the default).
 
-Perplexity is scored as ``tools/bench_quality.py --ablation`` scores it (in-domain after the passes'
+Perplexity is scored as ``python -m tools.bench_quality --ablation`` scores it (in-domain after the passes'
 text; out-of-domain on the Debian texts). Prints a Markdown table.
 
 Usage:
-    OMP_NUM_THREADS=1 python tools/bench_allocation.py --shares 0.2 0.5 --top 1 3 6 --out alloc.md   # ~25 min
+    OMP_NUM_THREADS=1 python -m tools.bench_allocation --shares 0.2 0.5 --top 1 3 6 --out alloc.md   # ~25 min
 """
 
 from __future__ import annotations
@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import PASS_TOKENS, ood_windows  # noqa: E402
-
-from shear.kernels.allocation import base_param_count  # noqa: E402
+from shear.kernels.allocation import base_param_count
+from tools.bench_quality import PASS_TOKENS, ood_windows
 
 __all__ = ["main", "allocation"]
 

@@ -14,9 +14,9 @@ and prints one table: parameters, perplexity per corpus source on held-out valid
 above the start of each method, Linux VmHWM). The table is also written as Markdown to ``--out``.
 
 Usage:
-    python tools/bench_lorashear.py --quick                       # tiny LLaMA, ~2 min
-    python tools/bench_lorashear.py                               # SmolLM2 at 20% and 50%
-    python tools/bench_lorashear.py --ratios 0.2 --kd             # with knowledge distribution
+    python -m tools.bench_lorashear --quick                       # tiny LLaMA, ~2 min
+    python -m tools.bench_lorashear                               # SmolLM2 at 20% and 50%
+    python -m tools.bench_lorashear --ratios 0.2 --kd             # with knowledge distribution
 """
 
 from __future__ import annotations
@@ -24,27 +24,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shear.kernels.allocation import base_param_count
+from tools.bench_common import load_average, markdown_table, mean, measured
 
 __all__ = ["main"]
 
-
-
-def _measure(fn: Any, *args: Any) -> tuple[Any, float, int]:
-    from shear.training.peak_memory import PeakMemory
-
-    start = time.perf_counter()
-    with PeakMemory(torch.device("cpu")) as meter:
-        out = fn(*args)
-    return out, time.perf_counter() - start, meter.stats.added_bytes
 
 
 def _one_shot_magnitude(model: torch.nn.Module, ratio: float, args: argparse.Namespace) -> torch.nn.Module:
@@ -115,24 +104,24 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     data = TextData.from_corpus(tokenizer, max_train_chars=200_000 if q else 400_000)
     sources = list(data.validation)
-    load = os.getloadavg()[0]
+    load = load_average()
     print(f"model {loaded.name}: {base_param_count(model):,} parameters; load average {load:.2f}; threads {torch.get_num_threads()}")
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return data.perplexity(m, seq_len=args.seq_len, max_windows=args.eval_windows)
 
     rows: list[dict[str, Any]] = []
-    dense_ppl, t_eval, _ = _measure(evaluate, model)
-    rows.append({"method": "dense", "ratio": 0.0, "params": base_param_count(model), "ppl": dense_ppl, "wall_s": 0.0, "peak_mb": 0.0})
-    print(f"dense evaluated in {t_eval:.0f}s")
+    dense = measured(evaluate, model)
+    rows.append({"method": "dense", "ratio": 0.0, "params": base_param_count(model), "ppl": dense.value, "wall_s": 0.0, "peak_mb": 0.0})
+    print(f"dense evaluated in {dense.seconds:.0f}s")
     for ratio in args.ratios:
-        small, wall, peak = _measure(_one_shot_magnitude, model, ratio, args)
-        rows.append({"method": "magnitude (one-shot)", "ratio": ratio, "params": base_param_count(small),
-                     "ppl": evaluate(small), "wall_s": wall, "peak_mb": peak / 2**20})
+        run = measured(_one_shot_magnitude, model, ratio, args)
+        rows.append({"method": "magnitude (one-shot)", "ratio": ratio, "params": base_param_count(run.value),
+                     "ppl": evaluate(run.value), "wall_s": run.seconds, "peak_mb": run.added_bytes / 2**20})
         print(_row_text(rows[-1], sources), flush=True)
-        small, wall, peak = _measure(_lhspg, model, ratio, data, args)
-        rows.append({"method": "LHSPG (no recovery)", "ratio": ratio, "params": base_param_count(small),
-                     "ppl": evaluate(small), "wall_s": wall, "peak_mb": peak / 2**20,
+        run = measured(_lhspg, model, ratio, data, args)
+        rows.append({"method": "LHSPG (no recovery)", "ratio": ratio, "params": base_param_count(run.value),
+                     "ppl": evaluate(run.value), "wall_s": run.seconds, "peak_mb": run.added_bytes / 2**20,
                      "steps": args.warmup + args.periods * args.steps_per_period})
         print(_row_text(rows[-1], sources), flush=True)
     table = _table(rows, sources, loaded.name, args, load)
@@ -142,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _row_text(r: dict[str, Any], sources: list[str]) -> str:
-    return f"{r['method']} @ {r['ratio']:.0%}: mean ppl {statistics.mean(r['ppl'].values()):.2f}, {r['wall_s']:.0f}s"
+    return f"{r['method']} @ {r['ratio']:.0%}: mean ppl {mean(r['ppl']):.2f}, {r['wall_s']:.0f}s"
 
 
 def _table(rows: list[dict[str, Any]], sources: list[str], name: str, args: argparse.Namespace, load: float) -> str:
@@ -155,16 +144,15 @@ def _table(rows: list[dict[str, Any]], sources: list[str], name: str, args: argp
         f"lr {args.lr}, LoRA r {args.lora_r}, selection {args.selection}, saliency {args.saliency}"
         f"{', knowledge distribution gamma ' + str(args.gamma) if args.kd else ''}. Load average at start {load:.2f}.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
     ]
     base = rows[0]["params"]
+    cells = []
     for r in rows:
-        cells = [r["method"], f"{1 - r['params'] / base:.1%}", f"{r['params']:,}"]
-        cells += [f"{r['ppl'][s]:.2f}" for s in sources]
-        cells += [f"{statistics.mean(r['ppl'].values()):.2f}", f"{r['wall_s']:.0f}", f"{r['peak_mb']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        row = [r["method"], f"{1 - r['params'] / base:.1%}", f"{r['params']:,}"]
+        row += [f"{r['ppl'][s]:.2f}" for s in sources]
+        row += [f"{mean(r['ppl']):.2f}", f"{r['wall_s']:.0f}", f"{r['peak_mb']:.0f}"]
+        cells.append(row)
+    return "\n".join(lines) + "\n" + markdown_table(head, cells)
 
 
 if __name__ == "__main__":

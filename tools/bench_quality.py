@@ -27,29 +27,30 @@ method, peak memory above the start of the method (Linux VmHWM). Written as Mark
 (and JSON next to it) and printed.
 
 Usage:
-    python tools/bench_quality.py --quick        # tiny LLaMA: a few minutes on 2 cores
-    python tools/bench_quality.py                # SmolLM2-135M at 20% and 50% (its rows took 4.7 h here)
-    python tools/bench_quality.py --resume       # go on after an interruption: rows already in
+    python -m tools.bench_quality --quick        # tiny LLaMA: a few minutes on 2 cores
+    python -m tools.bench_quality                # SmolLM2-135M at 20% and 50% (its rows took 4.7 h here)
+    python -m tools.bench_quality --resume       # go on after an interruption: rows already in
                                                  # the JSON next to --out are kept, not re-run
 
 The ablation (``--ablation SHARE``): at SHARE of the non-embedding parameters and one token budget
-(60 steps of 4 x 256 tokens), the LLM-Pruner-style baseline (Taylor on MLP channels, the same count
-cut in every layer, LoRA r=8 on every linear) and LoRAShear variants (heads or not, knowledge
+(60 steps of 4 x 256 tokens), the LLM-Pruner-style baseline (shear's ``taylor{kinds=[channel]}`` pass:
+first-order Taylor on the IR's MLP channel groups, the same count cut in every layer, erased; then LoRA
+r=8 on every linear, see :func:`llm_pruner_mlp`) and LoRAShear variants (heads or not, knowledge
 distribution on/off, distillation, one-shot vs progressive, global selection, saliency, recovery
 stages), each evaluated in domain (the corpus' validation split) and out of domain (Debian texts the
 corpus does not contain: licences, Perl manuals, Vim's help, changelogs):
 
-    python tools/bench_quality.py --quick --ablation 0.2 --out abl.md          # tiny LLaMA, ~25 min
-    python tools/bench_quality.py --ablation 0.2 --only "LLM-Pruner-style (MLP)" "LoRAShear channels" --out a.md
+    python -m tools.bench_quality --quick --ablation 0.2 --out abl.md          # tiny LLaMA, ~25 min
+    python -m tools.bench_quality --ablation 0.2 --only "LLM-Pruner-style (MLP)" "LoRAShear channels" --out a.md
 
 Each finished row is written to the JSON at once, so an interrupted run loses at most one row.
 Parts may run side by side, one thread each (with two OpenMP threads per part on 2 shared cores,
 one row ran for 70+ min instead of ~26), and be merged into one table:
 
     export OMP_NUM_THREADS=1
-    python tools/bench_quality.py --unstructured 0 --out q.md &
-    python tools/bench_quality.py --ratios --unstructured 0.5 --out u.md
-    python tools/bench_quality.py --out q.md --table-only u.json
+    python -m tools.bench_quality --unstructured 0 --out q.md &
+    python -m tools.bench_quality --ratios --unstructured 0.5 --out u.md
+    python -m tools.bench_quality --out q.md --table-only u.json
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ import hashlib
 import json
 import os
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +71,9 @@ import torch
 
 from shear.kernels.allocation import base_param_count
 from shear.passes.budgets import lhspg_steps
+from tools.bench_common import load_average, markdown_table, mean, measured
 
-__all__ = ["main", "Profile"]
+__all__ = ["ABLATION", "OOD_SOURCES", "PASS_TOKENS", "Profile", "llm_pruner_mlp", "main", "ood_windows", "scaled"]
 
 
 @dataclass(frozen=True)
@@ -133,25 +134,21 @@ class Bench:
 
     def run(self, method: str, ratio: float, fn: Any, *, nonzero: bool = False) -> torch.nn.Module | None:
         """Time ``fn``, evaluate the model it returns and record the row (``None``: the row was resumed)."""
-        from shear.training.peak_memory import PeakMemory
-
         if self.done(method, ratio):
             print(f"{method} @ {ratio:.0%}: kept from {self.json}", flush=True)
             return None
         if method in self.args.skip:
             print(f"{method} @ {ratio:.0%}: skipped", flush=True)
             return None
-        start = time.perf_counter()
-        with PeakMemory(torch.device("cpu")) as meter:
-            model = fn()
-        wall = time.perf_counter() - start
+        run = measured(fn)
+        model, wall = run.value, run.seconds
         row = {
             "method": method,
             "ratio": ratio,
             "params": base_param_count(model, nonzero=nonzero),
             "ppl": self.evaluate(model),
             "wall_s": wall,
-            "peak_mb": meter.stats.added_bytes / 2**20,
+            "peak_mb": run.added_bytes / 2**20,
         }
         report = getattr(model, "shear_report", None)
         if report is not None:  # where the time went, pass by pass
@@ -164,7 +161,7 @@ class Bench:
             row["recovery_steps"], row["recovery_tokens"] = rec
         self.rows.append(row)
         self.json.write_text(json.dumps(self.rows, indent=2) + "\n")
-        print(f"{method} @ {ratio:.0%}: mean ppl {statistics.mean(row['ppl'].values()):.2f} in {wall:.0f}s", flush=True)
+        print(f"{method} @ {ratio:.0%}: mean ppl {mean(row['ppl']):.2f} in {wall:.0f}s", flush=True)
         return model
 
     def compile(self, pipeline: str, model: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -326,41 +323,32 @@ ONE_SHOT = "warmup=0,periods=1,steps_per_period=1"
 
 
 def llm_pruner_mlp(model: torch.nn.Module, data: Any, remove: int, *, steps: int, calib: int, seq_len: int,
-                   batch: int, lr: float, seed: int = 0, checkpoint_dir: Path | None = None) -> torch.nn.Module:
-    """LLM-Pruner-style baseline in plain torch + peft: first-order Taylor importance
-    ``sum |W * dL/dW|`` of every MLP channel (gate and up rows, down column) on ``calib`` calibration
-    windows, the same ``remove`` channels cut from every layer, then LoRA r=8 on every linear for
-    ``steps`` steps of ``batch x seq_len`` tokens, merged; ``seed`` seeds the calibration windows, the
-    training batches and the adapters, as ``--seed`` does the LoRAShear rows'; with ``checkpoint_dir``
-    the training writes a checkpoint every 8 steps there and resumes from the latest."""
+                   batch: int, lr: float, seed: int = 0, checkpoint_dir: Path | None = None,
+                   verify: float | None = None) -> torch.nn.Module:
+    """LLM-Pruner-style baseline: ``remove`` MLP channels cut from every layer by first-order Taylor
+    importance, then LoRA r=8 on every linear, trained and merged.
+
+    The cut is the pass pipeline ``discover-groups,taylor{kinds=[channel],...},erase``: ``taylor``
+    scores every structure of the IR's channel groups by ``Σ |W ⊙ dL/dW|`` over its members (for a
+    LLaMA MLP: gate and up rows, the down column) on ``calib`` windows of ``seq_len`` tokens and
+    zeroes the lowest ``remove / width`` of each group, ``erase`` removes them. Then LoRA r=8 trains
+    for ``steps`` steps of ``batch x seq_len`` tokens of the pretraining text (LLM-Pruner's recovery:
+    plain LoRA, no stage schedule) and is merged. ``seed`` seeds the calibration windows, the training
+    batches and the adapters, as ``--seed`` does the LoRAShear rows'; with ``checkpoint_dir`` the
+    training writes a checkpoint every 8 steps there and resumes from the latest."""
+    import shear
     from shear.training import TokenBatches, TrainConfig, ensure_lora, train
 
-    model = copy.deepcopy(model)
-    mlps = [layer.mlp for layer in model.model.layers]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in mlps:
-        for lin in (m.gate_proj, m.up_proj, m.down_proj):
-            lin.weight.requires_grad_(True)
-    ids = data.calibration(calib, seq_len, seed=seed)
-    for i in range(0, ids.shape[0], 4):
-        chunk = ids[i : i + 4]
-        model(input_ids=chunk, labels=chunk, use_cache=False).loss.backward()
-    with torch.no_grad():
-        for m in mlps:
-            g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
-            score = (g * g.grad).abs().sum(1) + (u * u.grad).abs().sum(1) + (d * d.grad).abs().sum(0)
-            keep = score.argsort(descending=True)[: score.numel() - remove].sort().values
-            for lin, dim in ((m.gate_proj, 0), (m.up_proj, 0), (m.down_proj, 1)):
-                lin.weight = torch.nn.Parameter(lin.weight.index_select(dim, keep).clone(), requires_grad=False)
-                lin.out_features, lin.in_features = lin.weight.shape
-    model.config.intermediate_size = mlps[0].gate_proj.out_features
-    model, _ = ensure_lora(model, r=8, seed=seed)
+    ratio = remove / model.config.intermediate_size  # the same count in every layer: the groups are equal
+    pipeline = f"discover-groups,taylor{{ratio={ratio!r},kinds=[channel],samples={calib},seq_len={seq_len},seed={seed}}},erase"
+    pruned = shear.compile(model, pipeline, example_inputs={"input_ids": torch.arange(16).view(1, 16)}, data=data,
+                           verify=verify)
+    pruned, _ = ensure_lora(pruned, r=8, seed=seed)
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch, seq_len=seq_len,
                          checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
                          checkpoint_every=8 if checkpoint_dir is not None else 0)
-    result = train(model, TokenBatches(data.train, batch, seq_len, seed=seed), config)
-    merged = model.merge_and_unload()
+    result = train(pruned, TokenBatches(data.train, batch, seq_len, seed=seed), config)
+    merged = pruned.merge_and_unload()
     merged.bench_resumed = _resumed(result.warnings)
     return merged
 
@@ -465,7 +453,8 @@ class Ablation(Bench):
         rows = {
             "LLM-Pruner-style (MLP)": lambda: llm_pruner_mlp(
                 self.model, self.data, remove, steps=self.steps(), calib=p.calib, seq_len=p.seq_len,
-                batch=p.batch, lr=p.recover_lr, seed=self.args.seed, checkpoint_dir=self._baseline_checkpoint(ratio)),
+                batch=p.batch, lr=p.recover_lr, seed=self.args.seed, checkpoint_dir=self._baseline_checkpoint(ratio),
+                verify=self.args.verify_tol),
             "LoRAShear (old default)": lambda: self.compile(self.pipeline(ratio, kinds=heads)),
             "LoRAShear channels": lambda: self.compile(self.pipeline(ratio, kinds=ch)),
             "LoRAShear channels, no KD": lambda: self.compile(self.pipeline(ratio, kinds=ch, kd=False)),
@@ -554,7 +543,7 @@ def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int,
     def means(r: dict[str, Any]) -> tuple[float, float]:
         ind = [v for k, v in r["ppl"].items() if not k.startswith("ood:")]
         out = [v for k, v in r["ppl"].items() if k.startswith("ood:")]
-        return statistics.mean(ind), statistics.mean(out) if out else float("nan")
+        return mean(ind), mean(out) if out else float("nan")
 
     dense = next((r for r in rows if r["method"] == "dense"), None)
     if dense is None:  # a part run with --skip dense: its rows are in the JSON already
@@ -573,16 +562,15 @@ def ablation_table(name: str, p: Profile, rows: list[dict[str, Any]], body: int,
         f"Perplexity: mean over sources of {p.eval_windows} windows x {p.seq_len} tokens each; in-domain = the "
         f"corpus' validation split after the first {PASS_TOKENS:,} tokens of each source (the passes read those), out-of-domain = {', '.join(ood)}. {note}",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
     ]
+    cells = []
     for r in rows:
         m_in, m_out = means(r)
         removed = (dense["params"] - r["params"]) / body
         gap = "" if r is dense else f"{(m_in - d_in) / (b_in - d_in):.2f}x / {(m_out - d_out) / (b_out - d_out):.2f}x"
-        lines.append(f"| {r['method']} | {r['params']:,} | {removed:.1%} | {m_in:.2f} | {m_out:.2f} | {gap} | "
-                     f"{r['wall_s']:.0f} |")
-    return "\n".join(lines)
+        cells.append([r["method"], f"{r['params']:,}", f"{removed:.1%}", f"{m_in:.2f}", f"{m_out:.2f}", gap,
+                      f"{r['wall_s']:.0f}"])
+    return "\n".join(lines) + "\n" + markdown_table(head, cells)
 
 
 class _Stop(Exception):
@@ -611,17 +599,16 @@ def _table(name: str, quick: bool, p: Profile, rows: list[dict[str, Any]], note:
         f"EBFT {p.ebft_epochs} epochs on {p.calib} x {p.seq_len} calibration tokens. The methods' wall times sum to "
         f"{sum(r['wall_s'] for r in rows) / 60:.1f} min; {note}",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" for _ in head) + "|",
     ]
     base = rows[0]["params"]
+    cells = []
     for r in rows:
         rec = f"{r['recovery_steps']} / {r['recovery_tokens']:,}" if "recovery_steps" in r else ""
-        cells = [r["method"], f"{1 - r['params'] / base:.1%}", f"{r['params']:,}"]
-        cells += [f"{r['ppl'][s]:.2f}" for s in sources]
-        cells += [f"{statistics.mean(r['ppl'].values()):.2f}", rec, f"{r['wall_s']:.0f}", f"{r['peak_mb']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        row = [r["method"], f"{1 - r['params'] / base:.1%}", f"{r['params']:,}"]
+        row += [f"{r['ppl'][s]:.2f}" for s in sources]
+        row += [f"{mean(r['ppl']):.2f}", rec, f"{r['wall_s']:.0f}", f"{r['peak_mb']:.0f}"]
+        cells.append(row)
+    return "\n".join(lines) + "\n" + markdown_table(head, cells)
 
 
 def _merge(out: Path, others: list[Path]) -> list[dict[str, Any]]:
@@ -685,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(table + "\n")
         return
     start = time.perf_counter()
-    load = os.getloadavg()[0]
+    load = load_average()
     bench = Ablation(args) if args.ablation else Bench(args)
     print(f"{bench.name}: {base_param_count(bench.model):,} parameters; load average {load:.2f}", flush=True)
     bench.run("dense", 0.0, lambda: copy.deepcopy(bench.model))

@@ -14,9 +14,9 @@ Timings are medians of ``--repeats`` runs; the load average is printed first bec
 OpenMP degrades badly when another process shares the cores.
 
 Usage:
-    python tools/bench_speed.py                       # full shape, ~2-4 minutes on 2 cores
-    python tools/bench_speed.py --hidden 256 --layers 2 --repeats 2   # smoke
-    python tools/bench_speed.py --device cuda --dtype bfloat16 --shape 7b --seq 512 --round-to 1 64 128
+    python -m tools.bench_speed                       # full shape, ~2-4 minutes on 2 cores
+    python -m tools.bench_speed --hidden 256 --layers 2 --repeats 2   # smoke
+    python -m tools.bench_speed --device cuda --dtype bfloat16 --shape 7b --seq 512 --round-to 1 64 128
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from bench_training_memory import LLAMA_SHAPES
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear.codegen.module_tree import codegen, plan_erasure
 from shear.graph import trace
 from shear.passes.baselines.random import zero_random
+from tools.bench_common import load_average, median_time
+from tools.bench_training_memory import LLAMA_SHAPES
 
 __all__ = ["main"]
 
@@ -43,38 +41,21 @@ SHAPES = {k: v for k, v in LLAMA_SHAPES.items() if k in ("1b", "7b")}
 """Presets: LLaMA-3.2-1B and LLaMA-2-7B shapes (random weights; the head is untied here whatever ``tied`` says)."""
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    _sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _latencies(model: LlamaForCausalLM, args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     gen = torch.Generator().manual_seed(0)
     for batch in (1, 8):
         ids = torch.randint(0, args.vocab, (batch, args.seq), generator=gen).to(args.device)
         with torch.no_grad():
-            out[f"prefill b{batch}"] = _median_time(lambda ids=ids: model(input_ids=ids, use_cache=False), args.repeats)
+            out[f"prefill b{batch}"] = median_time(lambda ids=ids: model(input_ids=ids, use_cache=False), args.repeats)
             short = ids[:, :8]
-            total = _median_time(
+            total = median_time(
                 lambda short=short: model.generate(short, attention_mask=torch.ones_like(short), pad_token_id=0,
                                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                                    do_sample=False),
                 args.repeats,
             )
-            one = _median_time(
+            one = median_time(
                 lambda short=short: model.generate(short, attention_mask=torch.ones_like(short), pad_token_id=0,
                                                    max_new_tokens=1, min_new_tokens=1, do_sample=False),
                 args.repeats,
@@ -104,7 +85,10 @@ def _prune(model: LlamaForCausalLM, target: float, round_to: int, example: torch
     return small
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    """Build the shape, prune it to each target, print the latency table and return its rows: ``name``,
+    ``params``, ``ideal`` (dense / pruned params) and per column (``prefill b1``, ``decode b8``, ...)
+    the latency in seconds under ``ms`` and the efficiency under ``eff``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
@@ -127,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"load average {os.getloadavg()}, {args.threads} threads, torch {torch.__version__}, {card}, {args.dtype}")
+    print(f"load average {load_average():.2f}, {args.threads} threads, torch {torch.__version__}, {card}, {args.dtype}")
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                       num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
@@ -149,12 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     base = _latencies(dense, args)
     cols = list(base)
     print(f"\n{'model':<22}{'params':>12}{'ideal x':>9}" + "".join(f"{c + ' ms':>15}{'eff':>6}" for c in cols))
+    table: list[dict[str, object]] = []
     for name, _r, model in rows:
         lat = base if model is dense else _latencies(model, args)
         n = sum(p.numel() for p in model.parameters())
         ideal = n_dense / n
-        cells = "".join(f"{lat[c] * 1e3:>15.1f}{(base[c] / lat[c]) / ideal:>6.2f}" for c in cols)
+        eff = {c: (base[c] / lat[c]) / ideal for c in cols}
+        cells = "".join(f"{lat[c] * 1e3:>15.1f}{eff[c]:>6.2f}" for c in cols)
         print(f"{name:<22}{n:>12,}{ideal:>9.2f}{cells}")
+        table.append({"name": name, "params": n, "ideal": ideal, "ms": lat, "eff": eff})
+    return table
 
 
 if __name__ == "__main__":

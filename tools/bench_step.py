@@ -16,9 +16,9 @@ alike; the table reports median tokens/s and the ratio to the plain loop (goal >
 goal (or with ``--profile``) a torch profiler table of one LHSPG step says where the time goes.
 
 Usage:
-    python tools/bench_step.py                     # SmolLM2-135M if installed, else the tiny LLaMA
-    python tools/bench_step.py --model tiny --batch 4 --seq 128
-    python tools/bench_step.py --device cuda --dtype bfloat16 --batch 8 --seq 512
+    python -m tools.bench_step                     # SmolLM2-135M if installed, else the tiny LLaMA
+    python -m tools.bench_step --model tiny --batch 4 --seq 128
+    python -m tools.bench_step --device cuda --dtype bfloat16 --batch 8 --seq 512
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from bench_training_memory import LLAMA_SHAPES
 from torch import nn
 
 from shear.training import TrainHook
+from tools.bench_common import sync
+from tools.bench_training_memory import LLAMA_SHAPES, llama_shape
 
 __all__ = ["main", "plain_peft_step", "load_model", "run"]
 
@@ -54,8 +55,6 @@ def load_model(name: str, dtype: torch.dtype, device: torch.device) -> tuple[nn.
 
     if name in SHAPES:
         from types import SimpleNamespace
-
-        from bench_training_memory import llama_shape
 
         shape = SimpleNamespace(**SHAPES[name], dtype=str(dtype).removeprefix("torch."), device=str(device), seq=512)
         return llama_shape(shape), f"{name} (random weights)"
@@ -81,11 +80,6 @@ def plain_peft_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: tor
     return float(loss.detach())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _plain(base: nn.Module, args: argparse.Namespace, batches: list[torch.Tensor]) -> Callable[[], float]:
     from peft import LoraConfig, get_peft_model
 
@@ -99,11 +93,11 @@ def _plain(base: nn.Module, args: argparse.Namespace, batches: list[torch.Tensor
 
     def run_steps() -> float:
         plain_peft_step(model, optimizer, batches[0])  # warm
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for ids in batches[: args.steps]:
             plain_peft_step(model, optimizer, ids)
-        _sync(device)
+        sync(device)
         return args.steps * ids.numel() / (time.perf_counter() - t0)
 
     return run_steps
@@ -117,7 +111,7 @@ class _Clock(TrainHook):
         self.times: list[float] = []
 
     def after_optimizer_step(self, state: Any) -> None:
-        _sync(self.device)
+        sync(self.device)
         self.times.append(time.perf_counter())
 
 

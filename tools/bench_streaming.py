@@ -8,8 +8,8 @@ model in memory either, and reused by later runs. Then, each stage with its peak
 
 Usage::
 
-    OMP_NUM_THREADS=1 python tools/bench_streaming.py --work /tmp --ratio 0.2
-    python tools/bench_streaming.py --work /tmp --clean          # remove the 7B files afterwards
+    OMP_NUM_THREADS=1 python -m tools.bench_streaming --work /tmp --ratio 0.2
+    python -m tools.bench_streaming --work /tmp --clean          # remove the 7B files afterwards
 
 Example:
     >>> LLAMA2_7B["hidden_size"], LLAMA2_7B["num_hidden_layers"]

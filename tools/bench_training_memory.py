@@ -36,11 +36,11 @@ step's predicted activations exceed half the free memory); the note column says 
 each in a fresh subprocess.
 
 Usage:
-    python tools/bench_training_memory.py                       # 1B shape, bf16, CPU (~3 min, 8 GB)
-    python tools/bench_training_memory.py --layers 4            # smaller machine
-    python tools/bench_training_memory.py --layers 4 --batch 4 --seq 512 --checkpointing on
-    python tools/bench_training_memory.py --device cuda --batch 4 --seq 512
-    python tools/bench_training_memory.py --modes --hidden 512 --layers 8 --vocab 32000 --dtype float32
+    python -m tools.bench_training_memory                       # 1B shape, bf16, CPU (~3 min, 8 GB)
+    python -m tools.bench_training_memory --layers 4            # smaller machine
+    python -m tools.bench_training_memory --layers 4 --batch 4 --seq 512 --checkpointing on
+    python -m tools.bench_training_memory --device cuda --batch 4 --seq 512
+    python -m tools.bench_training_memory --modes --hidden 512 --layers 8 --vocab 32000 --dtype float32
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -69,6 +70,7 @@ from shear.training.peak_memory import current_rss_bytes
 __all__ = ["main", "measure", "measure_phases", "llama_shape"]
 
 MB = 1 << 20
+ROOT = Path(__file__).resolve().parents[1]
 
 
 MODES = {
@@ -109,7 +111,7 @@ LLAMA_SHAPES: dict[str, dict[str, int | bool]] = {
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, tied=False),
 }
 """SmolLM2-135M, LLaMA-3.2-1B and LLaMA-2-7B shapes, for :func:`llama_shape` and the other benchmarks
-(``bench_step``, ``bench_speed``, ``gpu_check``), which build them with random weights."""
+(``tools.bench_step``, ``tools.bench_speed``, ``tests/gpu``), which build them with random weights."""
 
 
 def llama_shape(args: argparse.Namespace) -> LlamaForCausalLM:
@@ -150,7 +152,13 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
     from shear.passes.base import Context
     from shear.passes.core.discover import DiscoverGroups
     from shear.passes.core.erase import Erase
-    from shear.passes.lorashear.lhspg import LHSPG, LhspgResult, _calibration, _eligible, _scorer
+    from shear.passes.lorashear.lhspg import (
+        LHSPG,
+        LhspgResult,
+        eligible_groups,
+        saliency_calibration,
+        saliency_scorer,
+    )
     from shear.passes.manager import PassManager
 
     torch.manual_seed(0)
@@ -181,9 +189,9 @@ def measure_phases(args: argparse.Namespace) -> list[dict[str, float | str]]:
         print(f"{phase}: peak {peak / MB:.0f} MB = {peak / weights:.2f}x weights; {note}", file=sys.stderr, flush=True)
 
     graph = ctx.get(Graph)
-    eligible = _eligible(ctx, graph, lhspg.kinds)
+    eligible, _ = eligible_groups(ctx, graph, lhspg.kinds, capped=False)
     w = parse_weights(lhspg.saliency)
-    score = _scorer(graph, eligible, w, _calibration(data, args.calibration, args.seq, 0, w))
+    score = saliency_scorer(graph, eligible, w, saliency_calibration(data, args.calibration, args.seq, 0, w))
     _trim()
     with PeakMemory(device) as meter:
         score(ctx.model)
@@ -284,8 +292,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
     rows = []
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--one", mode], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run([sys.executable, "-m", "tools.bench_training_memory", *passthrough, "--one", mode],
+                             check=True, capture_output=True, text=True, cwd=ROOT).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"LLaMA hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}, LoRA r={args.rank}, "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} steps on {args.device} ({rows[0]['method']}); "

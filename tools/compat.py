@@ -6,14 +6,14 @@ compares the two snapshots. A snapshot holds, for the environment it runs in:
 
 - the versions of torch, transformers, peft and accelerate;
 - the IR structure (``shear.graph.ir.format_structure``: groups, sizes, pin kinds, LoRA
-  composites, overlaps) of every architecture of ``tools/arch_coverage.py``, plain and with LoRA —
+  composites, overlaps) of every architecture of :mod:`tools.arch_coverage`, plain and with LoRA —
   the property that matters: the same model traced under two releases gives the same groups;
 - the coverage row of each architecture (prune at random, erase, verify, save/load);
 - the outcome of the architecture test suites per architecture (``pytest`` on ``SUITES``).
 
-    python tools/compat.py snapshot out/compat/pinned.json          # in one environment
-    python tools/compat.py snapshot out/compat/newest.json          # in another
-    python tools/compat.py compare out/compat/pinned.json out/compat/newest.json
+    python -m tools.compat snapshot out/compat/pinned.json          # in one environment
+    python -m tools.compat snapshot out/compat/newest.json          # in another
+    python -m tools.compat compare out/compat/pinned.json out/compat/newest.json
 
 ``compare`` prints a Markdown table (one row per architecture: groups same/changed, coverage
 row, suite outcome in each environment) and the first lines of every structure diff. It exits 1
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 __all__ = ["PACKAGES", "SUITES", "compare", "main", "snapshot"]
 
@@ -56,10 +55,10 @@ def _versions() -> dict[str, str]:
 
 def _structures(archs: list[str]) -> dict[str, str]:
     import torch
-    from arch_coverage import ARCHITECTURES, VOCAB, _with_lora
 
     import shear
     from shear.graph.ir import format_structure
+    from tools.arch_coverage import ARCHITECTURES, VOCAB, with_lora
 
     out: dict[str, str] = {}
     for arch in archs:
@@ -68,7 +67,7 @@ def _structures(archs: list[str]) -> dict[str, str]:
             try:
                 torch.manual_seed(0)
                 model = ARCHITECTURES[arch]().float().eval()
-                model = _with_lora(model) if lora else model
+                model = with_lora(model) if lora else model
                 ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
                 out[key] = format_structure(shear.trace(model, {"input_ids": ids}))
             except Exception as e:  # noqa: BLE001 - a failing trace is a result of the snapshot
@@ -100,7 +99,7 @@ def _suites(archs: list[str]) -> dict[str, dict[str, int]]:
 
 def snapshot(path: Path, archs: list[str] | None = None, suites: bool = True) -> dict[str, Any]:
     """Write the snapshot of this environment to ``path`` (JSON) and return it."""
-    from arch_coverage import ARCHITECTURES, check
+    from tools.arch_coverage import ARCHITECTURES, check
 
     archs = archs or list(ARCHITECTURES)
     coverage: dict[str, Any] = {}

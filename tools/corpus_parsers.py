@@ -1,6 +1,6 @@
 """Parsers that turn the unpacked source packages into documents of clean English text.
 
-Used by tools/build_corpus.py; each parser is a pure function of the unpacked files, so the
+Used by :mod:`tools.build_corpus`; each parser is a pure function of the unpacked files, so the
 rebuild is deterministic. A document is ``(doc_id, text)``; ids are stable across rebuilds.
 
 Example:

@@ -22,8 +22,8 @@ with a plain ``AutoModelForCausalLM.from_pretrained``.
 Runtime: 13 to 22 minutes per pruned model on a loaded, shared 2-core CPU (the LoRAShear prune;
 the export and each llama.cpp check take under a minute). Example::
 
-    python tools/gguf_check.py --client-python /path/to/llamacpp-venv/bin/python --out /tmp/gguf-check
-    python tools/gguf_check.py --models uniform --dtype bf16
+    python -m tools.gguf_check --client-python /path/to/llamacpp-venv/bin/python --out /tmp/gguf-check
+    python -m tools.gguf_check --models uniform --dtype bf16
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Needs numpy and ``llama-cpp-python`` (``import llama_cpp``; it builds llama.cpp from source when
 installed), neither a shear dependency, and nothing else, so it can run in the interpreter of a
-separate virtual environment (``tools/gguf_check.py`` calls it that way with ``--client-python``).
+separate virtual environment (``python -m tools.gguf_check`` calls it that way with ``--client-python``).
 
 As a script it reads a JSON request and writes a JSON answer::
 

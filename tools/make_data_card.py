@@ -1,18 +1,16 @@
-"""Write shear/data/DATA_CARD.md from MANIFEST.json and the source registry (run by build_corpus.py).
+"""Write shear/data/DATA_CARD.md from MANIFEST.json and the source registry (run by tools.build_corpus).
 
-python tools/make_data_card.py            # regenerate the card from the committed manifest
+python -m tools.make_data_card            # regenerate the card from the committed manifest
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from shear.data.sources import SOURCES, SPLITS
 
-from shear.data.sources import SOURCES, SPLITS  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 __all__ = ["write_data_card", "render"]
 
@@ -163,6 +161,7 @@ def render(manifest: dict) -> str:
 
 
 def write_data_card(data_dir: Path) -> Path:
+    """Render ``data_dir/DATA_CARD.md`` from ``data_dir/MANIFEST.json``; return its path."""
     manifest = json.loads((data_dir / "MANIFEST.json").read_text())
     path = data_dir / "DATA_CARD.md"
     path.write_text(render(manifest))

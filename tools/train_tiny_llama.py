@@ -7,7 +7,7 @@ reacts to pruning, at a cost of milliseconds per forward. Weights are stored as 
 safetensors (~2 MB) and upcast to float32 on load.
 
 Usage:
-    python tools/train_tiny_llama.py --steps 1500          # ~10 min on 2 cores
+    python -m tools.train_tiny_llama --steps 1500          # ~10 min on 2 cores
 
 The run is deterministic (seeded); it prints validation perplexity per source at the end.
 """
