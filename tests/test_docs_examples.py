@@ -170,11 +170,6 @@ def _repository_files() -> list[Path]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="code files (shear/kernels/ebft.py, shear/passes/lorashear/lhspg.py, pyproject.toml) still name "
-    "files outside the repository; they are being rewritten to cite papers by title",
-)
 def test_nothing_refers_to_files_outside_the_repository() -> None:
     hits = []
     for path in _repository_files():

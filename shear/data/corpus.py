@@ -46,7 +46,7 @@ def load_documents(source: str, split: str) -> list[Document]:
             )
         out.append(Document(source, r["id"], r["text"]))
     if not out:
-        raise DataError(f"{path}: no documents; rebuild with `python tools/build_corpus.py`.")
+        raise DataError(f"{path}: no documents; rebuild with `python -m tools.build_corpus`.")
     return out
 
 
@@ -73,7 +73,7 @@ def verify_data() -> list[str]:
     """Compare every file listed in MANIFEST.json with its recorded SHA-256; return the mismatches."""
     path = manifest_file()
     if not path.is_file():
-        raise DataError(f"{path}: missing; rebuild the data with `python tools/build_corpus.py`.")
+        raise DataError(f"{path}: missing; rebuild the data with `python -m tools.build_corpus`.")
     manifest = json.loads(path.read_text())
     problems = []
     for rel, entry in sorted(manifest["files"].items()):

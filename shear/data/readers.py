@@ -27,7 +27,7 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such file. Check the path (shear's own data ships under shear/data/; "
-                        f"rebuild it with `python tools/build_corpus.py`).")  # fmt: skip
+                        f"rebuild it with `python -m tools.build_corpus`).")  # fmt: skip
     try:
         if p.suffix == ".xz":
             return lzma.decompress(p.read_bytes())
@@ -36,7 +36,7 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
         return p.read_bytes()
     except (lzma.LZMAError, OSError, EOFError) as e:
         raise DataError(f"{p}: cannot decompress ({e}); the file is truncated or corrupt, restore it "
-                        f"from git or rebuild it with `python tools/build_corpus.py`.") from e  # fmt: skip
+                        f"from git or rebuild it with `python -m tools.build_corpus`.") from e  # fmt: skip
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
