@@ -34,8 +34,8 @@ from shear.training import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ["batches", "config", "distributed", "hooks", "lora", "loss", "memory", "optim", "result", "rng",
-           "checkpoints", "loop", "fsdp", "sharded_checkpoints"]
+MODULES = ["batches", "config", "distributed", "hooks", "adapters", "peak_memory", "optim", "result", "rng",
+           "checkpoints", "loop", "fsdp", "dcp_checkpoints"]
 
 
 def _env() -> dict[str, str]:
