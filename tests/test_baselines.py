@@ -434,7 +434,7 @@ def test_taylor_channels_only_is_llm_pruners_mlp_cut() -> None:
             lin.weight.requires_grad_(True)
     for i in range(0, 8, 4):
         reference(input_ids=ids[i : i + 4], labels=ids[i : i + 4]).loss.backward()
-    for m, (gid, idx) in zip(mlps, sorted(chosen.items())):
+    for m, (_gid, idx) in zip(mlps, sorted(chosen.items())):
         g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
         score = (g * g.grad).abs().sum(1) + (u * u.grad).abs().sum(1) + (d * d.grad).abs().sum(0)
         n = round(0.25 * score.numel())
