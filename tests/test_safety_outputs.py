@@ -190,6 +190,7 @@ def test_figures_never_replace_a_file_shear_did_not_write(tmp_path: Path) -> Non
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
     from shear.figures import save_figure
 
     mine = tmp_path / "fig.png"
