@@ -25,8 +25,9 @@ __all__ = [
 
 
 class DeclaresEnsures(Protocol):
-    """What :func:`ensures_key` reads of a pass (an instance or a class): the keys it ensures."""
+    """What this module reads of a pass (an instance or a class): its name and the keys it ensures."""
 
+    name: str
     ensures: Any
 
 
@@ -102,7 +103,7 @@ def missing_error(key: Key | OneOf, needed_by: str | None = None) -> PipelineErr
         "pass 'horse-pass' requires result 'unicorn', and no registered pass ensures it. Store it with ctx.put(value, 'unicorn') before running it"
     """
     first = canonical_key(key.keys[0] if isinstance(key, OneOf) else key)
-    providers = [getattr(cls, "name", "?") for cls in _registered() if ensures_key(cls, first)]
+    providers = [cls.name for cls in _registered() if ensures_key(cls, first)]
     hint = _HINTS.get(first)
     what = f"pass {needed_by!r} requires result {key_name(key)!r}" if needed_by else f"the context holds no {key_name(key)!r}"
     what += f" ({hint})" if hint else ""
