@@ -25,6 +25,7 @@ from shear.data import TextData
 from shear.errors import ExportError, InputError, ModelLoadError, PipelineError, ShearError
 from shear.passes import Context, PassManager
 from shear.passes.lorashear.knowledge import KnowledgeDistribution
+from shear.passes.lorashear.knowledge_cache import MAX_BYTES
 from shear.zoo import TINY_LLAMA_DIR, load_tiny_llama
 
 
@@ -65,6 +66,8 @@ def _crafted(doc: dict[str, Any], how: str) -> str:
         doc["entries"][0]["node_group"] = 7777
         doc["ranking"] = [7777 if r == old else r for r in doc["ranking"]]
         doc["unprunable_node_groups"] = [7777 if r == old else r for r in doc["unprunable_node_groups"]]
+    elif how == "number past float range":
+        doc["base_ppl"] = 10**400  # a JSON integer float() overflows on
     elif how == "NaN deviation":
         doc["entries"][0]["deviation"] = float("nan")
     elif how == "string structures":
@@ -81,7 +84,7 @@ def _crafted(doc: dict[str, Any], how: str) -> str:
 
 
 SPOILED = (
-    "no entries", "missing group", "wrong group id", "wrong node group id", "NaN deviation",
+    "no entries", "missing group", "wrong group id", "wrong node group id", "number past float range", "NaN deviation",
     "string structures", "bool id", "unknown field", "deep nesting", "not JSON",
 )
 
@@ -107,8 +110,23 @@ def test_a_spoiled_knowledge_cache_is_ignored_with_a_warning_and_measured_again(
     cached.write_bytes(b"\xff\xfe not utf-8")
     ctx = _kd_run(tiny.model, data, tmp_path)
     assert any(str(cached) in w for w in ctx.warnings) and ctx.get(KnowledgeDistribution) == fresh
+    with cached.open("r+b") as f:  # sparse: past MAX_BYTES without writing it
+        f.truncate(MAX_BYTES + 1)
+    ctx = _kd_run(tiny.model, data, tmp_path)
+    assert [w for w in ctx.warnings if f"{cached} is not usable (larger than 64 MiB)" in w], ctx.warnings
+    assert ctx.get(KnowledgeDistribution) == fresh and json.loads(cached.read_text()) == good
     reloaded = _kd_run(tiny.model, data, tmp_path)  # the good file is used again, silently
     assert not reloaded.warnings and reloaded.get(KnowledgeDistribution) == fresh
+
+
+def test_an_unwritable_cache_dir_warns_and_keeps_the_result(tiny: Any, tmp_path: Path) -> None:
+    """The cache is an optimisation: a cache_dir that is a file warns after the measurement, never fails the run."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("mine")
+    ctx = _kd_run(tiny.model, _bigram_text(), blocker)
+    warned = [w for w in ctx.warnings if "knowledge-distribution: could not keep the result in" in w]
+    assert len(warned) == 1 and str(blocker) in warned[0] and warned[0].endswith("; check cache_dir"), ctx.warnings
+    assert ctx.get(KnowledgeDistribution).entries and blocker.read_text() == "mine"
 
 
 # -- bounds before work: a config that claims too much ---------------------------------------------

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from shear.errors import PassError, PipelineError
+from shear.errors import OutputError, PassError, PipelineError
 from shear.figures import plot_deviation
 from shear.graph.ir import Graph
 from shear.kernels.knowledge import (
@@ -263,7 +263,7 @@ class KnowledgeDistributionAnalysis(Pass):
         if cached is not None and not (cached.exists() and not cached.is_file()):
             try:
                 save_result(cached, result)
-            except OSError as e:
+            except (OSError, OutputError) as e:  # atomic_file turns an OSError into an OutputError
                 ctx.warn(f"knowledge-distribution: could not keep the result in {cached} ({e}); check cache_dir")
         top = strip_peft_prefix(ranking[0][0].node_group.name)
         return PassResult(

@@ -94,7 +94,10 @@ def _number(value: Any, where: str, *, inf: bool = False, positive: bool = False
     """A JSON number (never a bool): finite, or ``+inf`` where a measurement may be non-finite."""
     if type(value) not in (int, float):
         raise _Bad(f"{where} must be a number, got {type(value).__name__}")
-    x = float(value)
+    try:
+        x = float(value)
+    except OverflowError:  # an integer past float range (JSON allows 10**400)
+        raise _Bad(f"{where} must be a finite number, got an integer too large for a float") from None
     if math.isnan(x) or x == -math.inf or (x == math.inf and not inf):
         raise _Bad(f"{where} must be a finite number, got {x}")
     if positive and not x > 0:
@@ -167,7 +170,7 @@ def _result(doc: Any) -> KnowledgeDistribution:
         return KnowledgeDistribution(
             base_ppl=_number(d["base_ppl"], "base_ppl", positive=True),
             base_ppl_by_source={
-                _str(k, "a base_ppl_by_source key"): _number(v, f"base_ppl_by_source[{k!r}]", positive=True)
+                k: _number(v, f"base_ppl_by_source[{k!r}]", positive=True)
                 for k, v in by_source.items()
             },
             entries=tuple(_entry(e, i) for i, e in enumerate(d["entries"])),
