@@ -189,8 +189,12 @@ def test_random_seed_ratio_and_kinds_are_checked_before_work() -> None:
         parse_pipeline("random{kinds=[bogus]}")
     with pytest.raises(PipelineError, match=r"kinds \[\] is empty"):
         Random(kinds=())
-    with pytest.raises(PipelineError, match=r"option 'ratio' is the text '0.2', expected float; give it as a number"):
+    with pytest.raises(PipelineError, match=r"option 'ratio' is the text '0.2', expected float; give it as one \(ratio=0.2\)"):
         Random(ratio="0.2")  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"option 'ratio' expects float, got 'abc' \(str\); give ratio=<float>$"):
+        Random(ratio="abc")  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"option 'kinds' is the text 'channel', expected tuple\[str, ...\]; give it as one \(kinds=\('channel',\)\)"):
+        Random(kinds="channel")  # type: ignore[arg-type]
     with pytest.raises(PipelineError, match=r"random: ratio must be in \[0, 1\)"):
         Random(ratio=float("nan"))
     assert parse_pipeline("random{kinds=[channel,head],seed=7}") == [Random(kinds=("channel", "head"), seed=7)]
@@ -200,12 +204,25 @@ def test_a_size_given_as_text_is_refused_by_plan_and_prune_streamed(tmp_path: Pa
     folder = _config(tmp_path)
     with pytest.raises(PipelineError, match=r"plan: ratio must be in \(0, 1\) \(a number\), got '0.2' \(str\); give it as a number"):
         shear.plan(folder, ratio="0.2")  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"plan: ratio must be in \(0, 1\) \(a number\), got 'abc' \(str\); give it as a number$"):
+        shear.plan(folder, ratio="abc")  # type: ignore[arg-type]
     with pytest.raises(PipelineError, match=r"plan: seq_len must be in \[1, "):
         shear.plan(folder, seq_len=0)
     out = tmp_path / "out"
     with pytest.raises(PipelineError, match=r"stream-prune: ratio must be in \(0, 1\) \(a number\), got '0.2'"):
         shear.prune_streamed(TINY_LLAMA_DIR, out, ratio="0.2")  # type: ignore[arg-type]
     assert not out.exists()
+
+
+def test_a_pass_built_in_python_with_an_option_as_text_is_refused() -> None:
+    """Every pass object given to a pipeline is checked against its annotations, not only random and erase."""
+    from shear.passes.baselines.magnitude import Magnitude
+    from shear.passes.baselines.taylor import Taylor
+
+    with pytest.raises(PipelineError, match=r"pass 'magnitude': option 'ratio' is the text '0.2', expected float; give it as one \(ratio=0.2\)"):
+        PassManager([Magnitude(ratio="0.2")])  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"taylor: ratio must be in \[0, 1\) \(a number\), got '0.2' \(str\); give it as a number, e.g. ratio=0.2"):
+        Taylor(ratio="0.2")  # type: ignore[arg-type]
 
 
 def test_erase_verify_that_is_not_a_bool_is_blamed_on_the_option() -> None:

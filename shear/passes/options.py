@@ -310,29 +310,38 @@ def check_fields(p: Pass) -> None:
 
     A pipeline string's text is converted by :func:`build_pass`; a pass object made by hand is not,
     so a number given as text, a bool for a number or a list of the wrong items would surface later as
-    a ``TypeError`` deep inside the pass. Call it from ``__post_init__``; raises :class:`PipelineError`
-    naming the pass, the option and the fix.
+    a ``TypeError`` deep inside the pass. :func:`~shear.passes.pipeline.resolve_pipeline` runs it on
+    every pass object it is given; raises :class:`PipelineError` naming the pass, the option and the fix.
 
     Example:
-        >>> from shear.passes.baselines.random import Random
-        >>> Random(ratio="0.2")
+        >>> from shear.passes.baselines.magnitude import Magnitude
+        >>> check_fields(Magnitude(ratio="0.2"))
         Traceback (most recent call last):
         ...
-        shear.errors.PipelineError: pass 'random': option 'ratio' is the text '0.2', expected float; give it as a number (ratio=0.2)...
+        shear.errors.PipelineError: pass 'magnitude': option 'ratio' is the text '0.2', expected float; give it as one (ratio=0.2)...
     """
     for o in pass_options(type(p)):
         value = getattr(p, o.name)
-        if isinstance(value, str) and not _admits_text(o.type):
-            raise PipelineError(
-                f"pass {p.name!r}: option {o.name!r} is the text {value!r}, expected {o.type_name}; give it as a "
-                f"number or value ({o.name}={value.strip()}), not a string (a pipeline string converts text itself)"
-            )
         try:
-            _convert(value, o.type)
+            converted = _convert(value, o.type)
         except _BadValue:
             raise PipelineError(
                 f"pass {p.name!r}: option {o.name!r} expects {o.type_name}, got {value!r} ({type(value).__name__}){_hint(o)}"
             ) from None
+        if isinstance(value, str) and not _admits_text(o.type):
+            raise PipelineError(
+                f"pass {p.name!r}: option {o.name!r} is the text {value!r}, expected {o.type_name}; give it as one "
+                f"({o.name}={converted!r}), not a string (a pipeline string converts text itself)"
+            )
+
+
+def _number_in(text: str, integer: bool) -> int | float | None:
+    """The finite number ``text`` reads as, else None."""
+    try:
+        x = int(text) if integer else float(text)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def require_number(
@@ -376,7 +385,10 @@ def require_number(
             low is not None and (x < low or (open_low and x == low))
         ) and not (high is not None and (x > high or (open_high and x == high)))
     if not ok:
-        hint = f"; give it as a number, e.g. {name}={value.strip()}" if isinstance(value, str) else ""
+        hint = ""
+        if isinstance(value, str):
+            x = _number_in(value, integer)
+            hint = "; give it as a number" + (f", e.g. {name}={x!r}" if x is not None else "")
         raise PipelineError(f"{where}: {name} must be{span} ({kind}), got {value!r} ({type(value).__name__}){hint}")
     return value
 

@@ -30,6 +30,7 @@ from shear.kernels.allocation import structure_count, zero_to_budget
 from shear.kernels.saliency import taylor_importance
 from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
+from shear.passes.options import require_number
 
 __all__ = ["KINDS", "Taylor", "zero_lowest"]
 
@@ -90,10 +91,8 @@ class Taylor(Pass):
     baseline). With ``params`` the budget counts channels and kv-head families of these kinds."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise PipelineError(f"taylor: ratio must be in [0, 1), got {self.ratio}")
-        if not 0.0 <= self.params < 1.0:
-            raise PipelineError(f"taylor: params must be in [0, 1), got {self.params}; e.g. params=0.2")
+        require_number("taylor", "ratio", self.ratio, low=0.0, high=1.0, open_high=True)
+        require_number("taylor", "params", self.params, low=0.0, high=1.0, open_high=True)
         unknown = set(self.kinds) - set(KINDS)
         if unknown or not self.kinds:
             raise PipelineError(f"taylor: kinds must be some of {list(KINDS)}, got {list(self.kinds)}")
