@@ -231,6 +231,34 @@ def test_file_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         load_pipeline(yaml_path)
 
 
+def test_file_size_depth_and_txt_hint(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text("#" * ((1 << 20) + 1))
+    with pytest.raises(PipelineError, match=r"big.toml' is 1,048,577 bytes; a pipeline file holds a few passes \(at most 1,048,576 bytes\): check"):
+        load_pipeline(big)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("passes = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(PipelineError, match=r"deep.toml' is nested too deep to be a pipeline; check the file"):
+        load_pipeline(deep)
+    table = tmp_path / "table.txt"
+    table.write_text('name = "test-opts"\n')
+    with pytest.raises(PipelineError, match=r"(?s)table.txt': bad pipeline string.*\(a .txt file holds one pipeline string.*goes in a .toml file\)$"):
+        load_pipeline(table)
+    typo = tmp_path / "typo.txt"
+    typo.write_text("test-opts{ratio=oops}\n")
+    with pytest.raises(PipelineError, match=r"typo.txt': pass 'test-opts': option 'ratio' expects float, got 'oops' \(str\); give ratio=<float>$"):
+        load_pipeline(typo)
+    pytest.importorskip("yaml")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("passes: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(PipelineError, match=r"deep.yaml' is nested too deep to be a pipeline; check the file"):
+        load_pipeline(deep)
+    one = tmp_path / "one.yaml"
+    one.write_text("test-opts{ratio=oops}\n")
+    with pytest.raises(PipelineError, match=r"one.yaml': pass 'test-opts': option 'ratio' expects float, got 'oops' \(str\); give ratio=<float>$"):
+        load_pipeline(one)
+
+
 def test_not_a_pipeline() -> None:
     with pytest.raises(PipelineError, match=r"cannot make a pipeline from int"):
         resolve_pipeline(3)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -310,10 +311,12 @@ def load_pipeline(path: str | os.PathLike[str]) -> list[Pass]:
         try:
             return parse_pipeline(data.strip())
         except PipelineError as e:
-            raise PipelineError(
-                f"pipeline file {str(path)!r}: {e}\n(a {path.suffix} file holds one pipeline string, such as "
-                f"\"random{{ratio=0.3}},erase\"; a table of passes goes in a .toml file)"
-            ) from None
+            table = path.suffix.lower() == ".txt" and re.match(r"\s*(\[|\w+\s*[=:])", data)  # [[passes]], name = ...
+            hint = (
+                "\n(a .txt file holds one pipeline string, such as \"random{ratio=0.3},erase\"; a table of passes "
+                "goes in a .toml file)" if table else ""
+            )
+            raise PipelineError(f"pipeline file {str(path)!r}: {e}{hint}") from None
     if isinstance(data, Mapping):
         if "pipeline" in data:
             if not isinstance(data["pipeline"], str):
