@@ -225,6 +225,16 @@ def test_a_pass_built_in_python_with_an_option_as_text_is_refused() -> None:
         Taylor(ratio="0.2")  # type: ignore[arg-type]
 
 
+def test_taylor_and_lhspg_refuse_an_unknown_group_kind() -> None:
+    from shear.passes import parse_pipeline
+    from shear.passes.lorashear.lhspg import eligible_groups
+
+    with pytest.raises(PipelineError, match=r"taylor: kinds must be some of \['channel', 'head', 'residual'\], got \['bogus'\]"):
+        parse_pipeline("taylor{kinds=[bogus]}")
+    with pytest.raises(PipelineError, match=r"lhspg: unknown group kinds \['bogus'\]; use channel, head, residual"):
+        eligible_groups(None, None, ("bogus",), capped=False)  # type: ignore[arg-type]
+
+
 def test_erase_verify_that_is_not_a_bool_is_blamed_on_the_option() -> None:
     from shear.passes import parse_pipeline
     from shear.passes.core.erase import Erase

@@ -30,7 +30,7 @@ import torch
 
 from shear.errors import GraphError
 
-__all__ = ["Role", "Slice", "Member", "PruningGroup", "NormRescale"]
+__all__ = ["Role", "Slice", "Member", "PruningGroup", "NormRescale", "GROUP_KINDS"]
 
 
 class Role(enum.Enum):
@@ -93,6 +93,10 @@ class NormRescale:
     """The full width ``d`` the norm averages over in the unpruned model."""
 
 
+GROUP_KINDS: tuple[str, ...] = ("channel", "head", "residual")
+"""The kinds a :class:`PruningGroup` has (its ``kind``); passes take some of them as ``kinds=[...]``."""
+
+
 @dataclass(frozen=True, eq=False)
 class PruningGroup:
     """A channel space with ``size`` minimally removable structures, and what each one owns."""
@@ -104,7 +108,7 @@ class PruningGroup:
     size: int
     """Number of structures (channels, heads, kv-head families)."""
     kind: str = "channel"
-    """``channel``, ``head`` (a kv-head family / attention head), or ``residual``."""
+    """One of :data:`GROUP_KINDS`: ``channel``, ``head`` (a kv-head family / attention head), or ``residual``."""
     prunable: bool = True
     reasons: tuple[str, ...] = ()
     """Why the group is not prunable (empty when it is)."""

@@ -19,17 +19,15 @@ from typing import ClassVar
 import torch
 
 from shear.errors import PipelineError
-from shear.graph.groups import PruningGroup
+from shear.graph.groups import GROUP_KINDS, PruningGroup
 from shear.graph.ir import Graph
 from shear.kernels.allocation import structure_count
 from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.passes.options import check_fields, require_number
 
-__all__ = ["Random", "choose_structures", "zero_random", "GROUP_KINDS", "MAX_SEED"]
+__all__ = ["Random", "choose_structures", "zero_random", "MAX_SEED"]
 
-GROUP_KINDS: tuple[str, ...] = ("channel", "head", "residual")
-"""The kinds a pruning group has (:class:`~shear.graph.groups.PruningGroup`)."""
 MAX_SEED = 2**64 - 1
 """The largest seed a torch generator takes."""
 
@@ -97,7 +95,7 @@ class Random(Pass):
     """Seed of the generator that picks the structures."""
     round_to: int = 1
     """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
-    kinds: tuple[str, ...] = ("channel", "head", "residual")
+    kinds: tuple[str, ...] = GROUP_KINDS
     """Group kinds to prune; ``kinds=[channel,head]`` keeps the residual width."""
 
     def __post_init__(self) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from shear.data.text import calibration_ids
 from shear.errors import PipelineError
-from shear.graph.groups import PruningGroup
+from shear.graph.groups import GROUP_KINDS, PruningGroup
 from shear.graph.ir import Graph
 from shear.kernels.allocation import structure_count, zero_to_budget
 from shear.kernels.saliency import taylor_importance
@@ -32,10 +32,7 @@ from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.passes.options import require_number
 
-__all__ = ["KINDS", "Taylor", "zero_lowest"]
-
-KINDS = ("channel", "head", "residual")
-"""The pruning group kinds ``taylor`` can score (``kinds=...``)."""
+__all__ = ["Taylor", "zero_lowest"]
 
 
 def zero_lowest(
@@ -86,16 +83,16 @@ class Taylor(Pass):
     params: float = 0.0
     """When > 0: remove this share of the model's parameters instead (kv-head families and channels,
     counted as ``lhspg`` counts them), the same number of structures per group LHSPG would remove."""
-    kinds: tuple[str, ...] = ("channel", "head", "residual")
+    kinds: tuple[str, ...] = GROUP_KINDS
     """Group kinds to score and prune; ``kinds=[channel]`` prunes MLP channels only (LLM-Pruner's MLP
     baseline). With ``params`` the budget counts channels and kv-head families of these kinds."""
 
     def __post_init__(self) -> None:
         require_number("taylor", "ratio", self.ratio, low=0.0, high=1.0, open_high=True)
         require_number("taylor", "params", self.params, low=0.0, high=1.0, open_high=True)
-        unknown = set(self.kinds) - set(KINDS)
+        unknown = set(self.kinds) - set(GROUP_KINDS)
         if unknown or not self.kinds:
-            raise PipelineError(f"taylor: kinds must be some of {list(KINDS)}, got {list(self.kinds)}")
+            raise PipelineError(f"taylor: kinds must be some of {list(GROUP_KINDS)}, got {list(self.kinds)}")
         if self.params > 0 and not {"channel", "head"} & set(self.kinds):
             raise PipelineError("taylor: a parameter budget (params=...) counts channels and heads; add one to kinds")
 

@@ -46,6 +46,7 @@ import torch
 
 from shear.data.text import TextData, require_text_data
 from shear.errors import PipelineError
+from shear.graph.groups import GROUP_KINDS
 from shear.graph.ir import Graph
 from shear.kernels.allocation import ParamBudget
 from shear.kernels.lhspg import StructureViews
@@ -442,7 +443,7 @@ def eligible_groups(ctx: Context, graph: Graph, kinds: tuple[str, ...], capped: 
     (a finite ``protect_cap``) the protected groups are eligible and listed again; else they are left out.
 
     Raises :class:`~shear.errors.PipelineError` for an unknown kind or when nothing is eligible."""
-    unknown = set(kinds) - {"channel", "head", "residual"}
+    unknown = set(kinds) - set(GROUP_KINDS)
     if unknown:
         raise PipelineError(f"lhspg: unknown group kinds {sorted(unknown)}; use channel, head, residual")
     blocked = _unprunable(ctx, graph)
