@@ -169,15 +169,13 @@ def plan_source(
     src: ModelSource, ratio: float, training: Training, *, round_to: int = 1, started: float | None = None,
 ) -> tuple[PrunePlan, dict[int, int]]:
     """:func:`plan` on an opened source; also returns the per-group counts. Mutates ``src.model``
-    (the meta skeleton becomes the pruned shapes)."""
+    (the meta skeleton becomes the pruned shapes). ``ratio`` and ``round_to`` are as :func:`plan` checked them."""
     from dataclasses import replace
 
     from shear.codegen.hf_config import candidate_config_updates, refresh_config
     from shear.codegen.module_tree import apply_plan, plan_removal
     from shear.kernels.allocation import ParamBudget, structure_count
 
-    require_number("plan", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
-    require_number("plan", "round_to", round_to, integer=True, low=1, high=1 << 20)
     t0 = started if started is not None else time.perf_counter()
     groups = src.graph.pruning_groups
     counts = {g.id: structure_count(g.size, ratio, round_to) for g in groups if g.prunable}
