@@ -149,6 +149,10 @@ def _config(tmp_path: Path, **changes: Any) -> Path:
         ({"vocab_size": "many"}, r"vocab_size = 'many' is not a size"),
         ({"num_hidden_layers": 4000, "hidden_size": 65536, "intermediate_size": 1 << 20, "num_attention_heads": 512},
          r"asks for about 8.3\de\+14 parameters .*fix the sizes"),
+        ({"num_hidden_layers": 10**400}, r"num_hidden_layers = 1000000000\d+\.\.\. is not a size .*about 1e\+405 parameters\)"),
+        ({"moe_intermediate_size": 1 << 30}, r"moe_intermediate_size = 1073741824 is not a size .*at most 4,194,304"),
+        ({"num_hidden_layers": 2048, "num_local_experts": 1024},
+         r"2,048 layers x 1,024 experts is more modules than a skeleton can hold \(at most 1,048,576\); fix the config"),
     ],
 )
 def test_plan_refuses_a_config_that_claims_too_much_at_once(
@@ -165,6 +169,16 @@ def test_plan_refuses_a_config_that_claims_too_much_at_once(
         assert main(["plan", str(target)]) == 1
         err = capsys.readouterr().err
         assert "config.json" in err and "fix" in err
+
+
+def test_plan_names_the_field_as_the_config_spells_it(tmp_path: Path) -> None:
+    """A GPT-2 config says n_layer: only the check of the transformers config (in open_source) sees it."""
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    gpt2 = {"model_type": "gpt2", "n_layer": 10**8, "n_embd": 64, "n_head": 2, "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0}
+    (folder / "config.json").write_text(json.dumps(gpt2))
+    with pytest.raises(InputError, match=r"config.json: n_layer = 100000000 is not a size shear can plan \(a positive integer at most 4,096; with it"):
+        shear.plan(folder)
 
 
 def test_plan_refuses_a_config_nested_too_deep(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def _config_json(p: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{p} is not a readable config JSON ({type(e).__name__}: {e}); check the file") from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise ModelLoadError(f"{p} is not a transformers config JSON with a model_type; pass a model's config.json")
-    check_config_bounds(SimpleNamespace(**{k: v for k, v in data.items() if isinstance(k, str)}), p)
+    check_config_bounds(SimpleNamespace(**data), p)
     return data
 
 
@@ -120,6 +120,7 @@ LIMITS: dict[str, int] = {
     "num_hidden_layers": 4096,
     "hidden_size": 1 << 20,
     "intermediate_size": 1 << 22,
+    "moe_intermediate_size": 1 << 22,
     "num_attention_heads": 1 << 14,
     "num_key_value_heads": 1 << 14,
     "head_dim": 1 << 16,
@@ -136,6 +137,22 @@ _MAX_MODULES = 1 << 20
 """Largest module count the meta skeleton may have (layers x experts)."""
 
 
+def _size(config: Any, name: str, default: int = 0) -> int:
+    """The config's integer field ``name`` (never a bool), else ``default``."""
+    v = getattr(config, name, None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def _experts(config: Any) -> int:
+    """Experts per layer the config asks for (1 without experts)."""
+    return max(_size(config, "num_local_experts"), _size(config, "num_experts"), _size(config, "n_routed_experts"), 1)
+
+
+def _about(n: int) -> str:
+    """``n`` to three digits (``1.97e+13``), also past the range of a float (a JSON integer may be 10**400)."""
+    return f"{n:.3g}" if abs(n) < 10**300 else f"{'-' if n < 0 else ''}1e+{int(n.bit_length() * 0.30103)}"
+
+
 def estimate_params(config: Any) -> int:
     """Parameters the config asks for, from its sizes alone (attention, MLP or experts, embeddings).
 
@@ -145,19 +162,14 @@ def estimate_params(config: Any) -> int:
         ...                   num_attention_heads=2, tie_word_embeddings=True))
         360
     """
-    def get(name: str, default: int = 0) -> int:
-        v = getattr(config, name, None)
-        return v if isinstance(v, int) and not isinstance(v, bool) else default
-
-    h, layers = get("hidden_size"), get("num_hidden_layers")
-    heads = get("num_attention_heads", 1) or 1
-    hd = get("head_dim") or h // heads
-    kv = get("num_key_value_heads") or heads
-    ffn = get("moe_intermediate_size") or get("intermediate_size") or 4 * h
-    experts = max(get("num_local_experts"), get("num_experts"), get("n_routed_experts"), 1)
+    h, layers = _size(config, "hidden_size"), _size(config, "num_hidden_layers")
+    heads = _size(config, "num_attention_heads", 1) or 1
+    hd = _size(config, "head_dim") or h // heads
+    kv = _size(config, "num_key_value_heads") or heads
+    ffn = _size(config, "moe_intermediate_size") or _size(config, "intermediate_size") or 4 * h
     attention = 2 * h * heads * hd + 2 * h * kv * hd
-    mlp = 3 * h * ffn * experts
-    embeddings = get("vocab_size") * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    mlp = 3 * h * ffn * _experts(config)
+    embeddings = _size(config, "vocab_size") * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     return layers * (attention + mlp) + embeddings
 
 
@@ -166,34 +178,30 @@ def check_config_bounds(config: Any, where: str | os.PathLike[str]) -> None:
 
     Each size field must be a positive integer within :data:`LIMITS`, and the parameter estimate
     (:func:`estimate_params`) at most :data:`MAX_PARAMS`; an :class:`InputError` names the file, the
-    field or the estimate, and the fix. A config claiming 10**8 layers is refused in microseconds
-    instead of building a skeleton that never finishes.
+    field (as the file spells it: ``n_layer`` in a GPT-2 config) or the estimate, and the fix. A config
+    claiming 10**8 layers is refused in microseconds instead of building a skeleton that never finishes.
     """
+    params = estimate_params(config)
+    spelled = getattr(config, "attribute_map", None) or {}  # transformers' name -> the file's (n_layer)
     for name, limit in LIMITS.items():
         value = getattr(config, name, None)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
             shown = repr(value) if len(repr(value)) < 40 else repr(value)[:40] + "..."
-            estimate = f"; with it the config asks for about {estimate_params(config):.3g} parameters" if isinstance(value, int) else ""
+            estimate = f"; with it the config asks for about {_about(params)} parameters" if isinstance(value, int) and value > limit else ""
             raise InputError(
-                f"{where}: {name} = {shown} is not a size shear can plan (a positive integer at most {limit:,}{estimate}); "
-                "fix the config (is it the right file?)"
+                f"{where}: {spelled.get(name, name)} = {shown} is not a size shear can plan (a positive integer at most "
+                f"{limit:,}{estimate}); fix the config (is it the right file?)"
             )
-    params = estimate_params(config)
     if params > MAX_PARAMS:
         raise InputError(
             f"{where}: the config asks for about {params:.3g} parameters ({2 * params / 1e12:.3g} TB of bf16 weights), "
             f"more than the {MAX_PARAMS:.0e} shear plans; fix the sizes in the config (num_hidden_layers, hidden_size, "
             "intermediate_size, vocab_size)"
         )
-    experts = max(
-        (v for v in (getattr(config, k, 0) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
-         if isinstance(v, int)),
-        default=1,
-    )
-    layers = getattr(config, "num_hidden_layers", 1) or 1
-    if layers * max(experts, 1) > _MAX_MODULES:
+    layers, experts = _size(config, "num_hidden_layers", 1), _experts(config)
+    if layers * experts > _MAX_MODULES:
         raise InputError(
             f"{where}: {layers:,} layers x {experts:,} experts is more modules than a skeleton can hold "
             f"(at most {_MAX_MODULES:,}); fix the config"
