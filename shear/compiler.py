@@ -209,7 +209,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         True
     """
     from shear.io.outputs import check_writable_dir
-    from shear.preflight import check_compile_inputs
+    from shear.preflight import check_compile_inputs, check_verify_option
     from shear.progress import RichSink
 
     notes: list[str] = []
@@ -221,9 +221,10 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     if passes is None:
         passes, notes = _default_passes(model, data)
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
+    check_verify_option(verify)
     check_compile_inputs(
         model, example_inputs if example_inputs is not None else default_example_inputs(model), data,
-        reads_weights=any(p.reads_weights for p in manager.passes), verify=verify,
+        reads_weights=any(p.reads_weights for p in manager.passes),
     )
     if dump_dir is not None:
         check_writable_dir(dump_dir)

@@ -12,7 +12,9 @@ work. :func:`check_compile_inputs` finds the usual ones first and raises an
 * integer inputs to a model that computes in floating point (and has no embedding to take them);
 * an example input with a zero-size dimension (batch 0, sequence length 0): nothing to trace or compare;
 * training data with token ids past the vocabulary;
-* a ``verify`` tolerance that is not a finite number >= 0 (NaN would fail every erase, blamed on erase).
+
+and :func:`check_verify_option` a ``verify`` tolerance that is not a finite number >= 0 (NaN would
+fail every erase, blamed on erase).
 
 Example:
     >>> import torch
@@ -158,14 +160,12 @@ def _check_shapes(inputs: Any) -> None:
 
 
 def check_compile_inputs(
-    model: nn.Module, example_inputs: Any, data: Any, *, reads_weights: bool, verify: object = True
+    model: nn.Module, example_inputs: Any, data: Any, *, reads_weights: bool
 ) -> None:
     """Raise :class:`InputError` / :class:`DataError` for inputs no pipeline can use; see the module doc.
 
-    ``reads_weights``: some pass of the pipeline reads weight values (all but graph analysis);
-    ``verify``: the compile's ``verify`` option (:func:`check_verify_option`).
+    ``reads_weights``: some pass of the pipeline reads weight values (all but graph analysis).
     """
-    check_verify_option(verify)
     _check_shapes(example_inputs)
     _check_weights(model, reads_weights)
     vocab = _vocab(model)
