@@ -298,12 +298,17 @@ def test_pipeline_files_txt_non_utf8_and_unknown_suffix(tmp_path: Path) -> None:
         resolve_pipeline(str(table))
 
 
-@pytest.mark.parametrize("seq_len", ["0", "-5"])
-def test_inspect_refuses_a_seq_len_below_one(seq_len: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", str(TINY_LLAMA_DIR), "--seq-len", seq_len]) == 1
+@pytest.mark.parametrize(("command", "seq_len"), [("inspect", "0"), ("inspect", "-5"), ("draw", "65537"), ("prune", "100000")])
+def test_inspect_draw_prune_refuse_a_seq_len_out_of_range(command: str, seq_len: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [command, str(TINY_LLAMA_DIR), "--seq-len", seq_len] + (["-o", "unused"] if command != "inspect" else [])
+    assert main(args) == 1
     err = capsys.readouterr().err
-    assert f"--seq-len {seq_len}: a sequence needs 1 to 65,536 tokens; give a positive length" in err
-    assert "Traceback" not in err
+    assert f"shear {command}: error: --seq-len {seq_len}: a sequence needs 1 to 65,536 tokens; give a length in that range" in err
+
+
+def test_plan_leaves_its_seq_len_to_shear_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", str(TINY_LLAMA_DIR), "--seq-len", "0"]) == 1
+    assert "shear plan: error: plan: seq_len must be in [1, 16,777,216] (an integer), got 0" in capsys.readouterr().err
 
 
 def test_export_refuses_an_unknown_pre_tokenizer_and_non_finite_weights(
