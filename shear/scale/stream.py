@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from shear.codegen.module_tree import ErasurePlan, apply_plan, drop_indices, plan_removal
-from shear.errors import CheckpointError, OutputError, PipelineError
+from shear.errors import CheckpointError, PipelineError
 from shear.io.outputs import atomic_dir, check_output_dir
 from shear.passes.options import require_number
 from shear.scale.scores import TensorKeys, stream_magnitude, tensor_keys
@@ -114,14 +114,6 @@ def measure_stage(name: str, out: list[Stage]) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
     out.append(Stage(name, time.perf_counter() - t0, _status_bytes("VmHWM")))
-
-
-def _check_output(source: Path, output: str | os.PathLike[str], overwrite: bool, needed: int) -> Path:
-    out = check_output_dir(output, overwrite=overwrite, inputs=[source], needed_bytes=needed)
-    src = Path(os.path.realpath(source))
-    if src in Path(os.path.realpath(out)).parents:
-        raise OutputError(f"output path {out} is inside the source checkpoint {src}; the source is never written, choose a path outside it")
-    return out
 
 
 def _buffers(src: ModelSource, config: Any) -> dict[str, torch.Tensor]:
@@ -289,7 +281,7 @@ def prune_streamed(
     source = Path(model).expanduser()
     with measure_stage("plan (meta)", stages):
         ckpt = ShardedCheckpoint.open(source, integrity=integrity)
-        out = _check_output(source, output, overwrite, needed=ckpt.nbytes())
+        out = check_output_dir(output, overwrite=overwrite, inputs=[source], needed_bytes=ckpt.nbytes())
         src = open_source(source, layers=layers)
         keys = tensor_keys(ckpt, src)
         budget = ParamBudget(src.model, src.graph.pruning_groups)
