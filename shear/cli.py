@@ -176,18 +176,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
         check_device(args.device, "--device")  # a device this machine lacks fails now, not after loading
     # before any work: a run's output must not replace the user's files, nor fail to save at the end
     inputs = [args.model] + [p for p in (args.data, args.pipeline) if p and Path(p).exists()]
+    if args.dump_dir is not None:  # the dumps go next to the output, never in or around it
+        dump, out_real = Path(args.dump_dir).expanduser().resolve(), Path(args.output).expanduser().resolve()
+        if dump == out_real or out_real in dump.parents:
+            where = "is the output" if dump == out_real else "is inside the output"
+            raise OutputError(
+                f"--dump-dir {args.dump_dir} {where} {args.output}, which the save replaces; "
+                "write the dumps to another folder"
+            )
+        if dump in out_real.parents:
+            raise OutputError(
+                f"-o {args.output} is inside the --dump-dir {args.dump_dir}, where shear adds its IR dumps; "
+                "save the model outside it"
+            )
     output = check_output_dir(
-        args.output, overwrite=args.overwrite, needed_bytes=tree_size(Path(args.model).expanduser()),
-        inputs=inputs + ([args.dump_dir] if args.dump_dir and Path(args.dump_dir).exists() else []),
+        args.output, overwrite=args.overwrite, needed_bytes=tree_size(Path(args.model).expanduser()), inputs=inputs
     )
     report = _report_path(args, inputs)
     if args.dump_dir is not None:  # the IR dumps: new, empty, or shear's own earlier dumps (or --overwrite)
-        dump = Path(args.dump_dir).expanduser().resolve()
-        if dump == output.resolve() or output.resolve() in dump.parents:
-            raise OutputError(
-                f"--dump-dir {args.dump_dir} is inside the output {output}, which the save replaces; "
-                "write the dumps to another folder"
-            )
         check_writable_dir(args.dump_dir, overwrite=args.overwrite, inputs=inputs)
     model = load_model(args.model)
     tokenizer = _tokenizer(args.model)
@@ -205,6 +211,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         debug=args.debug,
         dump_dir=args.dump_dir,
         progress=True,
+        overwrite=args.overwrite,  # the --dump-dir files of the same names (the report is written below)
     )
     out = _console()
     out.print(small.shear_report)

@@ -169,6 +169,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     dump_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
     report: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> nn.Module:
     """Run a pruning pipeline on ``model`` and return the transformed model with its report.
 
@@ -186,9 +187,12 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         inplace: transform ``model`` itself instead of a deep copy.
         device: move the model and inputs there first.
         debug: check IR invariants after every pass (also on under pytest or ``SHEAR_DEBUG=1``).
-        dump_dir: write the printed IR (and SVG with graphviz) after every pass.
+        dump_dir: write the printed IR (and SVG with graphviz) after every pass; a folder holding
+            files shear did not write there is refused before any work (:mod:`shear.io.outputs`).
         progress: render progress bars with rich on stderr.
-        report: write the self-contained HTML report (:mod:`shear.report`) to this path.
+        report: write the self-contained HTML report (:mod:`shear.report`) to this path; an
+            existing file, a folder, a symbolic link is refused before any work.
+        overwrite: replace an existing ``report`` file, and files of the same names in ``dump_dir``.
 
     Returns:
         The transformed model, same class as the input where the passes keep it (codegen slices
@@ -197,6 +201,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
 
     Raises:
         PipelineError: the pipeline is malformed or empty (before anything runs).
+        OutputError: ``report`` or ``dump_dir`` would replace files shear did not write (before anything runs).
         InputError: the model or ``example_inputs`` cannot be pruned as given (meta or NaN weights,
             token ids outside the vocabulary, integer inputs to a float model), before anything runs.
         DataError: ``data`` holds token ids outside the vocabulary.
@@ -208,7 +213,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         >>> small.shear_report.params_after < small.shear_report.params_before              # doctest: +SKIP
         True
     """
-    from shear.io.outputs import check_writable_dir
+    from shear.io.outputs import check_output_file, check_writable_dir
     from shear.preflight import check_compile_inputs, check_verify_option
     from shear.progress import RichSink
 
@@ -220,14 +225,16 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         )
     if passes is None:
         passes, notes = _default_passes(model, data)
-    manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir)
+    manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir, overwrite=overwrite)
     check_verify_option(verify)
     check_compile_inputs(
         model, example_inputs if example_inputs is not None else default_example_inputs(model), data,
         reads_weights=any(p.reads_weights for p in manager.passes),
     )
     if dump_dir is not None:
-        check_writable_dir(dump_dir)
+        check_writable_dir(dump_dir, overwrite=overwrite)
+    if report is not None:
+        check_output_file(report, overwrite=overwrite)
     original = model
     model, dev, example_inputs = _working_copy(model, inplace, device, example_inputs)
     ctx = Context(

@@ -24,15 +24,15 @@ IR dumps and figures. Each write has two steps:
    the path holds the whole old or the whole new output, and a path that changed since it was checked
    is never replaced: :class:`~shear.errors.OutputError`, the new output discarded.
 
-A run killed mid-write leaves its hidden sibling; the next check of the same path removes the ones
-it can prove are shear's (the marker names a process that is gone) and warns about the rest. An
-``OSError`` while writing (a full disk, ``ENOSPC``) becomes an :class:`~shear.errors.OutputError`
-naming the path and saying the previous content is untouched. Files get the modes of an ordinary
-write (``0666`` and folders ``0777`` less the umask), unless a caller asks for a private folder.
+A run killed mid-write leaves its hidden sibling; the next check of the same path (or of the folder
+shear adds files to) removes the ones it can prove are shear's (the marker names a process that is
+gone) and warns about the rest. An ``OSError`` while writing (a full disk, ``ENOSPC``) becomes an
+:class:`~shear.errors.OutputError` naming the path and saying the previous content is untouched.
+Files get the modes of an ordinary write (``0666`` and folders ``0777`` less the umask).
 
 A folder shear adds files to (IR dumps, figures) holds ``shear-files.json``, the sha256 of each file
 shear wrote there; :func:`write_owned` replaces a file only when that record says shear wrote it
-(and it is unchanged), or when the folder was checked with ``overwrite=True``.
+(and it is unchanged), or when its caller passes ``overwrite=True``.
 
 Example:
     >>> from pathlib import Path
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -64,16 +65,15 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from shear.errors import OutputError
 
 __all__ = [
-    "check_output_dir", "check_output_file", "check_writable_dir", "atomic_dir", "atomic_file", "write_owned",
-    "owned_file", "sha256_file", "interrupted_swap", "tree_size", "Fingerprint", "fingerprint", "stale_leftovers",
-    "RECORD",
+    "check_output_dir", "check_output_file", "check_writable_dir", "check_parent", "atomic_dir", "atomic_file",
+    "write_owned", "owned_file", "sha256_file", "interrupted_swap", "tree_size", "RECORD",
 ]
 
 _OLD = ".old-"
@@ -88,8 +88,8 @@ _RECORD_FORMAT = "shear-files"
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 
 _lock = threading.Lock()
-_checked: dict[str, tuple[Fingerprint, bool]] = {}
-"""Absolute path -> (its fingerprint when last checked, whether overwrite was given)."""
+_checked: dict[str, _Fingerprint] = {}
+"""Absolute path -> its fingerprint when last checked (consumed by the write that follows)."""
 _active: set[str] = set()
 """Hidden siblings this process is writing right now (never cleaned as leftovers)."""
 
@@ -122,7 +122,7 @@ def tree_size(path: Path) -> int:
 
 
 @dataclass(frozen=True)
-class Fingerprint:
+class _Fingerprint:
     """What a path was when it was checked: its kind (``absent``, ``file``, ``dir``, ``link``,
     ``other``), device and inode, and for a folder every entry below it with its size and mtime.
     Two equal fingerprints mean nothing was added, removed, replaced or rewritten in between."""
@@ -134,24 +134,25 @@ class Fingerprint:
     def describe(self) -> str:
         """A few words for a message: ``absent``, ``a file``, ``an empty folder``, ``a folder of 3 entries``."""
         if self.kind == "dir":
-            return f"a folder of {len(self.listing)} entries" if self.listing else "an empty folder"
+            n = len(self.listing)
+            return f"a folder of {n} entr{'y' if n == 1 else 'ies'}" if n else "an empty folder"
         return {"absent": "absent", "file": "a file", "link": "a symbolic link"}.get(self.kind, "a special file")
 
 
-def fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
-    """The :class:`Fingerprint` of ``path`` now (symbolic links are not followed)."""
+def _fingerprint(path: str | os.PathLike[str]) -> _Fingerprint:
+    """The :class:`_Fingerprint` of ``path`` now (symbolic links are not followed)."""
     p = os.fspath(path)
     try:
         st = os.lstat(p)
     except (FileNotFoundError, NotADirectoryError):  # not there, or a parent is a file
-        return Fingerprint("absent")
+        return _Fingerprint("absent")
     ident = (st.st_dev, st.st_ino)
     if stat.S_ISLNK(st.st_mode):
-        return Fingerprint("link", ident, ((os.readlink(p), False, 0, 0),))
+        return _Fingerprint("link", ident, ((os.readlink(p), False, 0, 0),))
     if stat.S_ISREG(st.st_mode):
-        return Fingerprint("file", ident, (("", False, st.st_size, st.st_mtime_ns),))
+        return _Fingerprint("file", ident, (("", False, st.st_size, st.st_mtime_ns),))
     if not stat.S_ISDIR(st.st_mode):
-        return Fingerprint("other", ident)
+        return _Fingerprint("other", ident)
     listing: list[tuple[str, bool, int, int]] = []
     for root, dirs, names in os.walk(p):
         for d in dirs:
@@ -162,19 +163,19 @@ def fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
             except FileNotFoundError:
                 continue
             listing.append((os.path.relpath(os.path.join(root, n), p), False, s.st_size, s.st_mtime_ns))
-    return Fingerprint("dir", ident, tuple(sorted(listing)))
+    return _Fingerprint("dir", ident, tuple(sorted(listing)))
 
 
-def _remember(path: Path, overwrite: bool) -> None:
+def _remember(path: Path) -> None:
     with _lock:
-        _checked[str(path)] = (fingerprint(path), overwrite)
+        _checked[str(path)] = _fingerprint(path)
 
 
-def _expected(path: Path) -> Fingerprint:
+def _expected(path: Path) -> _Fingerprint:
     """The fingerprint the last check of ``path`` recorded (consumed), else the path as it is now."""
     with _lock:
         record = _checked.pop(str(path), None)
-    return record[0] if record is not None else fingerprint(path)
+    return record if record is not None else _fingerprint(path)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -223,12 +224,30 @@ def _refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike[str] | None], w
             raise OutputError(f"{what} {out} contains the input {src}; choose another output path (it would be replaced)")
 
 
-def _refuse_unwritable_parent(out: Path) -> None:
-    parent = _existing_ancestor(out.parent)
-    if not parent.is_dir():
-        raise OutputError(f"cannot create {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {out}: no write permission in {parent}; choose a path you can write")
+def check_parent(path: str | os.PathLike[str], what: str, *, inside: bool = False) -> Path:
+    """Refuse (:class:`~shear.errors.OutputError`) a ``path`` that cannot be written: the nearest
+    existing folder above it (at or above it with ``inside=True``: a folder shear writes files into)
+    is a file, or cannot be written (its mode bits too, which root's ``os.access`` ignores). Returns
+    that folder. ``what`` names the path in the message (``output file``, ``checkpoint_dir``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "f"
+        >>> _ = f.write_text("mine")
+        >>> check_parent(f / "report.html", "output file")
+        Traceback (most recent call last):
+        ...
+        shear.errors.OutputError: output file .../f/report.html is inside .../f, which is a file, not a folder; ...
+    """
+    out = _absolute(path)
+    place = _existing_ancestor(out if inside else out.parent)
+    if not place.is_dir():
+        if place == out:
+            raise OutputError(f"{what} {out} is a file, not a folder; give a new folder")
+        raise OutputError(f"{what} {out} is inside {place}, which is a file, not a folder; choose a path outside {place}")
+    if not os.access(place, os.W_OK | os.X_OK) or not place.stat().st_mode & 0o222:
+        raise OutputError(f"cannot write {what} {out}: no write permission in {place}; choose a path you can write")
+    return place
 
 
 def check_output_dir(
@@ -245,8 +264,8 @@ def check_output_dir(
     directory, a read-only existing directory, a parent that cannot be written, and fewer than
     ``needed_bytes`` free bytes. An existing non-empty directory is refused unless
     ``overwrite=True``. Nothing is created; shear's own leftovers from a killed write to the same
-    path are removed (:func:`stale_leftovers`). The path's fingerprint is recorded: :func:`atomic_dir`
-    replaces only what was checked.
+    path are removed. The path's fingerprint is recorded: :func:`atomic_dir` replaces only what was
+    checked.
 
     Example:
         >>> import tempfile, pathlib
@@ -278,17 +297,16 @@ def check_output_dir(
             )
         if not os.access(real, os.W_OK | os.X_OK) or not real.stat().st_mode & 0o222:  # mode bits: root too
             raise OutputError(f"output path {out} is read-only; make it writable (chmod u+w) or choose another path")
-    _refuse_unwritable_parent(real)
+    parent = check_parent(real, "output path")
     if needed_bytes > 0:
-        parent = _existing_ancestor(real.parent)
         free = shutil.disk_usage(parent).free
         if free < needed_bytes:
             raise OutputError(
                 f"not enough space for {out}: {needed_bytes / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free "
                 f"on the disk of {parent}; free some space or choose another disk"
             )
-    stale_leftovers(out, clean=True)
-    _remember(out, overwrite)
+    _clean_leftovers(out.parent, f".{out.name}{_TMP}*", out)
+    _remember(out)
     return out
 
 
@@ -297,9 +315,10 @@ def check_output_file(
 ) -> Path:
     """Check that a single output file (a drawing, a report, a GGUF file) may be written at ``path``; return it.
 
-    An existing file is refused unless ``overwrite=True``; a directory, a symbolic link, a path
-    equal to or inside one of ``inputs`` (``--report <model>/config.json``), or a parent that cannot
-    be written, always. Records the fingerprint :func:`atomic_file` compares at the final rename.
+    An existing file is refused unless ``overwrite=True``; a directory, a symbolic link, a special
+    file (a FIFO, a socket, a device), a path equal to or inside one of ``inputs`` (``--report
+    <model>/config.json``), or a parent that cannot be written (:func:`check_parent`), always.
+    Records the fingerprint :func:`atomic_file` compares at the final rename.
 
     Example:
         >>> import tempfile, pathlib
@@ -313,27 +332,35 @@ def check_output_file(
         raise OutputError(f"output file {out} is a directory; give a file name, e.g. {out / 'groups.svg'}")
     _refuse_link(out, "output file")
     _refuse_inputs(out, inputs, "output file")
+    if out.exists() and not out.is_file():
+        raise OutputError(
+            f"output file {out} is a special file (a FIFO, a socket or a device), not a regular file; give a new file name"
+        )
     if out.exists() and not overwrite:
         raise OutputError(f"output file {out} exists; pass overwrite=True (--overwrite) to replace it, or choose a new name")
-    parent = _existing_ancestor(out.parent)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {out}: no write permission in {parent}; choose a path you can write")
-    stale_leftovers(out, clean=True)
-    _remember(out, overwrite)
+    check_parent(out, "output file")
+    _clean_leftovers(out.parent, f".{out.name}{_TMP}*", out)
+    _remember(out)
     return out
+
+
+def _ours(p: Path, record: dict[str, str]) -> bool:
+    """Whether ``p`` is a regular file that shear's ``record`` lists with its sha256 now (unreadable: no)."""
+    try:
+        return p.name in record and p.is_file() and not p.is_symlink() and record[p.name] == sha256_file(p)
+    except OSError:
+        return False
 
 
 def _foreign(folder: Path) -> list[str]:
-    """Entries of ``folder`` that shear's record there does not vouch for (absent or changed since)."""
+    """Entries of ``folder`` that shear's record there does not vouch for (absent, changed since or
+    unreadable). Hidden ``.<name>.tmp-*`` leftovers of interrupted writes are not counted: shear
+    never writes a name that starts with a dot, so they are never replaced."""
     record = _read_record(folder)
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name == RECORD:
-            continue
-        if p.is_file() and not p.is_symlink() and record.get(p.name) == sha256_file(p):
-            continue
-        out.append(p.name)
-    return out
+    return [
+        p.name for p in sorted(folder.iterdir())
+        if p.name != RECORD and not fnmatch.fnmatch(p.name, f".*{_TMP}*") and not _ours(p, record)
+    ]
 
 
 def check_writable_dir(
@@ -345,9 +372,9 @@ def check_writable_dir(
     A new or empty folder, or one holding only files shear wrote there earlier (its
     ``shear-files.json`` record lists them, unchanged), is fine: shear's own files are replaced.
     A folder holding anything else is refused unless ``overwrite=True`` (then files of the same
-    names are replaced; the others stay). Always refused: a file, a symbolic link, a path equal to,
-    inside or around one of ``inputs``, an unwritable place. ``overwrite=True`` stays granted for
-    this folder (to :func:`write_owned`) until the folder is checked again.
+    names are replaced; the others stay: give the same ``overwrite`` to :func:`write_owned`). Always
+    refused: a file, a symbolic link, a path equal to, inside or around one of ``inputs``, an
+    unwritable place. Hidden leftovers of killed writes inside it that are provably shear's are removed.
 
     Example:
         >>> import tempfile, pathlib
@@ -363,13 +390,8 @@ def check_writable_dir(
         raise OutputError(f"{out} is an existing file; give a directory")
     _refuse_link(out, "folder")
     _refuse_inputs(out, inputs, "folder")
-    place = _existing_ancestor(out)
-    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK) or not place.stat().st_mode & 0o222:
-        raise OutputError(f"cannot write into {out}: no write permission in {place}; choose a path you can write")
-    with _lock:
-        granted = _checked.get(str(out))
-    if granted is not None and granted[1] and not overwrite:
-        overwrite = granted[0] == fingerprint(out)  # an earlier check with overwrite, of this same folder
+    check_parent(out, "folder", inside=True)
+    _clean_leftovers(out, f".*{_TMP}*", out)
     if out.is_dir() and not overwrite:
         foreign = _foreign(out)
         if foreign:
@@ -378,7 +400,6 @@ def check_writable_dir(
                 f"folder {out} holds {len(foreign)} file(s) shear did not write there ({shown}); its files of "
                 "the same names would be replaced: choose a new or empty folder, or pass overwrite=True (--overwrite)"
             )
-    _remember(out, overwrite)
     return out
 
 
@@ -410,28 +431,25 @@ def _dead_writer(tmp: Path) -> bool | None:
     return not _alive(pid)
 
 
-def stale_leftovers(path: str | os.PathLike[str], *, clean: bool = False) -> list[Path]:
-    """Hidden ``.<name>.tmp-*`` siblings of ``path`` that killed writes left; with ``clean=True``
-    the ones provably shear's (their marker names a process that is gone) are removed and a warning
-    names the rest, left as they are. Returns the ones that remain."""
-    out = _absolute(path)
-    if not out.parent.is_dir():
-        return []
+def _clean_leftovers(folder: Path, pattern: str, out: Path) -> None:
+    """Remove the hidden ``pattern`` (``.<name>.tmp-*``) entries of ``folder`` that killed writes of
+    ``out`` left and that are provably shear's (their marker names a process that is gone); warn
+    about the ones shear cannot prove are its own, left as they are (writes in progress too)."""
+    if not folder.is_dir():
+        return
     left = []
-    for p in sorted(out.parent.glob(f".{out.name}{_TMP}*")):
-        if clean and p.is_dir() and not p.is_symlink() and _dead_writer(p):
+    for p in sorted(folder.glob(pattern)):
+        dead = _dead_writer(p) if p.is_dir() and not p.is_symlink() else None
+        if dead:
             _remove_tree(p)
-            continue
-        if _dead_writer(p) is False:
-            continue  # a write in progress
-        left.append(p)
-    if clean and left:
+        elif dead is None:
+            left.append(p)
+    if left:
         warnings.warn(
             f"{out}: {len(left)} hidden leftover(s) of an interrupted write that shear cannot prove are its own "
             f"({', '.join(p.name for p in left[:3])}); remove them if you do not need them",
             stacklevel=3,
         )
-    return left
 
 
 # -- moving into place -------------------------------------------------------------------------
@@ -464,13 +482,13 @@ def _claim(src: Path, dst: Path) -> None:
         if _renameat2(src, dst, _RENAME_NOREPLACE):
             return
     except FileExistsError:
-        raise _changed(dst, Fingerprint("absent"), fingerprint(dst)) from None
+        raise _changed(dst, _Fingerprint("absent"), _fingerprint(dst)) from None
     if os.path.lexists(dst):
-        raise _changed(dst, Fingerprint("absent"), fingerprint(dst))
+        raise _changed(dst, _Fingerprint("absent"), _fingerprint(dst))
     os.replace(src, dst)
 
 
-def _changed(path: Path, then: Fingerprint, now: Fingerprint) -> OutputError:
+def _changed(path: Path, then: _Fingerprint, now: _Fingerprint) -> OutputError:
     return OutputError(
         f"{path} changed while shear was writing it ({then.describe()} when checked, {now.describe()} now); "
         "nothing there was replaced and the new output was discarded: run again with a new path (or check "
@@ -478,22 +496,22 @@ def _changed(path: Path, then: Fingerprint, now: Fingerprint) -> OutputError:
     )
 
 
-def _place(new: Path, path: Path, expected: Fingerprint, replace: bool) -> None:
+def _place(new: Path, path: Path, expected: _Fingerprint, replace: bool) -> None:
     """Move the finished ``new`` to ``path`` if ``path`` is still ``expected`` (see the module doc)."""
-    now = fingerprint(path)
+    now = _fingerprint(path)
+    if now.kind == "absent":  # absent when checked, or removed since: claimed, never replacing what appears
+        _claim(new, path)
+        return
     if now != expected:
         if not replace and now.kind in ("dir", "file"):
             return  # a concurrent writer of the same entry (a cache) won; ours is discarded
         raise _changed(path, expected, now)
-    if now.kind == "absent":
-        _claim(new, path)
-        return
     if now.kind == "dir" and not now.listing and new.is_dir():
         try:
             os.rename(new, path)  # replaces an empty folder only: refused once anything is in it
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise _changed(path, expected, fingerprint(path)) from e
+                raise _changed(path, expected, _fingerprint(path)) from e
             raise
         return
     if not replace:
@@ -501,16 +519,16 @@ def _place(new: Path, path: Path, expected: Fingerprint, replace: bool) -> None:
     if now.kind not in ("dir", "file") or (now.kind == "dir") != new.is_dir():
         raise OutputError(f"{path} is {now.describe()}; it cannot be replaced by a {'folder' if new.is_dir() else 'file'}")
     if _exchange(new, path):
-        if fingerprint(new) != expected:  # something else got there between the check and the swap
+        if _fingerprint(new) != expected:  # something else got there between the check and the swap
             _exchange(new, path)
-            raise _changed(path, expected, fingerprint(path))
+            raise _changed(path, expected, _fingerprint(path))
         return  # ``new`` now holds the old content; the caller removes it
     old = path.parent / f".{path.name}{_OLD}{uuid.uuid4().hex[:8]}"
     os.replace(path, old)  # no atomic exchange here: interrupted_swap() finds this sibling
-    if fingerprint(old) != expected:  # moved something else aside: put it back
+    if _fingerprint(old) != expected:  # moved something else aside: put it back
         if not os.path.lexists(path):
             os.replace(old, path)
-        raise _changed(path, expected, fingerprint(old))
+        raise _changed(path, expected, _fingerprint(old))
     os.replace(new, path)
     _remove_tree(old)
 
@@ -557,26 +575,6 @@ def _ordinary_modes(path: Path) -> None:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-@contextmanager
-def _staging(path: Path) -> Iterator[Path]:
-    """A hidden sibling ``.<name>.tmp-XXXX/`` of ``path``, marked as this process's, removed at the end."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        wrapper = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP}", dir=path.parent))
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}); choose a path you can write") from e
-    with _lock:
-        _active.add(str(wrapper))
-    try:
-        (wrapper / _MARK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "target": path.name}))
-        yield wrapper
-    finally:
-        with _lock:
-            _active.discard(str(wrapper))
-        if wrapper.exists():
-            _remove_tree(wrapper)
-
-
 def _write_error(path: Path, e: OSError, existed: bool) -> OutputError:
     full = " (the disk is full: free some space or choose another disk)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     kept = f"the previous content of {path} is untouched" if existed else f"nothing was written at {path}"
@@ -584,34 +582,53 @@ def _write_error(path: Path, e: OSError, existed: bool) -> OutputError:
 
 
 @contextmanager
-def atomic_dir(path: Path, *, replace: bool = True, private: bool = False) -> Iterator[Path]:
+def _atomic(path: Path, folder: bool, replace: bool = True) -> Iterator[Path]:
+    """Yield a fresh folder (``folder=True``) or a file path in a hidden sibling ``.<name>.tmp-XXXX/``
+    of ``path``, marked as this process's; on success it becomes ``path`` (:func:`_place`), on error
+    it is removed and ``path`` is untouched; an ``OSError`` becomes an :class:`~shear.errors.OutputError`."""
+    expected = _expected(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        wrapper = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP}", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e} ({e.filename or path.parent}); choose a path you can write") from e
+    with _lock:
+        _active.add(str(wrapper))
+    new = wrapper / ("new" if folder else path.name)
+    try:
+        (wrapper / _MARK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "target": path.name}))
+        if folder:
+            new.mkdir(mode=0o700)
+        yield new
+        if not folder and not new.is_file():
+            raise OutputError(f"{path}: the writer produced no file; nothing was written")
+        _fsync_tree(new)
+        _ordinary_modes(new)
+        _place(new, path, expected, replace)
+    except OSError as e:
+        raise _write_error(path, e, expected.kind != "absent") from e
+    finally:
+        with _lock:
+            _active.discard(str(wrapper))
+        if wrapper.exists():
+            _remove_tree(wrapper)
+
+
+def atomic_dir(path: str | os.PathLike[str], *, replace: bool = True) -> AbstractContextManager[Path]:
     """Yield a fresh folder in a hidden sibling of ``path``; on success it becomes ``path``, on error
     it is removed and ``path`` is untouched.
 
     ``path`` is replaced only while it is what the last :func:`check_output_dir` of it saw (else
     what it was when this write began): a path that appeared or changed meanwhile is never replaced
     (:class:`~shear.errors.OutputError`). ``replace=False`` keeps an existing ``path`` and discards
-    ours (a concurrent writer of the same content, e.g. a cache entry, won). ``private`` keeps the
-    folder ``0700``; otherwise files and folders get the ordinary modes under the umask. An
-    ``OSError`` (disk full, ...) becomes an :class:`~shear.errors.OutputError` naming ``path``.
+    ours (a concurrent writer of the same content, e.g. a cache entry, won). Files and folders get
+    the ordinary modes under the umask. An ``OSError`` (disk full, ...) becomes an
+    :class:`~shear.errors.OutputError` naming ``path``.
     """
-    path = _absolute(path)
-    expected = _expected(path)
-    with _staging(path) as wrapper:
-        new = wrapper / "new"
-        try:
-            new.mkdir(mode=0o700)
-            yield new
-            _fsync_tree(new)
-            if not private:
-                _ordinary_modes(new)
-            _place(new, path, expected, replace)
-        except OSError as e:
-            raise _write_error(path, e, expected.kind != "absent") from e
+    return _atomic(_absolute(path), folder=True, replace=replace)
 
 
-@contextmanager
-def atomic_file(path: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike[str]) -> AbstractContextManager[Path]:
     """Yield a path (same name, in a hidden sibling folder of ``path``) to write one file to; on
     success it becomes ``path``, with :func:`atomic_dir`'s rules (replace only what was checked by
     :func:`check_output_file`, else what was there when the write began; the mode of a plain write).
@@ -624,19 +641,7 @@ def atomic_file(path: str | os.PathLike[str], *, replace: bool = True) -> Iterat
         >>> out.read_text()
         '<html></html>'
     """
-    out = _absolute(path)
-    expected = _expected(out)
-    with _staging(out) as wrapper:
-        new = wrapper / out.name
-        try:
-            yield new
-            if not new.is_file():
-                raise OutputError(f"{out}: the writer produced no file; nothing was written")
-            _fsync_tree(new)
-            _ordinary_modes(new)
-            _place(new, out, expected, replace)
-        except OSError as e:
-            raise _write_error(out, e, expected.kind != "absent") from e
+    return _atomic(_absolute(path), folder=False)
 
 
 # -- folders shear adds files to ---------------------------------------------------------------
@@ -654,10 +659,10 @@ def _read_record(folder: Path) -> dict[str, str]:
 
 
 @contextmanager
-def owned_file(folder: str | os.PathLike[str], name: str) -> Iterator[Path]:
+def owned_file(folder: str | os.PathLike[str], name: str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write ``folder/name`` to; at the end it replaces ``folder/name`` only
-    when shear wrote that file before (``shear-files.json`` lists it, unchanged) or the folder was
-    checked with ``overwrite=True`` (:func:`check_writable_dir`); the record is updated.
+    when shear wrote that file before (``shear-files.json`` lists it, unchanged) or ``overwrite=True``
+    (the caller's, as given to :func:`check_writable_dir`); the record is updated.
 
     Example:
         >>> import tempfile, pathlib
@@ -673,16 +678,11 @@ def owned_file(folder: str | os.PathLike[str], name: str) -> Iterator[Path]:
     if dir_.is_symlink() or (dir_.exists() and not dir_.is_dir()):
         raise OutputError(f"{dir_} is not a folder (a file or a symbolic link); give a folder to write {name} into")
     target = dir_ / name
-    with _lock:
-        granted = _checked.get(str(dir_))
-    overwrite = granted is not None and granted[1]
-    record = _read_record(dir_) if dir_.is_dir() else {}
-    if os.path.lexists(target) and not overwrite:
-        if target.is_symlink() or not target.is_file() or record.get(name) != sha256_file(target):
-            raise OutputError(
-                f"{target} exists and shear did not write it; nothing was replaced: choose a new or empty folder, "
-                "or pass overwrite=True (--overwrite)"
-            )
+    if os.path.lexists(target) and not overwrite and not _ours(target, _read_record(dir_)):
+        raise OutputError(
+            f"{target} exists and shear did not write it; nothing was replaced: choose a new or empty folder, "
+            "or pass overwrite=True (--overwrite)"
+        )
     with _lock:
         _checked.pop(str(target), None)  # replace what is there now, checked just above
     with atomic_file(target) as tmp:
@@ -696,9 +696,9 @@ def owned_file(folder: str | os.PathLike[str], name: str) -> Iterator[Path]:
         tmp.write_text(doc + "\n", encoding="utf-8")
 
 
-def write_owned(folder: str | os.PathLike[str], name: str, data: str | bytes) -> Path:
+def write_owned(folder: str | os.PathLike[str], name: str, data: str | bytes, *, overwrite: bool = False) -> Path:
     """Write ``data`` to ``folder/name`` under :func:`owned_file`'s rule; returns the path."""
-    with owned_file(folder, name) as tmp:
+    with owned_file(folder, name, overwrite=overwrite) as tmp:
         if isinstance(data, str):
             tmp.write_text(data, encoding="utf-8")
         else:

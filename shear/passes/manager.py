@@ -122,6 +122,7 @@ class PassManager:
             string, a TOML/YAML path, a list of these; ``None`` is the default pipeline).
         check: check IR invariants after every pass (default: under pytest or ``SHEAR_DEBUG=1``).
         dump_dir: write the printed IR after every pass to ``NN-<pass>.txt`` (and ``.svg``).
+        overwrite: replace files of those names in ``dump_dir`` that shear did not write.
         auto_prerequisites: run a missing prerequisite's provider automatically, or raise.
         hooks: observers called around every pass.
     """
@@ -132,12 +133,14 @@ class PassManager:
         *,
         check: bool | None = None,
         dump_dir: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
         auto_prerequisites: bool = True,
         hooks: Sequence[PassHook] = (),
     ) -> None:
         self.passes: list[Pass] = resolve_pipeline(passes)
         self.check = check
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.overwrite = overwrite
         self.auto_prerequisites = auto_prerequisites
         self.hooks = list(hooks)
         self.records: list[PassRecord] = []
@@ -224,7 +227,7 @@ class PassManager:
         self.records = []
         planned = self.plan(set(ctx.analyses) | ({DENSE} if ctx.dense is not None else set()))
         if self.dump_dir is not None:  # never over a file shear did not write (shear.io.outputs)
-            write_owned(self.dump_dir, "pipeline.txt", format_pipeline([p for p, _ in planned]) + "\n")
+            write_owned(self.dump_dir, "pipeline.txt", format_pipeline([p for p, _ in planned]) + "\n", overwrite=self.overwrite)
         with ctx.progress(total=len(self.passes), description="passes") as bar:
             for p in self.passes:
                 bar.set_description(f"pass {p.name}")
@@ -298,13 +301,13 @@ class PassManager:
         n_params = sum(t.numel() for t in ctx.model.parameters())
         header = f"# after pass {index}: {format_pass(p)}\n# parameters: {n_params}\n"
         body = str(graph) if graph is not None else "# (no graph in the context yet)"
-        write_owned(self.dump_dir, f"{stem}.txt", header + body + "\n")
+        write_owned(self.dump_dir, f"{stem}.txt", header + body + "\n", overwrite=self.overwrite)
         if graph is None or shutil.which("dot") is None:
             return
         try:
             from shear.graph import draw
 
-            with owned_file(self.dump_dir, f"{stem}.svg") as tmp:
+            with owned_file(self.dump_dir, f"{stem}.svg", overwrite=self.overwrite) as tmp:
                 draw(graph, tmp)
         except OutputError:
             raise

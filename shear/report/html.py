@@ -426,7 +426,8 @@ def write_html(d: ReportData, path: str | os.PathLike[str]) -> Path:
 
     The page is rendered first, then written atomically through the output guard
     (:func:`shear.io.outputs.atomic_file`): a path is replaced only while it is what
-    :func:`~shear.io.outputs.check_output_file` saw (the CLI checks ``--report`` before any work).
+    :func:`~shear.io.outputs.check_output_file` saw (``shear.compile(report=)`` and the CLI's
+    ``--report`` check it before any work).
     """
     from shear.io.outputs import atomic_file
 
