@@ -311,14 +311,21 @@ def test_plan_leaves_its_seq_len_to_shear_plan(capsys: pytest.CaptureFixture[str
     assert "shear plan: error: plan: seq_len must be in [1, 16,777,216] (an integer), got 0" in capsys.readouterr().err
 
 
-def test_export_refuses_an_unknown_pre_tokenizer_and_non_finite_weights(
+def test_export_refuses_a_malformed_pre_tokenizer_and_non_finite_weights(
     tiny: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from shear.io.gguf_vocab import check_pre, read_vocab
+
     out = tmp_path / "m.gguf"
     assert main(["export", str(TINY_LLAMA_DIR), "-o", str(out), "--pre", "anything\nat all"]) == 1
-    assert "is not a pre-tokenizer llama.cpp knows; give one of" in capsys.readouterr().err and not out.exists()
-    with pytest.raises(ExportError, match="is not a pre-tokenizer llama.cpp knows"):
+    assert "pre='anything\\nat all' is not a llama.cpp pre-tokenizer name; such a name is 1 to 64 lowercase" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ExportError, match=r"pre='xxxx.*\.\.\. is not a llama.cpp pre-tokenizer name.*give the one llama.cpp uses"):
         shear.export(tiny.model, out, tokenizer=TINY_LLAMA_DIR, pre="x" * 500)
+    with pytest.raises(ExportError, match=r"pre='gpt-2\\n' is not a llama.cpp pre-tokenizer name"):
+        read_vocab(TINY_LLAMA_DIR, 2048, pre="gpt-2\n")  # the check sits where pre is used
+    assert check_pre("a.x-4.0") == "a.x-4.0" and check_pre("some-bpe-llama.cpp-adds-next-year") is not None
+    assert read_vocab(TINY_LLAMA_DIR, 2048, pre="newer-bpe").pre == "newer-bpe"
     broken = copy.deepcopy(tiny.model)
     with torch.no_grad():
         broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")

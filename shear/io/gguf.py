@@ -45,12 +45,11 @@ from torch import nn
 
 from shear.codegen.hf_config import hf_base_model
 from shear.errors import ExportError
-from shear.io.gguf_vocab import GgufVocab, read_vocab
+from shear.io.gguf_vocab import GgufVocab, check_pre, read_vocab
 from shear.io.outputs import atomic_file, check_output_file
 from shear.model.facts import base_weight_name, is_lora_param
 
 __all__ = [
-    "LLAMA_CPP_PRE_TOKENIZERS",
     "check_pre",
     "DTYPES",
     "FAMILY",
@@ -433,39 +432,6 @@ def check_output(
     return check_output_file(out, overwrite=force, inputs=inputs)
 
 
-LLAMA_CPP_PRE_TOKENIZERS: frozenset[str] = frozenset({
-    "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-    "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon", "mpt", "starcoder", "gpt-2", "phi-2", "jina-es",
-    "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "jina-v1-en", "jina-v2-code",
-    "roberta-bpe", "refact", "command-r", "qwen2", "deepseek-r1-qwen", "stablelm2", "olmo", "dbrx", "smaug-bpe",
-    "poro-chat", "glm4", "chatglm-bpe", "viking", "jais", "tekken", "smollm", "codeshell", "bloom", "gpt3-finnish",
-    "exaone", "exaone4", "chameleon", "minerva-7b", "megrez", "gpt-4o", "llama4", "superbpe", "trillion",
-    "bailingmoe", "bailingmoe2", "seed-coder", "hunyuan", "hunyuan-dense", "kimi-k2", "grok-2",
-})
-"""The ``tokenizer.ggml.pre`` names llama.cpp's loader accepts; any other name makes the file fail to load there."""
-
-
-def check_pre(pre: object) -> str | None:
-    """``pre`` when it is None or a pre-tokenizer name llama.cpp knows; else an :class:`ExportError`
-    naming the value and the known names (checked before the model is read or anything written).
-
-    Example:
-        >>> check_pre("llama-bpe")
-        'llama-bpe'
-        >>> check_pre("'; rm -rf /")
-        Traceback (most recent call last):
-        ...
-        shear.errors.ExportError: pre="'; rm -rf /" is not a pre-tokenizer llama.cpp knows; ...
-    """
-    if pre is None or (isinstance(pre, str) and pre in LLAMA_CPP_PRE_TOKENIZERS):
-        return pre
-    shown = repr(pre) if len(repr(pre)) <= 60 else repr(pre)[:60] + "..."
-    raise ExportError(
-        f"pre={shown} is not a pre-tokenizer llama.cpp knows; give one of {', '.join(sorted(LLAMA_CPP_PRE_TOKENIZERS))} "
-        "(CLI: --pre), or leave it out to let shear tell it from tokenizer.json"
-    )
-
-
 def _non_finite(tensors: list[tuple[str, np.ndarray, Any]]) -> list[str]:
     """Names of the tensors about to be written that hold NaN or Inf (bf16 is stored as raw uint16)."""
     bad = []
@@ -506,7 +472,6 @@ def export_gguf(
     source = getattr(getattr(hf_base_model(model), "config", None), "_name_or_path", "") or ""
     folders = [f for f in (tokenizer, source) if isinstance(f, (str, os.PathLike)) and Path(f).expanduser().is_dir()]
     out = check_output(path, force=force, inputs=folders)
-    check_pre(pre)
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r}: GGUF export writes {sorted(DTYPES)}")
     plan = plan_gguf(model)

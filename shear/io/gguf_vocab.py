@@ -17,13 +17,14 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shear.errors import ExportError
 
-__all__ = ["GgufVocab", "PRE_TOKENIZERS", "read_vocab"]
+__all__ = ["GgufVocab", "PRE_TOKENIZERS", "check_pre", "read_vocab"]
 
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -35,6 +36,32 @@ PRE_TOKENIZERS: dict[str, str] = {
     f"split({_QWEN2_SPLIT})+bytelevel": "qwen2",
 }
 """Canonical form of a ``tokenizer.json`` pre-tokenizer -> llama.cpp's ``tokenizer.ggml.pre`` name."""
+
+_PRE_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]{0,63}")
+"""How llama.cpp spells its pre-tokenizer names (llama-bpe, gpt-2, a.x-4.0); it adds new ones often,
+so a given name is checked for its spelling, not against a list that would refuse the newer ones."""
+
+
+def check_pre(pre: object) -> str | None:
+    """``pre`` when it is None or spelled like a llama.cpp pre-tokenizer name; else an :class:`ExportError`
+    naming the value and the fix (text, a path or a newline never reaches the file's metadata).
+
+    Example:
+        >>> check_pre("llama-bpe")
+        'llama-bpe'
+        >>> check_pre("'; rm -rf /")
+        Traceback (most recent call last):
+        ...
+        shear.errors.ExportError: pre="'; rm -rf /" is not a llama.cpp pre-tokenizer name; ...
+    """
+    if pre is None or (isinstance(pre, str) and _PRE_NAME.fullmatch(pre)):
+        return pre
+    shown = repr(pre) if len(repr(pre)) <= 60 else repr(pre)[:60] + "..."
+    raise ExportError(
+        f"pre={shown} is not a llama.cpp pre-tokenizer name; such a name is 1 to 64 lowercase letters, digits, '.' "
+        "and '-' (e.g. llama-bpe, qwen2, gpt-2): give the one llama.cpp uses for this tokenizer (CLI: --pre), or "
+        "leave it out to let shear tell it from tokenizer.json"
+    )
 
 
 def _pre_key(pre: dict[str, Any] | None) -> str:
@@ -137,7 +164,7 @@ def read_vocab(tokenizer: Any, n_vocab: int, *, pre: str | None = None) -> GgufV
         raise ExportError(
             f"the tokenizer normalizes text ({normalizer.get('type')}); llama.cpp's BPE does not"
         )
-    name = pre or _pre_name(spec.get("pre_tokenizer"))
+    name = check_pre(pre) or _pre_name(spec.get("pre_tokenizer"))
     if name is None:
         raise ExportError(
             f"llama.cpp has no pre-tokenizer known to match this tokenizer's ({json.dumps(spec.get('pre_tokenizer'))}); "
