@@ -22,7 +22,7 @@ import torch
 import shear
 from shear.cli import main
 from shear.data import TextData
-from shear.errors import ExportError, InputError, ModelLoadError, PipelineError, ShearError
+from shear.errors import ExportError, InputError, ModelLoadError, PipelineError
 from shear.passes import Context, PassManager
 from shear.passes.lorashear.knowledge import KnowledgeDistribution
 from shear.passes.lorashear.knowledge_cache import MAX_BYTES
@@ -32,6 +32,14 @@ from shear.zoo import TINY_LLAMA_DIR, load_tiny_llama
 @pytest.fixture(scope="module")
 def tiny() -> Any:
     return load_tiny_llama()
+
+
+def _cli_fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Run the CLI on ``args``; it must exit 1 with a message, never a traceback. Returns stderr."""
+    assert main(list(args)) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and err.startswith(f"shear {args[0]}: error: "), err
+    return err
 
 
 # -- the knowledge-distribution cache -------------------------------------------------------------
@@ -166,8 +174,7 @@ def test_plan_refuses_a_config_that_claims_too_much_at_once(
         with pytest.raises(InputError, match=message):
             shear.plan(target)
         assert time.perf_counter() - start < 5
-        assert main(["plan", str(target)]) == 1
-        err = capsys.readouterr().err
+        err = _cli_fails(capsys, "plan", str(target))
         assert "config.json" in err and "fix" in err
 
 
@@ -301,14 +308,13 @@ def test_pipeline_files_txt_non_utf8_and_unknown_suffix(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("command", "seq_len"), [("inspect", "0"), ("inspect", "-5"), ("draw", "65537"), ("prune", "100000")])
 def test_inspect_draw_prune_refuse_a_seq_len_out_of_range(command: str, seq_len: str, capsys: pytest.CaptureFixture[str]) -> None:
     args = [command, str(TINY_LLAMA_DIR), "--seq-len", seq_len] + (["-o", "unused"] if command != "inspect" else [])
-    assert main(args) == 1
-    err = capsys.readouterr().err
+    err = _cli_fails(capsys, *args)
     assert f"shear {command}: error: --seq-len {seq_len}: a sequence needs 1 to 65,536 tokens; give a length in that range" in err
 
 
 def test_plan_leaves_its_seq_len_to_shear_plan(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plan", str(TINY_LLAMA_DIR), "--seq-len", "0"]) == 1
-    assert "shear plan: error: plan: seq_len must be in [1, 16,777,216] (an integer), got 0" in capsys.readouterr().err
+    err = _cli_fails(capsys, "plan", str(TINY_LLAMA_DIR), "--seq-len", "0")
+    assert "shear plan: error: plan: seq_len must be in [1, 16,777,216] (an integer), got 0" in err
 
 
 def test_export_refuses_a_malformed_pre_tokenizer_and_non_finite_weights(
@@ -317,8 +323,8 @@ def test_export_refuses_a_malformed_pre_tokenizer_and_non_finite_weights(
     from shear.io.gguf_vocab import check_pre, read_vocab
 
     out = tmp_path / "m.gguf"
-    assert main(["export", str(TINY_LLAMA_DIR), "-o", str(out), "--pre", "anything\nat all"]) == 1
-    assert "pre='anything\\nat all' is not a llama.cpp pre-tokenizer name; such a name is 1 to 64 lowercase" in capsys.readouterr().err
+    err = _cli_fails(capsys, "export", str(TINY_LLAMA_DIR), "-o", str(out), "--pre", "anything\nat all")
+    assert "pre='anything\\nat all' is not a llama.cpp pre-tokenizer name; such a name is 1 to 64 lowercase" in err
     assert not out.exists()
     with pytest.raises(ExportError, match=r"pre='xxxx.*\.\.\. is not a llama.cpp pre-tokenizer name.*give the one llama.cpp uses"):
         shear.export(tiny.model, out, tokenizer=TINY_LLAMA_DIR, pre="x" * 500)
@@ -340,7 +346,3 @@ def test_export_refuses_a_malformed_pre_tokenizer_and_non_finite_weights(
         shear.export(big, out, tokenizer=TINY_LLAMA_DIR)
     assert shear.export(broken, out, tokenizer=TINY_LLAMA_DIR, allow_nonfinite=True) == out and out.is_file()
 
-
-def test_every_error_here_is_a_shear_error() -> None:
-    for cls in (ExportError, InputError, ModelLoadError, PipelineError):
-        assert issubclass(cls, ShearError)
