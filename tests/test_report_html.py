@@ -203,9 +203,14 @@ def test_report_in_headless_chromium(lorashear_report, tmp_path: Path) -> None:
         pw.stop()
 
 
-def test_a_report_that_cannot_be_written_is_a_warning(tmp_path: Path) -> None:
+def test_a_report_that_cannot_be_written_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report path that is checked fine but fails at the write (a full disk) costs the report, not the model."""
+    def full_disk(details: object, path: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shear.report.write_html", full_disk)
     model, inputs = build("llama")
-    (tmp_path / "taken").mkdir()
-    small = shear.compile(model, "random{ratio=0.3,seed=0},erase", example_inputs=inputs, report=tmp_path / "taken")
+    small = shear.compile(model, "random{ratio=0.3,seed=0},erase", example_inputs=inputs, report=tmp_path / "r.html")
     assert small.shear_report.params_after < small.shear_report.params_before  # the model is still returned
-    assert any(w.startswith("report: could not write") for w in small.shear_report.warnings)
+    assert any(w.startswith("report: could not write") and "No space left" in w for w in small.shear_report.warnings)
+    assert not (tmp_path / "r.html").exists()
