@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -264,6 +265,53 @@ def test_the_second_guard_holds_when_the_archive_check_is_bypassed(
     assert not marker.exists()
 
 
+def _sample_inputs_not_a_pair(entries: dict[str, bytes]) -> None:
+    buf = io.BytesIO()
+    torch.save([torch.zeros(1)], buf)
+    entries["program/data/sample_inputs/model.pt"] = buf.getvalue()
+
+
+def _missing_weight_record(entries: dict[str, bytes]) -> None:
+    def edit(doc: Any) -> None:
+        next(iter(doc["config"].values()))["path_name"] = "weight_999"
+
+    _edit_json(entries, _WEIGHTS, edit)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda e: e.__setitem__("program/archive_format", b"zip"), r"archive_format is not 'pt2'"),
+        (lambda e: e.pop("program/byteorder"), r"the archive lacks \['byteorder'\]"),
+        (_missing_weight_record, r"names the record data/weights/weight_999, which is missing"),
+        (lambda e: _edit_json(e, _PROGRAM, lambda d: d.__setitem__("guards_code", "L['x'].size()[0] > 1")),
+         r"guards_code is not a list"),
+        (lambda e: _edit_json(e, _PROGRAM, lambda d: d.__setitem__("guards_code", ["1 + " * 2000 + "1"])),
+         r"a guard of the program is not a short string"),
+        (_sample_inputs_not_a_pair, r"the sample inputs are a list, not \(args, kwargs\)"),
+    ],
+    ids=["archive-format", "lacks-record", "missing-payload-record", "guards-not-list", "long-guard", "inputs-not-pair"],
+)
+def test_an_archive_shear_save_would_not_write_is_refused(
+    graph_dir: Path, tmp_path: Path, edit: Callable[[dict[str, bytes]], None], match: str
+) -> None:
+    folder = _copy(graph_dir, tmp_path)
+    _poison(folder, edit)
+    with pytest.raises(CheckpointError, match=match):
+        check_program_archive(folder / "program.pt2")
+    with pytest.raises(CheckpointError, match=match):
+        shear.load(folder)
+
+
+def test_an_archive_holding_a_record_twice_is_refused(graph_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(graph_dir, tmp_path)
+    with warnings.catch_warnings(), zipfile.ZipFile(folder / "program.pt2", "a") as z:
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name it writes
+        z.writestr("program/byteorder", b"little")
+    with pytest.raises(CheckpointError, match=r"holds records \['program/byteorder'\] twice"):
+        check_program_archive(folder / "program.pt2")
+
+
 _LOADER_MODULES = (
     "torch.export", "torch.export.pt2_archive._package", "torch.export.pt2_archive._package_weights",
     "torch._export.serde.serialize", "torch._export.serde.dynamic_shapes", "torch.export._unlift",
@@ -377,9 +425,17 @@ def _norm(data: dict[str, Any]) -> str:
         (lambda d: d.update(peft={"dir": "../elsewhere", "requires_grad": []}), r"peft"),
         (lambda d: d.update(requires_grad="all"), r"requires_grad"),
         (lambda d: d["files"].update({"x.json": {"size": "big", "sha256": "0"}}), r"files.*size or sha256"),
+        (lambda d: d["files"].update({"../x.json": {"size": 1, "sha256": "0" * 64}}),
+         r"'files'.*names '\.\./x\.json', not a relative file name inside the folder"),
+        (lambda d: d.update(class_module="os system"), r"'class_module' must be a dotted module name"),
+        (lambda d: d.update(transformers="yes"), r"'transformers' must be true or false"),
+        (lambda d: d.update(none_modules=["../model"]), r"'none_modules' must be a list of tensor or module names"),
+        (lambda d: d["module_attrs"][_norm(d)].update(eps=1e-5), r"module_attrs\..*must hold exactly one attribute"),
+        (lambda d: d.update(weights=["config.json"]), r"'weights' must list plain \.safetensors file names"),
     ],
     ids=["eps-1000", "eps-one-norm", "eps-off-config", "scaling-50", "scaling", "forward", "dunder", "no-module", "unknown-field", "dtype",
-         "shape", "class", "alias", "peft-dir", "requires-grad", "file-entry"],
+         "shape", "class", "alias", "peft-dir", "requires-grad", "file-entry", "file-outside", "class-module", "transformers",
+         "none-modules", "two-attrs", "weights"],
 )
 def test_an_edited_manifest_is_refused_naming_the_field(
     model_dir: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None], match: str
@@ -404,10 +460,31 @@ def test_a_manifest_nested_200000_deep_is_a_checkpoint_error(model_dir: Path, tm
         shear.load(folder)
 
 
-def test_graph_module_constants_must_be_plain_values(graph_dir: Path, tmp_path: Path) -> None:
+def test_a_manifest_over_the_size_limit_is_refused_unread(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _copy(model_dir, tmp_path)
+    monkeypatch.setattr(checkpoint, "_MAX_MANIFEST", 100)
+    with pytest.raises(CheckpointError, match=r"shear.json is corrupt or crafted: larger than 100 bytes\. Re-save"):
+        shear.load(folder)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d["graph_module"]["constants"].update(use_cache={"__reduce__": "os.system"}),
+         r"graph_module.constants.use_cache.*plain value"),
+        (lambda d: d["graph_module"].update(code="x"), r"'graph_module' must hold exactly file and constants"),
+        (lambda d: d["graph_module"].update(file="evil.pt2"), r"'graph_module' names the program 'evil.pt2'; it must be program.pt2"),
+    ],
+    ids=["constants", "keys", "file"],
+)
+def test_a_graph_module_manifest_is_checked(
+    graph_dir: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None], match: str
+) -> None:
     folder = _copy(graph_dir, tmp_path)
-    _manifest(folder, lambda d: d["graph_module"]["constants"].update(use_cache={"__reduce__": "os.system"}))
-    with pytest.raises(CheckpointError, match=r"graph_module.constants.use_cache.*plain value"):
+    _manifest(folder, edit)
+    with pytest.raises(CheckpointError, match=match):
         shear.load(folder)
 
 

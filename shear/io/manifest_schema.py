@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ __all__ = [
     "MAX_NORM_WIDTH",
     "check_manifest",
     "check_module_attrs",
+    "file_list_problem",
+    "is_int",
 ]
 
 
@@ -76,7 +79,8 @@ def _fail(where: str, field: str, what: str) -> CheckpointError:
     )
 
 
-def _int(v: Any, lo: int = 0, hi: int = _MAX_DIM) -> bool:
+def is_int(v: Any, lo: int = 0, hi: int = _MAX_DIM) -> bool:
+    """``v`` is an integer (not a bool) in ``[lo, hi]``."""
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
@@ -92,16 +96,19 @@ def _mapping(where: str, field: str, v: Any) -> dict[str, Any]:
     return v
 
 
-def _files(where: str, v: Any) -> None:
+def file_list_problem(v: Any) -> str | None:
+    """What is wrong with ``v`` as a file list ``{relative name: {size, sha256}}`` (a manifest's or a
+    training record's ``files``), or None. A name is relative and stays inside the folder (no ``..``)."""
     if not isinstance(v, dict):
-        raise _fail(where, "files", "must be an object: file -> {size, sha256}")
+        return "must be an object: file -> {size, sha256}"
     for f, info in v.items():
-        if not isinstance(f, str) or not f or len(f) > 1024:
-            raise _fail(where, "files", f"names {f!r}, not a relative file name")
+        if not isinstance(f, str) or not f or len(f) > 1024 or f.startswith("/") or ".." in PurePosixPath(f).parts:
+            return f"names {f!r}, not a relative file name inside the folder"
         if not isinstance(info, dict) or set(info) != {"size", "sha256"}:
-            raise _fail(where, "files", f"entry {f!r} must hold exactly size and sha256")
-        if not _int(info["size"], 0, 1 << 50) or not (isinstance(info["sha256"], str) and _SHA.fullmatch(info["sha256"])):
-            raise _fail(where, "files", f"entry {f!r} has a size or sha256 that is not a count or a hex digest")
+            return f"entry {f!r} must hold exactly size and sha256"
+        if not is_int(info["size"], 0, 1 << 50) or not (isinstance(info["sha256"], str) and _SHA.fullmatch(info["sha256"])):
+            return f"entry {f!r} has a size or sha256 that is not a count or a hex digest"
+    return None
 
 
 def _graph_module(where: str, v: Any) -> None:
@@ -163,7 +170,9 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     if not isinstance(manifest["transformers"], bool):
         raise _fail(where, "transformers", "must be true or false")
     _names(where, "requires_grad", manifest["requires_grad"])
-    _files(where, manifest["files"])
+    problem = file_list_problem(manifest["files"])
+    if problem:
+        raise _fail(where, "files", problem)
     if graph:
         _graph_module(where, manifest["graph_module"])
         if manifest["transformers"] or manifest["class"] != "GraphModule":
@@ -171,7 +180,7 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
         return manifest
     shapes = _mapping(where, "shapes", manifest["shapes"])
     for k, s in shapes.items():
-        if not isinstance(s, list) or len(s) > 8 or not all(_int(d) for d in s):
+        if not isinstance(s, list) or len(s) > 8 or not all(is_int(d) for d in s):
             raise _fail(where, f"shapes.{k}", "must be a list of at most 8 sizes, each a non-negative integer")
     dtypes = _mapping(where, "dtypes", manifest["dtypes"])
     if set(dtypes) != set(shapes) or not all(_is_dtype(d) for d in dtypes.values()):
@@ -186,8 +195,11 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     _peft(where, manifest["peft"])
     if "weights" in manifest:
         w = manifest["weights"]
-        if not isinstance(w, list) or not w or not all(isinstance(f, str) and f in manifest["files"] for f in w):
-            raise _fail(where, "weights", "must list safetensors files of the manifest's file list")
+        if not isinstance(w, list) or not w or not all(
+            isinstance(f, str) and f in manifest["files"] and "/" not in f and not f.startswith(".")
+            and f.endswith(".safetensors") for f in w
+        ):
+            raise _fail(where, "weights", "must list plain .safetensors file names of the manifest's file list")
     return manifest
 
 

@@ -43,6 +43,7 @@ import ast
 import io
 import json
 import re
+import threading
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,6 +62,7 @@ __all__ = [
     "check_program_archive",
     "no_pickle",
     "read_json_bytes",
+    "read_json_file",
 ]
 
 ROOT = "program"
@@ -115,6 +117,9 @@ MAX_EXPRESSION = 4096
 """The longest symbolic expression or guard accepted, in characters."""
 
 
+_RESAVE = "Re-save the model with shear.save"
+
+
 def _refuse(file: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"{file}: {what}; shear loads only tensor data and the ATen program it saved. The file was not written "
@@ -122,20 +127,34 @@ def _refuse(file: Path, what: str) -> CheckpointError:
     )
 
 
-def read_json_bytes(data: bytes, where: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+def read_json_bytes(data: bytes, where: str, max_bytes: int = MAX_JSON_BYTES, *, fix: str = "") -> Any:
     """``data`` parsed as UTF-8 JSON, with :class:`CheckpointError` naming ``where`` for anything else:
-    too large, not UTF-8, malformed, or nested too deep for the parser (a ``RecursionError`` otherwise)."""
+    too large, not UTF-8, malformed, or nested too deep for the parser (a ``RecursionError`` otherwise).
+    ``fix`` ends the message (what the caller's user should do); a caller that wraps the error adds its own."""
+    end = f". {fix}" if fix else ""
     if len(data) > max_bytes:
-        raise CheckpointError(f"{where}: {len(data)} bytes, more than the {max_bytes} a shear file can hold; refused")
+        raise CheckpointError(f"{where} is corrupt or crafted: larger than {max_bytes} bytes{end}")
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         kind = "nested too deeply to read" if isinstance(e, RecursionError) else f"not valid UTF-8 JSON ({e})"
-        raise CheckpointError(f"{where} is corrupt or crafted: {kind}. Re-save the model with shear.save") from e
+        raise CheckpointError(f"{where} is corrupt or crafted: {kind}{end}") from e
 
 
-def _names(file: Path) -> list[str]:
-    """Record names below :data:`ROOT`, as torch's reader lists them, checked against the zip directory."""
+def read_json_file(path: Path, where: str, max_bytes: int, *, fix: str = "") -> Any:
+    """The JSON file ``path`` parsed by :func:`read_json_bytes`; at most ``max_bytes + 1`` bytes are read,
+    so an oversized file is refused without loading it. An unreadable file is a :class:`CheckpointError` too."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise CheckpointError(f"{where} cannot be read ({e.strerror or e})" + (f". {fix}" if fix else "")) from e
+    return read_json_bytes(data, where, max_bytes, fix=fix)
+
+
+def _names(file: Path) -> tuple[list[str], Any]:
+    """Record names below :data:`ROOT`, as torch's reader lists them, checked against the zip directory;
+    and that reader."""
     try:
         with zipfile.ZipFile(file) as z:
             raw = z.namelist()
@@ -149,7 +168,8 @@ def _names(file: Path) -> list[str]:
         raise _refuse(file, f"the archive holds {outside[:3]} outside its {ROOT}/ folder")
     names = [n[len(ROOT) + 1:] for n in raw]
     try:
-        seen = sorted(torch._C.PyTorchFileReader(str(file)).get_all_records())
+        reader = torch._C.PyTorchFileReader(str(file))
+        seen = sorted(reader.get_all_records())
     except RuntimeError as e:
         raise CheckpointError(f"{file} is not a readable program archive ({str(e).splitlines()[0]}); re-save the model") from e
     if seen != sorted(names):
@@ -159,7 +179,7 @@ def _names(file: Path) -> list[str]:
         if n.lower() in lower:
             raise _refuse(file, f"the archive holds {lower[n.lower()]!r} and {n!r}, names that torch's lookup confuses")
         lower[n.lower()] = n
-    return names
+    return names, reader
 
 
 def _payload(file: Path, reader: Any, kind: str, names: set[str]) -> set[str]:
@@ -167,7 +187,7 @@ def _payload(file: Path, reader: Any, kind: str, names: set[str]) -> set[str]:
     folder, path_name = _PAYLOADS[kind]
     record = f"{folder}{MODEL}_{kind}_config.json"
     where = f"{file}: {record}"
-    doc = read_json_bytes(reader.get_record(record), where)
+    doc = read_json_bytes(reader.get_record(record), where, fix=_RESAVE)
     if not isinstance(doc, dict) or set(doc) != {"config"} or not isinstance(doc["config"], dict):
         raise _refuse(file, f"{record} is not a payload config (one 'config' object)")
     used: set[str] = set()
@@ -276,7 +296,7 @@ def check_program_archive(file: Path) -> None:
     records or case variants of known ones, code in the program's guards or shape expressions, calls of
     anything but ATen ops. Raises :class:`CheckpointError` naming the record and the fix."""
     file = Path(file)
-    names = _names(file)
+    names, reader = _names(file)
     for n in names:
         leaf = n.lower()
         if "opaque_obj_" in leaf or "custom_obj_" in leaf or (leaf.startswith("data/") and leaf.endswith(".pt")
@@ -286,7 +306,6 @@ def check_program_archive(file: Path) -> None:
     missing = [n for n in FIXED_RECORDS if n not in present]
     if missing:
         raise _refuse(file, f"the archive lacks {missing[:3]}")
-    reader = torch._C.PyTorchFileReader(str(file))
     fixed = {"archive_format": b"pt2", "archive_version": b"0"}
     for record, value in fixed.items():
         if reader.get_record(record) != value:
@@ -296,7 +315,8 @@ def check_program_archive(file: Path) -> None:
     if unknown:
         raise _refuse(file, f"the archive holds {[f'{ROOT}/{n}' for n in unknown[:3]]}, records shear never writes "
                             "(pickles, compiled code or extra files)")
-    _check_program(file, read_json_bytes(reader.get_record(f"models/{MODEL}.json"), f"{file}: models/{MODEL}.json"))
+    program = read_json_bytes(reader.get_record(f"models/{MODEL}.json"), f"{file}: models/{MODEL}.json", fix=_RESAVE)
+    _check_program(file, program)
     _check_sample_inputs(file, reader.get_record(f"data/sample_inputs/{MODEL}.pt"))
 
 
@@ -317,29 +337,36 @@ class _NoPickle:
         return getattr(pickle, name)
 
 
+_patch_lock = threading.RLock()
+"""Held for the whole of a :func:`no_pickle` block: its patches are process-wide, so two threads loading
+at once must not interleave them (one would restore the other's patch as the original for good)."""
+
+
 @contextmanager
 def no_pickle(file: Path) -> Iterator[None]:
     """Within the block, ``torch.load`` reads only tensors (``weights_only=True``), whatever a caller asks,
     and the archive loader's ``pickle.loads`` and TorchScript object unpickler raise
-    :class:`CheckpointError`. A second guard behind :func:`check_program_archive`, for the whole load."""
+    :class:`CheckpointError`. A second guard behind :func:`check_program_archive`, for the whole load.
+    The patches are process-wide: one block runs at a time (other threads' blocks wait)."""
     from torch.export.pt2_archive import _package
 
-    real_load, real_pickle, real_obj = torch.load, _package.pickle, torch._C._pickle_load_obj  # type: ignore[attr-defined]
     refuse = _NoPickle(file)
+    with _patch_lock:
+        real_load, real_pickle, real_obj = torch.load, _package.pickle, torch._C._pickle_load_obj  # type: ignore[attr-defined]
 
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("weights_only") is False:
-            refuse.loads()
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("weights_only") is False:
+                refuse.loads()
+            kwargs["weights_only"] = True
+            return real_load(*args, **kwargs)
 
-    torch.load = guarded  # type: ignore[assignment]
-    _package.pickle = refuse  # type: ignore[assignment]
-    torch._C._pickle_load_obj = refuse.loads  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        torch.load = real_load
-        _package.pickle = real_pickle
-        torch._C._pickle_load_obj = real_obj  # type: ignore[attr-defined]
+        torch.load = guarded  # type: ignore[assignment]
+        _package.pickle = refuse  # type: ignore[assignment]
+        torch._C._pickle_load_obj = refuse.loads  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            torch.load = real_load
+            _package.pickle = real_pickle
+            torch._C._pickle_load_obj = real_obj  # type: ignore[attr-defined]
 
