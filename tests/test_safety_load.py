@@ -29,6 +29,7 @@ import shear
 import shear.io.checkpoint as checkpoint
 from shear.cli import main
 from shear.errors import CheckpointError, InputError, ModelLoadError
+from shear.io.manifest_schema import check_module_attrs
 from shear.io.outputs import sha256_file
 from shear.io.safe_archive import check_program_archive
 from shear.training.checkpoints import load_checkpoint, save_checkpoint
@@ -486,6 +487,25 @@ def test_a_graph_module_manifest_is_checked(
     _manifest(folder, edit)
     with pytest.raises(CheckpointError, match=match):
         shear.load(folder)
+
+
+class _Norms(nn.Module):
+    """Two norm families of one width, as Qwen3's q_norm (head_dim wide) and its hidden norms pruned to that width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"q_norm": nn.RMSNorm(32, eps=1e-6), "hidden_norm": nn.RMSNorm(32, eps=1e-6)})
+                                    for _ in range(2))
+
+
+def test_norm_families_of_one_width_are_checked_apart() -> None:
+    """Hidden norms pruned 64 -> 32 (eps doubled) beside q_norms never pruned (32): both legitimate."""
+    attrs = {f"layers.{i}.{n}": {"eps": e} for i in range(2) for n, e in (("q_norm", 1e-6), ("hidden_norm", 2e-6))}
+    check_module_attrs(_Norms(), attrs, "shear.json")
+    attrs["layers.1.hidden_norm"] = {"eps": 4e-6}  # one layer's hidden norm edited to another whole width
+    with pytest.raises(CheckpointError, match=r"layers.1.hidden_norm.eps.*128 wide before pruning while "
+                                              r"layers.0.hidden_norm.*was 64: one of the epsilons was edited"):
+        check_module_attrs(_Norms(), attrs, "shear.json")
 
 
 # --- 3. trainer.json ---------------------------------------------------------------------------------------

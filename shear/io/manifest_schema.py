@@ -31,7 +31,6 @@ from shear.errors import CheckpointError
 
 __all__ = [
     "MODULE_ATTRS",
-    "CONFIG_EPS_KEYS",
     "MAX_NORM_WIDTH",
     "check_manifest",
     "check_module_attrs",
@@ -44,9 +43,6 @@ def _is_dtype(name: Any) -> bool:
     """``name`` is a torch dtype's name (``float32``, ``bfloat16``, ...)."""
     return isinstance(name, str) and bool(_CLASS.fullmatch(name)) and isinstance(getattr(torch, name, None), torch.dtype)
 
-
-CONFIG_EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps")
-"""Where a transformers config keeps the norms' epsilon, in the order tried."""
 
 MAX_NORM_WIDTH = 1 << 20
 """Widest a norm can have been before pruning: bounds the epsilon rescale ``eps * d / d'``."""
@@ -203,25 +199,18 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     return manifest
 
 
-def _config_eps(config: Any) -> float | None:
-    for key in CONFIG_EPS_KEYS:
-        v = getattr(config, key, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
-            return float(v)
-    return None
+_LAYER_INDEX = re.compile(r"(?<![^.])\d+(?![^.])")
+"""A whole numeric part of a module name (``layers.3.``): stripped to group a norm with its kin in other layers."""
 
 
 def check_module_attrs(model: nn.Module, attrs: dict[str, dict[str, float]], where: str) -> None:
     """Each ``module_attrs`` entry names a module of ``model`` that may take it (:data:`MODULE_ATTRS`) and
-    a value its config allows: an RMS norm's epsilon, equal to the config's (``rms_norm_eps`` ...) times
-    ``d / d'`` for the norm's current width ``d'`` and a whole former width ``d`` up to
-    :data:`MAX_NORM_WIDTH` (the rescale erasure applies), the same ``d`` for norms of the same width
-    (one residual stream). :class:`CheckpointError` otherwise."""
-    from shear.codegen.hf_config import hf_base_model
-
-    hf = hf_base_model(model)
-    eps0 = _config_eps(getattr(hf, "config", None)) if hf is not None else None
-    formers: dict[int, tuple[float, str]] = {}
+    a value its unpruned self allows: an RMS norm's epsilon, equal to the norm's own (as built from the
+    config, or as the given model holds it) times ``d / d'`` for its current width ``d'`` and a whole
+    former width ``d`` up to :data:`MAX_NORM_WIDTH` (the rescale erasure applies), the same ``d`` for
+    the norms of one name pattern across layers (``model.layers.*.input_layernorm``: one residual stream).
+    :class:`CheckpointError` otherwise. Runs before the manifest's values are set."""
+    formers: dict[tuple[str, str], tuple[float, str]] = {}
     for name, values in attrs.items():
         try:
             mod = model.get_submodule(name)
@@ -233,18 +222,20 @@ def check_module_attrs(model: nn.Module, attrs: dict[str, dict[str, float]], whe
                 raise _fail(where, f"module_attrs.{name}.{k}",
                             f"is not an attribute a manifest may set on a {type(mod).__name__} "
                             f"(allowed: {sorted(allowed) or 'none'})")
+            base = getattr(mod, k, None)
             w = getattr(mod, "weight", None)
             width = int(w.shape[-1]) if w is not None and getattr(w, "dim", lambda: 0)() >= 1 else None
-            if eps0 is None or width is None:
+            if not isinstance(base, (int, float)) or isinstance(base, bool) or not base > 0 or width is None:
                 continue
-            ratio = float(v) / eps0
+            ratio = float(v) / base
             former = ratio * width
             if ratio < 1 - 1e-6 or former > MAX_NORM_WIDTH or abs(former - round(former)) > 1e-3 * max(1.0, former):
                 raise _fail(where, f"module_attrs.{name}.{k}",
-                            f"is {v!r}, but config.json's epsilon {eps0!r} rescaled for a norm now {width} wide "
-                            f"gives eps * d/{width} for a whole former width d; {v!r} would mean d = {former:.6g}")
-            seen = formers.setdefault(width, (former, name))
+                            f"is {v!r}, but the norm's unpruned epsilon (config.json's epsilon, or the given model's) "
+                            f"is {base!r}; rescaled for a norm now {width} wide it is eps * d/{width} for a whole "
+                            f"former width d, and {v!r} would mean d = {former:.6g}")
+            seen = formers.setdefault((_LAYER_INDEX.sub("*", name), k), (former, name))
             if abs(seen[0] - former) > 1e-3 * former:
                 raise _fail(where, f"module_attrs.{name}.{k}",
-                            f"is {v!r}, which makes this norm {former:.6g} wide before pruning while {seen[1]}, as wide "
-                            f"now ({width}), was {seen[0]:.6g}: one of the epsilons was edited")
+                            f"is {v!r}, which makes this norm {former:.6g} wide before pruning while {seen[1]}, the "
+                            f"same norm of another layer, was {seen[0]:.6g}: one of the epsilons was edited")
