@@ -10,6 +10,7 @@ import importlib
 import inspect
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -28,11 +29,12 @@ from torch.utils._pytree import tree_leaves
 import shear
 import shear.io.checkpoint as checkpoint
 from shear.cli import main
-from shear.errors import CheckpointError, InputError, ModelLoadError
+from shear.errors import CheckpointError, InputError, ModelLoadError, OutputError
 from shear.io.manifest_schema import check_module_attrs
 from shear.io.outputs import sha256_file
 from shear.io.safe_archive import check_program_archive
-from shear.training.checkpoints import load_checkpoint, save_checkpoint
+from shear.training.checkpoints import SHARDED_FORMAT, check_checkpoint_dir, load_checkpoint, save_checkpoint
+from shear.training.dcp_checkpoints import check_sharded_checkpoint
 from shear.zoo import TINY_LLAMA_DIR, load_tiny_llama
 
 PRUNE = "random{ratio=0.3,seed=0},erase"
@@ -541,8 +543,63 @@ def test_an_edited_training_record_is_refused(tmp_path: Path, edit: Callable[[di
 def test_a_training_record_nested_200000_deep_is_a_checkpoint_error(tmp_path: Path) -> None:
     step = _train_checkpoint(tmp_path)
     (step / "trainer.json").write_text("[" * 200_000 + "]" * 200_000)
-    with pytest.raises(CheckpointError, match=r"trainer.json does not parse.*nested too deeply"):
+    with pytest.raises(CheckpointError, match=r"trainer.json does not parse.*nested too deeply") as e:
         load_checkpoint(step)
+    assert "shear.save" not in str(e.value)  # one fix: delete it (or start over), not re-save a model
+
+
+def test_a_diverged_runs_nan_losses_are_resumable(tmp_path: Path) -> None:
+    step = save_checkpoint(tmp_path / "ckpt", 2, model=nn.Linear(4, 2), extra={},
+                           info={"losses": [float("nan"), float("inf")], "tokens": 8})
+    losses = load_checkpoint(step).info["losses"]
+    assert math.isnan(losses[0]) and losses[1] == math.inf
+
+
+def test_a_checkpoint_dir_linking_nowhere_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "ckpt"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputError, match=r"checkpoint_dir .*ckpt is a symbolic link to nowhere; give a real folder"):
+        check_checkpoint_dir(link)
+
+
+def _sharded_record(tmp_path: Path, **fields: Any) -> Path:
+    step = tmp_path / "ckpt" / "step-3"
+    step.mkdir(parents=True)
+    (step / "rank0.json").write_text("{}")
+    record = {"format": SHARDED_FORMAT, "version": 1, "step": 3, "world_size": 2,
+              "files": {"rank0.json": {"size": 2, "sha256": sha256_file(step / "rank0.json")}}, **fields}
+    (step / "trainer.json").write_text(json.dumps(record))
+    return step
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"world_size": 4}, r"written by 4 processes and this run has 2"),
+        ({"version": "1"}, r"trainer.json's version is '1', not a number"),
+        ({"version": 7}, r"format version 7; this shear reads up to 1"),
+        ({"world_size": "2"}, r"field 'world_size' has a value of the wrong type"),
+        ({"files": {"../../outside": {"size": 1, "sha256": "0" * 64}}}, r"field 'files' has a value of the wrong type"),
+        ({"files": {"rank0.json": 5}}, r"field 'files' has a value of the wrong type"),
+        ({"files": {"rank0.json": {"size": 3, "sha256": "0" * 64}}}, r"rank0.json has 2 bytes, the record says 3"),
+        ({"evil": 1}, r"unknown fields \['evil'\]"),
+        ({"format": "shear-train-checkpoint"}, r"not a sharded \(FSDP\) checkpoint"),
+    ],
+    ids=["world-size", "version-type", "version-newer", "world-size-type", "dotdot-path", "entry-not-object", "size",
+         "unknown", "plain-format"],
+)
+def test_an_edited_sharded_training_record_is_refused(tmp_path: Path, fields: dict[str, Any], match: str) -> None:
+    step = _sharded_record(tmp_path, **fields)
+    with pytest.raises(CheckpointError, match=match):
+        check_sharded_checkpoint(step, 2)
+
+
+def test_a_sharded_record_nested_200000_deep_is_a_checkpoint_error(tmp_path: Path) -> None:
+    step = _sharded_record(tmp_path)
+    assert check_sharded_checkpoint(step, 2)["world_size"] == 2  # the record as written passes
+    (step / "trainer.json").write_text('{"format": "' + SHARDED_FORMAT + '", "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(CheckpointError, match=r"trainer.json does not parse.*nested too deeply.*Delete"):
+        check_sharded_checkpoint(step, 2)
 
 
 # --- 4. remote code: refused before transformers sees the folder ------------------------------------------

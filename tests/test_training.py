@@ -365,6 +365,22 @@ def _quick(tmp_path: Path, steps: int = 2, **kw: object) -> tuple[torch.nn.Modul
     return model, cfg, train(model, TokenBatches.from_config({"a": pattern_tokens()}, cfg), cfg)
 
 
+def test_a_checkpoint_dir_under_home_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``~`` means the same folder to the writer, the cleaner and the resume lookup: a second run resumes."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    results = []
+    for _ in range(2):
+        model, _ = build("llama", lora=True)
+        cfg = TrainConfig(steps=2, batch_size=1, seq_len=8, checkpoint_dir="~/c", checkpoint_every=1)
+        results.append(train(model, TokenBatches.from_config({"a": pattern_tokens()}, cfg), cfg))
+    assert latest_checkpoint("~/c") == tmp_path / "c" / "step-2"
+    assert [s for s, _ in list_checkpoints("~/c")] == [1, 2]
+    assert results[0].resumed_step == 0 and results[1].resumed_step == 2
+    assert not any((tmp_path / "cwd").iterdir())
+
+
 def test_checkpoint_layout_and_atomic_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, cfg, _ = _quick(tmp_path)
     step = latest_checkpoint(tmp_path / "c")

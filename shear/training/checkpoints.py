@@ -41,8 +41,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shear.errors import CheckpointError, OutputError
+from shear.io.manifest_schema import file_list_problem, is_int
 from shear.io.outputs import atomic_dir, sha256_file
-from shear.io.safe_archive import read_json_bytes
+from shear.io.safe_archive import read_json_file
 
 __all__ = [
     "TrainCheckpoint",
@@ -53,13 +54,19 @@ __all__ = [
     "remove_stale_temporaries",
     "check_checkpoint_dir",
     "check_record",
+    "load_record",
+    "read_part",
+    "check_files",
     "RECORD_FIELDS",
     "FORMAT",
+    "SHARDED_FORMAT",
 ]
 
 FORMAT = "shear-train-checkpoint"
 VERSION = 2
 """2: sha256 of every file and the run fingerprint are recorded."""
+SHARDED_FORMAT = "shear-train-checkpoint-sharded"
+"""The format of an FSDP run's ``trainer.json`` (:mod:`~shear.training.dcp_checkpoints`)."""
 _WEIGHTS = "model.safetensors"
 _STATE = "state.pt"
 _INFO = "trainer.json"
@@ -80,9 +87,14 @@ class TrainCheckpoint:
     """JSON part: ``losses``, ``tokens``, ``config``, ``rng`` (python/numpy) and whatever else was saved."""
 
 
+def _root(root: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder as given, ``~`` expanded: every reader and writer of checkpoints agrees on it."""
+    return Path(root).expanduser()
+
+
 def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``step-<n>`` directory under ``root``, oldest first."""
-    root = Path(root)
+    """``(step, path)`` of every ``step-<n>`` directory under ``root`` (``~`` expanded), oldest first."""
+    root = _root(root)
     if not root.is_dir():
         return []
     found = []
@@ -156,7 +168,7 @@ def check_checkpoint_dir(root: str | os.PathLike[str]) -> Path:
         ...
         shear.errors.OutputError: checkpoint_dir ... is a file, not a folder; ...
     """
-    path = Path(root).expanduser()
+    path = _root(root)
     if path.is_symlink() and not path.exists():
         raise OutputError(f"checkpoint_dir {path} is a symbolic link to nowhere; give a real folder (new or one of this run's)")
     place = path
@@ -204,12 +216,13 @@ def _clone_tree(obj: Any) -> Any:
 
 _MAX_INFO = 256 << 20
 """The largest ``trainer.json`` read (per-step losses of a long run are a few MiB)."""
-_SHA = re.compile(r"[0-9a-f]{64}")
 _KEY = re.compile(r"[A-Za-z0-9_.\-]{1,512}")
+_MAX_COUNT = (1 << 62) - 1
+_WORD = (1 << 32) - 1
 
 
 def _count(v: Any, lo: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v < 1 << 62
+    return is_int(v, lo, _MAX_COUNT)
 
 
 def _plain(v: Any, depth: int = 0) -> bool:
@@ -233,25 +246,21 @@ def _rng_ok(v: Any) -> bool:
         return False
     py, np_ = v["python"], v["numpy"]
     py_ok = (isinstance(py, list) and len(py) == 3 and _count(py[0]) and isinstance(py[1], list) and len(py[1]) == 625
-             and all(_count(x) and x < 1 << 32 for x in py[1][:624]) and _count(py[1][624])
+             and all(is_int(x, 0, _WORD) for x in py[1][:624]) and _count(py[1][624])
              and (py[2] is None or (isinstance(py[2], float) and math.isfinite(py[2]))))
     np_ok = (isinstance(np_, list) and len(np_) == 5 and np_[0] == "MT19937" and isinstance(np_[1], list)
-             and len(np_[1]) == 624 and all(_count(x) and x < 1 << 32 for x in np_[1]) and _count(np_[2])
+             and len(np_[1]) == 624 and all(is_int(x, 0, _WORD) for x in np_[1]) and _count(np_[2])
              and np_[2] <= 624 and np_[3] in (0, 1) and isinstance(np_[4], (int, float)) and math.isfinite(np_[4]))
     return bool(py_ok and np_ok)
 
 
 RECORD_FIELDS: dict[str, Callable[[Any], bool]] = {
-    "format": lambda v: v == FORMAT,
-    "version": lambda v: v == VERSION,
     "step": _count,
     "aliases": lambda v: isinstance(v, dict) and all(
         isinstance(k, str) and _KEY.fullmatch(k) and isinstance(x, str) and _KEY.fullmatch(x) for k, x in v.items()),
-    "files": lambda v: isinstance(v, dict) and all(
-        isinstance(e, dict) and set(e) == {"size", "sha256"} and _count(e["size"])
-        and isinstance(e["sha256"], str) and bool(_SHA.fullmatch(e["sha256"])) for e in v.values()),
-    "losses": lambda v: isinstance(v, list) and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
+    "files": lambda v: file_list_problem(v) is None,
+    "losses": lambda v: isinstance(v, list) and all(  # NaN and inf too: a diverged run logs them
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
     "tokens": _count,
     "world_size": lambda v: _count(v, 1),
     "finished": lambda v: isinstance(v, bool),
@@ -259,22 +268,23 @@ RECORD_FIELDS: dict[str, Callable[[Any], bool]] = {
     "fingerprint": lambda v: isinstance(v, dict) and _plain(v),
     "rng": _rng_ok,
 }
-"""Every field ``trainer.json`` may hold, with its check; the first five are required. A field not
-listed is refused, like a value that fails its check."""
-_REQUIRED = ("format", "version", "step", "aliases", "files")
+"""Every field ``trainer.json`` may hold besides ``format`` and ``version`` (which :func:`load_record`
+checks first), with its check. A field not listed is refused, like a value that fails its check."""
+_REQUIRED = {FORMAT: ("step", "aliases", "files"), SHARDED_FORMAT: ("step", "world_size", "files")}
+"""The fields each format's record must hold."""
 
 
-def check_record(info: dict[str, Any], path: Path) -> None:
-    """``trainer.json``'s ``info`` checked field by field (:data:`RECORD_FIELDS`): no unknown field, each
-    value of its type and range, the step that of the folder's name, aliases naming saved tensors only
-    once loaded. :class:`CheckpointError` names the field and the fix."""
-    unknown = sorted(set(info) - set(RECORD_FIELDS))
+def check_record(info: dict[str, Any], path: Path, fmt: str = FORMAT) -> None:
+    """``trainer.json``'s ``info`` (a ``fmt`` record) checked field by field (:data:`RECORD_FIELDS`): no
+    unknown field, each value of its type and range, the step that of the folder's name, aliases naming
+    saved tensors only once loaded. :class:`CheckpointError` names the field and the fix."""
+    unknown = sorted(set(info) - set(RECORD_FIELDS) - {"format", "version"})
     if unknown:
         raise _corrupt(path, f"{_INFO} holds unknown fields {unknown[:5]} (known: {sorted(RECORD_FIELDS)})")
-    missing = [k for k in _REQUIRED if k not in info]
+    missing = [k for k in _REQUIRED[fmt] if k not in info]
     if missing:
         raise _corrupt(path, f"{_INFO} lacks {missing}")
-    bad = [k for k, v in info.items() if not RECORD_FIELDS[k](v)]
+    bad = [k for k, v in info.items() if k in RECORD_FIELDS and not RECORD_FIELDS[k](v)]
     if bad:
         raise _corrupt(path, f"{_INFO}'s field {bad[0]!r} has a value of the wrong type or out of range")
     m = _STEP_DIR.match(path.name)
@@ -282,45 +292,62 @@ def check_record(info: dict[str, Any], path: Path) -> None:
         raise _corrupt(path, f"{_INFO} says step {info['step']}, the folder is {path.name}")
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
-    """Read and validate ``path`` (a ``step-<n>`` directory); :class:`CheckpointError` says what is wrong."""
-    path = Path(path)
-    info_file = path / _INFO
-    if not info_file.is_file():
-        raise _corrupt(path, f"{_INFO} is missing")
-    if info_file.stat().st_size > _MAX_INFO:
-        raise _corrupt(path, f"{_INFO} has {info_file.stat().st_size} bytes, more than a record can need ({_MAX_INFO})")
+def read_part(path: Path, name: str, ok: Callable[[Any], bool], what: str) -> Any:
+    """The JSON file ``path/name`` of a checkpoint, read bounded (:func:`~shear.io.safe_archive.read_json_file`)
+    and passing ``ok`` (``what`` it must be, for the message); :class:`CheckpointError` names the fix otherwise."""
+    file = path / name
+    if not file.is_file():
+        raise _corrupt(path, f"{name} is missing")
     try:
-        info = read_json_bytes(info_file.read_bytes(), str(info_file), _MAX_INFO)
+        doc = read_json_file(file, str(file), _MAX_INFO)
     except CheckpointError as e:
-        raise _corrupt(path, f"{_INFO} does not parse ({e})") from e
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise _corrupt(path, f"{_INFO} is not a {FORMAT} record")
-    version = info.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise _corrupt(path, f"{_INFO}'s version is {version!r}, not a number")
-    if version > VERSION:
-        raise CheckpointError(f"{path} has format version {info['version']}; this shear reads up to {VERSION}")
-    if version < VERSION:
-        raise CheckpointError(
-            f"{path} was written by an older shear (format {info.get('version')}, no file hashes or run fingerprint); "
-            "start over with resume=False or a new checkpoint_dir"
-        )
-    files = info.get("files")
-    if not isinstance(files, dict) or set(files) != {_WEIGHTS, _STATE}:
-        raise _corrupt(path, f"{_INFO} does not list {_WEIGHTS} and {_STATE} with their hashes")
-    check_record(info, path)
-    unlisted = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != _INFO)
-    if unlisted:
-        raise _corrupt(path, f"{unlisted} are not in {_INFO}'s file list")
+        raise _corrupt(path, f"{name} does not parse ({e})") from e
+    if not ok(doc):
+        raise _corrupt(path, f"{name} is not {what}")
+    return doc
+
+
+def check_files(path: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Each file of a record's checked ``files`` list is in ``path`` with its size and sha256."""
     for f, entry in files.items():
         p = path / f
         if not p.is_file():
             raise _corrupt(path, f"{f} is missing")
-        if p.stat().st_size != entry.get("size"):
-            raise _corrupt(path, f"{f} has {p.stat().st_size} bytes, the record says {entry.get('size')}")
-        if sha256_file(p) != entry.get("sha256"):
+        if p.stat().st_size != entry["size"]:
+            raise _corrupt(path, f"{f} has {p.stat().st_size} bytes, the record says {entry['size']}")
+        if sha256_file(p) != entry["sha256"]:
             raise _corrupt(path, f"{f} fails its sha256 check")
+
+
+def load_record(path: Path, fmt: str = FORMAT, version: int = VERSION) -> dict[str, Any]:
+    """``path/trainer.json`` read (:func:`read_part`) and checked: a ``fmt`` record of format ``version``
+    whose fields pass :func:`check_record`. :class:`CheckpointError` names what is wrong and the fix."""
+    info = read_part(path, _INFO, lambda v: isinstance(v, dict) and v.get("format") == fmt, f"a {fmt} record")
+    saved = info.get("version", 0)
+    if not is_int(saved, 0, _MAX_COUNT):
+        raise _corrupt(path, f"{_INFO}'s version is {saved!r}, not a number")
+    if saved > version:
+        raise CheckpointError(f"{path} has format version {saved}; this shear reads up to {version}")
+    if saved < version:
+        raise CheckpointError(
+            f"{path} was written by an older shear (format {saved}, without file hashes or the run fingerprint "
+            "this one checks); start over with resume=False or a new checkpoint_dir"
+        )
+    check_record(info, path, fmt)
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> TrainCheckpoint:
+    """Read and validate ``path`` (a ``step-<n>`` directory); :class:`CheckpointError` says what is wrong."""
+    path = Path(path)
+    info = load_record(path)
+    files = info["files"]
+    if set(files) != {_WEIGHTS, _STATE}:
+        raise _corrupt(path, f"{_INFO} does not list {_WEIGHTS} and {_STATE} with their hashes")
+    unlisted = sorted(p.name for p in path.iterdir() if p.name not in files and p.name != _INFO)
+    if unlisted:
+        raise _corrupt(path, f"{unlisted} are not in {_INFO}'s file list")
+    check_files(path, files)
     try:
         weights = load_file(str(path / _WEIGHTS))
     except (SafetensorError, OSError) as e:

@@ -35,7 +35,16 @@ from torch import nn
 
 from shear.errors import CheckpointError
 from shear.io.outputs import atomic_dir, sha256_file
-from shear.training.checkpoints import TrainCheckpoint, list_checkpoints
+from shear.training.checkpoints import (
+    RECORD_FIELDS,
+    SHARDED_FORMAT,
+    TrainCheckpoint,
+    check_checkpoint_dir,
+    check_files,
+    list_checkpoints,
+    load_record,
+    read_part,
+)
 
 __all__ = [
     "SHARDED_FORMAT",
@@ -46,7 +55,6 @@ __all__ = [
     "is_sharded_checkpoint",
 ]
 
-SHARDED_FORMAT = "shear-train-checkpoint-sharded"
 VERSION = 1
 _INFO = "trainer.json"
 _DCP = "dcp"
@@ -81,7 +89,7 @@ def save_sharded_checkpoint(
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, world = _rank()
-    root = Path(root)
+    root = check_checkpoint_dir(root)
     final = root / f"step-{step}"
     msd, osd = get_state_dict(model, optimizer)
     if rank != 0:
@@ -111,12 +119,13 @@ def save_sharded_checkpoint(
 
 
 def read_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The parsed ``trainer.json`` of a checkpoint directory, or None when it is missing or unreadable."""
+    """The parsed ``trainer.json`` of a checkpoint directory, or None when it is missing or unreadable
+    (the checkpoint's loader then says why). Parsed only, not checked: to tell the two formats apart."""
     try:
-        record = json.loads((Path(path) / _INFO).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        record: dict[str, Any] = read_part(Path(path), _INFO, lambda v: isinstance(v, dict), "a JSON object")
+    except CheckpointError:
         return None
-    return record if isinstance(record, dict) else None
+    return record
 
 
 def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -128,20 +137,20 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
 def check_sharded_checkpoint(path: str | os.PathLike[str], world_size: int) -> dict[str, Any]:
     """``trainer.json`` of the sharded checkpoint at ``path`` once it proved resumable by ``world_size`` ranks.
 
-    Raises :class:`CheckpointError` naming the problem and the fix: not a sharded checkpoint, another
-    format version, written by another number of processes, a file missing or failing its sha256.
+    Raises :class:`CheckpointError` naming the problem and the fix: not a sharded checkpoint, a record
+    that fails the checks of ``trainer.json`` (:func:`~shear.training.checkpoints.load_record`), written by
+    another number of processes, a file missing or failing its sha256.
     """
     path = Path(path)
-    record = read_record(path)
     world = world_size
-    if record is None or record.get("format") != SHARDED_FORMAT:
+    parsed = read_record(path)
+    if parsed is not None and parsed.get("format") != SHARDED_FORMAT:
         raise CheckpointError(
             f"checkpoint {path} is not a sharded (FSDP) checkpoint; it was written by a single-process or DDP "
             "run: resume it the way it was launched, or start over with resume=False or a new checkpoint_dir"
         )
-    if int(record.get("version", 0)) != VERSION:
-        raise CheckpointError(f"{path} has sharded format version {record.get('version')}; this shear reads {VERSION}")
-    saved = int(record.get("world_size", 0))
+    record = load_record(path, SHARDED_FORMAT, VERSION)
+    saved = record["world_size"]
     if saved != world:
         raise CheckpointError(
             f"checkpoint {path} was written by {saved} processes and this run has {world}: each rank's data "
@@ -149,16 +158,7 @@ def check_sharded_checkpoint(path: str | os.PathLike[str], world_size: int) -> d
             f"Relaunch with --nproc_per_node {saved} (torchrun) or --num_processes {saved} (accelerate launch), "
             "or start over with resume=False or a new checkpoint_dir"
         )
-    files = record.get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {_INFO} lists no files; delete it to resume from an older one")
-    for rel, entry in files.items():
-        p = path / rel
-        if not p.is_file() or p.stat().st_size != entry.get("size") or sha256_file(p) != entry.get("sha256"):
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {rel} is missing or fails its size/sha256 check; delete {path} "
-                "to resume from the previous checkpoint, or start over with resume=False"
-            )
+    check_files(path, record["files"])
     return record
 
 
@@ -183,5 +183,5 @@ def load_sharded_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     mine = torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True)
     info = dict(record)
-    info["rng"] = json.loads((path / f"rank{rank}.json").read_text())
-    return TrainCheckpoint(path=path, step=int(record["step"]), model_state={}, state=mine, info=info)
+    info["rng"] = read_part(path, f"rank{rank}.json", RECORD_FIELDS["rng"], f"rank {rank}'s python and numpy random states")
+    return TrainCheckpoint(path=path, step=record["step"], model_state={}, state=mine, info=info)
