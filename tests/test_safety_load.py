@@ -650,6 +650,54 @@ def test_shear_load_refuses_a_saved_folder_asking_for_remote_code(model_dir: Pat
     assert not marker.exists()
 
 
+def _inspect_refuses(folder: Path, marker: Path, capsys: pytest.CaptureFixture[str], match: str) -> None:
+    """``shear inspect folder`` fails with ``match`` and no traceback; the folder's code never ran."""
+    assert main(["inspect", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(match, err), err
+    assert not marker.exists()
+
+
+def test_a_config_over_the_size_limit_is_refused_not_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers reads a config of any size: one too large to check (here the limit is lowered from
+    64 MiB; the padding is whitespace, valid JSON) is refused, not passed over."""
+    folder, marker = _remote_code_folder(tmp_path, "config.json")
+    cfg = folder / "config.json"
+    cfg.write_text(cfg.read_text() + " " * 4096)
+    monkeypatch.setattr("shear.io.remote_code._MAX_CONFIG", 2048)
+    monkeypatch.setattr("builtins.input", lambda *_a: "y")
+    _inspect_refuses(folder, marker, capsys, rf"{re.escape(str(cfg))} is corrupt or crafted: larger than 2048 bytes: "
+                                             r"shear cannot check it.*Fix or remove config.json")
+
+
+def test_a_config_nested_too_deep_to_parse_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, marker = _remote_code_folder(tmp_path, "config.json")
+    cfg = folder / "config.json"
+    cfg.write_text(cfg.read_text()[:-1] + ', "padding": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    monkeypatch.setattr("builtins.input", lambda *_a: "y")
+    _inspect_refuses(folder, marker, capsys, r"config.json is corrupt or crafted: nested too deeply to read: shear cannot check it")
+
+
+def test_a_top_level_auto_map_is_found_above_deeply_nested_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, marker = _remote_code_folder(tmp_path, "config.json")
+    cfg = json.loads((folder / "config.json").read_text())
+    nested: dict[str, Any] = {}
+    for _ in range(500):
+        nested = {"text_config": nested}
+    (folder / "config.json").write_text(json.dumps({**cfg, **nested}))
+    monkeypatch.setattr("builtins.input", lambda *_a: "y")
+    _inspect_refuses(folder, marker, capsys, r"config.json asks for code shipped with the model \(auto_map\)")
+    del cfg["auto_map"]
+    (folder / "config.json").write_text(json.dumps({**cfg, **nested}))
+    _inspect_refuses(folder, marker, capsys, r"config.json nests configs more than 8 deep \(text_config\.text_config\..*Fix or remove")
+
+
 # --- 5. devices --------------------------------------------------------------------------------------------
 
 

@@ -21,12 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from shear.errors import ModelLoadError
+from shear.errors import CheckpointError, ModelLoadError
+from shear.io.safe_archive import read_json_file
 
 __all__ = ["REMOTE_CODE_KEYS", "refuse_remote_code", "remote_code_files"]
 
@@ -35,6 +35,10 @@ REMOTE_CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipelines")
 
 _MAX_CONFIG = 64 << 20
 """Largest config JSON read; transformers' configs are kilobytes (tokenizer.json is not a config)."""
+_NESTED = ("text_config", "vision_config", "tokenizer_config", "generation_config")
+"""Configs transformers reads from inside a config (a composite model's parts)."""
+_MAX_NESTING = 8
+"""Deepest chain of nested configs checked; transformers' nest one or two levels."""
 
 
 def _configs(folder: Path) -> list[Path]:
@@ -46,26 +50,42 @@ def _configs(folder: Path) -> list[Path]:
     return out
 
 
-def _asks_for_code(doc: Any) -> list[str]:
-    if not isinstance(doc, dict):
-        return []
-    found = [k for k in REMOTE_CODE_KEYS if doc.get(k)]
-    for nested in ("text_config", "vision_config", "tokenizer_config", "generation_config"):
-        found += [f"{nested}.{k}" for k in _asks_for_code(doc.get(nested))]
-    return found
+def _asks_for_code(doc: Any, file: Path) -> list[str]:
+    """The :data:`REMOTE_CODE_KEYS` set in ``doc`` and its nested configs, outermost first (level by level,
+    so a top-level ``auto_map`` is found whatever lies below it)."""
+    found: list[str] = []
+    level = [("", doc)]
+    for _ in range(_MAX_NESTING + 1):
+        below = []
+        for prefix, d in level:
+            if isinstance(d, dict):
+                found += [prefix + k for k in REMOTE_CODE_KEYS if d.get(k)]
+                below += [(f"{prefix}{n}.", d[n]) for n in _NESTED if isinstance(d.get(n), dict)]
+        if not below:
+            return found
+        level = below
+    if found:
+        return found
+    raise ModelLoadError(
+        f"{file} nests configs more than {_MAX_NESTING} deep ({level[0][0]}...), which shear cannot check for "
+        f"code shipped with the model; transformers' configs nest one or two. Fix or remove {file.name}"
+    )
 
 
 def remote_code_files(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
     """``{file: keys}`` for each config JSON of ``folder`` that asks for remote code (empty: none does).
-    A config that is not readable JSON asks for nothing: the reader that needs it says it is broken."""
+    A config that cannot be checked (larger than 64 MiB, not UTF-8 JSON, nested too deep) is refused with
+    :class:`ModelLoadError`: transformers would still read it."""
     found: dict[str, list[str]] = {}
     for f in _configs(Path(folder)):
         try:
-            if f.stat().st_size > _MAX_CONFIG:
-                continue
-            keys = _asks_for_code(json.loads(f.read_bytes().decode("utf-8")))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            continue
+            doc = read_json_file(f, str(f), _MAX_CONFIG)
+        except CheckpointError as e:
+            raise ModelLoadError(
+                f"{e}: shear cannot check it for code shipped with the model, and transformers would read it. "
+                f"Fix or remove {f.name}"
+            ) from e
+        keys = _asks_for_code(doc, f)
         if keys:
             found[str(f)] = keys
     return found
