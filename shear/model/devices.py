@@ -102,13 +102,12 @@ def check_device(spec: str | torch.device, what: str = "device") -> torch.device
         ...     print(type(e).__name__)
         InputError
     """
-    have = available_devices()
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError, ValueError) as e:
         raise InputError(
             f"{what} {spec!r} is not a torch device ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            f"give one of {have}"
+            f"give one of {available_devices()}"
         ) from e
     if dev.type == "cpu":
         return dev
@@ -118,14 +117,16 @@ def check_device(spec: str | torch.device, what: str = "device") -> torch.device
     elif dev.type in ("cuda", "xpu") and backend is not None:
         ok, count = bool(backend.is_available()), int(backend.device_count()) if backend.is_available() else 0
     else:
-        raise InputError(f"{what} {spec!r}: shear runs on {sorted({'cpu', 'cuda', 'mps', 'xpu'})} devices; give one of {have}")
+        raise InputError(f"{what} {spec!r}: shear runs on {sorted({'cpu', 'cuda', 'mps', 'xpu'})} devices; give one of {available_devices()}")
     if not ok:
         raise InputError(
             f"{what} {spec!r}: this machine has no {dev.type.upper()} device (torch {torch.__version__} sees none); "
-            f"give one of {have}, or install a torch build with {dev.type} support"
+            f"give one of {available_devices()}, or install a torch build with {dev.type} support"
         )
     if dev.index is not None and not 0 <= dev.index < count:
-        raise InputError(f"{what} {spec!r}: there are {count} {dev.type} devices (0..{count - 1}); give one of {have}")
+        raise InputError(
+            f"{what} {spec!r}: there are {count} {dev.type} devices (0..{count - 1}); give one of {available_devices()}"
+        )
     return dev
 
 
