@@ -13,8 +13,9 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -236,14 +237,27 @@ def test_a_size_given_as_text_is_refused_by_plan_and_prune_streamed(tmp_path: Pa
 
 
 def test_a_pass_built_in_python_with_an_option_as_text_is_refused() -> None:
-    """Every pass object given to a pipeline is checked against its annotations, not only random and erase."""
+    """Every pass checks its options against their annotations when built, before its own __post_init__
+    (which would otherwise compare text with a number and fail with a raw TypeError)."""
+    from shear.passes.base import Pass
     from shear.passes.baselines.magnitude import Magnitude
     from shear.passes.baselines.taylor import Taylor
 
-    with pytest.raises(PipelineError, match=r"pass 'magnitude': option 'ratio' is the text '0.2', expected float; give it as one \(ratio=0.2\)"):
-        PassManager([Magnitude(ratio="0.2")])  # type: ignore[arg-type]
-    with pytest.raises(PipelineError, match=r"taylor: ratio must be in \[0, 1\) \(a number\), got '0.2' \(str\); give it as a number, e.g. ratio=0.2"):
+    with pytest.raises(PipelineError, match=r"pass 'magnitude': option 'round_to' is the text '8', expected int; give it as one \(round_to=8\)"):
+        Magnitude(round_to="8")  # type: ignore[arg-type]
+
+    @dataclass(frozen=True)
+    class Plain(Pass):  # a user's pass: no __post_init__ of its own, not registered
+        name: ClassVar[str] = "plain-example"
+        steps: int = 1
+
+    with pytest.raises(PipelineError, match=r"pass 'plain-example': option 'steps' is the text '3'"):
+        Plain(steps="3")  # type: ignore[arg-type]
+    assert Plain(steps=3).steps == 3
+    with pytest.raises(PipelineError, match=r"pass 'taylor': option 'ratio' is the text '0.2', expected float; give it as one \(ratio=0.2\)"):
         Taylor(ratio="0.2")  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match=r"taylor: ratio must be in \[0, 1\)"):
+        Taylor(ratio=1.5)
 
 
 def test_taylor_and_lhspg_refuse_an_unknown_group_kind() -> None:
@@ -346,3 +360,15 @@ def test_export_refuses_a_malformed_pre_tokenizer_and_non_finite_weights(
         shear.export(big, out, tokenizer=TINY_LLAMA_DIR)
     assert shear.export(broken, out, tokenizer=TINY_LLAMA_DIR, allow_nonfinite=True) == out and out.is_file()
 
+
+
+@pytest.mark.parametrize("ratio", ["abc", "0.2", None, True])
+def test_a_sparsity_ratio_that_is_not_a_number_is_refused(ratio: object) -> None:
+    from shear.errors import KernelError
+    from shear.kernels.sparsity import check_ratio
+    from shear.passes.baselines.magnitude import Magnitude
+
+    with pytest.raises(PipelineError, match=r"pass 'magnitude': option 'ratio'"):
+        Magnitude(ratio=ratio)  # type: ignore[arg-type]
+    with pytest.raises(KernelError, match=r"wanda: ratio must be in \(0, 1\), got .*; give it as a number"):
+        check_ratio("wanda", ratio)  # type: ignore[arg-type]

@@ -50,9 +50,10 @@ __all__ = [
 
 
 def check_ratio(pass_name: str, ratio: float) -> None:
-    """KernelError unless ``0 < ratio < 1`` (a sparsity of 0 or 1 is a mistake, not a baseline)."""
-    if not 0.0 < float(ratio) < 1.0:
-        raise KernelError(f"{pass_name}: ratio must be in (0, 1), got {ratio}")
+    """KernelError unless ``ratio`` is a number with ``0 < ratio < 1`` (a sparsity of 0 or 1 is a mistake,
+    not a baseline; text such as ``"0.2"`` is refused, not converted)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise KernelError(f"{pass_name}: ratio must be in (0, 1), got {ratio!r}; give it as a number, e.g. ratio=0.2")
 
 
 def check_nm(pass_name: str, n: int, m: int) -> None:

@@ -34,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -62,6 +64,7 @@ __all__ = [
     "PASS_REGISTRY",
     "register_pass",
     "register_analysis",
+    "set_option_check",
     "key_name",
     "canonical_key",
     "ensures_key",
@@ -85,8 +88,29 @@ class PassResult:
 
 
 
+_OPTION_CHECK: list[Callable[[Pass], None]] = []
+"""The check every pass's options get when the pass is built: :mod:`shear.passes.options` installs
+:func:`~shear.passes.options.check_fields` here when imported (see :func:`set_option_check`), so this
+module, below the options machinery, never imports it."""
+
+
+def set_option_check(check: Callable[[Pass], None]) -> None:
+    """Install the function that checks a pass's options against their annotations when it is built."""
+    _OPTION_CHECK[:] = [check]
+
+
+def _check_options(p: Pass) -> None:
+    for check in _OPTION_CHECK:
+        check(p)
+
+
 class Pass:
-    """Base of every pass. Subclasses are frozen dataclasses with options as typed fields."""
+    """Base of every pass. Subclasses are frozen dataclasses with options as typed fields.
+
+    Every pass checks its options against their annotations when it is built, before its own
+    ``__post_init__`` runs: ``Magnitude(round_to="8")`` from Python is a :class:`PipelineError` naming
+    the option, as ``magnitude{round_to=x}`` in a pipeline string is.
+    """
 
     name: ClassVar[str]
     requires: ClassVar[tuple[Key | OneOf, ...]] = ()
@@ -102,6 +126,24 @@ class Pass:
     auto_insert: ClassVar[bool] = True
     """Whether the pass manager may run this pass by itself to provide a missing prerequisite
     (``keep-dense`` may not: a copy taken late in a pipeline is not the dense model)."""
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``__post_init__`` runs after the option check (it need not call ``super()``)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_after_option_check", False):
+            return
+
+        @functools.wraps(own)
+        def __post_init__(self: Pass) -> None:
+            _check_options(self)
+            own(self)
+
+        __post_init__._after_option_check = True  # type: ignore[attr-defined]
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
 
     def provider(self, key: Key) -> Pass | None:
         """The pass that should provide the missing prerequisite ``key`` for this one, with options

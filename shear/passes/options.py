@@ -8,7 +8,7 @@ help text.
 
 Example:
     >>> from dataclasses import dataclass
-    >>> from shear.passes.base import Pass
+    >>> from shear.passes.base import Pass, set_option_check
     >>> @dataclass(frozen=True)
     ... class Prune(Pass):
     ...     name = "prune-example"
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from shear.errors import PipelineError
-from shear.passes.base import Pass
+from shear.passes.base import Pass, set_option_check
 
 __all__ = [
     "OptionInfo",
@@ -310,15 +310,16 @@ def check_fields(p: Pass) -> None:
 
     A pipeline string's text is converted by :func:`build_pass`; a pass object made by hand is not,
     so a number given as text, a bool for a number or a list of the wrong items would surface later as
-    a ``TypeError`` deep inside the pass. :func:`~shear.passes.pipeline.resolve_pipeline` runs it on
-    every pass object it is given; raises :class:`PipelineError` naming the pass, the option and the fix.
+    a ``TypeError`` deep inside the pass. Every pass runs it when built, before its own
+    ``__post_init__`` (installed into :class:`~shear.passes.base.Pass` below); raises
+    :class:`PipelineError` naming the pass, the option and the fix.
 
     Example:
         >>> from shear.passes.baselines.magnitude import Magnitude
-        >>> check_fields(Magnitude(ratio="0.2"))
+        >>> Magnitude(round_to="8")
         Traceback (most recent call last):
         ...
-        shear.errors.PipelineError: pass 'magnitude': option 'ratio' is the text '0.2', expected float; give it as one (ratio=0.2)...
+        shear.errors.PipelineError: pass 'magnitude': option 'round_to' is the text '8', expected int; give it as one (round_to=8)...
     """
     for o in pass_options(type(p)):
         value = getattr(p, o.name)
@@ -456,3 +457,6 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b) and type(a) is type(b)
     except Exception:  # noqa: BLE001 - e.g. tensors; treat as different
         return False
+
+
+set_option_check(check_fields)

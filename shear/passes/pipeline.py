@@ -43,7 +43,7 @@ from typing import Any, Union
 
 from shear.errors import PipelineError
 from shear.passes.base import Pass
-from shear.passes.options import build_pass, check_fields, format_pass
+from shear.passes.options import build_pass, format_pass
 from shear.passes.registry import lookup_pass
 
 __all__ = [
@@ -358,7 +358,6 @@ def resolve_pipeline(spec: PipelineSpec) -> list[Pass]:
     if spec is None:
         return resolve_pipeline(list(DEFAULT_PIPELINE))
     if isinstance(spec, Pass):
-        check_fields(spec)  # built in Python, so never converted: Magnitude(ratio="0.2") is refused here
         return [spec]
     if isinstance(spec, type) and issubclass(spec, Pass):
         return [build_pass(spec, {})]

@@ -24,7 +24,7 @@ from shear.graph.ir import Graph
 from shear.kernels.allocation import structure_count
 from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
-from shear.passes.options import check_fields, require_number
+from shear.passes.options import require_number
 
 __all__ = ["Random", "choose_structures", "zero_random", "MAX_SEED"]
 
@@ -99,7 +99,6 @@ class Random(Pass):
     """Group kinds to prune; ``kinds=[channel,head]`` keeps the residual width."""
 
     def __post_init__(self) -> None:
-        check_fields(self)
         _check(self.ratio, self.seed, self.round_to, self.kinds)
 
     def run(self, ctx: Context) -> PassResult:

@@ -25,7 +25,7 @@ from shear.errors import PipelineError
 from shear.graph.ir import Graph
 from shear.model.devices import TENSOR_CORE_MULTIPLE, model_device, untiled_linears
 from shear.passes.base import Context, Pass, PassResult, register_analysis, register_pass
-from shear.passes.options import check_fields, require_number
+from shear.passes.options import require_number
 
 __all__ = ["Erase"]
 
@@ -54,7 +54,6 @@ class Erase(Pass):
     ``module``: the module tree or an error; ``graph``: always the GraphModule."""
 
     def __post_init__(self) -> None:
-        check_fields(self)  # Erase(verify=float("nan")) from Python: blamed on the option, not on erase
         require_number("erase", "min_keep", self.min_keep, integer=True, low=0)
         if self.emit not in EMIT_MODES:
             raise PipelineError(f"erase: emit must be one of {', '.join(EMIT_MODES)}, got {self.emit!r}")
