@@ -191,11 +191,6 @@ class RecoverDynamic(Pass):
 
     def __post_init__(self) -> None:
         check_distill_options(self.name, self.distill, self.distill_temperature)
-        if self.stages not in ("pretrain,instruct", "pretrain+instruct", "pretrain", "instruct"):
-            raise PipelineError(
-                "recover-dynamic: stages must be 'pretrain,instruct' (or 'pretrain+instruct'), 'pretrain' or "
-                f"'instruct', got {self.stages!r}"
-            )
         for opt in ("max_rounds", "steps_per_round", "batch_size", "grad_accum", "eval_batch_size", "lora_r"):
             value = getattr(self, opt)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
