@@ -35,6 +35,7 @@ _LAZY = {
     "save": ("shear.io.checkpoint", "save"),
     "load": ("shear.io.checkpoint", "load"),
     "export": ("shear.io.export", "export"),
+    "describe_folder": ("shear.io.folder_formats", "describe_folder"),
     "plan": ("shear.scale.plan", "plan"),
     "prune_streamed": ("shear.scale.stream", "prune_streamed"),
 }
@@ -73,6 +74,7 @@ __all__ = [
     "save",
     "load",
     "export",
+    "describe_folder",
     "plan",
     "prune_streamed",
 ]

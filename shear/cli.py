@@ -14,6 +14,7 @@ Example (shell)::
     shear export ./tiny-llama-pruned -o pruned.gguf --tokenizer ./tiny-llama   # llama.cpp
     shear plan ./llama-405b --ratio 0.2 --world-size 64 --seq-len 4096   # config only: no weights read
     shear stream-prune ./llama-7b --ratio 0.2 -o ./llama-7b-pruned   # tensor by tensor from the shards
+    shear bench ./tiny-llama ./tiny-llama-pruned --threads 2   # tokens/s dense vs pruned, efficiency
 
 Outputs never replace a user's files (:mod:`shear.io.outputs`): ``-o`` must be a new path or an
 empty directory unless ``--overwrite`` is given, and is never the input folder, inside it, a file, a
@@ -157,6 +158,8 @@ def cmd_draw(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import shear
     from shear.io.outputs import check_output_dir, check_writable_dir, tree_size
+    from shear.io.targets import target_for
+    from shear.model.target import parse_target
     from shear.passes import resolve_pipeline
 
     if args.passes is not None and args.pipeline is not None:
@@ -170,6 +173,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if spec is not None and (args.ratio is not None or args.budget != "auto"):
         raise ShearError("--ratio and --budget set the LoRAShear pipeline; give them without --passes/--pipeline")
     passes = resolve_pipeline(spec) if spec is not None else None  # fail on a typo before loading the model
+    wanted = parse_target(args.target)  # an unknown --target word fails before loading the model
     if args.device is not None:
         from shear.model.devices import check_device
 
@@ -200,6 +204,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data = _text_data(args.model, args.data, tokenizer)
     if passes is None:
         passes = _budget_pipeline(model, data, args)
+    target = target_for(wanted, model, device=args.device)
+    print(target.describe(), file=sys.stderr)
     small = shear.compile(
         model,
         passes,
@@ -212,6 +218,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         dump_dir=args.dump_dir,
         progress=True,
         overwrite=args.overwrite,  # the --dump-dir files of the same names (the report is written below)
+        target=target,
+        evaluate=False if args.no_eval else args.eval_size,  # the verdict prints with the report below
     )
     out = _console()
     out.print(small.shear_report)
@@ -222,15 +230,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
         extra = {report.name: render(small.shear_report.details)}
     else:
         extra = {}
-    shear.save(small, output, overwrite=args.overwrite, tokenizer=tokenizer, files=extra)
-    out.print(f"saved to {args.output}" + (" (with the tokenizer)" if tokenizer is not None else ""))
+    refused = _save_for_target(small, output, wanted, overwrite=args.overwrite, tokenizer=tokenizer, files=extra)
+    from shear.io.folder_formats import describe_folder
+
+    saved = describe_folder(output)
+    out.print(saved.line(args.output) + (" (with the tokenizer)" if tokenizer is not None else ""), markup=False)
+    if saved.note:
+        out.print(f"  ({saved.note})", markup=False)
+    if refused is not None:
+        out.print(f"--target {wanted.format}: {refused}; saved as shear instead", markup=False)
     if report is not None and not inside:
         from shear.report import write_html
 
         write_html(small.shear_report.details, report)
     if report is not None:
         out.print(f"report: {report}")
-    return 0
+    return 0 if refused is None else 1
+
+
+def _save_for_target(small: Any, output: Path, target: Any, **kwargs: Any) -> Any:
+    """Save ``small`` in the folder format ``target`` names; when that format cannot hold the pruned model
+    (an ``ExportError``, raised before anything is written), save it as ``shear`` so that the run is not
+    lost, and return the error (None when the target was met)."""
+    import shear
+    from shear.errors import ExportError
+
+    try:
+        shear.save(small, output, target=target, **kwargs)
+    except ExportError as e:
+        shear.save(small, output, target="shear", **kwargs)
+        return e
+    return None
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
@@ -266,21 +296,27 @@ def _read_text(file: Path) -> str:
 
 def _budget_pipeline(model: Any, data: object | None, args: argparse.Namespace) -> Any:
     """The LoRAShear pipeline with ``--ratio`` and ``--budget`` for a causal LM with data, else ``None``
-    (``shear.compile``'s default for the model); says which budget on stderr."""
+    (``shear.compile``'s default for the model); says on stderr which budget, its tokens per stage and
+    estimated time (:mod:`shear.scale.budget`), and where knowledge distribution is cached."""
+    from shear.model.devices import model_device
     from shear.passes import resolve_pipeline
-    from shear.passes.budgets import auto_budget, lorashear_pipeline
+    from shear.passes.budgets import lorashear_pipeline
+    from shear.passes.lorashear.knowledge_cache import with_cache
     from shear.passes.pipeline import LORASHEAR_PIPELINE, default_pipeline
+    from shear.scale.budget import plan_budget
 
     if data is None or tuple(default_pipeline(model)) != LORASHEAR_PIPELINE:
         if args.ratio is not None or args.budget != "auto":
             raise ShearError("--ratio/--budget need a causal LM and text (--data); give --passes for this model")
         return None
-    params = sum(p.numel() for p in model.parameters())
-    name = auto_budget(params) if args.budget == "auto" else args.budget
-    spec = lorashear_pipeline(0.2 if args.ratio is None else args.ratio, name)
-    why = f"auto for {params / 1e6:,.1f}M parameters" if args.budget == "auto" else "--budget"
-    print(f"LoRAShear with budget {name} ({why}): {spec}", file=sys.stderr)
-    return resolve_pipeline(spec)
+    sources = len(getattr(data, "validation", {})) or 1
+    plan = plan_budget(model, args.budget, args.device or model_device(model), sources=sources)
+    spec = lorashear_pipeline(0.2 if args.ratio is None else args.ratio, plan.budget)
+    print(f"LoRAShear with budget {plan.budget.name} ({plan.why}): {spec}", file=sys.stderr)
+    print(plan.format(), file=sys.stderr)
+    passes, note = with_cache(resolve_pipeline(spec), args.output, args.kd_cache, (args.model, args.data))
+    print(note, file=sys.stderr)
+    return passes
 
 
 def _report_path(args: argparse.Namespace, inputs: Sequence[str | Path]) -> Path | None:
@@ -338,10 +374,55 @@ def _text_data(model_dir: str, spec: str, tokenizer: Any) -> object | None:
     return TextData.from_texts(tokenizer, train, held)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from shear.data import held_out, held_out_texts, read_validation_folder
+    from shear.data.harness_tasks import harness_run
+    from shear.evaluation import Verdict, check_comparable, evaluate_model
+    from shear.evaluation.verdict import compare_speed_lazily
+    from shear.progress import RichSink
+
+    # bad input fails before any model loads: the tasks, the held-out files, the device
+    tasks = harness_run(args.tasks.split(","), size=args.size, limit=args.limit, batch_size=args.batch_size) if args.tasks is not None else None
+    texts = read_validation_folder(args.data) if args.data != "corpus" else None
+    if args.device is not None:
+        from shear.model.devices import check_device
+
+        check_device(args.device, "--device")
+    model = load_model(args.model)
+    dense = load_model(args.against) if args.against is not None else None
+    tokenizer, dense_tok = _tokenizer(args.model), _tokenizer(args.against) if args.against is not None else None
+    if dense is not None:
+        check_comparable(dense, model, dense_tokenizer=dense_tok, tokenizer=tokenizer)
+    tokenizer = tokenizer or dense_tok
+    if tokenizer is None:
+        raise DataError(f"no tokenizer in {args.model}" + (f" or {args.against}" if args.against else "") + "; save the "
+                        "tokenizer next to the model (tokenizer.save_pretrained) to evaluate it")  # fmt: skip
+    held = (held_out(tokenizer, size=args.size, harness=tasks) if texts is None else
+            held_out_texts(tokenizer, texts, size=args.size, origin=f"the validation files of {args.data}", harness=tasks))  # fmt: skip
+    models = [m.to(args.device) if args.device else m for m in (model, dense) if m is not None]
+    sink = RichSink()
+    after = evaluate_model(models[0], held, size=args.size, progress=sink, label=f"({Path(args.model).name})")
+    out = _console()
+    if dense is None:
+        out.print(after.format(), markup=False)
+        return 0
+    before = evaluate_model(models[1], held, size=args.size, progress=sink, label=f"({Path(args.against).name})")
+    speed, note = compare_speed_lazily(models[1], models[0], args.size)
+    out.print(Verdict.from_pair(before, after, speed=speed, speed_note=note or "not measured").format(), markup=False)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import shear
     from shear.io.gguf import check_output, check_pre
+    from shear.model.target import parse_target
 
+    target = parse_target(args.target)
+    if target.format not in ("auto", args.format):
+        raise InputError(
+            f"--target {args.target}: export writes {args.format} (--format {args.format}); the {target.format} format is "
+            f"chosen when pruning or saving (shear prune --target {target.format})"
+        )
     # before the model loads; never into the model or tokenizer folder
     check_output(args.output, force=args.force, inputs=[args.model, args.tokenizer])
     check_pre(args.pre)
@@ -361,7 +442,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     result = shear.plan(
         args.model, args.ratio, world_size=args.world_size, batch=args.batch, seq_len=args.seq_len,
-        lora_r=args.lora_r, round_to=args.round_to, layers=args.layers,
+        lora_r=args.lora_r, round_to=args.round_to, layers=args.layers, group_ratio=args.group_ratio,
+        kinds=_kinds(args.kinds), target=args.target,
     )
     print(result.format())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -374,9 +456,62 @@ def cmd_stream_prune(args: argparse.Namespace) -> int:
 
     report = shear.prune_streamed(
         args.model, args.output, args.ratio, criterion=args.criterion, round_to=args.round_to,
-        overwrite=args.overwrite, integrity=args.integrity,
+        overwrite=args.overwrite, integrity=args.integrity, group_ratio=args.group_ratio,
+        kinds=_kinds(args.kinds), target=args.target,
     )
     print(report.format())
+    return 0
+
+
+def _kinds(text: str | None) -> tuple[str, ...] | None:
+    """``--kinds channel,head`` as a tuple (``None``: the command's default)."""
+    return tuple(k.strip() for k in text.split(",") if k.strip()) if text else None
+
+
+_TARGET_HELP = (
+    "where the model will run: a format (auto, hf, nas, gguf, shear) and/or a device (auto, cpu, cuda), "
+    "comma-separated, e.g. nas,cuda; widths follow its measured steps and layout (default auto: the "
+    "model's device, nas when the model fits it, else shear); --round-to or a pass's round_to overrides it"
+)
+_RATIO_HELP = (
+    "share of the PARAMETERS removed (default 0.2), as shear prune --ratio: counts per group from the "
+    "parameter budget over --kinds"
+)
+_GROUP_RATIO_HELP = "share of EVERY prunable group's structures instead (the per-group meaning; not with --ratio)"
+_KINDS_HELP = "group kinds to prune, comma-separated (default channel with --ratio, all with --group-ratio)"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from shear.evaluation.llama_cpp_speed import check_gguf_file, gguf_speed, require_llama_cpp
+    from shear.evaluation.speed import compare_speed
+
+    if args.gguf_dense and not args.gguf:
+        raise InputError("--gguf-dense needs --gguf (the pruned model's GGUF file) to compare with")
+    if args.gguf:  # before any model loads: a missing binding or file fails now
+        require_llama_cpp()
+        check_gguf_file(args.gguf, "--gguf")
+        if args.gguf_dense:
+            check_gguf_file(args.gguf_dense, "--gguf-dense")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads {args.threads}: give a positive number of CPU threads")
+        torch.set_num_threads(args.threads)
+    if args.device is not None:
+        from shear.model.devices import check_device
+
+        check_device(args.device, "--device")
+    dense, pruned = load_model(args.dense).eval(), load_model(args.pruned).eval()
+    sizes = dict(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats)
+    result = compare_speed(dense, pruned, device=args.device, batches=tuple(args.batches), granularity=args.granularity,
+                           mode="both" if args.static else "eager", **sizes)  # fmt: skip
+    if args.gguf:
+        pruned_rates = gguf_speed(args.gguf, threads=args.threads, **sizes)
+        dense_rates = gguf_speed(args.gguf_dense, threads=args.threads, **sizes) if args.gguf_dense else {}
+        for name, rate in pruned_rates.items():
+            result.add(name, dense_rates.get(name, "not measured: give the dense GGUF with --gguf-dense"), rate)
+    print(result.format())
     return 0
 
 
@@ -418,7 +553,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per action)."""
     parser = argparse.ArgumentParser(prog="shear", description="Structured pruning of PyTorch LLMs as a compiler.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,export,plan,stream-prune,passes}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{inspect,draw,prune,eval,export,plan,stream-prune,bench,passes}")
 
     def model_command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
@@ -458,10 +593,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio", type=float, default=None,
         help="share of the parameters the LoRAShear pipeline removes (default 0.2); not with --passes",
     )
+    p.add_argument("--target", default="auto", help=_TARGET_HELP)
     p.add_argument(
         "--budget", default="auto", choices=("auto", "quick", "default", "paper"),
-        help="LoRAShear training budget: quick (a few steps per stage), default (tens), paper (thousands, "
-        "for a GPU); auto: default up to 2B parameters, else quick (shear.passes.budgets)",
+        help="LoRAShear training budget in tokens per stage: quick (768 training tokens), default (31k), paper "
+        "(17M, for a GPU); auto: on a GPU a real run (at least 1M tokens), on a CPU default up to 2B parameters "
+        "and a refusal with the estimated time above (shear.passes.budgets); tokens and time print first",
+    )
+    p.add_argument(
+        "--kd-cache", default=None, metavar="DIR",
+        help="keep the knowledge-distribution result here (default: shear-kd-cache next to the output), so a "
+        "rerun with the same model, data and budget at another --ratio reuses it; 'none': no cache",
     )
     p.add_argument(
         "--report", default=None, metavar="PATH",
@@ -469,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
         "passes, widths per layer, training and the folded IR",
     )
     p.add_argument("--no-report", action="store_true", help="do not write report.html")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality verdict (measured before and after by default)")
+    p.add_argument("--eval-size", default="quick", choices=("quick", "full"),
+                   help="how much the quality verdict reads: quick (default, seconds) or full (docs/evaluation.md)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("export", help="write a model for a serving engine (GGUF for llama.cpp)",
@@ -476,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local model directory (save_pretrained or shear.save); never a hub id")
     p.add_argument("-o", "--output", required=True, help="file to write, e.g. model.gguf")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="output format (default gguf)")
+    p.add_argument("--target", default="auto", help="checked against --format: auto, gguf, and/or a device (auto, cpu, cuda)")
     p.add_argument("--dtype", default="f16", choices=["f16", "bf16", "f32"], help="weight type (default f16)")
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: the model folder)")
     p.add_argument("--merge-lora", action="store_true", help="fold unmerged LoRA adapters into the written weights")
@@ -488,12 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="plan a prune from the config alone (meta device, no weights read): groups, "
                        "structure counts, the parameter count after pruning, and the predicted memory of each stage")
     p.add_argument("model", help="model directory with config.json, or a config JSON file")
-    p.add_argument("--ratio", type=float, default=0.2, help="share of every prunable group to remove (default 0.2)")
+    p.add_argument("--ratio", type=float, default=None, help=_RATIO_HELP)
+    p.add_argument("--group-ratio", type=float, default=None, help=_GROUP_RATIO_HELP)
+    p.add_argument("--kinds", default=None, help=_KINDS_HELP)
+    p.add_argument("--target", default="auto", help=_TARGET_HELP)
     p.add_argument("--world-size", type=int, default=8, help="GPUs sharing LHSPG under FSDP (default 8)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch per GPU (default 1)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--round-to", type=int, default=1, help="keep multiples of this per group (default 1)")
+    p.add_argument("--round-to", type=int, default=0, help="keep multiples of this per group (default 0: the target's steps)")
     p.add_argument("--layers", default="stamp", choices=("stamp", "all"),
                    help="stamp: trace 2 blocks and stamp the rest (default); all: trace every block")
     p.set_defaults(func=cmd_plan)
@@ -503,12 +652,50 @@ def build_parser() -> argparse.ArgumentParser:
                        "writing one tensor at a time; the output loads with shear.load")
     p.add_argument("model", help="model directory: config.json and model.safetensors or sharded safetensors + index")
     p.add_argument("-o", "--output", required=True, help="new directory for the pruned checkpoint (not inside the source)")
-    p.add_argument("--ratio", type=float, default=0.2, help="share of every prunable group to remove (default 0.2)")
+    p.add_argument("--ratio", type=float, default=None, help=_RATIO_HELP)
+    p.add_argument("--group-ratio", type=float, default=None, help=_GROUP_RATIO_HELP)
+    p.add_argument("--kinds", default=None, help=_KINDS_HELP)
+    p.add_argument("--target", default="auto", help=_TARGET_HELP)
     p.add_argument("--criterion", default="magnitude", choices=("magnitude",), help="saliency criterion (default magnitude)")
-    p.add_argument("--round-to", type=int, default=1, help="keep multiples of this per group (default 1)")
+    p.add_argument("--round-to", type=int, default=0, help="keep multiples of this per group (default 0: the target's steps)")
     p.add_argument("--integrity", action="store_true", help="also check the source shards' sha256 where shear.json lists them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (atomically)")
     p.set_defaults(func=cmd_stream_prune)
+
+    p = sub.add_parser("eval", help="measure a model's quality; with --against, judge it against its dense model",
+                       description="measure perplexity per source on held-out text, multiple-choice accuracy and greedy "
+                       "generations; with --against DENSE_DIR, print the quality verdict (docs/evaluation.md)")
+    p.add_argument("model", help="local model directory (shear.save, save_pretrained, or a GGUF export's source folder)")
+    p.add_argument("--against", default=None, metavar="DENSE_DIR", help="the dense model it was pruned from: print the verdict")
+    p.add_argument("--data", default="corpus", help="held-out text: 'corpus' (the bundled corpus's validation split; "
+                   "default) or a folder of <source>.validation.txt files")
+    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated, instead of shear's bundled "
+                   "tasks (needs pip install lm_eval); shear_define_word, shear_next_line_kjv, shear_next_line_shakespeare run offline")
+    p.add_argument("--size", default="quick", choices=("quick", "full"), help="how much to read (default quick)")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: at most this many items per task")
+    p.add_argument("--batch-size", type=int, default=4, help="--tasks: lm-eval batch size (default 4)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the model loads)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="time a dense and a pruned model: prefill and decode tokens/s, speed-up, efficiency",
+                       description="time DENSE and PRUNED on one device (prefill and decode at each batch size, medians "
+                       "after a warm-up) and print tokens/s, speed-up and efficiency (speed-up / parameter ratio); "
+                       "with --gguf, llama.cpp's prompt-eval and generation tokens/s too (needs llama-cpp-python)")
+    p.add_argument("dense", help="the dense model's local directory (save_pretrained or shear.save)")
+    p.add_argument("pruned", help="the pruned model's local directory (save_pretrained or shear.save)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: where the models load)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help="the pruned model as a GGUF file: time it in llama.cpp")
+    p.add_argument("--gguf-dense", default=None, metavar="FILE", help="the dense model as a GGUF file, to compare with --gguf")
+    p.add_argument("--static", action="store_true", help="also decode with a StaticCache and torch.compile "
+                   "(what transformers deployments use; compiling takes tens of seconds per model)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default: torch's)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the prefill rows (default 64)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated by the decode rows (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up; medians are shown (default 3)")
+    p.add_argument("--granularity", type=int, default=None, help="list Linear widths that are not multiples of this "
+                   "(default: the device's width step as --target measured it; 8 on a CPU, 64 on a GPU before any measurement)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("passes", help="list the registered passes, their options and docs")
     p.add_argument("name", nargs="?", help="show one pass in full")

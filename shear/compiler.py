@@ -25,7 +25,8 @@ from shear.codegen.verify import NOISE_FACTOR, allowed, compute_dtype, rounding_
 from shear.errors import ModelError, PipelineError, ShearError, VerifyError
 from shear.model.devices import model_device, model_dtype
 from shear.model.facts import base_weight_name, forward_logits, is_lora_param
-from shear.passes.base import Context, Options, Pass
+from shear.model.target import Target, parse_target
+from shear.passes.base import Context, Options, Pass, pruned_kinds
 from shear.passes.manager import PassManager, PassRecord
 from shear.passes.pipeline import PipelineSpec
 from shear.report.summary import CompileReport, ReportBuilder
@@ -170,6 +171,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     progress: bool = False,
     report: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    evaluate: bool | str | Any = False,
+    target: str | Target | None = "auto",
 ) -> nn.Module:
     """Run a pruning pipeline on ``model`` and return the transformed model with its report.
 
@@ -193,6 +196,15 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         report: write the self-contained HTML report (:mod:`shear.report`) to this path; an
             existing file, a folder, a symbolic link is refused before any work.
         overwrite: replace an existing ``report`` file, and files of the same names in ``dump_dir``.
+        evaluate: measure quality before the passes and after them and judge the result
+            (:mod:`shear.evaluation.verdict`): ``True``/``"quick"`` (seconds), ``"full"``, or an
+            ``EvalSize``; needs ``data`` to be a ``TextData`` (else skipped with a warning). The verdict
+            is ``small.shear_report.verdict`` and the first section of the report.
+        target: where the model will run (:mod:`shear.model.target`): ``"auto"``, a format and/or a
+            device (``"nas,cuda"``, ``"cpu"``, ``"hf"``) or a :class:`~shear.model.target.Target`.
+            Passes with ``round_to=0`` keep widths in the target's steps and ``selection=auto``
+            follows its layout; ``auto`` reads the device from the model and picks ``nas`` when the
+            model fits it, else ``shear``. ``None``: no target (any width, uniform selection).
 
     Returns:
         The transformed model, same class as the input where the passes keep it (codegen slices
@@ -203,7 +215,8 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         PipelineError: the pipeline is malformed or empty (before anything runs).
         OutputError: ``report`` or ``dump_dir`` would replace files shear did not write (before anything runs).
         InputError: the model or ``example_inputs`` cannot be pruned as given (meta or NaN weights,
-            token ids outside the vocabulary, integer inputs to a float model), before anything runs.
+            token ids outside the vocabulary, integer inputs to a float model), or ``target`` names
+            an unknown word, before anything runs.
         DataError: ``data`` holds token ids outside the vocabulary.
         PassError: a pass failed; names it and the passes before it.
         VerifyError: a shape-changing pass changed the model's function.
@@ -214,8 +227,10 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         True
     """
     from shear.io.outputs import check_output_file, check_writable_dir
+    from shear.io.targets import target_for
     from shear.preflight import check_compile_inputs, check_verify_option
     from shear.progress import RichSink
+    from shear.report.quality import QualityCheck, check_evaluate_option
 
     notes: list[str] = []
     if isinstance(passes, str) and not passes.strip() or isinstance(passes, (list, tuple)) and not passes:
@@ -223,10 +238,12 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
             f"the pipeline is empty ({passes!r}); pass passes=None (or omit --passes) for the default pipeline, "
             'or name the passes, e.g. "random{ratio=0.3,seed=0},erase"'
         )
+    wanted = parse_target(target) if target is not None else None
     if passes is None:
         passes, notes = _default_passes(model, data)
     manager = PassManager(passes, check=True if debug else None, dump_dir=dump_dir, overwrite=overwrite)
     check_verify_option(verify)
+    check_evaluate_option(evaluate)
     check_compile_inputs(
         model, example_inputs if example_inputs is not None else default_example_inputs(model), data,
         reads_weights=any(p.reads_weights for p in manager.passes),
@@ -237,6 +254,7 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         check_output_file(report, overwrite=overwrite)
     original = model
     model, dev, example_inputs = _working_copy(model, inplace, device, example_inputs)
+    resolved = target_for(wanted, model, device=dev, kinds=pruned_kinds(manager.passes)) if wanted is not None else None
     ctx = Context(
         model=model,
         example_inputs=example_inputs,
@@ -246,10 +264,14 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
         # the caller's untouched model: the dense teacher of passes such as ebft
         dense=None if inplace else original,
         # verify=False also turns off every erase's own check (erase reads ctx.options.verify)
-        options=Options(dump_dir=Path(dump_dir) if dump_dir is not None else None, verify=verify is not False),
+        options=Options(dump_dir=Path(dump_dir) if dump_dir is not None else None, verify=verify is not False,
+                        target=resolved),
     )
     for note in notes:
         ctx.warn(note)
+    quality, skipped = QualityCheck.start(model, data, evaluate, sink=ctx.progress_sink)
+    if skipped:
+        ctx.warn(skipped)
     builder = ReportBuilder(model)
     hooks: list[Any] = [builder]
     check = None
@@ -260,6 +282,9 @@ def compile(  # noqa: A001 - mirrors torch.compile; the public name is shear.com
     records = manager.run(ctx)
     summary: CompileReport = builder.finish(ctx, records)
     summary.verify_max_diff = check.max_diff if check is not None else None
+    if quality is not None:
+        summary.verdict = quality.finish(ctx.model, dense=None if inplace else original, warn=summary.warnings.append)
+    summary.target = resolved.to_dict() if resolved is not None else None
     _attach_report(ctx, summary, report)
     result = ctx.model
     object.__setattr__(result, "shear_report", summary)  # a plain attribute, not a submodule or buffer

@@ -376,7 +376,7 @@ def test_stats_collector_matches_manual() -> None:
         ("sparsegpt{percdamp=-1}", r"percdamp must be >= 0"),
         ("wanda{mode=structured}", r"mode"),
         ("magnitude{mode=random}", r"mode"),
-        ("magnitude{mode=structured,round_to=0}", r"round_to must be >= 1"),
+        ("magnitude{mode=structured,round_to=-1}", r"round_to must be >= 0 \(0: from the target\)"),
     ],
 )
 def test_bad_options(spec: str, match: str) -> None:

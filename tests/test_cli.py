@@ -141,7 +141,7 @@ def test_prune_with_lhspg_on_the_tiny_trained_llama_and_corpus_data(tmp_path: Pa
 
     out = tmp_path / "pruned"
     passes = "lora,discover-groups,lhspg{ratio=0.2,periods=1,steps_per_period=2,warmup=0,batch_size=1,seq_len=32},erase,merge-lora"
-    r = run_cli("prune", str(TINY_LLAMA_DIR), "--passes", passes, "--data", "corpus", "-o", str(out))
+    r = run_cli("prune", str(TINY_LLAMA_DIR), "--passes", passes, "--data", "corpus", "-o", str(out), "--no-eval")
     assert r.returncode == 0, r.stderr
     small = shear.load(out)
     full = sum(p.numel() for p in shear.zoo.load_tiny_llama().model.parameters())
@@ -171,10 +171,19 @@ def test_prune_with_a_named_budget(tmp_path: Path) -> None:
                 timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"LoRAShear with budget quick (--budget): {lorashear_pipeline(0.2, 'quick')}" in r.stderr
+    assert "budget quick (--budget): LHSPG 256 tokens (4 steps of 1 x 64)" in r.stderr and "estimated time on cpu" in r.stderr
+    cached = list((tmp_path / "shear-kd-cache").glob("knowledge-*.json"))  # next to the output, for a rerun
+    assert len(cached) == 1 and f"cached in {cached[0].parent}" in r.stderr
     small = shear.load(out)
     full = sum(p.numel() for p in shear.zoo.load_tiny_llama().model.parameters())
     assert abs(1 - sum(p.numel() for p in small.parameters()) / full - 0.2) <= 0.01
     page = (out / "report.html").read_text()
     assert "LHSPG loss per step" in page and "not run: recover-dynamic" not in page
+    stamp = cached[0].stat().st_mtime_ns
+    again = run_cli("prune", str(TINY_LLAMA_DIR), "--ratio", "0.3", "--budget", "quick", "--data", "corpus", "-o",
+                    str(tmp_path / "pruned-30"), "--no-verify", "--no-eval", timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "loaded from" in (tmp_path / "pruned-30" / "report.html").read_text()  # another ratio: measured once
+    assert list((tmp_path / "shear-kd-cache").iterdir()) == cached and cached[0].stat().st_mtime_ns == stamp
     bad = run_cli("prune", str(TINY_LLAMA_DIR), "--passes", "erase", "--budget", "paper", "-o", str(tmp_path / "x"))
     assert bad.returncode == 1 and "without --passes" in bad.stderr

@@ -155,7 +155,7 @@ def test_lm_eval_missing_gives_install_hint(tiny: LlamaForCausalLM, monkeypatch:
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a)
     )
-    with pytest.raises(ModelLoadError, match="pip install lm-eval"):
+    with pytest.raises(ModelLoadError, match="pip install lm_eval"):
         lm_eval_harness(tiny, CharTokenizer(), ["hellaswag"])
 
 

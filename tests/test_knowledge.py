@@ -232,3 +232,97 @@ def test_cache_dir_keeps_the_result_and_loads_it_for_the_same_key(
     measured.clear()
     ctx = _run(model, data, spec)  # a broken file is ignored with a warning and measured again
     assert measured and any(str(files[0]) in w and "not usable" in w for w in ctx.warnings)
+
+
+def _lora_text() -> tuple[torch.nn.Module, TextData]:
+    model, _ = build("llama", lora=True)
+    g = torch.Generator().manual_seed(0)
+    data = TextData(None, {s: torch.randint(0, VOCAB, (400,), generator=g) for s in ("a", "b")},
+                    {s: torch.randint(0, VOCAB, (64,), generator=g) for s in ("a", "b")})  # fmt: skip
+    return model, data
+
+
+def test_node_groups_that_zero_the_same_slices_share_one_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gated MLP's channel group and its gate/up LoRA composites zero the same structures (the IR's
+    primary slices of the same pruning group, chosen by the same scores): one measurement for the three;
+    a random proxy draws per node group, so there each is measured. Zeroing only a composite's own rows
+    (what it measured before) gives the same perplexity for a SiLU-gated MLP: checked here, never used."""
+    from dataclasses import replace
+
+    import shear.passes.lorashear.knowledge as knowledge
+    from shear.kernels.knowledge import Chooser, measure_perturbed, perturbations, source_perplexities
+    from shear.kernels.saliency import compute_saliency
+    from shear.model.tensors import TensorTable
+
+    model, data = _lora_text()
+    measured: list[str] = []
+    real = knowledge.measure_perturbed
+    monkeypatch.setattr(knowledge, "measure_perturbed", lambda m, p, ev: measured.append(p.node_group.name) or real(m, p, ev))
+    ctx = _run(model, data, "knowledge-distribution{proxy=magnitude,seq_len=16,max_windows=2,batch_size=1}")
+    kd = ctx.get(KnowledgeDistribution)
+    basic = {e.pruning_groups: e for e in kd.entries if e.kind == "basic"}
+    composed = [e for e in kd.entries if e.kind == "composed"]
+    assert len(basic) == 2 and len(composed) == 4 and len(measured) == 2  # 6 node groups, 2 measurements
+    for e in composed:
+        assert e.name.endswith(("gate_proj", "up_proj")) and e.ppl == basic[e.pruning_groups].ppl
+    # the whole structure and the composite's own rows alone give one perplexity (SiLU(0) * up = 0)
+    graph = ctx.results["graph"]
+    scores = compute_saliency(model, graph.pruning_groups, weights="magnitude=1", composites=graph.composites)
+    todo = perturbations(graph, TensorTable(model), 0.5, Chooser("magnitude", scores, 0), "all", ("channel",))
+    gate = next(p for p in todo if p.node_group.name.endswith("layers.0.mlp.gate_proj"))
+    mlp = next(p for p in todo if p.node_group.kind == "basic" and p.pruning_groups == gate.pruning_groups)
+    assert gate.key == mlp.key and {id(t) for t, _, _ in gate.slices} == {id(t) for t, _, _ in mlp.slices}
+    names = {id(t): n for n, t in model.named_parameters()}
+    own = replace(gate, slices=tuple(s for s in gate.slices if ".gate_proj." in names[id(s[0])]), key="own")
+    assert 0 < len(own.slices) < len(gate.slices)
+    windows = {s: data.eval_windows(s, 16, 2) for s in data.validation}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        return source_perplexities(m, windows, batch_size=1)
+
+    assert pooled_perplexity(measure_perturbed(model, own, evaluate)) == pytest.approx(basic[gate.pruning_groups].ppl, rel=1e-6)
+    measured.clear()
+    _run(model, data, "knowledge-distribution{proxy=random,seq_len=16,max_windows=1}")
+    assert len(measured) == 6
+
+
+def test_every_source_of_a_window_batch_goes_in_one_forward() -> None:
+    from shear.kernels.knowledge import source_perplexities
+
+    model, data = _lora_text()
+    forwards: list[int] = []
+    handle = model.register_forward_hook(lambda m, a, k, out: forwards.append(1), with_kwargs=True)
+    try:
+        windows = {s: data.eval_windows(s, 16, 3) for s in data.validation}
+        together = source_perplexities(model, windows, batch_size=2)
+        assert len(forwards) == 2  # windows 0-1 of a and b, then window 2 of both
+        alone = data.perplexity(model, seq_len=16, max_windows=3, batch_size=2)
+    finally:
+        handle.remove()
+    assert together.keys() == alone.keys() == {"a", "b"}
+    assert all(together[s] == pytest.approx(alone[s], rel=1e-5) for s in alone)
+
+
+def test_the_command_keeps_the_result_next_to_its_output(tmp_path: Path) -> None:
+    """``shear prune`` caches knowledge distribution in shear-kd-cache beside the output (a run at another
+    ratio writing beside it finds it); never in the output, which the save replaces, nor in an input."""
+    from shear.errors import OutputError
+    from shear.passes import resolve_pipeline
+    from shear.passes.budgets import lorashear_pipeline
+    from shear.passes.lorashear.knowledge_cache import with_cache
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for ratio in (0.2, 0.5):
+        passes, note = with_cache(resolve_pipeline(lorashear_pipeline(ratio, "quick")), tmp_path / f"out-{ratio}", None,
+                                  (str(model_dir), "corpus"))  # fmt: skip
+        (kd,) = [p for p in passes if p.name == "knowledge-distribution"]
+        assert kd.cache_dir == str(tmp_path.resolve() / "shear-kd-cache") and kd.cache_dir in note
+    chosen, _ = with_cache(resolve_pipeline("knowledge-distribution{cache_dir=/elsewhere}"), tmp_path / "o", None)
+    assert chosen[0].cache_dir == "/elsewhere"  # a pipeline's own cache_dir stays
+    none, note = with_cache(resolve_pipeline("knowledge-distribution"), tmp_path / "o", "none")
+    assert none[0].cache_dir is None and "not cached" in note
+    with pytest.raises(OutputError, match="is the output or inside it.*--kd-cache"):
+        with_cache(resolve_pipeline("knowledge-distribution"), tmp_path / "o", str(tmp_path / "o" / "kd"))
+    with pytest.raises(OutputError, match="is the input or inside it"):
+        with_cache(resolve_pipeline("knowledge-distribution"), tmp_path / "o", str(model_dir / "kd"), (str(model_dir),))

@@ -100,6 +100,8 @@ def test_lorashear_report_has_every_stage(lorashear_report) -> None:
         assert "not run" not in parts[sid], sid
     assert "not run" in parts["quality"]  # perplexity and generations are the caller's (the demo's)
     assert 'class="chart bars"' in parts["knowledge"] and "unprunable" in parts["knowledge"]
+    assert "Protected node groups" in parts["knowledge"] and "Δ perplexity</th>" in parts["knowledge"]
+    assert "stopped: pretrain: " in parts["recovery"]
     assert "LHSPG loss per step" in parts["lhspg"] and "structures moved" in parts["lhspg"]
     assert "perplexity per source" in parts["recovery"] and "source mixture" in parts["recovery"]
     assert "LoRA r=4" in html.unescape(parts["ir"])  # the LoRA-wrapped IR the pipeline pruned

@@ -264,7 +264,7 @@ def test_taylor_and_lhspg_refuse_an_unknown_group_kind() -> None:
     from shear.passes import parse_pipeline
     from shear.passes.lorashear.lhspg import eligible_groups
 
-    with pytest.raises(PipelineError, match=r"taylor: kinds must be some of \['channel', 'head', 'residual'\], got \['bogus'\]"):
+    with pytest.raises(PipelineError, match=r"taylor: kinds must be some of \['channel', 'head', 'residual'.*\], got \['bogus'\]"):
         parse_pipeline("taylor{kinds=[bogus]}")
     with pytest.raises(PipelineError, match=r"lhspg: unknown group kinds \['bogus'\]; use channel, head, residual"):
         eligible_groups(None, None, ("bogus",), capped=False)  # type: ignore[arg-type]

@@ -196,10 +196,11 @@ def test_error_different_architecture(tmp_path: Path) -> None:
     save(_pruned(), tmp_path / "m")
     with pytest.raises(CheckpointError, match=r"does not match the architecture of Sequential"):
         load(tmp_path / "m", model=nn.Sequential(nn.Linear(2, 2)))
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    name = json.loads((tmp_path / "m" / "shear.json").read_text())["config_file"]  # shear_config.json: per-layer
+    cfg = json.loads((tmp_path / "m" / name).read_text())
     cfg["architectures"] = ["MistralForCausalLM"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    _rehash(tmp_path / "m", "config.json")  # a consistent directory whose parts disagree
+    (tmp_path / "m" / name).write_text(json.dumps(cfg))
+    _rehash(tmp_path / "m", name)  # a consistent directory whose parts disagree
     with pytest.raises(CheckpointError, match="mismatched directory"):
         load(tmp_path / "m")
 

@@ -15,6 +15,7 @@ import shear
 from shear.cli import main
 from shear.errors import CheckpointError, GraphError, OutputError, PipelineError
 from shear.graph import trace
+from shear.graph.groups import GROUP_KINDS
 from shear.graph.stamp import stamp_layers
 from shear.scale.shards import ShardedCheckpoint
 from shear.scale.writer import SafetensorsWriter
@@ -97,7 +98,7 @@ def test_plan_of_a_405b_config_reads_no_weights(tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(LLAMA_405B))
     t0 = time.perf_counter()
-    p = shear.plan(cfg, 0.2, world_size=64, seq_len=4096)
+    p = shear.plan(cfg, group_ratio=0.2, round_to=1, world_size=64, seq_len=4096)  # 20% of every group
     assert time.perf_counter() - t0 < 15
     assert p.num_blocks == 126 and p.stamped
     assert p.params_before == 405_853_388_800  # LLaMA-3.1-405B's published count
@@ -111,6 +112,30 @@ def test_plan_of_a_405b_config_reads_no_weights(tmp_path: Path) -> None:
     text = p.format()
     assert "predicted memory" in text and "exact count" in text and "e*P/W" in text
     assert p.lhspg[0].bytes == 2 * p.params_before // 64
+    assert f"group ratio 0.2 (share of every {'/'.join(GROUP_KINDS)} group" in text
+    assert f"-{1 - p.params_after / p.params_before:.1%} of the parameters: the ratio" in text
+
+
+def test_plan_ratio_is_the_share_of_parameters(tmp_path: Path) -> None:
+    """``--ratio 0.2`` removes 20% of the parameters (MLP channels, as ``shear prune``), not 20% of
+    every group (which removes about 36% of the 405B shape); the text states both shares."""
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAMA_405B))
+    p = shear.plan(cfg, 0.2, target=None)
+    assert p.ratio == 0.2 and p.group_ratio is None and p.kinds == ("channel",)
+    assert abs(1 - p.params_after / p.params_before - 0.2) <= 0.005
+    fam = {f.name: f for f in p.families}
+    assert fam["model/residual"].removed == 0 and fam["model.layers.*.self_attn/head"].removed == 0
+    mlp = fam["model.layers.*.mlp/channel"]
+    text = p.format()
+    assert "ratio 0.2 (share of the parameters, from the channel groups, as shear prune --ratio 0.2)" in text
+    assert f"{p.structures_removed / (mlp.count * mlp.size):.1%} of the channel structures: the group ratio" in text
+    old = shear.plan(cfg, group_ratio=0.2, round_to=1)
+    assert 1 - old.params_after / old.params_before > 0.3  # the other meaning, now asked for by name
+    with pytest.raises(PipelineError, match="not both"):
+        shear.plan(cfg, 0.2, group_ratio=0.2)
+    with pytest.raises(PipelineError, match="unknown group kinds"):
+        shear.plan(cfg, 0.2, kinds=("mlp",))
 
 
 def test_plan_cli_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,10 +152,10 @@ def _stream_and_compare(tmp_path: Path, model: torch.nn.Module, ratio: float, sh
 
     model.save_pretrained(tmp_path / "src", max_shard_size=shard)
     before = _digests(tmp_path / "src")
-    report = shear.prune_streamed(tmp_path / "src", tmp_path / "out", ratio=ratio)
+    report = shear.prune_streamed(tmp_path / "src", tmp_path / "out", group_ratio=ratio, round_to=1)
     assert _digests(tmp_path / "src") == before  # the source is never written
     x = {"input_ids": torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(3))}
-    small = shear.compile(model, f"magnitude{{ratio={ratio}}},erase", example_inputs=x)
+    small = shear.compile(model, f"magnitude{{ratio={ratio},round_to=1}},erase", example_inputs=x)
     loaded = shear.load(tmp_path / "out")
     want, got = small.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
@@ -161,11 +186,32 @@ def test_streamed_prune_of_a_tied_single_file_model(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_streamed_per_layer_folder_never_masquerades(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the config cannot say the pruned sizes, the streamed folder's config.json makes stock
+    transformers refuse it naming shear.load (never a size mismatch); the real config is where
+    shear.load reads it (``config_file``)."""
+    import transformers as tf
+
+    import shear.codegen.hf_config as hf_config
+
+    _model("llama").save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    monkeypatch.setattr(hf_config, "refresh_config", lambda model: False)  # as for per-layer widths
+    report = shear.prune_streamed(tmp_path / "src", tmp_path / "out", group_ratio=0.25, round_to=1)
+    assert not report.from_pretrained_compatible
+    with pytest.raises(ValueError, match=r"shear\.load"):
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with pytest.raises(Exception, match=r"shear\.load"):
+        tf.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "shear.json").read_text())
+    assert (manifest["target"], manifest["config_file"]) == ("shear", "shear_config.json")
+    assert json.loads((tmp_path / "out" / "shear_config.json").read_text())["model_type"] == "llama"
+
+
 def test_stream_prune_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _model("llama").save_pretrained(tmp_path / "src", max_shard_size="60KB")
     assert main(["stream-prune", str(tmp_path / "src"), "-o", str(tmp_path / "out"), "--ratio", "0.2"]) == 0
     out = capsys.readouterr().out
-    assert "saliency (magnitude)" in out and "peak RSS MB" in out
+    assert "saliency (magnitude)" in out and "peak RSS MB" in out and "of the parameters" in out
     assert main(["stream-prune", str(tmp_path / "src"), "-o", str(tmp_path / "out")]) == 1  # exists
     assert "--overwrite" in capsys.readouterr().err
 
@@ -248,6 +294,6 @@ def test_bench_tool_writes_a_random_checkpoint_tensor_by_tensor(tmp_path: Path) 
     ckpt = ShardedCheckpoint.open(tmp_path / "src")
     assert ckpt.sharded and len(ckpt.files) > 2
     assert next(iter(ckpt.tensors.values())).dtype == torch.bfloat16
-    report = shear.prune_streamed(tmp_path / "src", tmp_path / "out", 0.25)
+    report = shear.prune_streamed(tmp_path / "src", tmp_path / "out", group_ratio=0.25, round_to=1)
     assert shear.load(tmp_path / "out").model.layers[0].mlp.up_proj.weight.shape == (72, 48)
     assert report.params_after < report.params_before

@@ -4,7 +4,9 @@ The benchmarks run on shared machines (a 2-core CPU whose load moves every numbe
 the load average it started under (:func:`load_average`), times with medians over repeats after a
 warm-up (:func:`median_time`, synchronising CUDA so the GPU's queued work is counted), measures
 wall time and peak memory of one method the same way (:func:`measured`), and writes its tables in
-one Markdown form (:func:`markdown_table`), so the README's tables read alike.
+one Markdown form (:func:`markdown_table`), so the README's tables read alike. The load and
+timing helpers are shear's own (:mod:`shear.evaluation.timing`): a benchmark and a run's speed
+section time alike.
 
 Example:
     >>> print(markdown_table(["method", "ppl"], [["dense", "12.00"]], align="-r"))
@@ -15,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,18 +25,11 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from shear.evaluation.timing import load_average, median_seconds, sync
+
 __all__ = ["Measured", "load_average", "markdown_table", "mean", "measured", "median_time", "sync"]
 
 T = TypeVar("T")
-
-
-def load_average() -> float:
-    """The 1-minute load average (0.0 where the OS has none): printed with every benchmark, since
-    two-thread OpenMP slows badly when another process shares the cores."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return 0.0
 
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
@@ -52,26 +46,10 @@ def mean(values: dict[str, float] | Sequence[float]) -> float:
     return statistics.mean(values.values() if isinstance(values, dict) else values)
 
 
-def sync(device: torch.device | None = None) -> None:
-    """Wait for queued CUDA work (on ``device``, or the current one if CUDA is in use); a no-op on CPU."""
-    if device is not None and device.type != "cuda":
-        return
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> float:
     """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call, the device synchronised
-    around each (so a GPU's asynchronous work is inside the time)."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    around each (:func:`shear.evaluation.timing.median_seconds`)."""
+    return median_seconds(fn, repeats, device)
 
 
 @dataclass(frozen=True)

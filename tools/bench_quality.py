@@ -513,6 +513,15 @@ class Ablation(Bench):
             "one-shot, protect_cap=1.5, pretrain-only recovery": lambda: final_heavy(ONE_SHOT),
             "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery + distill": lambda: final_heavy(
                 no_warmup, distill=dist),
+            # the price of a target's layout: today's defaults with free widths, MLP widths in multiples of
+            # 256 (nas and gguf: ffn_mult, k-quant rows), and the same widths in every layer (hf: no knowledge
+            # distribution, whose protected groups would keep some layers wider)
+            "defaults, round_to=1": lambda: final_heavy(per_period(2) + ",round_to=1"),
+            "defaults, round_to=256 (nas, gguf)": lambda: final_heavy(per_period(2) + ",round_to=256"),
+            "defaults, shared widths (hf)": lambda: self.compile(self.pipeline(
+                ratio, kinds=ch, kd=False, lhspg=per_period(2) + ",selection=shared,round_to=1",
+                recover=",stages=pretrain", rounds=2 * p.rounds,
+                steps_per_round=(self.steps() - lhspg_steps(per_period(2))) // (2 * p.rounds))),
         }
 
         def final_heavy(lhspg: str, *, kd: str = "", distill: str = "") -> torch.nn.Module:

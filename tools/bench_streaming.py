@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         with measure_stage("create checkpoint", stages):
             write_random_checkpoint(src, LLAMA2_7B)
     with measure_stage("shear plan", stages):
-        p = shear.plan(src, args.ratio)
+        p = shear.plan(src, group_ratio=args.ratio, round_to=1)  # the per-group ratio the results were measured at
     print(p.format(), file=sys.stderr)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    report = shear.prune_streamed(src, out, args.ratio)
+    report = shear.prune_streamed(src, out, group_ratio=args.ratio, round_to=1)
     total = time.perf_counter() - t0
     stages += list(report.stages)
     print(report.format(), file=sys.stderr)

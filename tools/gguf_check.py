@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,10 +46,12 @@ PIPELINES = {
     "nonuniform": f"lora,discover-groups,{_LHSPG},selection=global}},erase",
     "nonuniform32": f"lora,discover-groups,{_LHSPG},selection=global,round_to=32}},erase",
     "uniform": f"lora,discover-groups,{_LHSPG},selection=shared}},erase",
+    "default": f"lora,discover-groups,{_LHSPG}}},erase",
 }
 """Short LoRAShear runs (20% of the parameters): ``global`` selection gives every layer its own
 widths (``round_to=32``: multiples of 32, which llama.cpp's quantizer blocks), ``shared`` the same
-widths in every layer (stock transformers loads it)."""
+widths in every layer (stock transformers loads it); ``default`` leaves widths and layout to the
+run's target (``shear.compile``'s default ``target="auto"``)."""
 CLIENT = Path(__file__).resolve().with_name("llama_cpp_client.py")
 
 
@@ -157,6 +160,7 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
                            Path(tmp))  # fmt: skip
             quant = {
                 "ftype": args.quantize,
+                "file": qpath.name,
                 "file_mib": round(qpath.stat().st_size / 2**20, 2),
                 "perplexity": perplexity(q["logits"], ids),
                 "greedy": tokenizer.decode(q["greedy"]),
@@ -173,8 +177,6 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
         with torch.no_grad():
             last = reference(torch.tensor([prompt + cont[:prefix]])).logits[0, -1]
         margin = float(last[cont[prefix]] - last[got["greedy"][prefix]])
-    import os
-
     import gguf
 
     return {
@@ -210,6 +212,47 @@ def check(kind: str, model: Any, tokenizer: Any, data: Any, args: argparse.Names
     }
 
 
+def speed_table(results: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Prompt-evaluation and generation tokens/s of every quantized file in llama.cpp, the files taken
+    in turn for ``--speed-rounds`` rounds (so load changes hit them alike); per pruned model the
+    speed-up over dense, the ideal one (dense params / pruned params), their ratio (efficiency) and
+    the file size against ``dense file x pruned params / dense params``."""
+    import statistics
+
+    files = {r["model"]: r for r in results if r.get("quantized")}
+    if "dense" not in files:
+        raise SystemExit("--speed needs the dense model among --models and --quantize")
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in files}
+    ids = list(range(1000, 1000 + args.speed_prompt))
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.speed_rounds):
+            for kind, r in files.items():
+                request = {"gguf": str(Path(args.out) / r["quantized"]["file"]), "logits_ids": ids, "prompt_ids": [],
+                           "new": args.new, "threads": args.threads,
+                           "speed": {"prompt": args.speed_prompt, "new": args.new, "repeats": 3}}  # fmt: skip
+                req, ans = Path(tmp) / "request.json", Path(tmp) / "answer.json"
+                req.write_text(json.dumps(request))
+                subprocess.run([args.client_python, str(CLIENT), str(req), str(ans)], check=True, timeout=1800)
+                runs[kind].append(json.loads(ans.read_text())["speed"])
+    dense = files["dense"]
+    med = {k: {m: statistics.median(x[m] for x in v) for m in ("prompt_tok_s", "gen_tok_s")} for k, v in runs.items()}
+    rows = []
+    print(f"\n{args.quantize} in llama.cpp, {args.threads} threads, load average {os.getloadavg()[0]:.1f}, "
+          f"medians of {args.speed_rounds} rounds x 3")
+    print(f"{'model':<12}{'params':>13}{'ideal x':>9}{'MiB':>8}{'size/ideal':>11}"
+          f"{'prompt tok/s':>14}{'eff':>6}{'gen tok/s':>11}{'eff':>6}")
+    for kind, r in files.items():
+        ideal = dense["params"] / r["params"]
+        size = r["quantized"]["file_mib"] / (dense["quantized"]["file_mib"] / ideal)
+        eff = {m: med[kind][m] / med["dense"][m] / ideal for m in ("prompt_tok_s", "gen_tok_s")}
+        print(f"{kind:<12}{r['params']:>13,}{ideal:>9.3f}{r['quantized']['file_mib']:>8.1f}{size:>11.3f}"
+              f"{med[kind]['prompt_tok_s']:>14.1f}{eff['prompt_tok_s']:>6.2f}{med[kind]['gen_tok_s']:>11.1f}"
+              f"{eff['gen_tok_s']:>6.2f}")
+        rows.append({"model": kind, "ideal": ideal, "file_mib": r["quantized"]["file_mib"], "size_vs_ideal": size,
+                     **med[kind], "prompt_eff": eff["prompt_tok_s"], "gen_eff": eff["gen_tok_s"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -227,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quantize", default="", help="also quantize with llama.cpp, e.g. Q4_K_M, and compare"
     )
+    parser.add_argument("--speed", action="store_true",
+                        help="with --quantize: time every quantized file in llama.cpp, in turn, and print the table")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="rounds over the files for --speed")
+    parser.add_argument("--speed-prompt", type=int, default=128, help="prompt tokens timed by --speed")
     args = parser.parse_args(argv)
 
     import torch
@@ -245,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(json.dumps(r), flush=True)
         (Path(args.out) / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    if args.speed:
+        speed = speed_table(results, args)
+        (Path(args.out) / "speed.json").write_text(json.dumps(speed, indent=1) + "\n")
     ok = all(r["max_rel_diff"] < 1e-2 and r["argmax_agreement"] > 0.95 for r in results)
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1

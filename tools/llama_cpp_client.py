@@ -10,8 +10,11 @@ As a script it reads a JSON request and writes a JSON answer::
 
 request: ``{"gguf": path, "logits_ids": [...], "prompt_ids": [...], "new": 32, "text": "...",
 "threads": 2}``, optionally ``"quantize": {"out": path, "ftype": "Q4_K_M"}`` to quantize first
-and run the quantized file; answer: ``{"client": ..., "logits": file.npy, "greedy": [...],
-"greedy_s": seconds, "tokens": [...]}`` (the logits array is written next to the answer).
+and run the quantized file, and ``"speed": {"prompt": 128, "new": 32, "repeats": 3}`` to time
+prompt evaluation and generation in a second instance that keeps only the last logits (what a server
+does); answer: ``{"client": ..., "logits": file.npy, "greedy": [...], "greedy_s": seconds, "tokens": [...]}``
+(the logits array is written next to the answer), plus ``"speed": {"prompt_tok_s", "gen_tok_s"}``
+(medians of the repeats).
 """
 
 from __future__ import annotations
@@ -72,6 +75,29 @@ def quantize(source: str, target: str, ftype: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize({source} -> {ftype}) failed")
 
 
+def speed(path: str, ids: list[int], new: int, repeats: int, threads: int) -> dict[str, float]:
+    """Median prompt-evaluation and generation tokens/s of ``path`` (``ids`` as the prompt, ``new``
+    greedy tokens after it), in an instance that keeps only the last position's logits."""
+    import statistics
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + new + 8, n_batch=len(ids), n_threads=threads,
+                          verbose=False)  # fmt: skip
+    prompt_s, gen_s = [], []
+    for _ in range(repeats + 1):  # the first round warms caches and is dropped
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        for _ in range(new):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        t2 = time.perf_counter()
+        prompt_s.append(t1 - t0)
+        gen_s.append(t2 - t1)
+    return {"prompt_tok_s": len(ids) / statistics.median(prompt_s[1:]), "gen_tok_s": new / statistics.median(gen_s[1:])}
+
+
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[0]).read_text())
     answer_path = Path(argv[1])
@@ -80,6 +106,11 @@ def main(argv: list[str]) -> int:
         quantize(request["gguf"], q["out"], q["ftype"], request.get("threads", 2))
         request["gguf"] = q["out"]
     ids, prompt = request["logits_ids"], request["prompt_ids"]
+    if request.get("speed"):  # timing only: no all-position logits, nothing else measured
+        sp = request["speed"]
+        answer_path.write_text(json.dumps({"speed": speed(request["gguf"], ids[: sp["prompt"]], sp["new"],
+                                                          sp["repeats"], request.get("threads", 2))}))
+        return 0
     client = open_client(request["gguf"], n_ctx=max(512, len(ids) + 8, len(prompt) + request["new"] + 8),
                          threads=request.get("threads", 2))  # fmt: skip
     logits = client.logits(ids)

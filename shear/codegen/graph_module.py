@@ -84,7 +84,7 @@ from shear.model.tensors import drop_indices
 
 __all__ = [
     "graph_codegen", "LiveDims", "register_size_rule", "TracedConstants", "FixedDims",
-    "finish_graph_module", "export_graph_module",
+    "finish_graph_module", "export_graph_module", "static_inputs",
 ]
 
 aten = torch.ops.aten
@@ -192,8 +192,31 @@ class FixedDims:
                     )
 
 
-def _fixed_dims(gm: torch.fx.GraphModule) -> FixedDims | None:
-    """The :class:`FixedDims` of ``gm``'s tensor inputs (static sizes in their traced metadata)."""
+def _is_number(size: Any) -> bool:
+    """An int, or a symbolic size export specialised to a number (``Dim.AUTO`` that the model fixed)."""
+    expr = getattr(getattr(size, "node", None), "expr", None)
+    return isinstance(size, int) or (expr is not None and bool(expr.is_number))
+
+
+def static_inputs(program: torch.export.ExportedProgram) -> dict[str, dict[int, int]]:
+    """User input -> ``{dimension: size}`` of the dimensions ``program`` fixed (export kept them static).
+
+    Read it right after export: the unlifted module shows every traced size as a number, fixed or
+    not, and reading sizes as ints (the dimension analysis does) specialises the program's own."""
+    users = set(program.graph_signature.user_inputs)
+    out: dict[str, dict[int, int]] = {}
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in users and isinstance(val, torch.Tensor):
+            dims = {d: int(n) for d, n in enumerate(val.shape) if _is_number(n)}
+            if dims:
+                out[node.name] = dims
+    return out
+
+
+def _fixed_dims(gm: torch.fx.GraphModule, static: dict[str, dict[int, int]] | None = None) -> FixedDims | None:
+    """The :class:`FixedDims` of ``gm``'s tensor inputs: ``static`` (:func:`static_inputs` of the program
+    ``gm`` was unlifted from) where given, else the static sizes in ``gm``'s traced metadata."""
     names: list[str] = []
     fixed: dict[str, dict[int, int]] = {}
     for node in gm.graph.nodes:
@@ -201,19 +224,26 @@ def _fixed_dims(gm: torch.fx.GraphModule) -> FixedDims | None:
             continue
         names.append(str(node.target))
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
+        if static is not None:
+            dims = static.get(str(node.target), {})
+        elif isinstance(val, torch.Tensor):
             dims = {d: int(n) for d, n in enumerate(val.shape) if isinstance(n, int)}
-            if dims:
-                fixed[str(node.target)] = dims
+        else:
+            dims = {}
+        if dims:
+            fixed[str(node.target)] = dims
     return FixedDims(names, fixed) if fixed else None
 
 
-def finish_graph_module(gm: torch.fx.GraphModule, constants: dict[str, Any]) -> torch.fx.GraphModule:
+def finish_graph_module(
+    gm: torch.fx.GraphModule, constants: dict[str, Any], static: dict[str, dict[int, int]] | None = None,
+) -> torch.fx.GraphModule:
     """Make an unlifted exported program usable as a model: traced constants filled in, inputs of a
-    size the graph fixed refused with a clear error (:class:`FixedDims`), and ``train()``/``eval()``
-    allowed (torch blocks both because the graph is fixed to the traced mode; shear traces in eval
-    mode, so the flag changes nothing)."""
-    fixed = _fixed_dims(gm)
+    size the graph fixed refused with a clear error (:class:`FixedDims`; ``static`` is
+    :func:`static_inputs` of the program, which only it can tell), and ``train()``/``eval()`` allowed
+    (torch blocks both because the graph is fixed to the traced mode; shear traces in eval mode, so
+    the flag changes nothing)."""
+    fixed = _fixed_dims(gm, static)
     if fixed is not None:
         gm.register_forward_pre_hook(fixed, with_kwargs=True)
     if constants:
@@ -248,6 +278,7 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
     unprunable).
     """
     ep, traced = _export_dynamic(model, example_inputs)
+    static = static_inputs(ep)
     a = run_analysis(ep, model)
     live = LiveDims(a, _dead_structures(a, plan.cuts))
     for node in list(ep.graph.nodes):
@@ -266,7 +297,7 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
         raise GraphError(f"torch.export gave a {type(gm).__name__}, not a GraphModule")
     args, kwargs = normalize_inputs(model, traced)
     gm.meta["shear_inputs"] = (_detached(args), _detached(kwargs))
-    return finish_graph_module(gm, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)})
+    return finish_graph_module(gm, {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}, static)
 
 
 def _export_dynamic(model: nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, Any]:

@@ -7,7 +7,9 @@ config can say so (``intermediate_size``, ``num_attention_heads``, ``num_key_val
 config builds a skeleton on the meta device and its tensor shapes must equal the model's
 (transformers 5 validates head counts strictly, e.g. LLaMA requires hidden_size % heads == 0).
 Otherwise the config keeps its original sizes and only :func:`shear.io.checkpoint.load`,
-which reads per-tensor shapes, rebuilds the model.
+which reads per-tensor shapes, rebuilds the model; :func:`unloadable_config` then gives the
+``config.json`` that makes a plain ``from_pretrained`` fail with a message naming ``shear.load``
+instead of a size mismatch deep in the weights.
 
 Example:
     >>> import torch
@@ -18,22 +20,29 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from shear.codegen.module_rules import in_out_features
+from shear.codegen.moe_config import moe_sizes
 from shear.model.facts import base_weight_name, is_lora_param
 
 __all__ = [
     "CONFIG_RULES",
+    "LayerWidths",
     "POSITION_FIELDS",
+    "UNLOADABLE_FIELDS",
     "hf_base_model",
+    "layer_widths",
     "max_positions",
     "candidate_config_updates",
     "refresh_config",
     "skeleton_shapes",
+    "unloadable_config",
 ]
 
 
@@ -77,23 +86,68 @@ def _uniform(values: list[Any]) -> Any:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
-def _llama_like(base: nn.Module) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class LayerWidths:
+    """The widths one LLaMA-family decoder layer kept: query and kv heads, head size, MLP channels."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+
+
+def layer_widths(model: nn.Module) -> list[LayerWidths] | None:
+    """Per-layer widths of a LLaMA-family model (``model.layers[i].self_attn``/``.mlp``, looking
+    through a PeftModel), or None for other layouts. An erased attention or MLP block
+    (:class:`~shear.model.blocks.RemovedBranch`) has widths 0.
+
+    Example:
+        >>> layer_widths(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    base = hf_base_model(model)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if base is None or layers is None:
+        return None
+    from shear.model.blocks import RemovedBranch
+
+    out = []
+    try:
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            n_q = n_kv = hd = 0
+            if not isinstance(attn, RemovedBranch):  # an erased block keeps no widths: 0
+                hd = int(attn.head_dim)
+                n_q, n_kv = in_out_features(attn.q_proj)[1] // hd, in_out_features(attn.k_proj)[1] // hd
+            n_ff = 0 if isinstance(mlp, RemovedBranch) else in_out_features(mlp.gate_proj)[1]
+            out.append(LayerWidths(n_q, n_kv, hd, n_ff))
+    except AttributeError:
+        return None
+    return out
+
+
+def _gated_mlp(base: nn.Module) -> dict[str, Any] | None:
+    inter = _uniform([in_out_features(layer.mlp.gate_proj)[1] for layer in base.model.layers])
+    return None if inter is None else {"intermediate_size": inter}
+
+
+def _llama_like(base: nn.Module, mlp: Callable[[nn.Module], dict[str, Any] | None] = _gated_mlp) -> dict[str, Any] | None:
     layers = base.model.layers
     attn = [layer.self_attn for layer in layers]
     hd = _uniform([a.head_dim for a in attn])
     n_q = _uniform([in_out_features(a.q_proj)[1] // a.head_dim for a in attn])
     n_kv = _uniform([in_out_features(a.k_proj)[1] // a.head_dim for a in attn])
-    inter = _uniform([in_out_features(layer.mlp.gate_proj)[1] for layer in layers])
+    mlp_sizes = mlp(base)  # the MLP's fields: intermediate_size, or an MoE's expert counts (moe_sizes)
     epsilons = [m.variance_epsilon for m in base.modules() if hasattr(m, "variance_epsilon")]
     eps = _uniform(epsilons)
-    if None in (hd, n_q, n_kv, inter) or (epsilons and eps is None):
+    if None in (hd, n_q, n_kv, mlp_sizes) or (epsilons and eps is None):
         return None  # e.g. Qwen3: a pruned residual rescales its norms' eps, the per-head q/k norms keep theirs
     out = {
         "hidden_size": int(base.model.embed_tokens.weight.shape[1]),
         "num_attention_heads": n_q,
         "num_key_value_heads": n_kv,
         "head_dim": hd,
-        "intermediate_size": inter,
+        **(mlp_sizes or {}),
     }
     if eps is not None:
         out["rms_norm_eps"] = eps
@@ -135,6 +189,9 @@ CONFIG_RULES: dict[str, Callable[[nn.Module], dict[str, Any] | None]] = {
     "qwen2": _llama_like,
     "qwen3": _llama_like,
     "mistral": _llama_like,
+    "mixtral": partial(_llama_like, mlp=moe_sizes),
+    "qwen3_moe": partial(_llama_like, mlp=moe_sizes),
+    "gpt_oss": partial(_llama_like, mlp=moe_sizes),
     "gpt2": _gpt2,
     "opt": _opt,
     "bert": _bert,
@@ -196,3 +253,53 @@ def refresh_config(model: nn.Module) -> bool:
     for k, v in updates.items():
         setattr(base.config, k, v)
     return True
+
+
+UNLOADABLE_FIELDS: dict[str, tuple[str, ...]] = {
+    "llama": ("intermediate_size", "num_key_value_heads", "hidden_size"),
+    "mistral": ("intermediate_size", "num_key_value_heads", "hidden_size"),
+    "qwen2": ("intermediate_size", "num_key_value_heads", "hidden_size"),
+    "qwen3": ("intermediate_size", "num_key_value_heads", "hidden_size"),
+    "gpt2": ("n_inner", "n_embd"),
+    "opt": ("ffn_dim", "hidden_size"),
+    "bert": ("intermediate_size", "hidden_size"),
+}
+"""config.model_type -> the size fields tried first by :func:`unloadable_config` (then the generic ones)."""
+
+_GENERIC_FIELDS = ("intermediate_size", "hidden_size", "num_hidden_layers", "vocab_size", "tie_word_embeddings")
+
+
+def _refused_with(config_class: Any, doc: dict[str, Any], needle: str) -> bool:
+    """True when ``config_class`` refuses ``doc`` with an error whose message holds ``needle``."""
+    try:
+        config_class.from_dict(doc)
+    except Exception as e:  # transformers validates configs with several exception types
+        return needle in str(e)
+    return False
+
+
+def unloadable_config(doc: dict[str, Any], config_class: Any, message: str, needle: str = "shear.load") -> dict[str, Any]:
+    """``doc`` (a transformers config as a dict) changed so that stock transformers refuses to build a model
+    from it, with an error that quotes ``message``, before any weight is read:
+
+    * ``model_type`` becomes ``"shear: <message>"``: ``AutoConfig``/``AutoModelForCausalLM`` raise their
+      "model type ... not recognize" ``ValueError`` quoting it (``AutoTokenizer``, which catches that
+      ``ValueError``, still loads the folder's tokenizer);
+    * one integer size field becomes ``message``: the model's own class (``LlamaForCausalLM.from_pretrained``)
+      refuses it in transformers 5's type checks (``Field 'intermediate_size' expected int, got str
+      (value: '...')``). The field is the first of :data:`UNLOADABLE_FIELDS` for the model type, then of a
+      few generic ones, whose refusal by ``config_class`` is *tested* to quote ``needle``; none is
+      changed when ``config_class`` checks no types.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> bad = unloadable_config(LlamaConfig().to_dict(), LlamaConfig, "load it with shear.load(path)")
+        >>> bad["model_type"], bad["intermediate_size"]
+        ('shear: load it with shear.load(path)', 'load it with shear.load(path)')
+    """
+    fields = UNLOADABLE_FIELDS.get(str(doc.get("model_type", "")), ()) + _GENERIC_FIELDS
+    out = {**doc, "model_type": f"shear: {message}"}
+    for field in dict.fromkeys(fields):
+        if field in doc and _refused_with(config_class, {**out, field: message}, needle):
+            return {**out, field: message}
+    return out

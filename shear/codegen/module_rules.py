@@ -51,6 +51,7 @@ __all__ = [
     "register_rms_norm",
     "find_rms_norm",
     "in_out_features",
+    "is_linear_like",
 ]
 
 _M = TypeVar("_M", bound=ModuleRule)
@@ -182,11 +183,26 @@ def _mha(m: nn.Module) -> None:
 # --- transformers --------------------------------------------------------------------------------
 
 
+def _linear_base(m: nn.Module) -> nn.Module:
+    while hasattr(m, "base_layer"):
+        m = m.base_layer
+    return m
+
+
+def is_linear_like(m: nn.Module) -> bool:
+    """A module with a 2-D ``weight`` (looking through peft wrappers): what :func:`in_out_features` reads."""
+    w = getattr(_linear_base(m), "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2
+
+
 def in_out_features(m: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a linear-like module, looking through peft wrappers."""
-    base = m
-    while hasattr(base, "base_layer"):
-        base = base.base_layer
+    base = _linear_base(m)
+    if not is_linear_like(base):
+        raise GraphError(
+            f"{type(base).__name__} is not a linear layer (no 2-D weight): no module rule knows its widths; "
+            "register one with shear.codegen.module_rules.register_module_rule"
+        )
     w = base.weight
     if type(base).__name__ == "Conv1D":  # transformers' GPT-2 linear stores [in, out]
         return int(w.shape[0]), int(w.shape[1])
@@ -286,11 +302,13 @@ class LayerConfig:
 def _is_hf_attention(m: nn.Module) -> bool:
     """A transformers attention by structure: ``head_dim`` plus q/k/o (``o_proj`` or GPT-J's
     ``out_proj``) or fused qkv/o projections."""
+    projections = [getattr(m, n) for n in ("q_proj", "k_proj", "qkv_proj", "o_proj", "out_proj") if hasattr(m, n)]
     return (
         type(m).__name__.endswith("Attention")
         and isinstance(getattr(m, "head_dim", None), int)
         and (hasattr(m, "o_proj") or hasattr(m, "out_proj"))
         and (hasattr(m, "qkv_proj") or (hasattr(m, "q_proj") and hasattr(m, "k_proj")))
+        and all(isinstance(p, nn.Module) and is_linear_like(p) for p in projections)  # Moshi's per-codebook linears are not
     )
 
 

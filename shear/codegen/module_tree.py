@@ -47,10 +47,12 @@ import torch
 from torch import nn
 
 from shear.codegen import verify as _verify
+from shear.codegen.depth import BLOCK_KIND, check_blocks, chosen_blocks, remove_blocks, zero_blocks
 from shear.codegen.hf_config import refresh_config
 from shear.codegen.module_rules import find_rms_norm, update_module_attributes
 from shear.errors import GraphError, VerifyError
 from shear.graph.groups import Member, PruningGroup, Role
+from shear.model.experts import check_min_keep, route_around_absent_experts
 from shear.model.tensors import TensorTable, drop_indices, nonzero_structures
 
 __all__ = [
@@ -76,6 +78,9 @@ class ErasurePlan:
     """Canonical names that are parameters (the rest are buffers)."""
     group_names: dict[int, str] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
+    blocks: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    """Group id -> modules (branch, norm, output projection) of the decoder-layer branches erased
+    whole (kind ``block``, :mod:`shear.codegen.depth`); they are also in :attr:`removed`."""
 
     @property
     def empty(self) -> bool:
@@ -158,7 +163,7 @@ def plan_erasure(model: nn.Module, groups: Iterable[PruningGroup], *, min_keep: 
     """
     groups = tuple(groups)
     table = TensorTable(model)
-    prunable = [g for g in groups if g.prunable]
+    prunable = [g for g in groups if g.prunable and g.kind != BLOCK_KIND]
     messages: list[str] = []
 
     zero: dict[int, torch.Tensor] = {g.id: ~nonzero_structures(table, g) for g in prunable}
@@ -170,7 +175,14 @@ def plan_erasure(model: nn.Module, groups: Iterable[PruningGroup], *, min_keep: 
             z[z.nonzero().flatten()[:surplus]] = False
             messages.append(f"{g.name}: all {g.size} structures are zero; kept {min(surplus, g.size)} (min_keep)")
 
-    return _plan(model, table, groups, prunable, zero, found, messages)
+    return _with_blocks(model, _plan(model, table, groups, prunable, zero, found, messages), zero_blocks(table, groups))
+
+
+def _with_blocks(model: nn.Module, plan: ErasurePlan, blocks: dict[int, tuple[str, ...]]) -> ErasurePlan:
+    check_blocks(model, blocks.values())
+    plan.blocks = blocks
+    plan.removed.update({gid: torch.zeros(1, dtype=torch.long) for gid in blocks})
+    return plan
 
 
 def plan_removal(model: nn.Module, groups: Iterable[PruningGroup], removed: Mapping[int, torch.Tensor]) -> ErasurePlan:
@@ -193,7 +205,7 @@ def plan_removal(model: nn.Module, groups: Iterable[PruningGroup], removed: Mapp
     """
     groups = tuple(groups)
     table = TensorTable(model)
-    prunable = [g for g in groups if g.prunable]
+    prunable = [g for g in groups if g.prunable and g.kind != BLOCK_KIND]
     zero: dict[int, torch.Tensor] = {}
     for g in prunable:
         mask = torch.zeros(g.size, dtype=torch.bool)
@@ -202,7 +214,7 @@ def plan_removal(model: nn.Module, groups: Iterable[PruningGroup], removed: Mapp
             mask[torch.as_tensor(idx, dtype=torch.long)] = True
         zero[g.id] = mask
     found = {gid: z.clone() for gid, z in zero.items()}
-    return _plan(model, table, groups, prunable, zero, found, [])
+    return _with_blocks(model, _plan(model, table, groups, prunable, zero, found, []), chosen_blocks(groups, removed))
 
 
 def _plan(
@@ -210,6 +222,7 @@ def _plan(
     zero: dict[int, torch.Tensor], found: dict[int, torch.Tensor], messages: list[str],
 ) -> ErasurePlan:
     """The overlap fixpoint and the two collection passes, from the structures marked in ``zero``."""
+    check_min_keep(prunable, found)  # an MoE layer keeps its router's top-k live experts
     # Overlaps: mark live until fixpoint. Zero structures that own an index a staying structure owns, stay.
     while True:
         live = _live_indices(table, prunable, zero)
@@ -288,8 +301,9 @@ def _get_module(model: nn.Module, name: str) -> nn.Module:
         raise GraphError(f"pruning group names module {name!r}, which the model does not have") from None
 
 
-def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:
-    """Slice ``model`` in place as ``plan`` says, rescale norms, and update module attributes/config."""
+def apply_plan(model: nn.Module, plan: ErasurePlan, *, attributes: bool = True) -> None:
+    """Slice ``model`` in place as ``plan`` says, rescale norms, erase whole blocks, and (with
+    ``attributes``) update module attributes/config."""
     table = TensorTable(model)
     with torch.no_grad():
         for name, dims in plan.cuts.items():
@@ -303,7 +317,9 @@ def apply_plan(model: nn.Module, plan: ErasurePlan) -> None:
             spec = find_rms_norm(module)
             assert spec is not None  # checked by plan_erasure
             spec.rescale(module, d, d_new)
-    update_module_attributes(model)
+    remove_blocks(model, plan.blocks.values())
+    if attributes:
+        update_module_attributes(model)
 
 
 def codegen(
@@ -337,6 +353,7 @@ def codegen(
     params_before = plan.numel(after=False)
     if plan.empty:
         return model, ErasureReport(plan, params_before, params_before)
+    route_around_absent_experts(model)  # MoE: in the masked model a zero router row is an absent expert
     # the module tree rescales (and in 16 bits rounds) the norms of a narrower residual; the graph
     # keeps them and divides by the old width instead, so it is compared with the plain masked model
     overrides = _norm_references(model, plan) if emit != "graph" else {}
@@ -349,7 +366,18 @@ def codegen(
         return _emit_graph(model, plan, example_inputs, recording, params_before, atol, rtol, "")
     masked = (_masked_skeleton(model, plan) if inplace else model) if emit == "auto" else None
     small = model if inplace else copy.deepcopy(model)
-    apply_plan(small, plan)
+    apply_plan(small, plan, attributes=False)
+    try:
+        update_module_attributes(small)
+    except GraphError as e:  # a module rule cannot say the sliced sizes (head_dim cut inside every head)
+        if masked is None:
+            raise
+        if inplace:
+            masked = _refill(masked, small, plan)
+        if recording is not None and overrides:  # recorded with the module tree's rescaled norms
+            recording = _verify.record(masked, example_inputs)
+        reason = f"no module rule can describe the sliced module tree: {e}"
+        return _emit_graph(masked, plan, example_inputs, recording, params_before, atol, rtol, reason)
     compatible = refresh_config(small)
     report = ErasureReport(
         plan,

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from shear.errors import ShearError, VerifyError
+from shear.graph.trace import normalize_inputs
 from shear.model.blocks import decoder_blocks
 from shear.model.devices import model_dtype
 
@@ -67,11 +68,12 @@ plus up to twice that for the masked one."""
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` with example inputs: a tuple is positional, a dict keyword, anything else one arg."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
+    """Call ``model`` with example inputs as the trace called it: a tuple is positional, a dict keyword,
+    anything else one arg, and ``use_cache=False`` where the model takes it (a cache is not the
+    function being compared, and hybrid models' caches can fail where the trace did not)."""
+    if isinstance(inputs, (dict, tuple, list, torch.Tensor)):
+        args, kwargs = normalize_inputs(model, inputs)
+        return model(*args, **kwargs)
     return model(inputs)
 
 

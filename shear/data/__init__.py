@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from shear.data.corpus import DOC_SEPARATOR, Document, load_corpus, load_documents, load_text, verify_data
+from shear.data.heldout import BUNDLED_TASKS, held_out, held_out_texts, read_validation_folder
 from shear.data.instructions import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -30,6 +31,7 @@ from shear.evaluation import window_perplexity
 
 __all__ = [
     "ALPACA_PROMPT",
+    "BUNDLED_TASKS",
     "ALPACA_PROMPT_NO_INPUT",
     "DATA_ENV",
     "DOC_SEPARATOR",
@@ -45,6 +47,8 @@ __all__ = [
     "data_root",
     "define_word_task",
     "format_prompt",
+    "held_out",
+    "held_out_texts",
     "instructions_file",
     "load_corpus",
     "load_documents",
@@ -55,6 +59,7 @@ __all__ = [
     "read_bytes",
     "read_jsonl",
     "read_text",
+    "read_validation_folder",
     "require_text_data",
     "tokenize_instruction",
     "verify_data",

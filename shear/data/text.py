@@ -205,6 +205,13 @@ class TextData:
             for name in names
         }
 
+    def held_out(self, size: Any = "quick") -> Any:
+        """The quality verdict's held-out set (:func:`shear.data.heldout.held_out`): this data's
+        validation split, else the bundled corpus's, with the bundled tasks and prompts."""
+        from shear.data.heldout import held_out
+
+        return held_out(self, size=size)
+
 
 def require_text_data(ctx: HasData, pass_name: str) -> TextData:
     """``ctx.data`` as a :class:`TextData`, or a DataError that says how to pass one.

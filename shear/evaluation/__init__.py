@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from shear.evaluation.choice import ChoiceResult, MultipleChoice, option_logprobs, score_choices
 from shear.evaluation.generation import greedy_generate
-from shear.evaluation.harness import lm_eval_available, lm_eval_harness
+from shear.evaluation.harness import harness_accuracy, lm_eval_available, lm_eval_harness
 from shear.evaluation.perplexity import (
     PerplexityReport,
     PerplexityResult,
@@ -19,12 +19,30 @@ from shear.evaluation.perplexity import (
     forward_tokens,
     nll_sum,
     perplexity,
+    perplexity_ids,
     sliding_windows,
     window_perplexity,
 )
+from shear.evaluation.quality import SIZES, EvalSize, HeldOut, QualityResult, eval_size, evaluate_model
+from shear.evaluation.speed import SpeedComparison, SpeedResult, compare_speed, measure_speed
+from shear.evaluation.verdict import Thresholds, Verdict, check_comparable
 
 __all__ = [
+    "SIZES",
+    "SpeedComparison",
+    "SpeedResult",
+    "compare_speed",
+    "measure_speed",
     "ChoiceResult",
+    "EvalSize",
+    "HeldOut",
+    "QualityResult",
+    "Thresholds",
+    "Verdict",
+    "check_comparable",
+    "eval_size",
+    "evaluate_model",
+    "harness_accuracy",
     "MultipleChoice",
     "PerplexityReport",
     "PerplexityResult",
@@ -35,6 +53,7 @@ __all__ = [
     "lm_eval_harness",
     "option_logprobs",
     "perplexity",
+    "perplexity_ids",
     "score_choices",
     "sliding_windows",
     "nll_sum",

@@ -31,6 +31,7 @@ __all__ = [
     "PerplexityResult",
     "PerplexityReport",
     "perplexity",
+    "perplexity_ids",
     "evaluate_perplexity",
     "sliding_windows",
     "forward_tokens",
@@ -136,7 +137,6 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
-@torch.inference_mode()
 def perplexity(
     model: nn.Module,
     tokenizer: Any,
@@ -156,15 +156,39 @@ def perplexity(
         12.3
     """
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return perplexity_ids(
+        model, torch.tensor(ids, dtype=torch.long), name=name, window=window, stride=stride,
+        max_tokens=max_tokens, batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+
+
+@torch.inference_mode()
+def perplexity_ids(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    name: str = "text",
+    window: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = None,
+    batch_size: int = 2,
+    progress: ProgressCallback | None = None,
+) -> PerplexityResult:
+    """:func:`perplexity` of text already tokenized: ``ids`` a 1-D long tensor (a ``TextData`` split).
+
+    Example:
+        >>> perplexity_ids(model, data.validation["kjv"], window=256, stride=256).ppl   # doctest: +SKIP
+        16.8
+    """
+    tokens = ids.reshape(-1).to(torch.long)
     if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
+        tokens = tokens[:max_tokens]
+    if tokens.numel() < 2:
         raise DataError(
-            f"{name}: needs at least 2 tokens for perplexity, got {len(ids)}; pass a longer text."
+            f"{name}: needs at least 2 tokens for perplexity, got {tokens.numel()}; pass a longer text."
         )
     device = model_device(model)
-    tokens = torch.tensor(ids, dtype=torch.long)
-    windows = sliding_windows(len(ids), window, stride)
+    windows = sliding_windows(tokens.numel(), window, stride)
     was_training = model.training
     model.eval()
     nll = 0.0

@@ -153,10 +153,10 @@ class DimAnalysis:
 
     # ---------------------------------------------------------------- writing
     def fresh(self, shape: Sequence[int], label: str, pin: str | None = None) -> Dims:
-        """New spaces for a tensor of ``shape`` (size-1 dims get ``None``)."""
+        """New spaces for a tensor of ``shape`` (size-1, empty and data-dependent (-1) dims get ``None``)."""
         out: Dims = []
         for i, s in enumerate(shape):
-            if s == 1:
+            if s <= 1:
                 out.append(None)
                 continue
             sp = self.spaces.new(s, f"{label}[{i}]")

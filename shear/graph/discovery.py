@@ -28,11 +28,12 @@ import torch.fx
 from torch import nn
 
 from shear.graph.analysis import DimAnalysis
+from shear.graph.expert_groups import expert_groups
 from shear.graph.groups import Member, NormRescale, PruningGroup, Role
 from shear.graph.ir import Graph, IRNode, LoraComposite, NodeGroup, Overlap
 from shear.graph.modules.composites import find_lora_composites
 from shear.graph.modules.norms import find_rms_norm
-from shear.graph.ops.registry import op_name
+from shear.graph.ops.registry import op_name, traced_size
 
 __all__ = ["discover"]
 
@@ -126,6 +127,7 @@ def discover(model: nn.Module, ep: torch.export.ExportedProgram, a: DimAnalysis)
     buffers = frozenset(ref.name for ref in a.state.values() if ref.is_buffer)
     members = _leaf_members(a, buffers)
     groups, leaf_of_group = _pruning_groups(model, a, members, composites, norms)
+    groups, leaf_of_group = expert_groups(model, groups, leaf_of_group, shapes)  # MoE: from the module table
     nodes, leaf_ops = _ir_nodes(ep, a, composites, set(leaf_of_group))
     node_groups = [
         NodeGroup(gi, "basic", g.name, g.modules, tuple(leaf_ops.get(leaf_of_group[gi], ())), (gi,))
@@ -229,7 +231,7 @@ def _ir_nodes(
         owner = _owner(module, composites)
         is_comp = any(owner == c.module for c in composites)
         val = node.meta.get("val")
-        shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+        shape = tuple(traced_size(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
         params = tuple(a.state[x].name for x in node.all_input_nodes if x in a.state)
         if is_comp:
             ir = comp_nodes.get(owner)
@@ -279,8 +281,5 @@ def _composite_node_groups(
 
 
 def _with_node_group(g: PruningGroup, node_group: int) -> PruningGroup:
-    return PruningGroup(
-        id=g.id, name=g.name, members=g.members, size=g.size, kind=g.kind, prunable=g.prunable,
-        reasons=g.reasons, node_group=node_group, norms=g.norms, modules=g.modules,
-    )
+    return dataclasses.replace(g, node_group=node_group)
 

@@ -93,7 +93,7 @@ class NormRescale:
     """The full width ``d`` the norm averages over in the unpruned model."""
 
 
-GROUP_KINDS: tuple[str, ...] = ("channel", "head", "residual")
+GROUP_KINDS: tuple[str, ...] = ("channel", "head", "residual", "block", "expert")
 """The kinds a :class:`PruningGroup` has (its ``kind``); passes take some of them as ``kinds=[...]``."""
 
 
@@ -118,6 +118,9 @@ class PruningGroup:
     """RMS-style norms over this space that erasure must rescale."""
     modules: tuple[str, ...] = field(default=())
     """Modules that own members of this group (producers first), for reports and drawings."""
+    min_keep: int = 1
+    """Structures that must stay (an MoE router's top-k for ``expert`` groups): selections keep them,
+    erasure refuses a model that keeps fewer."""
 
     def __post_init__(self) -> None:
         if self.size <= 0:

@@ -135,7 +135,7 @@ class Graph:
                     problems.append(f"{g.name}: {m.param}[{m.dim}] index out of range {shape[m.dim]}")
                 if torch.unique(flat).numel() != flat.numel():
                     problems.append(f"{g.name}: {m.param}[{m.dim}] has an index in two structures")
-                if not g.prunable:
+                if not g.prunable or g.kind == "block":  # a block overlaps the widths inside it by design
                     continue
                 claimed = owner.setdefault((m.param, m.dim), {})
                 for idx in flat.tolist():

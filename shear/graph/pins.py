@@ -39,6 +39,7 @@ PIN_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("lora-rank", r"^LoRA rank"),
         ("head-dim", r"^head_dim|^inner factor of prunable structures"),
         ("attention", r"^GQA|^attention heads"),
+        ("routing", r"^router |^MoE "),
         ("unknown-op", r"^unknown op|^getitem of an unknown value"),
         ("no-role", r"^no rule gives|^no producing parameter|^non-uniform layout"),
         (

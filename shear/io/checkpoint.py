@@ -10,8 +10,15 @@ A checkpoint directory holds:
 * ``adapter/`` — peft's own adapter format, when the model is a ``PeftModel``;
 * tokenizer files, when :func:`save` is given the tokenizer, so the directory is usable on its own;
 * ``shear.json`` — the shear section: class, per-tensor shapes and dtypes, tied aliases, freeze flags,
-  module attributes that are not in tensors (rescaled RMSNorm epsilons), and the size and sha256 of
-  every other file in the directory.
+  module attributes that are not in tensors (rescaled RMSNorm epsilons), the serving format the
+  folder is in, and the size and sha256 of every other file in the directory.
+
+The serving target (``save(..., target=...)``, :mod:`shear.io.folder_formats`) decides the rest:
+``hf`` (uniform widths, the config says them: stock ``from_pretrained`` loads it), ``nas`` (the
+Nemotron-NAS checkpoint of :mod:`shear.io.nas`: ``config.json`` for vLLM, TensorRT-LLM and
+llama.cpp, the transformers config in ``shear_config.json``), ``shear`` (anything; when stock
+transformers cannot build the model, ``config.json`` makes it fail naming ``shear.load`` and the
+real config is in ``shear_config.json``), ``auto`` (the first of the three that holds the model).
 
 A ``torch.fx.GraphModule`` that erase emitted (:mod:`shear.codegen.graph_module`) is saved instead
 as ``program.pt2`` (``torch.export.save`` of the program, weights inside) plus ``shear.json``, and
@@ -47,23 +54,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from shear.codegen.hf_config import candidate_config_updates, hf_base_model, refresh_config
+from shear.codegen.hf_config import candidate_config_updates, hf_base_model, refresh_config, unloadable_config
 from shear.codegen.module_rules import find_rms_norm, update_module_attributes
-from shear.errors import CheckpointError, GraphError, OutputError
+from shear.errors import CheckpointError, ExportError, GraphError, OutputError
+from shear.io.folder_formats import choose_format, save_format
 from shear.io.manifest_schema import check_manifest, check_module_attrs
+from shear.io.nas import NasPlan, check_nas_folder, nas_config, nas_weights, write_index
+from shear.io.nas_config_code import CONFIG_CODE, CONFIG_CODE_FILE, is_shear_config_code
 from shear.io.outputs import atomic_dir, check_output_dir, interrupted_swap, sha256_file
 from shear.io.remote_code import refuse_remote_code
 from shear.io.safe_archive import check_program_archive, no_pickle, read_json_file
+from shear.model.blocks import restore_removed_blocks
 from shear.model.devices import check_device
 from shear.model.facts import base_weight_name, is_lora_param
 from shear.model.tensors import TensorTable
 
-__all__ = ["save", "load", "FORMAT", "VERSION", "module_attributes", "record_files", "weight_files"]
+__all__ = ["save", "load", "FORMAT", "SHEAR_CONFIG", "SHEAR_ONLY_NOTE", "VERSION", "module_attributes", "record_files", "weight_files"]
 
 FORMAT = "shear-checkpoint"
-VERSION = 2
-"""2: every file in the directory is hashed in the manifest (1 hashed only the safetensors files)."""
+VERSION = 3
+"""3: the folder's serving format (``target``) and where its transformers config is (``config_file``);
+2: every file in the directory is hashed in the manifest (1 hashed only the safetensors files)."""
+_OLDEST = 2
+"""The oldest version read (1 did not hash every file)."""
 _WEIGHTS = "model.safetensors"
+SHEAR_CONFIG = "shear_config.json"
 _BUFFERS = "shear_buffers.safetensors"
 _MANIFEST = "shear.json"
 _ADAPTER = "adapter"
@@ -164,9 +179,17 @@ def record_files(tmp: Path, manifest: dict[str, Any]) -> None:
 
 def save(
     model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False, tokenizer: Any = None,
-    files: Mapping[str, str] | None = None,
+    files: Mapping[str, str] | None = None, target: Any = "auto",
 ) -> Path:
     """Write ``model`` (a transformers model, a PeftModel around one, or any nn.Module) to ``path``.
+
+    ``target`` says where the folder will be loaded (:mod:`shear.io.folder_formats`): ``"hf"`` (stock
+    transformers; refused with :class:`~shear.errors.ExportError` unless every layer has the same widths
+    and the config says them), ``"nas"`` (the Nemotron-NAS checkpoint vLLM, TensorRT-LLM and llama.cpp
+    read; refused unless the format holds the model, :func:`shear.io.nas.plan_nas`), ``"shear"``
+    (:func:`load` only, whatever the model), or ``"auto"`` (the default: ``hf``, else ``nas``, else
+    ``shear``). A ``--target`` spec (``"nas,cuda"``) or a target object with a ``format`` works too.
+    :func:`shear.io.folder_formats.describe_folder` says afterwards which it is and where it loads.
 
     Returns the directory. ``path`` must not exist or be an empty directory; with ``overwrite=True``
     an existing directory is replaced atomically (the old one or the new one is at ``path`` at every
@@ -182,6 +205,7 @@ def save(
         Traceback (most recent call last):
         shear.errors.OutputError: output path .../out/pruned holds 5 files (...); pass overwrite=True ...
     """
+    wanted = save_format(target)
     needed = sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta)
     path = check_output_dir(path, overwrite=overwrite, needed_bytes=needed)
     extra = dict(files or {})
@@ -189,13 +213,21 @@ def save(
     if bad:
         raise OutputError(f"save: extra files {bad} must be plain names ending in one of {_DATA_SUFFIXES}")
     if isinstance(model, torch.fx.GraphModule) and "shear_inputs" in model.meta:
+        if wanted in ("hf", "nas"):
+            raise ExportError(
+                f"target={wanted!r}: a GraphModule (the model's code hard-codes a pruned size) has no transformers "
+                "class to load it into; save it with target='shear' (shear.load reads the program)"
+            )
         return _save_graph_module(model, path, tokenizer, extra)
     hf = hf_base_model(model)
-    if hf is not None:
-        refresh_config(model)
+    compatible = refresh_config(model) if hf is not None else False
+    fmt, note, plan = choose_format(model, wanted, compatible)
     tensors, buffers, aliases, grads = _base_tensors(model)
     base = _base_module(model)
+    config_file = "config.json" if compatible and fmt != "nas" else SHEAR_CONFIG
     manifest: dict[str, Any] = {
+        "target": fmt,
+        "target_note": note[:4000],
         "format": FORMAT,
         "version": VERSION,
         "class": type(hf if hf is not None else base).__name__,
@@ -210,11 +242,16 @@ def save(
         "peft": None,
         "files": {},
     }
+    if hf is not None:
+        manifest["config_file"] = config_file
     with atomic_dir(path) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        weights = nas_weights(tensors, plan) if plan is not None else tensors
+        save_file({k: v.cpu() for k, v in weights.items()}, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        if plan is not None:
+            write_index(tmp, weights, _WEIGHTS)
         save_file({k: v.cpu() for k, v in buffers.items()}, str(tmp / _BUFFERS), metadata={"format": "pt"})
         if hf is not None:
-            hf.config.save_pretrained(tmp)
+            _write_configs(tmp, model, hf, config_file, plan)
             gen = getattr(hf, "generation_config", None)
             if gen is not None:
                 gen.save_pretrained(tmp)
@@ -232,6 +269,33 @@ def save(
     return path
 
 
+SHEAR_ONLY_NOTE = ("per-layer widths that stock transformers cannot build (see shear.json); load this folder "
+                   "with shear.load(path)")
+"""What ``config.json`` says, in the field transformers checks first, when only :func:`load` rebuilds the model."""
+
+
+def _write_configs(tmp: Path, model: nn.Module, hf: nn.Module, config_file: str, plan: NasPlan | None) -> None:
+    """``config.json`` for the folder's readers, and the transformers config :func:`load` builds from.
+
+    ``config_file == "config.json"``: the (refreshed) transformers config, which stock transformers
+    loads. Otherwise it goes to ``shear_config.json`` and ``config.json`` is the Nemotron-NAS config
+    (``plan``) or a copy that transformers refuses with a message naming ``shear.load``
+    (:func:`shear.codegen.hf_config.unloadable_config`), never one it would build the wrong sizes from.
+    """
+    config: Any = hf.config
+    config.save_pretrained(tmp)
+    if config_file == "config.json":
+        return
+    (tmp / "config.json").replace(tmp / SHEAR_CONFIG)
+    doc = json.loads((tmp / SHEAR_CONFIG).read_text())
+    if plan is not None:
+        doc = nas_config(model, plan)
+        (tmp / CONFIG_CODE_FILE).write_text(CONFIG_CODE, encoding="utf-8")
+    else:
+        doc = unloadable_config(doc, type(config), SHEAR_ONLY_NOTE)
+    (tmp / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
 def _write_extra(tmp: Path, files: Mapping[str, str]) -> None:
     for name, text in files.items():
         (tmp / name).write_text(text, encoding="utf-8")
@@ -245,7 +309,7 @@ def _save_graph_module(
     program = export_graph_module(gm)
     constants = gm.meta.get("shear_constants", {})
     manifest: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "class": "GraphModule", "class_module": "torch.fx",
+        "format": FORMAT, "version": VERSION, "class": "GraphModule", "class_module": "torch.fx", "target": "shear",
         "transformers": False, "graph_module": {"file": _PROGRAM, "constants": constants},
         "requires_grad": sorted(n for n, p in gm.named_parameters() if p.requires_grad), "files": {},
     }
@@ -260,7 +324,7 @@ def _save_graph_module(
 
 
 def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch.device) -> nn.Module:
-    from shear.codegen.graph_module import finish_graph_module
+    from shear.codegen.graph_module import finish_graph_module, static_inputs
 
     info = manifest["graph_module"]  # check_manifest: the program is program.pt2
     check_program_archive(path / _PROGRAM)
@@ -271,7 +335,7 @@ def _load_graph_module(path: Path, manifest: dict[str, Any], device: str | torch
         raise
     except Exception as e:  # noqa: BLE001 - any unreadable archive is a corrupt checkpoint
         raise CheckpointError(f"{path}: cannot read {_PROGRAM} ({type(e).__name__}: {e}); re-save the model") from e
-    gm = finish_graph_module(program.module(), info["constants"])
+    gm = finish_graph_module(program.module(), info["constants"], static_inputs(program))
     if program.example_inputs is not None:  # so that shear.save can export it again
         gm.meta["shear_inputs"] = program.example_inputs
     grads = set(manifest["requires_grad"])
@@ -301,7 +365,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     version = manifest.get("version", 0)
     if not isinstance(version, int) or version > VERSION:
         raise CheckpointError(f"{mf} has format version {manifest.get('version')}; this shear reads up to {VERSION}")
-    if version < VERSION:
+    if version < _OLDEST:
         raise CheckpointError(
             f"{mf} has format version {version}, which did not hash every file; load it with the shear that wrote "
             "it and save it again with this one"
@@ -327,7 +391,8 @@ def _check_files(path: Path, manifest: dict[str, Any], integrity: bool) -> None:
         p = path / f
         if p.is_symlink():
             raise CheckpointError(f"{path}: {f} is a symbolic link; a checkpoint holds plain files, re-save it")
-        if f != _PROGRAM and not f.endswith(_DATA_SUFFIXES):
+        shear_code = f == CONFIG_CODE_FILE and manifest.get("target") == "nas" and is_shear_config_code(path)
+        if f != _PROGRAM and not f.endswith(_DATA_SUFFIXES) and not shear_code:
             raise CheckpointError(
                 f"{path}: {f} is not a data file shear loads ({', '.join(_DATA_SUFFIXES)}); a checkpoint never "
                 "holds code or pickles. Remove it, or re-save the model"
@@ -369,15 +434,22 @@ def _skeleton(path: Path, manifest: dict[str, Any], classes: Sequence[type]) -> 
             "shear.load(path, model=...), to load into"
         )
     cls: Any = _model_class(path, str(manifest["class"]), classes)
+    config_file = manifest.get("config_file", "config.json")
     try:
-        config = cls.config_class.from_pretrained(str(path))
+        if config_file == "config.json":
+            config = cls.config_class.from_pretrained(str(path))
+        else:
+            doc = read_json_file(path / config_file, f"{path}/{config_file}", 64 << 20, fix="Re-save the model")
+            config = cls.config_class.from_dict(doc)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"{path}/config.json cannot be read as a {cls.config_class.__name__}: {e}") from e
+        raise CheckpointError(f"{path}/{config_file} cannot be read as a {cls.config_class.__name__}: {e}") from e
     archs = getattr(config, "architectures", None) or [manifest["class"]]
     if manifest["class"] not in archs:
-        raise CheckpointError(f"{path}: config.json is for {archs}, shear.json for {manifest['class']}: mismatched directory")
+        raise CheckpointError(f"{path}: {config_file} is for {archs}, shear.json for {manifest['class']}: mismatched directory")
     with torch.device("meta"):
-        return cls._from_config(config)
+        return restore_removed_blocks(cls._from_config(config))  # erased attention/MLP branches
 
 
 def _check_config(path: Path, model: nn.Module) -> None:
@@ -489,6 +561,8 @@ def load(
         for k, v in attrs.items():
             setattr(mod, k, v)
     _check_config(path, base)  # after the module attributes: the rules read rescaled norm epsilons
+    if manifest.get("target") == "nas":
+        check_nas_folder(path, base)  # the config other readers build from says these widths
     if manifest["transformers"] and (path / "generation_config.json").is_file():
         from transformers import GenerationConfig
 

@@ -30,12 +30,14 @@ from torch import nn
 from shear.errors import CheckpointError
 
 __all__ = [
+    "CONFIG_FILES",
     "MODULE_ATTRS",
     "MAX_NORM_WIDTH",
     "check_manifest",
     "check_module_attrs",
     "file_list_problem",
     "is_int",
+    "TARGETS",
 ]
 
 
@@ -61,6 +63,13 @@ def _rms_eps(module: nn.Module) -> str | None:
 
 
 MODULE_ATTRS["rms_norm"] = _rms_eps
+
+TARGETS = ("hf", "nas", "shear")
+"""The serving formats a folder is written in (``target``; :mod:`shear.io.folder_formats`)."""
+CONFIG_FILES = ("config.json", "shear_config.json")
+"""Where a folder keeps the transformers config :func:`shear.load` builds from (``config_file``): ``config.json``,
+or ``shear_config.json`` when ``config.json`` is for other readers (Nemotron-NAS) or refuses stock transformers."""
+_MAX_NOTE = 4000
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,511}")
 _CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -141,6 +150,26 @@ def _peft(where: str, v: Any) -> None:
     _names(where, "peft.requires_grad", v["requires_grad"])
 
 
+def _target(where: str, manifest: dict[str, Any]) -> None:
+    """``target`` is one of :data:`TARGETS`; ``config_file`` one of :data:`CONFIG_FILES` (``shear_config.json``
+    for ``nas``; the file list check finds it missing); ``target_note`` a short string."""
+    target = manifest.get("target", "shear")
+    if target not in TARGETS:
+        raise _fail(where, "target", f"is {target!r}; it must be one of {', '.join(TARGETS)}")
+    note = manifest.get("target_note", "")
+    if not isinstance(note, str) or len(note) > _MAX_NOTE:
+        raise _fail(where, "target_note", f"must be a string of at most {_MAX_NOTE} characters")
+    if "graph_module" in manifest:
+        if target != "shear":
+            raise _fail(where, "target", "must be shear for a saved program")
+        return
+    config_file = manifest.get("config_file", "config.json")
+    if config_file not in CONFIG_FILES:
+        raise _fail(where, "config_file", f"is {config_file!r}; it must be one of {', '.join(CONFIG_FILES)}")
+    if target == "nas" and (config_file != "shear_config.json" or not manifest["transformers"]):
+        raise _fail(where, "target", "is nas, which needs a transformers model whose config is in shear_config.json")
+
+
 def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     """``manifest`` checked field by field against the schema of ``shear.json`` (``where`` names the
     file in messages); returns it. Unknown fields, wrong types, out-of-range values and names that
@@ -148,10 +177,11 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{where} is not a JSON object; re-save the model with shear.save")
     graph = "graph_module" in manifest
-    common = {"format", "version", "class", "class_module", "transformers", "requires_grad", "files"}
+    common = {"format", "version", "class", "class_module", "transformers", "requires_grad", "files", "target",
+              "target_note"}
     fields = common | ({"graph_module"} if graph else
-                       {"shapes", "dtypes", "aliases", "module_attrs", "none_modules", "peft", "weights"})
-    optional = {"weights", "none_modules"}
+                       {"shapes", "dtypes", "aliases", "module_attrs", "none_modules", "peft", "weights", "config_file"})
+    optional = {"weights", "none_modules", "target", "target_note", "config_file"}
     unknown = sorted(set(manifest) - fields)
     if unknown:
         raise _fail(where, unknown[0], f"is not a field of a {'graph-module ' if graph else ''}shear manifest "
@@ -169,6 +199,7 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     problem = file_list_problem(manifest["files"])
     if problem:
         raise _fail(where, "files", problem)
+    _target(where, manifest)
     if graph:
         _graph_module(where, manifest["graph_module"])
         if manifest["transformers"] or manifest["class"] != "GraphModule":

@@ -4,7 +4,9 @@ A ``config.json`` or ``tokenizer_config.json`` with an ``auto_map`` names Python
 of the folder; transformers asks "run the custom code? [y/N]" (or runs it, given
 ``trust_remote_code``), and answering yes runs whatever the folder holds. shear never needs remote
 code, so :func:`refuse_remote_code` reads the folder's JSON configs itself and raises
-:class:`~shear.errors.ModelLoadError` naming the file before transformers sees the folder. It is
+:class:`~shear.errors.ModelLoadError` naming the file before transformers sees the folder. The one
+exception is the config class shear itself writes into a Nemotron-NAS folder for vLLM
+(:mod:`shear.io.nas_config_code`), accepted only byte-identical and never imported by shear. It is
 called wherever shear opens a user's folder: :func:`shear.load`, the CLI's model and tokenizer
 loaders, the config readers of ``shear plan`` / ``stream-prune`` and the GGUF tokenizer reader.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shear.errors import CheckpointError, ModelLoadError
+from shear.io.nas_config_code import AUTO_MAP, is_shear_config_code
 from shear.io.safe_archive import read_json_file
 
 __all__ = ["REMOTE_CODE_KEYS", "refuse_remote_code", "remote_code_files"]
@@ -72,6 +75,13 @@ def _asks_for_code(doc: Any, file: Path) -> list[str]:
     )
 
 
+def _shear_nas_config(file: Path, doc: Any) -> bool:
+    """``file`` is the ``config.json`` of a Nemotron-NAS folder shear wrote: its ``auto_map`` names only the
+    config class shear ships, and the folder's copy of it is byte-identical (:mod:`shear.io.nas_config_code`)."""
+    return (file.name == "config.json" and isinstance(doc, dict) and doc.get("auto_map") == AUTO_MAP
+            and is_shear_config_code(file.parent))
+
+
 def remote_code_files(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
     """``{file: keys}`` for each config JSON of ``folder`` that asks for remote code (empty: none does).
     A config that cannot be checked (larger than 64 MiB, not UTF-8 JSON, nested too deep) is refused with
@@ -86,7 +96,7 @@ def remote_code_files(folder: str | os.PathLike[str]) -> dict[str, list[str]]:
                 f"Fix or remove {f.name}"
             ) from e
         keys = _asks_for_code(doc, f)
-        if keys:
+        if keys and not (keys == ["auto_map"] and _shear_nas_config(f, doc)):
             found[str(f)] = keys
     return found
 

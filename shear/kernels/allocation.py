@@ -33,6 +33,7 @@ from torch import nn
 from shear.errors import KernelError
 from shear.graph.groups import PruningGroup
 from shear.model.facts import is_lora_param
+from shear.model.target import step_of
 from shear.model.tensors import TensorTable
 
 __all__ = ["ParamBudget", "base_param_count", "structure_count", "zero_to_budget"]
@@ -130,10 +131,11 @@ class ParamBudget:
         *,
         eligible: Iterable[int] | None = None,
         selection: str = "uniform",
-        round_to: int = 1,
+        round_to: int | Mapping[int, int] = 1,
         tolerance: float = 0.005,
         protected: Iterable[int] = (),
         protect_cap: float = math.inf,
+        equal: Iterable[int | str] = (),
     ) -> dict[int, int]:
         """Structures to remove per eligible group so the reduction is ``target`` (± ``tolerance``).
 
@@ -142,7 +144,18 @@ class ParamBudget:
         ``global`` ranks all structures by score divided by the mean score of their group kind,
         cheapest first (kept counts rounded up to ``round_to`` and topped up in its steps). ``shared`` is ``uniform`` topped up one whole class of groups (same kind
         and size: the same structure in every layer) at a time, so those groups keep equal counts.
-        ``round_to`` keeps multiples of it in groups at least that large.
+        ``round_to`` keeps multiples of it in groups at least that large; a mapping gives each group id
+        its own step (a target's granularity per kind, :func:`shear.model.target.round_steps`), and
+        the top-up adds whole steps, so the reduction lands in ``[target - tolerance, target -
+        tolerance + one step)``.
+
+        ``equal`` names group ids or kinds whose counts must be equal across their class (same kind
+        and size) whatever the selection: a Nemotron-NAS target's kv-head counts. They are topped up
+        a whole class at a time (after the other groups), and knowledge distribution's protection
+        does not apply to them (a protected layer cannot keep more than its class).
+        When a mapping's whole steps cannot reach ``target - tolerance`` (a small model, where one
+        step is a large share), single structures make up the rest; :meth:`off_grid` names the groups
+        left off their steps. An int ``round_to`` is strict: the result then stays short.
 
         ``protected`` groups (eligible ones that knowledge distribution marked) lose structures only
         under ``uniform`` selection and only as far as ``protect_cap`` demands: they keep at most
@@ -155,34 +168,81 @@ class ParamBudget:
         ids = sorted(self.groups if eligible is None else set(eligible) & set(self.groups))
         if protect_cap < 1.0:
             raise KernelError(f"protect_cap must be at least 1 (protected groups keep at least the others' share), got {protect_cap}")
-        shielded = frozenset(g for g in protected if g in ids)
+        steps = {g: step_of(round_to, g) for g in self.groups}
+        same = set(equal)
+        tied = frozenset(g for g in ids if g in same or self.groups[g].kind in same)
+        shielded = frozenset(g for g in protected if g in ids and g not in tied)
         cap = protect_cap if selection == "uniform" else math.inf
         ids = [g for g in ids if g not in shielded]
         if not ids:
             raise KernelError("no prunable groups are eligible (all unprunable?); nothing can reach the target")
-        most = self.reduction(self._fraction_counts(1.0, ids, 1, shielded, cap))
+        most = self.reduction(self._fraction_counts(1.0, ids, {}, shielded, cap))
         if most < target - tolerance:
             raise KernelError(
                 f"the eligible groups can remove at most {most:.1%} of {self.total:,} parameters, less than the "
                 f"target {target:.1%}; lower the ratio, allow more group kinds, or mark fewer groups unprunable"
             )
         if selection in ("uniform", "shared"):
-            counts = self._uniform(target, ids, round_to, shielded, cap)
+            counts = self._uniform(target, ids, steps, shielded, cap)
         elif selection == "global":
             counts = self._global(target, ids, scores)
-            if round_to > 1:  # keep multiples of round_to: round each kept count up, the top-up below refills
-                counts = {g: n if self.groups[g].size < round_to else self.groups[g].size - min(
-                    self.groups[g].size, -(-(self.groups[g].size - n) // round_to) * round_to) for g, n in counts.items()}  # fmt: skip
+            # keep multiples of each step: round each kept count up, the top-up below refills
+            counts = {g: n if steps[g] <= 1 or self.groups[g].size < steps[g] else self.groups[g].size - min(
+                self.groups[g].size, -(-(self.groups[g].size - n) // steps[g]) * steps[g]) for g, n in counts.items()}  # fmt: skip
+            counts = self._equalize(counts, [g for g in ids if g in tied])
         else:
             raise KernelError(f"selection must be 'uniform', 'shared' or 'global', got {selection!r}")
-        if self.reduction(counts) < target - tolerance:
-            fixed = {g: n for g, n in counts.items() if g in shielded}
-            others = {g: n for g, n in counts.items() if g not in shielded}
-            if selection == "shared":
-                counts = self._top_up_shared(others, target, ids, round_to, tolerance, fixed)
-            else:
-                counts = self._top_up(others, target, ids, scores, round_to, tolerance, fixed)
+        counts = self._fill(counts, target, ids, scores, steps, tolerance, shielded, tied, selection)
+        if isinstance(round_to, Mapping) and self.reduction(counts) < target - tolerance:
+            # a target's steps are too coarse for this model: single structures make up the rest
+            counts = self._fill(counts, target, ids, scores, {}, tolerance, shielded, tied, selection)
         return counts
+
+    def _fill(
+        self, counts: dict[int, int], target: float, ids: list[int], scores: Mapping[int, torch.Tensor],
+        steps: Mapping[int, int], tolerance: float, shielded: frozenset[int], tied: frozenset[int], selection: str,
+    ) -> dict[int, int]:
+        """Top ``counts`` up to the target: whole classes under ``shared``, else the free groups one
+        at a time and then the ``tied`` classes; ``shielded`` counts stay."""
+        if self.reduction(counts) >= target - tolerance:
+            return counts
+        fixed = {g: n for g, n in counts.items() if g in shielded}
+        others = {g: n for g, n in counts.items() if g not in shielded}
+        if selection == "shared":
+            return self._top_up_shared(others, target, ids, steps, tolerance, fixed)
+        free = [g for g in ids if g not in tied]
+        counts = self._top_up(others, target, free, scores, steps, tolerance, fixed)
+        if tied and self.reduction(counts) < target - tolerance:
+            counts = self._top_up_shared(
+                {g: counts[g] for g in tied}, target, sorted(tied), steps, tolerance,
+                {g: n for g, n in counts.items() if g not in tied},
+            )
+        return counts
+
+    def off_grid(self, counts: Mapping[int, int], round_to: int | Mapping[int, int]) -> list[int]:
+        """Groups whose kept count is not a multiple of their step (groups smaller than it excepted):
+        where :meth:`counts` had to leave a target's steps to reach the parameter target."""
+        out = []
+        for gid, n in counts.items():
+            step, size = step_of(round_to, gid), self.groups[gid].size
+            if step > 1 and size >= step and (size - n) % step:
+                out.append(gid)
+        return out
+
+    def _classes(self, ids: Iterable[int]) -> dict[tuple[str, int], list[int]]:
+        """Groups by (kind, size): the same structure in every layer."""
+        classes: dict[tuple[str, int], list[int]] = {}
+        for gid in ids:
+            classes.setdefault((self.groups[gid].kind, self.groups[gid].size), []).append(gid)
+        return classes
+
+    def _equalize(self, counts: dict[int, int], ids: list[int]) -> dict[int, int]:
+        """Every group of ``ids`` takes the smallest count of its class (the top-up refills)."""
+        out = dict(counts)
+        for members in self._classes(ids).values():
+            low = min(out[g] for g in members)
+            out.update({g: low for g in members})
+        return out
 
     @staticmethod
     def _shielded_fraction(r: float, cap: float) -> float:
@@ -191,19 +251,18 @@ class ParamBudget:
         return 0.0 if math.isinf(cap) else max(0.0, 1.0 - cap * (1.0 - r))
 
     def _top_up_shared(
-        self, counts: dict[int, int], target: float, ids: list[int], round_to: int, tolerance: float,
+        self, counts: dict[int, int], target: float, ids: list[int], steps: Mapping[int, int], tolerance: float,
         fixed: Mapping[int, int],
     ) -> dict[int, int]:
         """Add one step to every group of a (kind, size) class at once, the smallest such increment first;
         ``fixed`` counts stay as they are."""
         counts = {**fixed, **counts}
-        classes: dict[tuple[str, int], list[int]] = {}
-        for gid in ids:
-            classes.setdefault((self.groups[gid].kind, self.groups[gid].size), []).append(gid)
+        classes = self._classes(ids)
         while self.reduction(counts) < target - tolerance:
             best: dict[int, int] | None = None
             best_gain = math.inf
             for (_, size), members in classes.items():
+                round_to = max(steps.get(g, 1) for g in members)
                 step = round_to if round_to > 1 and size >= round_to else 1
                 if any(counts[g] + step > size - 1 for g in members):
                     continue
@@ -217,22 +276,24 @@ class ParamBudget:
         return counts
 
     def _fraction_counts(
-        self, r: float, ids: list[int], round_to: int, shielded: frozenset[int], cap: float
+        self, r: float, ids: list[int], steps: Mapping[int, int], shielded: frozenset[int], cap: float
     ) -> dict[int, int]:
-        counts = {gid: structure_count(self.groups[gid].size, r, round_to) for gid in ids}
+        counts = {gid: structure_count(self.groups[gid].size, r, steps.get(gid, 1)) for gid in ids}
         r_shielded = self._shielded_fraction(r, cap)
-        counts.update({gid: structure_count(self.groups[gid].size, r_shielded, round_to) for gid in shielded})
+        counts.update({gid: structure_count(self.groups[gid].size, r_shielded, steps.get(gid, 1)) for gid in shielded})
         return counts
 
-    def _uniform(self, target: float, ids: list[int], round_to: int, shielded: frozenset[int], cap: float) -> dict[int, int]:
+    def _uniform(
+        self, target: float, ids: list[int], steps: Mapping[int, int], shielded: frozenset[int], cap: float
+    ) -> dict[int, int]:
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            if self.reduction(self._fraction_counts(mid, ids, round_to, shielded, cap)) <= target:
+            if self.reduction(self._fraction_counts(mid, ids, steps, shielded, cap)) <= target:
                 lo = mid
             else:
                 hi = mid
-        return self._fraction_counts(lo, ids, round_to, shielded, cap)
+        return self._fraction_counts(lo, ids, steps, shielded, cap)
 
     def _global(self, target: float, ids: list[int], scores: Mapping[int, torch.Tensor]) -> dict[int, int]:
         by_kind: dict[str, list[float]] = {}
@@ -257,12 +318,12 @@ class ParamBudget:
         target: float,
         ids: list[int],
         scores: Mapping[int, torch.Tensor],
-        round_to: int,
+        steps: Mapping[int, int],
         tolerance: float,
         fixed: Mapping[int, int],
     ) -> dict[int, int]:
         counts = {**fixed, **counts}
-        step = {gid: round_to if round_to > 1 and self.groups[gid].size >= round_to else 1 for gid in ids}
+        step = {gid: steps.get(gid, 1) if steps.get(gid, 1) > 1 and self.groups[gid].size >= steps.get(gid, 1) else 1 for gid in ids}
         # cheapest increments first: the finest groups (most structures), lowest next score
         while self.reduction(counts) < target - tolerance:
             best, best_key = None, None
@@ -294,8 +355,9 @@ def zero_to_budget(
     *,
     kinds: tuple[str, ...] = ("channel", "head"),
     selection: str = "uniform",
-    round_to: int = 1,
+    round_to: int | Mapping[int, int] = 1,
     tolerance: float = 0.005,
+    equal: Iterable[int | str] = (),
 ) -> dict[int, torch.Tensor]:
     """One-shot pruning to a parameter budget: zero the lowest-scored structures, ``target`` of params.
 
@@ -309,7 +371,7 @@ def zero_to_budget(
 
     eligible = [g for g in groups if g.prunable and g.kind in kinds]
     budget = ParamBudget(model, eligible)
-    counts = budget.counts(target, scores, selection=selection, round_to=round_to, tolerance=tolerance)
+    counts = budget.counts(target, scores, selection=selection, round_to=round_to, tolerance=tolerance, equal=equal)
     table = TensorTable(model)
     chosen: dict[int, torch.Tensor] = {}
     for g in eligible:

@@ -1,6 +1,14 @@
 """The measurement of LoRAShear's knowledge distribution (Algorithm 3), free of any pass machinery:
-which node groups are perturbed, which slices each perturbation zeroes, and the perturb-evaluate-restore
-step that puts every weight back bit for bit. The pass is :mod:`shear.passes.lorashear.knowledge`.
+which node groups are perturbed, which slices each perturbation zeroes, the perturb-evaluate-restore
+step that puts every weight back bit for bit, and the evaluation of every validation source in one
+forward per window batch. The pass is :mod:`shear.passes.lorashear.knowledge`.
+
+A perturbation zeroes the primary slices (producer rows, bias, lora_B rows) of the chosen structures
+of the pruning groups a node group owns or, for a LoRA composite, produces: what LHSPG leaves behind
+when it removes those structures. Its :attr:`Perturbation.key` names those slices (canonical tensor,
+dim, flat indices), read from the IR's pruning groups; node groups with equal keys (a gated MLP's
+channel group and its gate/up composites, when the proxy picks the same structures) are one
+measurement.
 
 Example:
     >>> round(pooled_perplexity({"a": 10.0, "b": 40.0}), 6)
@@ -9,7 +17,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +30,15 @@ from shear.errors import KernelError
 from shear.graph.groups import PruningGroup
 from shear.graph.ir import Graph, NodeGroup
 from shear.kernels.allocation import structure_count
+from shear.kernels.losses import causal_lm_loss_sum, chunked_causal_lm_loss_sum, head_bypassed, output_head
 from shear.kernels.saliency import SaliencyScores
+from shear.model.devices import model_device
+from shear.model.facts import logits_of
 from shear.model.tensors import TensorTable
 
 __all__ = [
     "pooled_perplexity", "Perturbation", "network_order", "Chooser", "analysed_node_groups", "perturbations",
-    "measure_perturbed",
+    "measure_perturbed", "distinct", "source_perplexities",
 ]  # fmt: skip
 
 
@@ -47,6 +60,14 @@ class Perturbation:
     pruning_groups: tuple[int, ...]
     slices: tuple[tuple[torch.Tensor, int, torch.Tensor], ...]
     structures: int
+    key: str = ""
+    """Digest of the zeroed slices (canonical tensor name, dim, sorted flat indices): equal keys zero
+    the same weights, so they are one measurement."""
+
+    @property
+    def measurement(self) -> str:
+        """What names this perturbation's measurement: its key, else its node group."""
+        return self.key or f"node-group-{self.node_group.id}"
 
 
 def network_order(model: nn.Module, graph: Graph) -> dict[int, tuple[float, int]]:
@@ -81,7 +102,9 @@ def analysed_node_groups(
     graph: Graph, ratio: float, include: str, kinds: tuple[str, ...]
 ) -> list[tuple[NodeGroup, list[tuple[PruningGroup, list[Any], int]]]]:
     """The node groups a measurement perturbs, each with (pruning group, primary members it zeroes,
-    structures) per owned group; from the graph alone (no scores), so a cached result can be checked."""
+    structures) per owned group; from the graph alone (no scores), so a cached result can be checked.
+    A composite (LoRA linear) takes the pruning groups whose primary slices it holds (its output side)
+    and zeroes all their primary slices: removing a structure is all or nothing."""
     groups = {g.id: g for g in graph.pruning_groups}
     composites = {c.module: c for c in graph.composites}
     out: list[tuple[NodeGroup, list[tuple[PruningGroup, list[Any], int]]]] = []
@@ -93,12 +116,11 @@ def analysed_node_groups(
             g = groups.get(gid)
             if g is None or not g.prunable or g.kind not in kinds:
                 continue
+            members = list(g.primary)
             if ng.kind == "composed":
                 comp = composites.get(ng.name)
                 prefix = f"{comp.module if comp is not None else ng.name}."
-                members = [m for m in g.primary if m.param.startswith(prefix)]
-            else:
-                members = list(g.primary)
+                members = members if any(m.param.startswith(prefix) for m in members) else []
             n = structure_count(g.size, ratio)
             if members and n > 0:
                 owned.append((g, members, n))
@@ -113,15 +135,77 @@ def perturbations(
     out: list[Perturbation] = []
     for ng, owned in analysed_node_groups(graph, ratio, include, kinds):
         slices: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        named: list[tuple[str, int, bytes]] = []
         count = 0
         for g, members, n in owned:
             idx = choose(g, n, ng.id)
             for m in members:
                 t = table.get(m.param)
-                slices.append((t, m.dim, m.positions[idx].flatten().to(t.device)))
+                flat = m.positions[idx].flatten()
+                slices.append((t, m.dim, flat.to(t.device)))
+                named.append((table.resolve(m.param), m.dim, flat.sort().values.numpy().tobytes()))
             count += int(idx.numel())
-        out.append(Perturbation(ng, tuple(g.id for g, _, _ in owned), tuple(slices), count))
+        digest = hashlib.sha256()
+        for name, dim, flat_bytes in sorted(set(named)):
+            digest.update(f"{name}:{dim}:".encode() + flat_bytes + b";")
+        out.append(Perturbation(ng, tuple(g.id for g, _, _ in owned), tuple(slices), count, digest.hexdigest()))
     return out
+
+
+def distinct(todo: list[Perturbation]) -> dict[str, Perturbation]:
+    """The first perturbation of each key, in order: the measurements to make.
+
+    Example:
+        >>> len(distinct([]))
+        0
+    """
+    first: dict[str, Perturbation] = {}
+    for p in todo:
+        first.setdefault(p.measurement, p)
+    return first
+
+
+@torch.no_grad()
+def source_perplexities(model: nn.Module, windows: Mapping[str, torch.Tensor], *, batch_size: int) -> dict[str, float]:
+    """Per-source ``exp(mean next-token NLL)`` over ``[w, L]`` windows, every token scored; each forward
+    holds ``batch_size`` windows of every source (one forward for all sources when each has at most
+    ``batch_size`` windows), and the loss is summed per source.
+
+    Example:
+        >>> source_perplexities(model, {"a": ids[:2], "b": ids[2:4]}, batch_size=4)   # doctest: +SKIP
+        {'a': 31.2, 'b': 18.9}
+    """
+    names = [n for n in windows if windows[n].numel()]
+    if len({int(windows[n].shape[1]) for n in names}) > 1:
+        raise KernelError(f"source_perplexities: the windows of {names} differ in length; give one seq_len")
+    nll = dict.fromkeys(names, 0.0)
+    count = dict.fromkeys(names, 0)
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        depth = max((int(windows[n].shape[0]) for n in names), default=0)
+        for i in range(0, depth, batch_size):
+            parts = [(n, windows[n][i : i + batch_size]) for n in names if windows[n].shape[0] > i]
+            batch = torch.cat([w for _, w in parts]).to(device)
+            for (n, w), loss in zip(parts, _row_losses(model, batch, [len(w) for _, w in parts])):
+                nll[n] += loss
+                count[n] += w[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    return {n: math.exp(nll[n] / count[n]) if count[n] else float("nan") for n in names}
+
+
+def _row_losses(model: nn.Module, batch: torch.Tensor, rows: list[int]) -> list[float]:
+    """Summed NLL of consecutive row blocks of ``batch`` (``rows`` rows each), from one forward; the
+    output head and the loss run per block (:func:`shear.kernels.losses.model_nll_sum`'s path)."""
+    bounds = [(sum(rows[:k]), sum(rows[: k + 1])) for k in range(len(rows))]
+    if output_head(model) is not None:
+        with head_bypassed(model) as head:
+            hidden = logits_of(model(input_ids=batch, use_cache=False))
+        return [float(chunked_causal_lm_loss_sum(hidden[a:b], head, batch[a:b], chunk=1024)) for a, b in bounds]
+    logits = logits_of(model(input_ids=batch, use_cache=False))
+    return [float(causal_lm_loss_sum(logits[a:b], batch[a:b])) for a, b in bounds]
 
 
 def measure_perturbed(

@@ -4,7 +4,9 @@
   excess next-token loss in nats per token (0 = as good as dense; negative = better than dense);
 * :func:`source_weights` — the next round's sampling mixture from the degradations: every source
   keeps a floor share, the rest goes by ``softmax(d / temperature)`` or in proportion to ``d``;
-* :func:`relative_gain` / :func:`mean_log` — the convergence test on the mean validation log-ppl;
+* :func:`relative_gain` / :func:`mean_log` — relative change of a metric; the mean validation log-ppl;
+* :func:`perplexity_gain` / :class:`Patience` — the stopping rule: a stage stops once ``patience``
+  rounds in a row lowered perplexity by less than ``min_gain`` from the last round that did;
 * :func:`instruction_loss` — mean response-token NLL of instruction examples (labels -100 on the prompt);
 
 Example:
@@ -34,6 +36,8 @@ __all__ = [
     "source_weights",
     "mean_log",
     "relative_gain",
+    "perplexity_gain",
+    "Patience",
     "instruction_loss",
 ]
 
@@ -146,6 +150,51 @@ def relative_gain(before: float, after: float) -> float:
     if before == 0:
         return 0.0 if after == 0 else -math.inf
     return (before - after) / abs(before)
+
+
+def perplexity_gain(before: float, after: float) -> float:
+    """Share by which perplexity fell from ``exp(before)`` to ``exp(after)``, for log-perplexities (a mean
+    validation log-ppl, a mean NLL): ``1 - exp(after - before)``; negative when it rose.
+
+    Example:
+        >>> round(perplexity_gain(math.log(100.0), math.log(99.0)), 6)
+        0.01
+    """
+    if not math.isfinite(before):
+        return math.inf if math.isfinite(after) else 0.0
+    if not math.isfinite(after):
+        return -math.inf
+    return -math.expm1(after - before)
+
+
+class Patience:
+    """Early stopping on a log-perplexity across rounds: a round *improves* when perplexity fell by at
+    least ``min_gain`` (a share) from the reference, the last round that improved (or the start);
+    :meth:`update` says to stop once ``patience`` rounds in a row did not. Small gains add up: two
+    rounds of 0.3% each are one 0.6% improvement against the reference.
+
+    Example:
+        >>> rule = Patience(math.log(100.0), min_gain=0.005, patience=2)
+        >>> [rule.update(math.log(p)) for p in (90.0, 89.8, 89.7, 89.6)]
+        [False, False, True, True]
+        >>> rule.stale, round(math.exp(rule.reference), 1)
+        (3, 90.0)
+    """
+
+    def __init__(self, start: float, *, min_gain: float, patience: int) -> None:
+        if patience < 1:
+            raise KernelError(f"patience must be >= 1 (rounds without a gain before stopping), got {patience!r}")
+        if not (math.isfinite(min_gain) and min_gain >= 0):
+            raise KernelError(f"min_gain must be a share >= 0 (e.g. 0.005), got {min_gain!r}")
+        self.reference, self.min_gain, self.patience, self.stale = start, min_gain, patience, 0
+
+    def update(self, metric: float) -> bool:
+        """Count a round that ended at ``metric`` (the kept model's); True when the stage should stop."""
+        if perplexity_gain(self.reference, metric) >= self.min_gain and math.isfinite(metric):
+            self.reference, self.stale = metric, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,8 +52,9 @@ def strip_peft_prefix(name: str) -> str:
 
 def base_weight_name(name: str) -> str:
     """The name a tensor of a peft-wrapped model has in the plain model: no ``base_model.model.``
-    prefix, and ``.base_layer.`` (peft's wrapper around the frozen layer) folded away."""
-    return strip_peft_prefix(name).replace(".base_layer.", ".")
+    prefix, and ``.base_layer.`` (peft's wrapper around the frozen layer, nested for LoRA on several
+    tensors of one module) folded away."""
+    return re.sub(r"(?:\.base_layer)+\.", ".", strip_peft_prefix(name))
 
 
 def logits_of(output: Any) -> torch.Tensor:

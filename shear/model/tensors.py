@@ -25,6 +25,7 @@ from torch import nn
 
 from shear.errors import GraphError
 from shear.graph.groups import Member, PruningGroup
+from shear.model.experts import route_around_absent_experts
 
 __all__ = ["TensorTable", "drop_indices", "nonzero_structures", "zero_structures"]
 
@@ -119,11 +120,16 @@ def nonzero_structures(table: TensorTable, group: PruningGroup, members: Iterabl
 
 
 def zero_structures(model: nn.Module | TensorTable, group: PruningGroup, indices: torch.Tensor) -> None:
-    """Zero the primary slices of structures ``indices`` of ``group`` in place (weights, bias, lora_B)."""
+    """Zero the primary slices of structures ``indices`` of ``group`` in place (weights, bias, lora_B).
+
+    Zeroing an ``expert`` (its router row) gives the model's routers the absent-expert hook
+    (:func:`shear.model.experts.route_around_absent_experts`)."""
     table = model if isinstance(model, TensorTable) else TensorTable(model)
     indices = torch.as_tensor(indices, dtype=torch.long)
     if indices.numel() == 0:
         return
+    if group.kind == "expert":  # a zero router row must mean "absent", not "logit 0"
+        route_around_absent_experts(table.model)
     with torch.no_grad():
         for m in group.primary:
             t = table.get(m.param)

@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -69,6 +69,7 @@ __all__ = [
     "canonical_key",
     "ensures_key",
     "missing_error",
+    "pruned_kinds",
 ]
 
 @dataclass
@@ -123,6 +124,10 @@ class Pass:
     restructures: ClassVar[bool] = False
     """True for passes that may change the model's structure (``lora``, ``erase``); their
     :class:`PassResult` says whether they did, and the pass manager plans a new discovery after them."""
+    prunes: ClassVar[bool] = False
+    """True for passes that choose structures to remove (their ``kinds`` option, all kinds without
+    one): a serving target that holds only some kinds (``nas``: MLP widths and whole blocks) is
+    checked against them before the run."""
     auto_insert: ClassVar[bool] = True
     """Whether the pass manager may run this pass by itself to provide a missing prerequisite
     (``keep-dense`` may not: a copy taken late in a pipeline is not the dense model)."""
@@ -174,3 +179,21 @@ def register_pass(cls: P) -> P:
         raise PipelineError(f"pass name {name!r} is already registered by {existing.__qualname__}")
     PASS_REGISTRY[name] = cls
     return cls
+
+
+def pruned_kinds(passes: Sequence[Pass]) -> tuple[str, ...]:
+    """The group kinds ``passes`` may remove: the ``kinds`` of every pass that :attr:`~Pass.prunes`
+    (every kind for one without a ``kinds`` option).
+
+    Example:
+        >>> from shear.passes import lookup_pass
+        >>> pruned_kinds([lookup_pass("lhspg")(ratio=0.2), lookup_pass("erase")()])
+        ('channel',)
+    """
+    from shear.graph.groups import GROUP_KINDS
+
+    kinds: set[str] = set()
+    for p in passes:
+        if p.prunes:
+            kinds.update(getattr(p, "kinds", None) or GROUP_KINDS)
+    return tuple(k for k in GROUP_KINDS if k in kinds)

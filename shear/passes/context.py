@@ -21,6 +21,7 @@ from torch import nn
 
 from shear.errors import PipelineError
 from shear.graph.ir import Graph
+from shear.model.target import Target
 
 if TYPE_CHECKING:
     from shear.progress import ProgressBar, ProgressSink
@@ -41,6 +42,9 @@ class Options:
     verify: bool = True
     """False when the caller turned verification off (``shear.compile(verify=False)``): ``erase``
     then skips its own check."""
+    target: Target | None = None
+    """Where the model will run, resolved (:mod:`shear.model.target`): passes with ``round_to=0`` and
+    ``selection=auto`` take widths and layout from it; ``None``: no target (any width, uniform)."""
 
 
 _LEGACY_RETIRED: dict[str, tuple[str, ...]] = {

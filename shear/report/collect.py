@@ -66,9 +66,15 @@ class ReportData:
     """``{"before": {source: ppl}, "after": {source: ppl}}`` where the caller measured it."""
     generations: list[dict[str, str]] | None = None
     """``[{"prompt", "before", "after"}]`` where the caller generated text."""
+    verdict: dict[str, Any] | None = None
+    """The quality verdict (:meth:`shear.evaluation.verdict.Verdict.to_dict`) when the run evaluated."""
+    speed: dict[str, Any] | None = None
+    """Dense vs pruned tokens/s (:meth:`shear.evaluation.speed.SpeedComparison.to_dict`) when measured."""
     graph: Graph | None = field(default=None, repr=False)
     """The IR the drawing shows (the LoRA-wrapped graph the pipeline pruned, when it had one)."""
     notes: list[str] = field(default_factory=list)
+    target: dict[str, Any] | None = None
+    """The run's resolved target (:meth:`shear.model.target.Target.to_dict`), ``None`` without one."""
 
 
 def pick_graph(results: Mapping[str, Any]) -> Graph | None:
@@ -131,7 +137,7 @@ def layer_widths(
                 )
             )
         else:
-            word = {"head": "heads", "residual": "width"}.get(sample.kind, "channels")
+            word = {"head": "heads", "residual": "width", "expert": "experts"}.get(sample.kind, "channels")
             rows.append(
                 WidthRow(
                     f"{where}: {word}", col(lambda g: g.size_before), col(lambda g: g.size_after - g.zeroed)
@@ -238,6 +244,7 @@ def collect(ctx: Any, report: Any, title: str | None = None) -> ReportData:
         ],
         warnings=list(report.warnings),
         graph=graph,
+        target=getattr(report, "target", None),
     )
     for p in report.passes:
         if "verify_max_diff" in p.stats:
@@ -270,6 +277,11 @@ def collect(ctx: Any, report: Any, title: str | None = None) -> ReportData:
     if lh is not None and hasattr(lh, "periods"):
         spec = next((p.spec for p in report.passes if p.name == "lhspg"), "lhspg")
         data.lhspg = _lhspg(lh, spec)
+    verdict = getattr(report, "verdict", None)
+    if verdict is not None:
+        data.verdict = verdict.to_dict()
+        if data.speed is None and verdict.speed is not None:
+            data.speed = verdict.speed  # the speed section's data (ReportData.speed)
     rec = ctx.find("recover-dynamic")
     if rec is not None and hasattr(rec, "rounds"):
         data.recovery = _recovery(rec)

@@ -1,6 +1,8 @@
 """``report.html``: one self-contained page of what a pruning run did, for a browser with no network.
 
-Sections, in order: summary (parameters before/after), passes with their times, verification,
+Sections, in order: the quality verdict ("kept X% of dense quality", good/warn/bad, measured before
+and after on held-out text), speed (dense vs pruned tokens/s, efficiency, slow widths), summary
+(parameters before/after), passes with their times, verification,
 kept widths per layer (a heatmap of heads, kv heads and MLP channels), the knowledge distribution,
 LHSPG's schedule (structures zeroed per period, loss per step), the recovery rounds (per-source
 perplexity, source mixture), perplexity and generations before/after, and the folded IR drawing
@@ -31,10 +33,14 @@ from shear.graph.draw import KIND_COLOURS, group_class, to_svg
 from shear.graph.fold import display_kind, fold
 from shear.report import charts
 from shear.report.collect import ReportData
+from shear.report.speed_html import speed_body
+from shear.report.verdict_html import verdict_body
 
 __all__ = ["render", "write_html", "SECTIONS"]
 
 SECTIONS: tuple[tuple[str, str], ...] = (
+    ("verdict", "Quality verdict"),
+    ("speed", "Speed: dense vs pruned"),
     ("summary", "Summary"),
     ("passes", "Passes"),
     ("verification", "Verification"),
@@ -63,6 +69,9 @@ th{background:#f5f5f5} td.num{text-align:right;font-variant-numeric:tabular-nums
 .kpi{display:inline-block;margin:4px 28px 4px 0} .kpi b{display:block;font-size:22px}
 .tbar{display:inline-block;height:9px;background:#4e79a7;vertical-align:middle}
 .warn{color:#8a5a00} .ok{color:#2e7d32} .bad{color:#c62828}
+p.verdict b{font-size:22px;vertical-align:middle}
+.badge{display:inline-block;padding:3px 12px;border-radius:12px;font-weight:bold;vertical-align:middle;margin-right:8px}
+.badge.good,.badge.warn,.badge.bad{color:#fff} .badge.good{background:#2e7d32} .badge.warn{background:#e09100} .badge.bad{background:#c62828}
 pre.gen{white-space:pre-wrap;background:#f7f7f7;padding:6px;margin:2px 0;font-size:12px;max-width:620px}
 .legend li{display:inline-block;margin:2px 6px;padding:2px 8px;border-radius:10px;border:2px solid;font-size:12px;cursor:pointer}
 .legend li.hl{background:#fff3c4}
@@ -142,6 +151,8 @@ def _summary(d: ReportData) -> str:
     ]
     body = "".join(f'<div class="kpi">{escape(k)}<b>{v}</b></div>' for k, v in kpis)
     body += f"<p>pipeline: <code>{escape(d.pipeline) or 'none'}</code></p>"
+    if d.target:
+        body += f"<p>{escape(str(d.target.get('describe', '')))}</p>"
     if d.warnings:
         body += "<ul>" + "".join(f'<li class="warn">{escape(w)}</li>' for w in d.warnings) + "</ul>"
     body += "".join(f"<p>{escape(n)}</p>" for n in d.notes)
@@ -231,6 +242,16 @@ def _knowledge(d: ReportData) -> str:
         ylabel="Δ perplexity (symlog)",
         symlog=True,
     )
+    protected = sorted(
+        (e for e in entries if e["unprunable"]), key=lambda e: (e["deviation"] is not None, -(e["deviation"] or 0.0))
+    )
+    if protected:
+        rows = [
+            [escape(e["name"]), escape(e["kind"]), _num(e["structures"]), _num(e["ppl"], ".3f"), _num(e["deviation"], "+.3f")]
+            for e in protected
+        ]
+        body += "<p>Protected node groups, most sensitive first (Δ perplexity when pruned; - : not finite):</p>"
+        body += _table(["node group", "kind", "structures zeroed", "perplexity", "Δ perplexity"], rows, {2, 3, 4})
     return _section("knowledge", body)
 
 
@@ -330,6 +351,24 @@ def _recovery(d: ReportData) -> str:
     return _section("recovery", body)
 
 
+def _speed(d: ReportData) -> str:
+    if not d.speed:
+        return _section("speed", _not_run(
+            "speed was not measured: shear prune measures it with the verdict; in Python, "
+            "shear.evaluation.compare_speed(dense, pruned); on demand, shear bench DENSE PRUNED"
+        ))  # fmt: skip
+    return _section("speed", speed_body(d.speed, _table))
+
+
+def _verdict(d: ReportData) -> str:
+    if not d.verdict:
+        return _section("verdict", _not_run(
+            "quality was not measured: shear prune measures it unless --no-eval; in Python, "
+            "shear.compile(..., data=TextData, evaluate=True)"
+        ))  # fmt: skip
+    return _section("verdict", verdict_body(d.verdict, _table))
+
+
 def _quality(d: ReportData) -> str:
     parts = []
     if d.perplexity:
@@ -341,7 +380,10 @@ def _quality(d: ReportData) -> str:
             rows.append([escape(s), _num(b, ".2f"), _num(a, ".2f"), change])
         parts.append(_table(["source", "perplexity before", "after", "change"], rows, {1, 2, 3}))
     else:
-        parts.append(_not_run("perplexity before/after (measured by the caller, e.g. the demo)"))
+        parts.append(
+            "<p>perplexity per source before/after: in the quality verdict above</p>"
+            if d.verdict else _not_run("perplexity before/after (shear prune without --no-eval, or evaluate=True)")
+        )
     if d.generations:
         rows = [
             [
@@ -353,7 +395,10 @@ def _quality(d: ReportData) -> str:
         ]
         parts.append(_table(["prompt", "before", "after"], rows))
     else:
-        parts.append(_not_run("generations before/after (made by the caller, e.g. the demo)"))
+        parts.append(
+            "<p>generations before/after: in the quality verdict above</p>"
+            if d.verdict else _not_run("generations before/after (shear prune without --no-eval, or evaluate=True)")
+        )
     return _section("quality", "\n".join(parts))
 
 
@@ -411,7 +456,7 @@ def render(d: ReportData) -> str:
     nav = "".join(f'<a href="#{sid}">{escape(h)}</a>' for sid, h in SECTIONS)
     body = "\n".join(
         f(d)
-        for f in (_summary, _passes, _verification, _widths, _knowledge, _lhspg, _recovery, _quality, _ir)
+        for f in (_verdict, _speed, _summary, _passes, _verification, _widths, _knowledge, _lhspg, _recovery, _quality, _ir)
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -67,6 +67,10 @@ class CompileReport:
     warnings: list[str] = field(default_factory=list)
     verify_max_diff: float | None = None
     """Largest |small - masked| seen by the equivalence check (``None`` when it did not run)."""
+    target: dict[str, Any] | None = None
+    """The run's resolved target (:meth:`shear.model.target.Target.to_dict`); ``None``: no target."""
+    verdict: Any = field(default=None, repr=False, compare=False)
+    """The quality verdict (:class:`shear.evaluation.verdict.Verdict`) when ``compile(evaluate=...)`` ran."""
     details: Any = field(default=None, repr=False, compare=False)
     """What the HTML report shows (:class:`shear.report.ReportData`: the graph, the passes' results);
     not part of :meth:`to_dict`."""
@@ -83,8 +87,9 @@ class CompileReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-serialisable); ``details`` left out."""
-        out = dataclasses.asdict(dataclasses.replace(self, details=None))
+        out = dataclasses.asdict(dataclasses.replace(self, details=None, verdict=None))
         out.pop("details", None)
+        out["verdict"] = self.verdict.to_dict() if self.verdict is not None else None
         return out
 
     def __rich__(self) -> Any:
@@ -116,6 +121,10 @@ class CompileReport:
             summary += f", equivalence max |diff| {self.verify_max_diff:.2e}"
         parts.append(summary)
         parts.extend(f"[yellow]warning:[/yellow] {w}" for w in self.warnings)
+        if self.verdict is not None:
+            from rich.text import Text
+
+            parts.append(Text(self.verdict.format()))
         return Group(*parts)
 
     def __str__(self) -> str:

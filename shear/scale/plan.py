@@ -1,9 +1,10 @@
 """``shear.plan``: what pruning a model at a ratio gives and needs, from its config alone.
 
 No weight is read or allocated: the model is built on the meta device and its groups are stamped
-from a two-block trace (:mod:`shear.scale.source`). For a per-group ``ratio`` (as
-``magnitude{ratio=...}`` prunes: ``round(ratio * size)`` structures of every prunable group, at most
-``size - 1``), the plan reports
+from a two-block trace (:mod:`shear.scale.source`). For a ``ratio`` (the share of the parameters, as
+``shear prune --ratio`` removes it) or a ``group_ratio`` (``round(ratio * size)`` structures of every
+prunable group, as ``magnitude{ratio=...}`` prunes; :mod:`shear.scale.counts`), with widths in the
+target's steps (:mod:`shear.model.target`), the plan reports
 
 * the pruning groups, folded over blocks (``model.layers.*.mlp/channel`` x 126), and structure counts;
 * the parameter count after erasure, **computed exactly** from the shapes (which structures go does
@@ -13,8 +14,8 @@ from a two-block trace (:mod:`shear.scale.source`). For a per-group ``ratio`` (a
 
 Example:
     >>> p = shear.plan("llama-405b/config.json", ratio=0.2, world_size=64)       # doctest: +SKIP
-    >>> p.params_after / p.params_before                                          # doctest: +SKIP
-    0.66...
+    >>> round(1 - p.params_after / p.params_before, 2)                           # doctest: +SKIP
+    0.2
     >>> print(p.format())                                                         # doctest: +SKIP
 """
 
@@ -30,7 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from shear.io.targets import target_for
+from shear.model.target import Target, parse_target, round_steps
 from shear.passes.options import require_number
+from shear.scale.counts import DEFAULT_KINDS, check_ratios, structure_counts
 from shear.scale.memory import MemoryLine, ModelShape, Training, format_bytes, lhspg_memory, streamed_memory
 from shear.scale.source import ModelSource, blocks_of, open_source
 
@@ -47,7 +51,7 @@ class GroupFamily:
     count: int
     size: int
     removed: int
-    """Structures the ratio removes from each group (0 for pinned groups)."""
+    """Structures the ratio removes from each group (0 for pinned groups and kinds not pruned)."""
     status: str
     """``prunable``, or ``pinned: <reason>``."""
 
@@ -58,7 +62,8 @@ class PrunePlan:
 
     model_class: str
     source: str
-    ratio: float
+    ratio: float | None
+    """The share of the parameters asked for (``--ratio``); ``None`` with :attr:`group_ratio`."""
     num_blocks: int
     stamped: bool
     families: tuple[GroupFamily, ...]
@@ -74,6 +79,13 @@ class PrunePlan:
     weight_dtype: str
     seconds: float
     notes: tuple[str, ...] = field(default=())
+    group_ratio: float | None = None
+    """The share of every group's structures (``--group-ratio``) when the plan was made for one;
+    ``ratio`` is then ``None``."""
+    kinds: tuple[str, ...] = ()
+    """Group kinds pruned."""
+    target: str = ""
+    """The resolved target, as :meth:`shear.model.target.Target.describe` says it."""
 
     @property
     def lhspg_bytes(self) -> int:
@@ -87,15 +99,22 @@ class PrunePlan:
             + ("stamped from a 2-block meta trace" if self.stamped else "traced on the meta device")
             + f" ({self.seconds:.1f} s, no weights read)",
             "",
-            f"pruning groups at ratio {self.ratio:g} (per group, as magnitude{{ratio={self.ratio:g}}}):",
+            *([self.target] if self.target else []),
+            (f"pruning groups at group ratio {self.group_ratio:g} (share of every {'/'.join(self.kinds)} group, as "
+             f"magnitude{{ratio={self.group_ratio:g}}}):") if self.group_ratio is not None else
+            (f"pruning groups for ratio {self.ratio:g} (share of the parameters, from the {'/'.join(self.kinds)} groups, "
+             f"as shear prune --ratio {self.ratio:g}):"),
             f"  {'group':<44} {'kind':<9} {'count':>6} {'size':>7} {'remove':>7}  status",
         ]
         for f in self.families:
             out.append(f"  {f.name:<44} {f.kind:<9} {f.count:>6} {f.size:>7} {f.removed:>7}  {f.status[:70]}")
         red = 1 - self.params_after / max(self.params_before, 1)
+        pruned = sum(f.count * f.size for f in self.families if f.kind in self.kinds and f.status == "prunable")
         out += [
-            f"structures: {self.structures:,} prunable, {self.structures_removed:,} removed",
-            f"parameters: {self.params_before:,} -> {self.params_after:,} (-{red:.1%}; exact count from the shapes)",
+            f"structures: {self.structures:,} prunable, {self.structures_removed:,} removed "
+            f"({self.structures_removed / max(pruned, 1):.1%} of the {'/'.join(self.kinds)} structures: the group ratio)",
+            f"parameters: {self.params_before:,} -> {self.params_after:,} (-{red:.1%} of the parameters: the ratio; "
+            "exact count from the shapes)",
             "config after: " + ", ".join(f"{k}={v}" for k, v in self.config_after.items())
             + ("" if self.from_pretrained_compatible else "  (shear.load only: transformers cannot express these sizes)"),
             "",
@@ -166,19 +185,22 @@ def _model_shape(src: ModelSource, e: int) -> ModelShape:
 
 
 def plan_source(
-    src: ModelSource, ratio: float, training: Training, *, round_to: int = 1, started: float | None = None,
+    src: ModelSource, ratio: float | None, training: Training, *, round_to: int = 0, started: float | None = None,
+    group_ratio: float | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS, target: Target | None = None,
 ) -> tuple[PrunePlan, dict[int, int]]:
     """:func:`plan` on an opened source; also returns the per-group counts. Mutates ``src.model``
-    (the meta skeleton becomes the pruned shapes). ``ratio`` and ``round_to`` are as :func:`plan` checked them."""
+    (the meta skeleton becomes the pruned shapes). The options are as :func:`plan` checked them;
+    ``target`` is resolved (``None``: any width)."""
     from dataclasses import replace
 
     from shear.codegen.hf_config import candidate_config_updates, refresh_config
     from shear.codegen.module_tree import apply_plan, plan_removal
-    from shear.kernels.allocation import ParamBudget, structure_count
+    from shear.kernels.allocation import ParamBudget
 
     t0 = started if started is not None else time.perf_counter()
     groups = src.graph.pruning_groups
-    counts = {g.id: structure_count(g.size, ratio, round_to) for g in groups if g.prunable}
+    counts = structure_counts(src.model, groups, ratio=ratio, group_ratio=group_ratio, kinds=kinds, target=target,
+                              round_to=round_to)  # fmt: skip
     budget = ParamBudget(src.model, groups)
     dtype, e = weight_bytes_of(src.config)
     shape = replace(_model_shape(src, e), params=budget.total, lora_params=0)
@@ -190,6 +212,10 @@ def plan_source(
     updates = candidate_config_updates(src.model) or {}
     biggest_after = max(math.prod(p.shape) for p in src.model.parameters()) * e
     notes = []
+    steps = round_steps(target, groups, round_to)
+    if not isinstance(steps, int) and budget.off_grid(counts, steps):
+        notes.append(f"{len(budget.off_grid(counts, steps))} groups keep widths off the target's steps: whole steps "
+                     "cannot reach the ratio on this model")
     if not src.stamped:
         notes.append("groups come from a trace of every block (layers='all' or fewer than 3 blocks)")
     result = PrunePlan(
@@ -211,32 +237,43 @@ def plan_source(
         weight_dtype=dtype,
         seconds=time.perf_counter() - t0,
         notes=tuple(notes),
+        group_ratio=group_ratio,
+        kinds=kinds,
+        target=target.describe() if target is not None else "",
     )
     return result, counts
 
 
 def plan(
     model: str | os.PathLike[str],
-    ratio: float = 0.2,
+    ratio: float | None = None,
     *,
     world_size: int = 8,
     batch: int = 1,
     seq_len: int = 2048,
     lora_r: int = 8,
-    round_to: int = 1,
+    round_to: int = 0,
     layers: str = "stamp",
+    group_ratio: float | None = None,
+    kinds: tuple[str, ...] | None = None,
+    target: str | Target | None = "auto",
 ) -> PrunePlan:
-    """Plan pruning ``model`` (a directory with config.json, or a config JSON path) at ``ratio``.
+    """Plan pruning ``model`` (a directory with config.json, or a config JSON path) by ``ratio``, the
+    share of the parameters removed (0.2 when neither ratio is given), or by ``group_ratio``, the
+    share of every group (:mod:`shear.scale.counts`; ``kinds``: the group kinds pruned).
 
-    Nothing is loaded but the config; see the module doc for what is exact and what is predicted.
+    Widths follow ``target`` (``"auto"``: this machine's device, ``nas`` when the model fits it;
+    ``None``: any width); ``round_to`` > 0 overrides it. Nothing is loaded but the config; see the
+    module doc for what is exact and what is predicted.
 
     Example:
         >>> p = shear.plan("./llama-405b", 0.2, world_size=64, seq_len=4096)   # doctest: +SKIP
         >>> p.params_after < p.params_before                                    # doctest: +SKIP
         True
     """
-    require_number("plan", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
-    require_number("plan", "round_to", round_to, integer=True, low=1, high=1 << 20)
+    ratio, group_ratio, chosen = check_ratios("plan", ratio, group_ratio, kinds)
+    require_number("plan", "round_to", round_to, integer=True, low=0, high=1 << 20)
+    wanted = parse_target(target) if target is not None else None
     for name, value, high in (
         ("world_size", world_size, 1 << 20), ("batch", batch, 1 << 20), ("seq_len", seq_len, 1 << 24), ("lora_r", lora_r, 1 << 16)
     ):
@@ -244,4 +281,6 @@ def plan(
     t0 = time.perf_counter()
     src = open_source(model, layers=layers)
     training = Training(world_size=world_size, batch=batch, seq_len=seq_len, lora_r=lora_r)
-    return plan_source(src, ratio, training, round_to=round_to, started=t0)[0]
+    resolved = target_for(wanted, src.model) if wanted is not None else None
+    return plan_source(src, ratio, training, round_to=round_to, started=t0, group_ratio=group_ratio, kinds=chosen,
+                       target=resolved)[0]  # fmt: skip

@@ -1,8 +1,9 @@
 """Structured magnitude saliency streamed from safetensors shards, one tensor in memory at a time.
 
-It chooses exactly what the ``magnitude`` pass chooses in memory (``magnitude{ratio=...}``): in
-every prunable group, the ``structure_count(size, ratio)`` structures with the lowest L2 norm over
-all their parameter slices. The pass walks the groups in order and zeroes each group's choice
+It chooses exactly what the ``magnitude`` pass chooses in memory
+(:func:`~shear.passes.baselines.magnitude.prune_lowest_norm`): in every prunable group, the
+``structure_count(size, ratio)`` structures (or ``counts[group]``, the per-group counts of a
+parameter ratio: :mod:`shear.scale.counts`) with the lowest L2 norm over all their parameter slices. The pass walks the groups in order and zeroes each group's choice
 before scoring the next, so a group that shares a tensor with an earlier one (an MLP channel group
 reads ``down_proj`` columns after the residual group zeroed some of its rows) sees those zeros.
 Here the groups are put into *levels*: a group's level is one more than the highest level of the
@@ -22,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -128,12 +129,14 @@ def group_levels(table: TensorTable, groups: list[PruningGroup]) -> dict[int, in
 
 def stream_magnitude(
     ckpt: ShardedCheckpoint, src: ModelSource, ratio: float, *, round_to: int = 1, keys: TensorKeys | None = None,
-    chunk: int = CHUNK_ELEMENTS, on_tensor: Callable[[str], None] | None = None,
+    chunk: int = CHUNK_ELEMENTS, on_tensor: Callable[[str], None] | None = None, counts: Mapping[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Group id -> sorted indices of the structures ``magnitude{ratio}`` removes, read from ``ckpt``."""
+    """Group id -> sorted indices of the structures ``magnitude{ratio}`` removes, read from ``ckpt``;
+    with ``counts``, that many of each group it names (and no other group)."""
     keys = keys or tensor_keys(ckpt, src)
     table = keys.table
-    groups = sorted((g for g in src.graph.pruning_groups if g.prunable), key=lambda g: g.id)
+    groups = sorted((g for g in src.graph.pruning_groups if g.prunable and (counts is None or counts.get(g.id, 0) > 0)),
+                    key=lambda g: g.id)  # fmt: skip
     level = group_levels(table, groups)
     rank = {name: i for i, name in enumerate(ckpt.order())}
     chosen: dict[int, torch.Tensor] = {}
@@ -168,6 +171,6 @@ def stream_magnitude(
             sq = torch.zeros(g.size, dtype=torch.float64)
             for j, _, _ in _scored(table, g):
                 sq += parts[g.id][j]
-            n = structure_count(g.size, ratio, round_to)
+            n = counts[g.id] if counts is not None else structure_count(g.size, ratio, round_to)
             chosen[g.id] = torch.sort(sq.sqrt(), stable=True).indices[:n].sort().values
     return chosen

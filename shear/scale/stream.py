@@ -7,7 +7,11 @@ columns (:func:`shear.codegen.module_tree.drop_indices`, the in-memory codegen's
 the RMS norms over a shrunk width, and appends it to the output shard it came from
 (:class:`~shear.scale.writer.SafetensorsWriter`). The shapes, the refreshed config and the module
 attributes come from applying the same :class:`~shear.codegen.module_tree.ErasurePlan` to the meta
-skeleton, so the output equals what ``shear.compile(model, "magnitude{ratio=...},erase")`` saves.
+skeleton, so the output equals what the in-memory magnitude choice
+(:func:`~shear.passes.baselines.magnitude.prune_lowest_norm` with the same counts) and ``erase``
+save. ``ratio`` is the share of the parameters (as ``shear prune --ratio``); ``group_ratio`` the
+share of every group (``shear.compile(model, "magnitude{ratio=...},erase")`` exactly):
+:mod:`shear.scale.counts`.
 
 The output directory is a shear checkpoint: the shards (same names as the source's) and their
 index, ``config.json`` (sizes refreshed where transformers can express them), the non-persistent
@@ -40,7 +44,10 @@ import torch
 from shear.codegen.module_tree import ErasurePlan, apply_plan, drop_indices, plan_removal
 from shear.errors import CheckpointError, PipelineError
 from shear.io.outputs import atomic_dir, check_output_dir
+from shear.io.targets import target_for
+from shear.model.target import Target, parse_target
 from shear.passes.options import require_number
+from shear.scale.counts import check_ratios, structure_counts
 from shear.scale.scores import TensorKeys, stream_magnitude, tensor_keys
 from shear.scale.shards import INDEX, ShardedCheckpoint
 from shear.scale.source import ModelSource, open_source
@@ -78,16 +85,24 @@ class StreamReport:
     from_pretrained_compatible: bool
     stages: tuple[Stage, ...]
     notes: tuple[str, ...] = field(default=())
+    structures_pruned: int = 0
+    """Structures of the groups of the kinds pruned (what the group ratio is a share of)."""
+    target: str = ""
+    """The resolved target, as :meth:`shear.model.target.Target.describe` says it."""
 
     def format(self) -> str:
         """The stage table (measured wall time and peak RSS) and the parameter counts."""
         red = 1 - self.params_after / max(self.params_before, 1)
         lines = [f"{'stage':<24} {'wall s':>8} {'peak RSS MB':>12}"]
         lines += [f"{s.name:<24} {s.seconds:>8.1f} {s.peak_rss_bytes / 2**20:>12.0f}" for s in self.stages]
+        share = f" ({self.structures_removed / self.structures_pruned:.1%} of the pruned kinds' structures)" if self.structures_pruned else ""
         lines.append(
-            f"{self.structures_removed:,} structures erased: {self.params_before:,} -> {self.params_after:,} parameters "
-            f"(-{red:.1%}); wrote {self.output}" + ("" if self.from_pretrained_compatible else " (shear.load only)")
+            f"{self.structures_removed:,} structures erased{share}: {self.params_before:,} -> {self.params_after:,} "
+            f"parameters (-{red:.1%} of the parameters); wrote {self.output}"
+            + ("" if self.from_pretrained_compatible else " (shear.load only)")
         )
+        if self.target:
+            lines.append(self.target)
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -158,8 +173,15 @@ def write_pruned(
 ) -> tuple[ErasurePlan, bool]:
     """Write the pruned checkpoint into the (empty) directory ``tmp``; return the plan and whether a
     plain ``from_pretrained`` can rebuild it. Mutates ``src.model`` into the pruned meta skeleton."""
-    from shear.codegen.hf_config import candidate_config_updates, refresh_config
-    from shear.io.checkpoint import FORMAT, VERSION, module_attributes, record_files
+    from shear.codegen.hf_config import candidate_config_updates, refresh_config, unloadable_config
+    from shear.io.checkpoint import (
+        FORMAT,
+        SHEAR_CONFIG,
+        SHEAR_ONLY_NOTE,
+        VERSION,
+        module_attributes,
+        record_files,
+    )
 
     keys = keys or tensor_keys(ckpt, src)
     config0 = copy.deepcopy(src.model.config)
@@ -214,7 +236,13 @@ def write_pruned(
     if compatible:
         cfg.update(candidate_config_updates(src.model) or {})
     cfg.setdefault("architectures", [type(src.model).__name__])
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # per-layer widths: the real config goes where shear.load reads it, and config.json makes stock
+    # transformers refuse the folder naming shear.load, never build it with the old sizes
+    config_file = "config.json" if compatible else SHEAR_CONFIG
+    (tmp / config_file).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if not compatible:
+        refused = unloadable_config(cfg, type(src.model.config), SHEAR_ONLY_NOTE)
+        (tmp / "config.json").write_text(json.dumps(refused, indent=2, sort_keys=True) + "\n")
     for name in COPIED_FILES:
         if (ckpt.root / name).is_file():
             shutil.copyfile(ckpt.root / name, tmp / name)
@@ -237,6 +265,9 @@ def write_pruned(
         "peft": None,
         "weights": [f for f in ckpt.files if f in by_file],
         "files": {},
+        "target": "hf" if compatible else "shear",
+        "target_note": "" if compatible else SHEAR_ONLY_NOTE,
+        "config_file": config_file,
     }
     record_files(tmp, manifest)
     (tmp / "shear.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -246,23 +277,29 @@ def write_pruned(
 def prune_streamed(
     model: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    ratio: float = 0.2,
+    ratio: float | None = None,
     *,
     criterion: str = "magnitude",
-    round_to: int = 1,
+    round_to: int = 0,
     overwrite: bool = False,
     integrity: bool = False,
     layers: str = "stamp",
     progress: Callable[[str, str], None] | None = None,
+    group_ratio: float | None = None,
+    kinds: tuple[str, ...] | None = None,
+    target: str | Target | None = "auto",
 ) -> StreamReport:
-    """Prune the safetensors checkpoint in ``model`` by ``criterion`` at per-group ``ratio`` into ``output``.
+    """Prune the safetensors checkpoint in ``model`` by ``criterion`` into ``output``: ``ratio`` of the
+    parameters (0.2 when neither ratio is given), or ``group_ratio`` of every group's structures
+    (:mod:`shear.scale.counts`), widths in the ``target``'s steps (``round_to`` > 0 overrides them).
 
-    Equals ``shear.save(shear.compile(model, "magnitude{ratio=...},erase"), output)`` without ever
-    holding the model; see the module doc. ``integrity`` also checks the source shards' sha256
-    where a ``shear.json`` lists them. ``progress(stage, tensor)`` is called after each tensor.
+    With ``group_ratio`` and ``round_to=1`` (or ``target=None``) it equals
+    ``shear.save(shear.compile(model, "magnitude{ratio=...},erase"), output)`` without ever holding
+    the model; see the module doc. ``integrity`` also checks the source shards' sha256 where a
+    ``shear.json`` lists them. ``progress(stage, tensor)`` is called after each tensor.
 
     Raises:
-        PipelineError: an unknown criterion or a ratio outside (0, 1).
+        PipelineError: an unknown criterion, both ratios, or a ratio outside (0, 1).
         CheckpointError: a shard is missing, truncated or corrupt, or does not match config.json.
         OutputError: ``output`` exists (without ``overwrite``), is or lies inside the source, or
             its disk lacks the space.
@@ -275,8 +312,9 @@ def prune_streamed(
             f"stream-prune: criterion {criterion!r} does not stream; choose from {', '.join(CRITERIA)} "
             "(activation and Taylor criteria need calibration data or gradients: prune in memory with shear.compile)"
         )
-    require_number("stream-prune", "ratio", ratio, low=0.0, high=1.0, open_low=True, open_high=True)
-    require_number("stream-prune", "round_to", round_to, integer=True, low=1, high=1 << 20)
+    ratio, group_ratio, chosen_kinds = check_ratios("stream-prune", ratio, group_ratio, kinds)
+    require_number("stream-prune", "round_to", round_to, integer=True, low=0, high=1 << 20)
+    wanted = parse_target(target) if target is not None else None
     stages: list[Stage] = []
     source = Path(model).expanduser()
     with measure_stage("plan (meta)", stages):
@@ -285,9 +323,12 @@ def prune_streamed(
         src = open_source(source, layers=layers)
         keys = tensor_keys(ckpt, src)
         budget = ParamBudget(src.model, src.graph.pruning_groups)
+        resolved = target_for(wanted, src.model) if wanted is not None else None
+        want = structure_counts(src.model, src.graph.pruning_groups, ratio=ratio, group_ratio=group_ratio,
+                                kinds=chosen_kinds, target=resolved, round_to=round_to)  # fmt: skip
     tick = (lambda stage: (lambda name: progress(stage, name))) if progress is not None else (lambda stage: None)
     with measure_stage("saliency (magnitude)", stages):
-        chosen = stream_magnitude(ckpt, src, ratio, round_to=round_to, keys=keys, on_tensor=tick("saliency"))
+        chosen = stream_magnitude(ckpt, src, 0.0, keys=keys, on_tensor=tick("saliency"), counts=want)
     with measure_stage("erase + write", stages):
         with atomic_dir(out) as tmp:
             _, compatible = write_pruned(ckpt, src, chosen, tmp, keys=keys, on_tensor=tick("erase"))
@@ -301,4 +342,6 @@ def prune_streamed(
         from_pretrained_compatible=compatible,
         stages=tuple(stages),
         notes=tuple(notes),
+        structures_pruned=sum(g.size for g in src.graph.pruning_groups if g.id in want),
+        target=resolved.describe() if resolved is not None else "",
     )

@@ -78,6 +78,10 @@ class ModuleSpec:
     """The module as a whole maps a zeroed channel to zero (f(0) = 0, elementwise)."""
     rms_norm: RmsNormSpec | None = None
     """The module is an RMS norm written as this spec says (erasure rescales it)."""
+    experts: Any = None
+    """The module holds fused MoE experts (a :class:`shear.graph.modules.experts.ExpertSpec`)."""
+    router: Any = None
+    """The module is an MoE top-k router (a :class:`shear.graph.modules.experts.RouterSpec`)."""
 
 
 MODULE_SPECS: dict[type | ModulePredicate, ModuleSpec] = {}
@@ -90,6 +94,8 @@ def register_module(
     attributes: ModuleRule | None = None,
     zero_preserving: bool | None = None,
     rms_norm: RmsNormSpec | None = None,
+    experts: Any = None,
+    router: Any = None,
 ) -> None:
     """Register facets of a module type (and its subclasses) or of the modules a predicate accepts;
     the facets given now are set, the others are kept. A predicate registered (again) becomes the
@@ -101,7 +107,8 @@ def register_module(
     """
     if not callable(type_or_predicate):
         raise GraphError(f"register_module takes a module type or a predicate, not {type_or_predicate!r}")
-    given = {"attributes": attributes, "zero_preserving": zero_preserving, "rms_norm": rms_norm}
+    given = {"attributes": attributes, "zero_preserving": zero_preserving, "rms_norm": rms_norm,
+             "experts": experts, "router": router}
     old = MODULE_SPECS.pop(type_or_predicate, ModuleSpec())
     MODULE_SPECS[type_or_predicate] = replace(old, **{k: v for k, v in given.items() if v is not None})
 

@@ -26,7 +26,7 @@ import torch.fx
 from shear.graph.analysis import DimAnalysis
 from shear.graph.ops.specs import Rule, lookup_rule, register_op
 
-__all__ = ["Rule", "register_op", "lookup_rule", "unknown_rule", "op_name", "fresh_like", "norm_dim"]
+__all__ = ["Rule", "register_op", "lookup_rule", "unknown_rule", "op_name", "fresh_like", "norm_dim", "traced_size"]
 
 
 def op_name(target: Any) -> str:
@@ -63,10 +63,23 @@ def _is_tuple(a: DimAnalysis, arg: torch.fx.Node) -> bool:
 def fresh_like(a: DimAnalysis, val: Any, label: str, pin: str | None) -> Any:
     """Fresh spaces shaped like a node's meta value (a tensor, or a tuple/list of them)."""
     if isinstance(val, torch.Tensor):
-        return a.fresh(tuple(int(s) for s in val.shape), label, pin)
+        return a.fresh(tuple(traced_size(s) for s in val.shape), label, pin)
     if isinstance(val, (list, tuple)):
         return [fresh_like(a, v, f"{label}.{i}", pin) or [] for i, v in enumerate(val)]
     return []
+
+
+def traced_size(size: Any) -> int:
+    """A traced size as an int; -1 for a data-dependent one (the tokens routed to an MoE expert): it
+    has no value to read, and a size that depends on the data is never a channel (no space).
+
+    >>> traced_size(torch.Size([3, 4])[1])
+    4
+    """
+    node = getattr(size, "node", None)
+    if node is not None and not node.has_hint():
+        return -1
+    return int(size)
 
 
 def norm_dim(dim: int, rank: int) -> int:

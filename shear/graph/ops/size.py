@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -59,7 +60,41 @@ def _new_shape(live: LiveDims, node: torch.fx.Node, shape: Any) -> Any:
     for i, s in enumerate(shape):
         if isinstance(s, int) and s != -1:
             out[i] = live.size(node, i, s)
+        elif isinstance(s, torch.fx.Node):
+            out[i] = _symbolic_size(live, node, i, s)
     return type(shape)(out)
+
+
+def _symbolic_size(live: LiveDims, node: torch.fx.Node, i: int, size: torch.fx.Node) -> Any:
+    """A size the graph computes from a dynamic input size, over a pruned dimension: ``bsz * num_heads``
+    of attention that folds its heads into the batch (``view(bsz * 4, -1, 16)``).
+
+    The dimension is ``coefficient * symbols``: the symbols are input sizes (never pruned), so every
+    erased position lies in the static ``coefficient`` block, and the same ones in each repetition.
+    The new size is ``size // coefficient * kept`` (``kept`` of the ``coefficient`` positions stay).
+    A size export kept static (``8``) is rewritten like a constant.
+    """
+    keep = live.keep(node, i)
+    if keep is None:
+        return size
+    val = node.meta["val"].shape[i] if isinstance(node.meta.get("val"), torch.Tensor) else None
+    expr = getattr(getattr(val, "node", None), "expr", None)
+    if expr is not None and expr.is_Integer:  # computed from sizes export kept static: a constant after all
+        return live.size(node, i, int(expr))
+    coeff, rest = expr.as_coeff_Mul() if expr is not None else (None, None)
+    period = int(coeff) if coeff is not None and coeff.is_Integer and rest.is_Mul | rest.is_Symbol else 0
+    n = keep.numel()
+    if period < 1 or n % period or not bool((keep.view(-1, period) == keep[:period]).all()):
+        raise GraphError(
+            f"{node.name}: {node.target} sets dimension {i} to {expr if expr is not None else size}, a dynamic size "
+            "over a pruned dimension that is not (input size) x (pruned static factor); mark that space unprunable "
+            "or pass example inputs whose size shear can keep fixed"
+        )
+    kept = int(keep[:period].sum())
+    graph = node.graph
+    with graph.inserting_before(node):
+        per = graph.call_function(operator.floordiv, (size, period))
+        return graph.call_function(operator.mul, (per, kept))
 
 
 def shape_at(position: int) -> SizeRule:

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -45,6 +46,7 @@ from shear.kernels.sparsity import (
     select_mask,
     store_masks,
 )
+from shear.model.target import layout_selection, round_steps, step_of
 from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
 
@@ -65,15 +67,19 @@ def structure_norms(model: nn.Module | TensorTable, group: PruningGroup) -> torc
 
 
 def prune_lowest_norm(
-    model: nn.Module, groups: tuple[PruningGroup, ...], ratio: float, round_to: int = 1
+    model: nn.Module, groups: tuple[PruningGroup, ...], ratio: float, round_to: int | Mapping[int, int] = 1,
+    *, counts: Mapping[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Zero the lowest-norm ``ratio`` of the structures of every prunable group; return the choice."""
+    """Zero the lowest-norm ``ratio`` of the structures of every prunable group, group by group (a
+    group's norms see the zeros of the groups before it); return the choice. ``round_to`` may give
+    each group id its own step; ``counts`` (group id -> structures) replaces ``ratio``."""
     table = TensorTable(model)
     chosen: dict[int, torch.Tensor] = {}
     for g in groups:
-        if not g.prunable:
+        if not g.prunable or counts is not None and g.id not in counts:
             continue
-        n = structure_count(g.size, ratio, round_to)
+        n = counts[g.id] if counts is not None else structure_count(g.size, ratio, step_of(round_to, g.id))
+        n = min(n, g.size - g.min_keep)  # an MoE layer keeps its router's top-k experts
         idx = torch.sort(structure_norms(table, g), stable=True).indices[:n].sort().values
         zero_structures(table, g, idx)
         chosen[g.id] = idx
@@ -129,6 +135,7 @@ class Magnitude(Pass):
     """Zero the smallest-magnitude weights (unstructured / N:M) or structures (structured)."""
 
     name: ClassVar[str] = "magnitude"
+    prunes: ClassVar[bool] = True
     requires: ClassVar[tuple[type, ...]] = _RequiresGraphWhenStructured()  # type: ignore[assignment]
     ensures: ClassVar[tuple[type | str, ...]] = (WeightMasks, "magnitude")
 
@@ -143,8 +150,9 @@ class Magnitude(Pass):
     """N:M: the group length."""
     per_row: bool = False
     """Unstructured: compare weights within each output row instead of the whole matrix."""
-    round_to: int = 1
-    """Structured: round each group's kept count to a multiple of this; 1 = exact ratio."""
+    round_to: int = 0
+    """Structured: round each group's kept count to a multiple of this; 1 = exact ratio; 0 = the run's
+    target (:mod:`shear.model.target`; 1 without one)."""
     params: float = 0.0
     """Structured: when > 0, remove this share of the model's parameters instead of ``ratio`` of every
     group (kv-head families and channels, the parameter budget ``lhspg`` uses)."""
@@ -155,8 +163,8 @@ class Magnitude(Pass):
             check_nm(self.name, self.n, self.m)
         else:
             check_ratio(self.name, self.ratio)
-        if self.round_to < 1:
-            raise PipelineError(f"{self.name}: round_to must be >= 1, got {self.round_to}")
+        if self.round_to < 0:
+            raise PipelineError(f"{self.name}: round_to must be >= 0 (0: from the target), got {self.round_to}")
         if not 0.0 <= self.params < 1.0 or (self.params and self.mode != "structured"):
             raise PipelineError(
                 f"{self.name}: params must be in [0, 1) and only with mode=structured, got params={self.params} "
@@ -185,13 +193,17 @@ class Magnitude(Pass):
 
     def _structured(self, ctx: Context) -> PassResult:
         groups = ctx.get(Graph).pruning_groups
+        steps = round_steps(ctx.options.target, groups, self.round_to)
         with ctx.progress(None, "magnitude structured"):
             if self.params > 0:
                 table = TensorTable(ctx.model)
                 scores = {g.id: structure_norms(table, g) for g in groups if g.prunable}
-                chosen = zero_to_budget(ctx.model, groups, scores, self.params, round_to=self.round_to)
+                selection, equal = layout_selection(ctx.options.target, "auto")
+                chosen = zero_to_budget(
+                    ctx.model, groups, scores, self.params, round_to=steps, selection=selection, equal=equal
+                )
             else:
-                chosen = prune_lowest_norm(ctx.model, groups, self.ratio, self.round_to)
+                chosen = prune_lowest_norm(ctx.model, groups, self.ratio, steps)
         ctx.put(chosen, "magnitude")
         store_masks(ctx.analyses, structure_masks(ctx.model, groups, chosen))
         n = sum(int(v.numel()) for v in chosen.values())

@@ -28,6 +28,7 @@ from shear.graph.groups import GROUP_KINDS, PruningGroup
 from shear.graph.ir import Graph
 from shear.kernels.allocation import structure_count, zero_to_budget
 from shear.kernels.saliency import taylor_importance
+from shear.model.target import layout_selection, round_steps, step_of
 from shear.model.tensors import TensorTable, zero_structures
 from shear.passes.base import Context, Pass, PassResult, register_pass
 from shear.passes.options import require_number
@@ -40,7 +41,7 @@ def zero_lowest(
     groups: tuple[PruningGroup, ...],
     scores: dict[int, torch.Tensor],
     ratio: float,
-    round_to: int = 1,
+    round_to: int | dict[int, int] = 1,
 ) -> dict[int, torch.Tensor]:
     """Zero the lowest-scoring ``ratio`` of the structures of every scored prunable group; return the choice."""
     if not 0.0 <= ratio < 1.0:
@@ -50,7 +51,7 @@ def zero_lowest(
     for g in groups:
         if not g.prunable or g.id not in scores:
             continue
-        n = structure_count(g.size, ratio, round_to)
+        n = min(structure_count(g.size, ratio, step_of(round_to, g.id)), g.size - g.min_keep)  # MoE: keep top-k
         idx = torch.sort(torch.argsort(scores[g.id], stable=True)[:n]).values
         zero_structures(table, g, idx)
         chosen[g.id] = idx
@@ -63,6 +64,7 @@ class Taylor(Pass):
     """Zero the structures with the lowest first-order Taylor importance (LLM-Pruner), per group."""
 
     name: ClassVar[str] = "taylor"
+    prunes: ClassVar[bool] = True
     requires: ClassVar[tuple[type, ...]] = (Graph,)
     ensures: ClassVar[tuple[str, ...]] = ("taylor", "taylor-pruned")
 
@@ -78,8 +80,9 @@ class Taylor(Pass):
     """Seed of the calibration window choice."""
     batch_size: int = 4
     """Windows per forward/backward pass."""
-    round_to: int = 1
-    """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio."""
+    round_to: int = 0
+    """Round each group's kept count to a multiple of this (e.g. 8 for fast kernels); 1 = exact ratio;
+    0 = the run's target (:mod:`shear.model.target`; 1 without one)."""
     params: float = 0.0
     """When > 0: remove this share of the model's parameters instead (kv-head families and channels,
     counted as ``lhspg`` counts them), the same number of structures per group LHSPG would remove."""
@@ -90,6 +93,7 @@ class Taylor(Pass):
     def __post_init__(self) -> None:
         require_number("taylor", "ratio", self.ratio, low=0.0, high=1.0, open_high=True)
         require_number("taylor", "params", self.params, low=0.0, high=1.0, open_high=True)
+        require_number("taylor", "round_to", self.round_to, integer=True, low=0)
         unknown = set(self.kinds) - set(GROUP_KINDS)
         if unknown or not self.kinds:
             raise PipelineError(f"taylor: kinds must be some of {list(GROUP_KINDS)}, got {list(self.kinds)}")
@@ -108,13 +112,15 @@ class Taylor(Pass):
             aggregate=self.aggregate,
             batch_size=self.batch_size,
         )
+        steps = round_steps(ctx.options.target, groups, self.round_to)
         if self.params > 0:
             budget_kinds = tuple(k for k in ("channel", "head") if k in self.kinds)
+            selection, equal = layout_selection(ctx.options.target, "auto")
             chosen = zero_to_budget(
-                ctx.model, groups, scores, self.params, kinds=budget_kinds, round_to=self.round_to
+                ctx.model, groups, scores, self.params, kinds=budget_kinds, round_to=steps, selection=selection, equal=equal
             )
         else:
-            chosen = zero_lowest(ctx.model, groups, scores, self.ratio, self.round_to)
+            chosen = zero_lowest(ctx.model, groups, scores, self.ratio, steps)
         ctx.put(scores, "taylor")
         ctx.put(chosen, "taylor-pruned")
         n = sum(int(v.numel()) for v in chosen.values())

@@ -82,12 +82,15 @@ class Erase(Pass):
             return PassResult(changed=False, message=message, stats={"structures": 0})
         ctx.model = small
         if model_device(small).type == "cuda":
-            untiled = untiled_linears(small)
+            target = ctx.options.target
+            multiple = target.device_granularity if target is not None and target.device == "cuda" else TENSOR_CORE_MULTIPLE
+            untiled = untiled_linears(small, max(multiple, 1)) if multiple > 1 else []
             if untiled:
                 ctx.warn(
                     f"erase: {len(untiled)} Linear layers now have widths that are not multiples of "
-                    f"{TENSOR_CORE_MULTIPLE} (e.g. {untiled[0]}); GPU matrix kernels can run such widths slower than the "
-                    "dense model's (docs/gpus.md). Prune with round_to=64 (lhspg{round_to=64}, random/magnitude{round_to=64})"
+                    f"{multiple} (e.g. {untiled[0]}); GPU matrix kernels can run such widths slower than the "
+                    "dense model's (docs/gpus.md). Prune for the GPU with --target cuda (shear.compile(..., target='cuda'): "
+                    "widths in the GPU's measured steps) and leave round_to unset, or give round_to=64"
                 )
         removed = {g: int(v.numel()) for g, v in report.plan.removed.items() if v.numel()}
         return PassResult(

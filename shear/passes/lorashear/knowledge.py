@@ -12,14 +12,20 @@ What "pruning a node group" zeroes:
 * a **basic** node group (one channel space): the primary slices (producer rows, bias, lora_B
   rows) of the chosen structures of every prunable pruning group it owns — what LHSPG would leave
   behind; it marks those pruning groups;
-* a **composed** node group (a LoRA linear, only in LoRA models): only the output-side slices the
-  operator holds (its base rows and lora_B rows) of the chosen structures of the pruning groups it
-  produces; it marks those pruning groups. Its input side (columns of the residual or head space)
-  belongs to its producer and is measured there.
+* a **composed** node group (a LoRA linear, only in LoRA models): the same for the pruning groups
+  it produces (whose primary slices it holds: its base rows and lora_B rows); a structure is removed
+  whole, so all its primary slices are zeroed; it marks those pruning groups. Its input side
+  (columns of the residual or head space) belongs to its producer and is measured there.
+
+Each distinct set of zeroed slices is measured once (:attr:`~shear.kernels.knowledge.Perturbation.key`,
+read from the IR): a gated MLP's channel group and its gate/up composites zero the same structures
+when the proxy picks them by score, so the three share one measurement and one deviation. The
+ranking and gamma still count every analysed node group. Each measurement evaluates every
+validation source in one forward per window batch (:func:`~shear.kernels.knowledge.source_perplexities`).
 
 The metric is the pooled perplexity over the validation sources (geometric mean of the
-per-source perplexities of :meth:`shear.data.TextData.perplexity`, which is ``exp`` of the mean
-per-source NLL); the deviation is ``ppl_after - ppl_before`` (the base is shared, so sorting by
+per-source perplexities on the first ``max_windows`` windows of each, every token scored, as
+:meth:`shear.data.TextData.perplexity` scores them: ``exp`` of the mean per-source NLL); the deviation is ``ppl_after - ppl_before`` (the base is shared, so sorting by
 the relative change ranks the same; both are reported). A non-finite perplexity counts as an
 infinite deviation.
 
@@ -44,17 +50,19 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from shear.errors import OutputError, PassError, PipelineError
+from shear.errors import DataError, OutputError, PassError, PipelineError
 from shear.figures import plot_deviation
 from shear.graph.ir import Graph
 from shear.kernels.knowledge import (
     Chooser,
     Perturbation,
     analysed_node_groups,
+    distinct,
     measure_perturbed,
     network_order,
     perturbations,
     pooled_perplexity,
+    source_perplexities,
 )
 from shear.kernels.saliency import SaliencyScores, compute_saliency
 from shear.model.facts import strip_peft_prefix
@@ -98,7 +106,7 @@ class KnowledgeDistributionAnalysis(Pass):
     max_windows: int | None = 8
     """Validation windows per source and measurement (bounds the cost); None = all."""
     batch_size: int = 4
-    """Windows per forward pass."""
+    """Windows of each validation source per forward pass (all sources go in the same forward)."""
     seed: int = 0
     """Seed of the random proxy."""
     out_dir: Path | None = None
@@ -124,6 +132,7 @@ class KnowledgeDistributionAnalysis(Pass):
         from shear.training.fingerprint import options_of
 
         options = options_of(self, skip=("cache_dir", "out_dir", "batch_size", "gamma"))
+        options["measures"] = "whole-structures"  # composites zero whole structures (not older files' own rows)
         return Path(self.cache_dir) / f"knowledge-{cache_key(model, data, options)}.json"
 
     def _load_cached(self, ctx: Context, cached: Path, graph: Graph) -> KnowledgeDistribution | None:
@@ -210,16 +219,23 @@ class KnowledgeDistributionAnalysis(Pass):
         if not todo:
             raise PassError("knowledge-distribution: no node group owns a prunable structure; nothing to analyse")
 
+        if not data.validation:
+            raise DataError("knowledge-distribution measures perplexity on TextData.validation, which is empty; "
+                            "give held-out text (TextData.from_texts(tokenizer, train, validation))")
+        windows = {s: data.eval_windows(s, self.seq_len, self.max_windows) for s in data.validation}
+
         def evaluate(m: nn.Module) -> dict[str, float]:
-            return data.perplexity(m, seq_len=self.seq_len, max_windows=self.max_windows, batch_size=self.batch_size)
+            return source_perplexities(m, windows, batch_size=self.batch_size)
 
         base_by_source = evaluate(model)
         base = pooled_perplexity(base_by_source)
-        measured: list[tuple[Perturbation, float]] = []
-        with ctx.progress(total=len(todo), description="knowledge-distribution") as bar:
-            for p in todo:
-                measured.append((p, pooled_perplexity(measure_perturbed(model, p, evaluate))))
+        unique = distinct(todo)
+        by_key: dict[str, float] = {}
+        with ctx.progress(total=len(unique), description="knowledge-distribution") as bar:
+            for key, p in unique.items():
+                by_key[key] = pooled_perplexity(measure_perturbed(model, p, evaluate))
                 bar.advance()
+        measured: list[tuple[Perturbation, float]] = [(p, by_key[p.measurement]) for p in todo]
 
         def dev(ppl: float) -> float:
             return ppl - base if math.isfinite(ppl) else math.inf
@@ -269,12 +285,14 @@ class KnowledgeDistributionAnalysis(Pass):
         return PassResult(
             changed=False,
             message=(
-                f"analysed {len(entries)} node groups (base ppl {base:.3f}); most sensitive {top} "
+                f"analysed {len(entries)} node groups in {len(unique)} measurements (base ppl {base:.3f}); "
+                f"most sensitive {top} "
                 f"(Δppl {dev(ranking[0][1]):+.3f}); {len(marked)} node groups / {len(unprunable)} pruning groups "
                 f"marked unprunable{note}"
             ),
             stats={
                 "node_groups": len(entries),
+                "measurements": len(unique),
                 "base_ppl": base,
                 "unprunable_node_groups": len(marked),
                 "unprunable_groups": len(unprunable),

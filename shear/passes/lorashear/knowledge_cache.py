@@ -26,21 +26,64 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import asdict
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
-from shear.errors import PassError
+from shear.errors import OutputError, PassError
 from shear.io.outputs import atomic_file
+from shear.passes.base import Pass
 from shear.passes.lorashear.knowledge_results import KnowledgeDistribution, NodeGroupDeviation
 from shear.training.fingerprint import RunFingerprint, tensor_digest
 
-__all__ = ["cache_key", "save_result", "load_result", "FORMAT", "MAX_BYTES", "Expected"]
+__all__ = ["cache_key", "save_result", "load_result", "FORMAT", "MAX_BYTES", "Expected", "with_cache", "NEXT_TO_OUTPUT"]
 
 FORMAT = "shear-knowledge-distribution"
+
+NEXT_TO_OUTPUT = "shear-kd-cache"
+"""The cache folder ``shear prune`` keeps next to its output (in the output's parent folder), so every
+run that writes there, at any ratio, finds the results of the others."""
+
+
+def with_cache(
+    passes: Sequence[Pass], output: str | os.PathLike[str], choice: str | None, inputs: Iterable[str | None] = ()
+) -> tuple[list[Pass], str]:
+    """``passes`` with the knowledge-distribution pass's ``cache_dir`` set to ``choice`` (``None``: the
+    :data:`NEXT_TO_OUTPUT` folder next to ``output``; ``"none"``: no cache), and a line saying where.
+    The folder may not be or lie inside the output (the save replaces it) or an input.
+
+    Example:
+        >>> from shear.passes import resolve_pipeline
+        >>> passes, note = with_cache(resolve_pipeline("knowledge-distribution"), "/tmp/runs/out", None)
+        >>> passes[0].cache_dir
+        '/tmp/runs/shear-kd-cache'
+    """
+    if choice is not None and choice.strip().lower() == "none":
+        return list(passes), "knowledge distribution: not cached (--kd-cache none)"
+    out = Path(os.path.realpath(Path(output).expanduser()))
+    folder = Path(os.path.realpath(Path(choice).expanduser())) if choice else out.parent / NEXT_TO_OUTPUT
+    for what, other in [("the output", out)] + [
+        ("the input", Path(os.path.realpath(Path(i).expanduser()))) for i in inputs if i and Path(i).exists()
+    ]:
+        if folder == other or other in folder.parents:
+            raise OutputError(
+                f"the knowledge-distribution cache {folder} is {what} or inside it ({other}); give another folder "
+                "with --kd-cache DIR (or --kd-cache none)"
+            )
+    kept = [
+        replace(cast(Any, p), cache_dir=str(folder))
+        if p.name == "knowledge-distribution" and getattr(p, "cache_dir", None) is None
+        else p
+        for p in passes
+    ]
+    return kept, (
+        f"knowledge distribution: cached in {folder} (a rerun with the same model, data and budget reuses it at any "
+        "--ratio; --kd-cache none: no cache)"
+    )
 
 
 def cache_key(model: nn.Module, data: Any, options: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -52,10 +53,12 @@ from shear.kernels.allocation import ParamBudget
 from shear.kernels.lhspg import StructureViews
 from shear.kernels.saliency import compute_saliency, parse_weights
 from shear.model.facts import strip_peft_prefix
+from shear.model.target import layout_selection, round_steps
 from shear.passes.base import Context, Key, Pass, PassResult, register_analysis, register_pass
 from shear.passes.core.lora import AddLora, LoraState
 from shear.passes.finetune.ebft import RequiresTeacher, dense_teacher
 from shear.passes.lorashear.knowledge import KnowledgeDistribution
+from shear.passes.lorashear.lhspg_blocks import check_block_kinds, depth_plan
 from shear.training.distill import DistillLoss, check_distill_options
 from shear.training.hooks import TrainHook
 
@@ -105,6 +108,7 @@ class LhspgHook(TrainHook):
         eps: float,
         score: Any,
         initial_scores: dict[int, torch.Tensor] | None = None,
+        pools: Sequence[Sequence[int]] = (),
     ) -> None:
         self.views = views
         self.counts = counts
@@ -116,6 +120,9 @@ class LhspgHook(TrainHook):
         """Callable ``(model) -> dict[group id, Tensor[size]]``: saliency of every structure now."""
         self.initial_scores = initial_scores
         """Scores of the weights before training (the first period reuses them when warmup is 0)."""
+        self.pools = [list(p) for p in pools]
+        """Groups of one structure (decoder blocks) removed as one set: ``round(len(pool) * (p + 1) / P)``
+        of a pool are redundant by period ``p``, the lowest-scored first."""
         self.period = -1
         self.decaying: dict[int, torch.Tensor] = {}
         self.held: dict[int, torch.Tensor] = {}
@@ -134,7 +141,16 @@ class LhspgHook(TrainHook):
                 scores = self.score(model)
         decaying: dict[int, torch.Tensor] = {}
         moved = 0
+        pooled = {g for pool in self.pools for g in pool}
+        for pool in self.pools:
+            want = round(len(pool) * (period + 1) / self.periods) - sum(1 for g in pool if self.zeroed[g].numel())
+            left = sorted((g for g in pool if not self.zeroed[g].numel()), key=lambda g: float(scores[g].sum()))
+            for gid in left[: max(want, 0)]:
+                decaying[gid] = torch.zeros(1, dtype=torch.long)
+                moved += 1
         for gid, n_final in self.counts.items():
+            if gid in pooled:
+                continue
             want = round(n_final * (period + 1) / self.periods)
             have = int(self.zeroed[gid].numel())
             new = max(want - have, 0)
@@ -225,6 +241,7 @@ class LHSPG(Pass):
     """Progressive structured pruning over LoRA: redundant structures to exactly zero, knowledge kept."""
 
     name: ClassVar[str] = "lhspg"
+    prunes: ClassVar[bool] = True
     requires: ClassVar[tuple[Key, ...]] = RequiresTeacher(Graph, LoraState, when="distill")  # type: ignore[assignment]
     ensures: ClassVar[tuple[type, ...]] = (LhspgResult,)
 
@@ -254,12 +271,15 @@ class LHSPG(Pass):
     docs/results/ablation.md."""
     calibration: int = 8
     """Calibration sequences for data-driven saliency criteria (activation, taylor)."""
-    selection: str = "uniform"
+    selection: str = "auto"
     """``uniform`` (same fraction of every group, topped up to the target), ``shared`` (same count in
-    every layer: stock ``from_pretrained`` and vLLM load the result) or ``global``."""
+    every layer: stock ``from_pretrained`` and vLLM load the result) or ``global``; ``auto``: from the
+    run's target (``shared`` for ``hf``, else ``uniform``; ``nas`` also keeps kv-head counts equal
+    across layers), ``uniform`` without one."""
     kinds: tuple[str, ...] = ("channel",)
     """Group kinds LHSPG may prune: MLP channels by default; ``kinds=[channel,head]`` adds attention
-    heads (kv-head families), ``residual`` the hidden width. Heads are off by default: with few kv
+    heads (kv-head families), ``residual`` the hidden width, ``block`` whole attention/MLP branches and
+    layers under the same budget (:mod:`shear.passes.lorashear.lhspg_blocks`). Heads are off by default: with few kv
     heads one family is a large share of a layer's attention, and pruning them cost quality at an
     equal token budget (docs/results/ablation.md)."""
     protect_cap: float = 1.5
@@ -269,8 +289,9 @@ class LHSPG(Pass):
     high ratios they give up structures instead of the others being cut ever deeper; ``inf`` keeps
     them whole (the paper; at high ratios whole protection leaves the other groups too little,
     docs/results/ablation.md)."""
-    round_to: int = 1
-    """Keep multiples of this many structures in groups at least that large (8 for fast kernels)."""
+    round_to: int = 0
+    """Keep multiples of this many structures in groups at least that large (8 for fast kernels);
+    0 = the run's target's granularity per group kind (:mod:`shear.model.target`; 1 without one)."""
     tolerance: float = 0.005
     """Allowed distance of the predicted parameter reduction from ``ratio``."""
     lora_r: int = 8
@@ -302,11 +323,14 @@ class LHSPG(Pass):
                 raise PipelineError(f"lhspg: {opt} must be at least 1, got {getattr(self, opt)}")
         if self.warmup < 0:
             raise PipelineError(f"lhspg: warmup must be >= 0, got {self.warmup}")
-        if self.selection not in ("uniform", "shared", "global"):
-            raise PipelineError(f"lhspg: selection must be 'uniform', 'shared' or 'global', got {self.selection!r}")
+        if self.selection not in ("auto", "uniform", "shared", "global"):
+            raise PipelineError(f"lhspg: selection must be 'auto', 'uniform', 'shared' or 'global', got {self.selection!r}")
+        if self.round_to < 0:
+            raise PipelineError(f"lhspg: round_to must be >= 0 (0: from the target), got {self.round_to}")
         if not self.protect_cap >= 1.0:
             raise PipelineError(f"lhspg: protect_cap must be at least 1 (or inf), got {self.protect_cap}; e.g. protect_cap=1.5")
         parse_weights(self.saliency)
+        check_block_kinds(self.kinds)
 
     def provider(self, key: Key) -> Pass | None:
         """Missing adapters come from ``lora{r=lora_r}``."""
@@ -323,23 +347,41 @@ class LHSPG(Pass):
         start = time.perf_counter()
         data = require_text_data(ctx, self.name)
         graph = ctx.get(Graph)
-        eligible, protected = eligible_groups(ctx, graph, self.kinds, self.selection == "uniform" and math.isfinite(self.protect_cap))
+        depth = depth_plan(ctx, graph, self.kinds, data, self.calibration, self.seq_len, self.seed)  # kinds=[block]
+        graph = depth.graph if depth is not None else graph
+        selection, equal = layout_selection(ctx.options.target, self.selection)
+        capped = selection == "uniform" and math.isfinite(self.protect_cap) or bool(set(equal) & set(self.kinds))
+        eligible, protected = eligible_groups(ctx, graph, self.kinds, capped)
+        tied = [g for g in protected if graph.pruning_groups[g].kind in equal]
+        if tied:
+            ctx.warn(f"lhspg: the target keeps {'/'.join(sorted(set(equal)))} counts equal in every layer, so the {len(tied)} "
+                     "such groups knowledge-distribution protected are pruned like the others")
         budget = ParamBudget(ctx.model, graph.prunable_groups)
         views = StructureViews(ctx.model, [graph.pruning_groups[i] for i in eligible], graph.composites)
         weights = parse_weights(self.saliency)
         calib = saliency_calibration(data, self.calibration, self.seq_len, self.seed, weights)
-        score = saliency_scorer(graph, eligible, weights, calib)
+        widths = [g for g in eligible if depth is None or g not in depth.branches]
+        score = saliency_scorer(graph, widths, weights, calib) if widths else None
+        if depth is not None:  # blocks scored by the loss increase when skipped
+            score = depth.scorer(score)
+        assert score is not None  # eligible_groups found some groups
         initial = score(ctx.model)
-        counts = budget.counts(
+        steps = round_steps(ctx.options.target, graph.prunable_groups, self.round_to)
+        counts = (depth.allocator(ctx, budget) if depth is not None else budget.counts)(
             self.ratio,
             initial,
             eligible=eligible,
-            selection=self.selection,
-            round_to=self.round_to,
+            selection=selection,
+            round_to=steps,
             tolerance=self.tolerance,
             protected=protected,
             protect_cap=self.protect_cap,
+            equal=equal,
         )
+        if budget.off_grid(counts, steps) and not isinstance(steps, int):
+            ctx.warn(f"lhspg: whole width steps of the target cannot reach ratio {self.ratio:g} on this model, so "
+                     f"{len(budget.off_grid(counts, steps))} groups keep widths off them; round_to=<the step> keeps them "
+                     "on the steps and stays short of the ratio")
         hook = LhspgHook(
             views,
             {g: n for g, n in counts.items() if n > 0},
@@ -349,6 +391,7 @@ class LHSPG(Pass):
             eps=self.eps,
             score=score,
             initial_scores=initial,
+            pools=depth.pools(counts) if depth is not None else (),
         )
         config = TrainConfig(
             steps=self.total_steps,
@@ -445,7 +488,7 @@ def eligible_groups(ctx: Context, graph: Graph, kinds: tuple[str, ...], capped: 
     Raises :class:`~shear.errors.PipelineError` for an unknown kind or when nothing is eligible."""
     unknown = set(kinds) - set(GROUP_KINDS)
     if unknown:
-        raise PipelineError(f"lhspg: unknown group kinds {sorted(unknown)}; use channel, head, residual")
+        raise PipelineError(f"lhspg: unknown group kinds {sorted(unknown)}; use {', '.join(GROUP_KINDS)}")
     blocked = _unprunable(ctx, graph)
     ids = [g.id for g in graph.prunable_groups if g.kind in kinds and g.id not in blocked]
     if not ids:

@@ -37,11 +37,16 @@ dense model. Each choice below fills a gap the paper leaves open:
    mixture is a new problem; the moments of the last one point elsewhere), seed ``seed + round``.
    Without adapters in the model the pass adds them (``lora_r``) and says so; it never merges them
    (``merge-lora`` does, later in the pipeline).
-6. **Convergence** (line 4): after a round, ``gain = (m_before - m_after) / m_before`` of the stage
-   metric ``m`` (the mean validation log-ppl over the sources; the instruction validation loss);
-   the stage stops when ``gain < min_gain`` or after ``max_rounds``. With ``keep_best`` (default) a
-   round that made ``m`` worse is undone (the adapters go back to their values before it) and the
-   stage stops, so recovery never returns a worse model than it got; its steps still count.
+6. **Convergence** (line 4): the stage metric ``m`` is a log-perplexity (the mean validation log-ppl
+   over the sources; the instruction validation loss), and a round's ``gain`` is the share by which
+   its perplexity fell, ``1 - exp(m_after - m_before)``. The stage spends its budget (``max_rounds``)
+   unless validation perplexity stops improving: ``patience`` rounds in a row each less than
+   ``min_gain`` below the last round that improved (:class:`~shear.kernels.recovery.Patience`; small
+   gains add up). One small gain while far from dense does not stop it. With ``keep_best`` (default)
+   a round that made ``m`` worse is undone (the adapters go back to their values before it; its
+   steps still count), so recovery never returns a worse model than it got. Without validation text
+   the pretraining stage trains every round on a uniform mixture. :attr:`RecoveryResult.stopped` says
+   which rule ended each stage: ``budget spent``, ``patience: ...`` or ``no validation data``.
 7. **Instructions** (the second pass of line 3's loop): when ``TextData.instructions`` is not
    empty, rounds of :class:`~shear.training.InstructionBatches` (loss on the response only)
    with the same stopping rule. The records carry no source names, so there is no mixture to
@@ -147,9 +152,12 @@ class RecoverDynamic(Pass):
     steps_per_round: int = 50
     """Optimizer steps per round (the mixture is rebuilt between rounds)."""
     min_gain: float = 0.005
-    """A stage stops once a round improves its metric by less than this fraction."""
+    """A round improves when it lowers the stage's validation perplexity by at least this share (from
+    the last round that improved)."""
+    patience: int = 2
+    """A stage stops early after this many rounds in a row that did not improve (else it spends its budget)."""
     keep_best: bool = True
-    """Undo a round that made the stage metric worse (and stop the stage)."""
+    """Undo a round that made the stage metric worse."""
     floor: float = 0.5
     """Share of the training rows spread uniformly: each of S sources gets at least floor/S."""
     temperature: float = 0.25
@@ -191,7 +199,7 @@ class RecoverDynamic(Pass):
 
     def __post_init__(self) -> None:
         check_distill_options(self.name, self.distill, self.distill_temperature)
-        for opt in ("max_rounds", "steps_per_round", "batch_size", "grad_accum", "eval_batch_size", "lora_r"):
+        for opt in ("max_rounds", "steps_per_round", "batch_size", "grad_accum", "eval_batch_size", "lora_r", "patience"):
             value = getattr(self, opt)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PipelineError(f"recover-dynamic: {opt} must be an int >= 1, got {value!r}")
@@ -277,6 +285,8 @@ class RecoverDynamic(Pass):
 
     def _dense_ppl(self, ctx: Context, data: TextData, sources: list[str]) -> dict[str, float]:
         """The dense per-source perplexity, measured once on the same windows (and cached as DensePerplexity)."""
+        if not sources:  # no validation text: nothing to measure against
+            return {}
         settings = {"seq_len": self.seq_len, "eval_windows": self.eval_windows}
         cached = ctx.find(DensePerplexity)
         model = ctx.dense
@@ -331,11 +341,13 @@ def _message(r: RecoveryResult) -> str:
     if first.instruction_loss is not None and r.final_instruction_loss is not None:
         parts.append(f"instruction loss {first.instruction_loss:.3f} -> {r.final_instruction_loss:.3f}")
     rounds = ", ".join(f"{len(r.rounds_of(s))} {s} rounds ({why})" for s, why in r.stopped.items())
-    return f"{'; '.join(parts)} after {rounds}: {r.steps} steps, {r.tokens:,} tokens"
+    return f"{'; '.join(parts) or 'trained unmeasured'} after {rounds}: {r.steps} steps, {r.tokens:,} tokens"
 
 
 def _stats(r: RecoveryResult) -> dict[str, Any]:
-    stats: dict[str, Any] = {"steps": r.steps, "tokens": r.tokens, "rounds": len(r.rounds) - 1, "table": r.table()}
+    stats: dict[str, Any] = {
+        "steps": r.steps, "tokens": r.tokens, "rounds": len(r.rounds) - 1, "stopped": dict(r.stopped), "table": r.table(),
+    }
     if r.initial.ppl:
         stats["ppl_before"] = r.initial.mean_ppl
         stats["ppl_after"] = r._last_kept().mean_ppl

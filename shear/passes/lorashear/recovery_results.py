@@ -23,9 +23,27 @@ from shear.passes.base import (
     register_analysis,
 )
 
-__all__ = ["Stage", "RecoveryRound", "RecoveryResult", "DensePerplexity", "DENSE_REFERENCE"]
+__all__ = [
+    "Stage", "RecoveryRound", "RecoveryResult", "DensePerplexity", "DENSE_REFERENCE", "BUDGET_SPENT", "NO_VALIDATION",
+    "patience_stop",
+]  # fmt: skip
 
 Stage = Literal["pretrain", "instruct"]
+
+BUDGET_SPENT = "budget spent"
+"""Why a stage stopped: every round of its budget ran."""
+NO_VALIDATION = "no validation data"
+"""Why a stage stopped: it had nothing to measure, so it ran every round (the budget) unmeasured."""
+
+
+def patience_stop(patience: int, min_gain: float) -> str:
+    """Why a stage stopped early: ``patience`` rounds in a row without a ``min_gain`` perplexity gain.
+
+    Example:
+        >>> patience_stop(2, 0.005)
+        'patience: 2 rounds without a 0.5% perplexity gain'
+    """
+    return f"patience: {patience} round{'s' if patience != 1 else ''} without a {min_gain:.1%} perplexity gain"
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class RecoveryRound:
     loss: float = math.nan
     """Mean training loss over the round's steps."""
     gain: float = math.nan
-    """Relative improvement of the stage metric over the round (negative: worse)."""
+    """Share by which the stage's validation perplexity fell over the round (negative: it rose)."""
     restored: bool = False
     """The round made the stage metric worse and its adapter updates were undone (``keep_best``)."""
 
@@ -76,7 +94,7 @@ class RecoveryResult:
     """Source -> perplexity of the dense model (empty for an instruct-only run without a reference)."""
     dense_instruction_loss: float | None = None
     stopped: dict[str, str] = field(default_factory=dict)
-    """Stage -> why it stopped: ``converged``, ``worse`` (a round was undone) or ``max_rounds``."""
+    """Stage -> which rule stopped it: :data:`BUDGET_SPENT`, :func:`patience_stop`'s text or :data:`NO_VALIDATION`."""
     figures: tuple[Path, ...] = ()
     wall_s: float = 0.0
 

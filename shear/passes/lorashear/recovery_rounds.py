@@ -19,14 +19,23 @@ from shear.codegen.hf_config import max_positions
 from shear.data.text import TextData
 from shear.errors import DataError
 from shear.kernels.recovery import (
+    Patience,
     degradation,
     instruction_loss,
     mean_log,
-    relative_gain,
+    perplexity_gain,
     source_weights,
 )
 from shear.passes.base import Context
-from shear.passes.lorashear.recovery_results import DensePerplexity, RecoveryResult, RecoveryRound, Stage
+from shear.passes.lorashear.recovery_results import (
+    BUDGET_SPENT,
+    NO_VALIDATION,
+    DensePerplexity,
+    RecoveryResult,
+    RecoveryRound,
+    Stage,
+    patience_stop,
+)
 
 __all__ = ["RecoveryOptions", "RecoveryRun", "sources_of", "optional_dense", "with_response"]
 
@@ -41,6 +50,7 @@ class RecoveryOptions(Protocol):
     max_rounds: int
     steps_per_round: int
     min_gain: float
+    patience: int
     keep_best: bool
     floor: float
     temperature: float
@@ -75,8 +85,11 @@ class RecoveryRun:
         self.dense_instr: float | None = None
         self.ppl: dict[str, float] = {}
         self.instr: float | None = None
+        self.unmeasured = not sources and "pretrain" in p.stage_list
+        """No training source has validation text: the pretraining stage trains every round, uniformly."""
+        train = list(data.train) if self.unmeasured else sources
         self.tokens_stream = (
-            TokenBatches({s: data.train[s] for s in sources}, p.batch_size, p.seq_len, seed=p.seed) if sources else None
+            TokenBatches({s: data.train[s] for s in train}, p.batch_size, p.seq_len, seed=p.seed) if train else None
         )
         self.pad_id = _pad_id(data.tokenizer)
         from shear.passes.lorashear.lhspg import distill_loss
@@ -133,8 +146,14 @@ class RecoveryRun:
         return instr
 
     def stage(self, stage: Stage) -> None:
+        """Rounds of ``stage`` until its budget is spent or ``patience`` rounds in a row lowered the stage's
+        validation perplexity by less than ``min_gain`` (:class:`~shear.kernels.recovery.Patience`)."""
         p = self.p
-        self.stopped[stage] = "max_rounds"
+        if stage == "pretrain" and self.unmeasured:
+            self._unmeasured()
+            return
+        self.stopped[stage] = BUDGET_SPENT
+        rule = Patience(self.metric(stage, self.ppl, self.instr), min_gain=p.min_gain, patience=p.patience)
         for k in range(1, p.max_rounds + 1):
             before = self.metric(stage, self.ppl, self.instr)
             weights: dict[str, float] = {}
@@ -150,7 +169,7 @@ class RecoveryRun:
             saved = _adapters(self.ctx.model) if p.keep_best else None
             trained = self._train(stream, stage, k)
             ppl, instr = self.evaluate()
-            gain = relative_gain(before, self.metric(stage, ppl, instr))
+            gain = perplexity_gain(before, self.metric(stage, ppl, instr))
             restored = saved is not None and gain < 0
             if restored:
                 _restore(self.ctx.model, saved or {})
@@ -164,11 +183,24 @@ class RecoveryRun:
             )
             if self.bar is not None:
                 self.bar.set_description(f"recover-dynamic {stage} round {k}: gain {gain:+.2%}")
-            if gain < p.min_gain:
-                self.stopped[stage] = "worse" if gain < 0 else "converged"
+            if rule.update(self.metric(stage, self.ppl, self.instr)) and k < p.max_rounds:
+                self.stopped[stage] = patience_stop(p.patience, p.min_gain)
                 if self.bar is not None:
                     self.bar.advance((p.max_rounds - k) * p.steps_per_round)
                 return
+
+    def _unmeasured(self) -> None:
+        """The pretraining stage without validation text: every round, a uniform mixture, nothing measured."""
+        p = self.p
+        assert self.tokens_stream is not None
+        names = list(self.data.train)
+        weights = {s: 1.0 / len(names) for s in names}
+        self.tokens_stream.set_weights(weights)
+        for k in range(1, p.max_rounds + 1):
+            trained = self._train(self.tokens_stream, "pretrain", k)
+            loss = sum(trained.losses[-p.steps_per_round :]) / max(len(trained.losses[-p.steps_per_round :]), 1)
+            self.rounds.append(RecoveryRound("pretrain", k, weights, {}, None, {}, trained.steps, trained.tokens, loss))
+        self.stopped["pretrain"] = NO_VALIDATION
 
     def _train(self, stream: Any, stage: Stage, k: int) -> Any:
         from shear.training import TrainConfig, train
@@ -208,14 +240,17 @@ class RecoveryRun:
 
 
 def sources_of(ctx: Context, data: TextData) -> list[str]:
-    """Training sources that have validation text (the others cannot be weighed; they are left out)."""
+    """Training sources that have validation text (the others cannot be weighed; they are left out);
+    none: a warning, and the pretraining stage trains its whole budget on a uniform mixture."""
     sources = [s for s in data.train if s in data.validation]
     if not sources:
-        raise DataError(
+        ctx.warn(
             f"recover-dynamic weighs sources by their validation perplexity, but no training source "
-            f"({sorted(data.train)}) has validation text ({sorted(data.validation)}); give "
-            "TextData.from_texts(tokenizer, train, validation) the same source names"
+            f"({sorted(data.train)}) has validation text ({sorted(data.validation)}): it trains every round on a "
+            "uniform mixture and cannot stop early; give TextData.from_texts(tokenizer, train, validation) the "
+            "same source names"
         )
+        return []
     left = [s for s in data.train if s not in data.validation]
     if left:
         ctx.warn(f"recover-dynamic: sources {left} have no validation text and are left out of recovery")
