@@ -76,7 +76,7 @@ def test_accuracy_lowers_the_judgement_only_beyond_noise() -> None:
     assert collapsed.accuracy_ratio == pytest.approx(0.375)
     assert collapsed.judgement == "bad" and "accuracy ratio 0.375" in collapsed.reason
     noisy = Verdict.from_pair(_result({"a": 10.0}, acc=0.8, n=8), _result({"a": 10.2}, acc=0.6, n=8))
-    assert noisy.judgement == "good" and "agrees (within noise)" in noisy.reason  # 8 items: 0.6 vs 0.8 is noise
+    assert noisy.judgement == "good" and "within two standard errors) does not lower it" in noisy.reason  # 8 items: 0.6 vs 0.8 is noise
     chance = Verdict.from_pair(_result({"a": 10.0}, acc=0.27), _result({"a": 10.2}, acc=0.05))
     assert chance.judgement == "good" and "within noise of chance" in chance.reason
     d = collapsed.to_dict()

@@ -513,16 +513,21 @@ class Ablation(Bench):
             "one-shot, protect_cap=1.5, pretrain-only recovery": lambda: final_heavy(ONE_SHOT),
             "LoRAShear, protect_cap=1.5, no warm-up, pretrain-only recovery + distill": lambda: final_heavy(
                 no_warmup, distill=dist),
-            # the price of a target's layout: today's defaults with free widths, MLP widths in multiples of
-            # 256 (nas and gguf: ffn_mult, k-quant rows), and the same widths in every layer (hf: no knowledge
-            # distribution, whose protected groups would keep some layers wider)
-            "defaults, round_to=1": lambda: final_heavy(per_period(2) + ",round_to=1"),
-            "defaults, round_to=256 (nas, gguf)": lambda: final_heavy(per_period(2) + ",round_to=256"),
-            "defaults, shared widths (hf)": lambda: self.compile(self.pipeline(
-                ratio, kinds=ch, kd=False, lhspg=per_period(2) + ",selection=shared,round_to=1",
-                recover=",stages=pretrain", rounds=2 * p.rounds,
-                steps_per_round=(self.steps() - lhspg_steps(per_period(2))) // (2 * p.rounds))),
+            # the price of a target's layout, without knowledge distribution (whose protected groups would keep
+            # some layers wider): today's schedule with free MLP widths, widths in multiples of 256 (nas and
+            # gguf: ffn_mult, k-quant rows), and the same widths in every layer (hf)
+            "layout: free widths, no KD": lambda: layout(",round_to=1"),
+            "layout: multiples of 256 (nas, gguf), no KD": lambda: layout(",round_to=256"),
+            "layout: same widths in every layer (hf), no KD": lambda: layout(",selection=shared,round_to=1"),
         }
+
+        def layout(options: str) -> torch.nn.Module:
+            """Today's schedule (LHSPG 4 x 4, then 4 recovery rounds on the pretraining text) without
+            knowledge distribution, with LHSPG ``options``."""
+            rounds = 2 * p.rounds
+            return self.compile(self.pipeline(
+                ratio, kinds=ch, kd=False, lhspg=per_period(2) + cap + options, recover=",stages=pretrain",
+                rounds=rounds, steps_per_round=(self.steps() - lhspg_steps(per_period(2))) // rounds))
 
         def final_heavy(lhspg: str, *, kd: str = "", distill: str = "") -> torch.nn.Module:
             """Capped protection, LHSPG with ``lhspg``'s steps, then the rest of the budget in 4 recovery

@@ -211,7 +211,7 @@ class Verdict:
                 limit = t.good if acc_level == "warn" else t.bad
                 why += f"; accuracy ratio {ratio:.3f} (at most {bound:.3f} within two standard errors) < {limit:.2f}"
             else:
-                why += f"; accuracy ratio {ratio:.3f} agrees (within noise)"
+                why += f"; accuracy ratio {ratio:.3f} (up to {bound:.3f} within two standard errors) does not lower it"
         elif ratio is not None:
             why += f"; accuracy does not count: {not_counted}"
         return f"{self.judgement}: {why}"
