@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     data = TextData.from_corpus(tok, max_train_chars=200_000, max_val_chars=40_000)
     print(f"{name}, ratio {args.ratio}, load average {load_average():.1f}, {torch.get_num_threads()} threads")
     dense_params = base_param_count(model)
+    n_layers = int(getattr(model, "config").num_hidden_layers)  # noqa: B009 - a transformers model
     head = ["method", "params", "layers", "blocks erased", *sorted(data.validation), "mean ppl", "wall s"]
     rows = []
     ppl = _perplexity(model, data, args.eval_tokens)
-    rows.append(["dense", f"{dense_params:,}", model.config.num_hidden_layers, 0,
+    rows.append(["dense", f"{dense_params:,}", n_layers, 0,
                  *[f"{ppl[k]:.2f}" for k in sorted(ppl)], f"{mean(ppl):.2f}", "-"])
     print(markdown_table(head, rows[-1:]))
     for row, spec in ROWS.items():
@@ -96,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         small = ctx.model
         removed = sum(len(k) for k in removed_blocks(small))
-        layers = small.config.num_hidden_layers
+        layers = int(getattr(small, "config").num_hidden_layers)  # noqa: B009 - a transformers model
         ppl = _perplexity(small, data, args.eval_tokens)
         rows.append([row, f"{base_param_count(small):,} (-{1 - base_param_count(small) / dense_params:.1%})", layers,
-                     removed + 2 * (model.config.num_hidden_layers - layers),
+                     removed + 2 * (n_layers - layers),
                      *[f"{ppl[k]:.2f}" for k in sorted(ppl)], f"{mean(ppl):.2f}", f"{wall:.0f}"])
         print(markdown_table(head, rows[-1:]), f"\n  {pipeline}", flush=True)
+        choice = ctx.find("lhspg-depth")
+        if choice is not None and choice.trials:  # the joint budget's measured depth/width splits
+            print("  splits (blocks, depth share, one-shot calibration loss):",
+                  ", ".join(f"({t.blocks}, {t.depth_share:.1%}, {t.loss:.3f})" for t in choice.trials), flush=True)
     table = markdown_table(head, rows)
     print(table)
     if args.out is not None:
