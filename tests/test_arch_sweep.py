@@ -2,12 +2,15 @@
 
 The slow test sweeps every causal-LM architecture of the installed transformers that torch.export
 traces (``tools.arch_sweep``). The fast ones pin the faults the sweep found, one tiny config each:
-empty tensors (XLM), a head_dim cut inside every head (GPT-Neo), heads folded into the batch
-(TrOCR), attention projections that are not linears (Moshi), caches in verification (Jamba),
-data-dependent MoE sizes (JetMoE) and sizes export fixed (CPM-Ant).
+empty tensors (XLM), slices clamped at the start (XLNet), a head_dim cut inside every head
+(GPT-Neo), heads folded into the batch (TrOCR, and a dynamic batch), attention projections that
+are not linears (Moshi), caches in verification (Jamba), data-dependent MoE sizes (JetMoE) and
+sizes export fixed (CPM-Ant).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from torch import nn
 import shear
 from shear.errors import GraphError, InputError
 from shear.zoo.tiny_configs import TINY_VOCAB, causal_lm_types, shrink_config, tiny_causal_lm
-from tools.arch_sweep import COUNTED, summary, sweep_one
+from tools.arch_sweep import COUNTED, main, summary, sweep_one
 
 PIPELINE = "discover-groups,random{ratio=0.3,seed=0}"
 
@@ -60,9 +63,22 @@ def test_tiny_configs_keep_one_layer_of_each_kind() -> None:
         tiny_causal_lm("resnet")
 
 
-def test_empty_tensors_have_no_channel_space() -> None:
-    """XLM builds ``torch.tensor([])`` in its attention: a zero-size dimension is no channel, not a fault."""
-    _, masked, small = _masked_and_small("xlm")
+def test_sweep_writes_rows_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep.jsonl"
+    (row,) = main(["--archs", "llama", "--out", str(out)])
+    assert row["outcome"] == "exact" and row["diff"] <= 1e-5 and row["after"] < row["params"]
+    out.with_suffix(".running").write_text("gpt2")  # a process that died inside gpt2
+    rows = main(["--archs", "llama", "gpt2", "--out", str(out), "--resume"])
+    assert [r["arch"] for r in rows] == ["llama", "gpt2"] and rows[1]["outcome"] == "crash"
+    assert "exact 1/2 traced = 50.0%" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 2 and not out.with_suffix(".running").exists()
+
+
+@pytest.mark.parametrize("arch", ["xlm", "xlnet"])
+def test_empty_tensors_and_clamped_slices_are_no_fault(arch: str) -> None:
+    """XLM builds ``torch.tensor([])`` in its attention (a zero-size dimension is no channel); XLNet
+    slices its relative positions from before their start (``x[-512:]`` of 12 rows is all 12)."""
+    _, masked, small = _masked_and_small(arch)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())
     _exact(masked, small)
 
@@ -89,6 +105,39 @@ def test_heads_folded_into_the_batch_get_their_new_count() -> None:
     rows = small.get_parameter("model.decoder.layers.0.self_attn.q_proj.weight").shape[0]
     assert rows < 64 and rows % 16 == 0  # whole heads of 16 went
     _exact(masked, small)
+
+
+class FoldedHeads(nn.Module):
+    """Attention that folds its 4 heads of 8 into the batch, head-major: ``reshape(4 * bsz, t, 8)``.
+    With ``streams``, two inputs share the batch: ``4 * (bsz + other)``, a sum of sizes."""
+
+    def __init__(self, streams: bool = False) -> None:
+        super().__init__()
+        self.q, self.v, self.o, self.streams = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 16), streams
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        z = torch.cat([x, y]) if self.streams and y is not None else x
+        b, t = (x.shape[0] + y.shape[0] if self.streams and y is not None else x.shape[0]), x.shape[1]
+        q, v = (p(z).view(b, t, 4, 8).permute(2, 0, 1, 3).reshape(4 * b, t, 8) for p in (self.q, self.v))
+        w = torch.softmax(torch.bmm(q, q.transpose(1, 2)), -1)
+        return self.o(torch.bmm(w, v).view(4, b, t, 8).permute(1, 2, 0, 3).reshape(b, t, 32))
+
+
+def test_heads_folded_into_a_dynamic_batch_take_any_batch() -> None:
+    torch.manual_seed(0)
+    net, x = FoldedHeads().eval(), torch.randn(2, 5, 16)
+    spec = "discover-groups,random{ratio=0.5,seed=0,kinds=[head]}"
+    masked = shear.compile(net, spec, example_inputs=x)
+    small = shear.compile(net, spec + ",erase", example_inputs=x)
+    assert isinstance(small, torch.fx.GraphModule) and small.q.weight.shape == (16, 16)  # 2 of 4 heads
+    for shape in ((2, 5, 16), (3, 7, 16), (5, 2, 16)):  # 4 * bsz became 2 * bsz, for every bsz
+        y = torch.randn(*shape)
+        with torch.no_grad():
+            assert float((small(y) - masked(y)).abs().max()) <= 1e-5
+    two = FoldedHeads(streams=True).eval()
+    with pytest.raises(shear.errors.PassError, match=r"sets dimension 0 to 4\*s\d+ \+ 4\*s\d+, a dynamic size over a "
+                                                     r"pruned dimension that is not \(input size\) x \(pruned static"):
+        shear.compile(two, spec + ",erase", example_inputs=(x, torch.randn(3, 5, 16)))
 
 
 def test_attention_whose_projections_are_not_linears() -> None:
@@ -131,6 +180,16 @@ def test_sizes_export_fixed_are_refused_by_name() -> None:
     _exact(masked, small)
     with pytest.raises(InputError, match=r"fixes its dimension 1 to 12"):
         small(**_ids(2, length=9))
+
+
+def test_complex_rotary_reads_a_contiguous_copy() -> None:
+    """DeepSeek-V2 cuts its rotary part from a latent whose width was erased, then ``view_as_complex``:
+    the slice of the narrower latent has an odd stride, so the emitted graph reads a contiguous copy."""
+    _, masked, small = _masked_and_small("deepseek_v2")
+    assert isinstance(small, torch.fx.GraphModule)
+    assert any(n.target is torch.ops.aten.view_as_complex.default and n.args[0].target is torch.ops.aten.clone.default
+               for n in small.graph.nodes)  # fmt: skip
+    _exact(masked, small)
 
 
 @pytest.mark.slow

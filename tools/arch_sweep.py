@@ -103,9 +103,11 @@ def sweep_one(arch: str, ratio: float = 0.3, seed: int = 0) -> dict[str, Any]:
     try:
         graph = shear.trace(model, inputs)
         row["kinds"] = sorted({g.kind for g in graph.prunable_groups})
-        if not graph.prunable_groups:
-            reasons = [r for g in graph.pruning_groups for r in g.reasons]
-            return {**row, "outcome": "nothing prunable", "error": reasons[0] if reasons else ""}
+        if not graph.prunable_groups:  # the pins of inner structures first: a vocabulary is pinned by design
+            ordered = sorted(graph.pruning_groups, key=lambda g: g.kind == "residual")
+            reasons = [f"{g.name}: {r}" for g in ordered for r in g.reasons
+                       if not r.startswith(("vocabulary", "LoRA rank", "model output"))]  # fmt: skip
+            return {**row, "outcome": "nothing prunable", "error": reasons[0] if reasons else "no pruning groups"}
         masked = shear.compile(model, spec, example_inputs=inputs)
         small = shear.compile(model, spec + ",erase", example_inputs=inputs)
         other = _ids(1, 2, 12)  # the traced shape: a GraphModule may fix it
@@ -124,6 +126,7 @@ def sweep_one(arch: str, ratio: float = 0.3, seed: int = 0) -> dict[str, Any]:
 
 
 def _read(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows already in the JSON-lines file ``path``, by architecture (the last row of each wins)."""
     rows: dict[str, dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -144,8 +147,9 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of every row that is not exact (exact ones are counted in the summary)."""
+    order = (*COUNTED, "untraced", "unbuilt")
     lines = ["| architecture | outcome | reason |", "|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (COUNTED + ("untraced", "unbuilt")).index(r["outcome"]) * -1):
+    for r in sorted(rows, key=lambda r: (order.index(r["outcome"]), r["arch"])):
         if r["outcome"] != "exact":
             reason = str(r.get("error", "")).splitlines()[0].replace("|", "\\|")[:160]
             lines.append(f"| {r['arch']} | {r['outcome']} | {reason} |")

@@ -279,8 +279,9 @@ def graph_codegen(model: nn.Module, plan: Any, example_inputs: Any) -> torch.fx.
     """
     ep, traced = _export_dynamic(model, example_inputs)
     static = static_inputs(ep)
+    symbols = {n: v.node.expr for n in ep.graph.nodes if isinstance(v := n.meta.get("val"), torch.SymInt)}
     a = run_analysis(ep, model)
-    live = LiveDims(a, _dead_structures(a, plan.cuts))
+    live = LiveDims(a, _dead_structures(a, plan.cuts), symbols)
     for node in list(ep.graph.nodes):
         if node.op != "call_function" or node.target is operator.getitem:
             continue

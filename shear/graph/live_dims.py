@@ -37,6 +37,9 @@ class LiveDims:
 
     analysis: DimAnalysis
     dead: dict[int, torch.Tensor]
+    symbols: dict[torch.fx.Node, Any] = field(default_factory=dict)
+    """Graph node of a computed size (``bsz * 4``) -> its symbolic value (``4*s0``), read before the
+    analysis ran: reading sizes as ints specialises the program's symbols to the example's sizes."""
     _cache: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def keep_space(self, sp: int | None) -> torch.Tensor | None:

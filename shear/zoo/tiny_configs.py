@@ -40,7 +40,8 @@ SIZES: dict[str, int] = {
     "max_position_embeddings": 128, "n_positions": 128,
     "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
-    "dim_model": 64, "dim_ff": 96, "dim_head": 16, "num_experts_per_token": 2, "num_expert_group": 1,
+    "dim_model": 64, "dim_ff": 96, "dim_head": 16, "d_inner": 96,
+    "o_lora_rank": 16, "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8, "num_experts_per_token": 2, "num_expert_group": 1,
     "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "rotary_dim": 8,
 }  # fmt: skip
 """Size field -> its tiny value (a default already smaller is kept; ``vocab_size`` is always set)."""
@@ -116,6 +117,11 @@ def shrink_config(d: dict[str, Any]) -> dict[str, Any]:
             for k in _DEPTH:
                 if _is_int(d.get(k)):
                     out[k] = len(picks)
+        for k, v in d.items():  # per-layer tables keyed by layer index ("05": {...}) follow the kept layers
+            if isinstance(v, dict) and v and all(str(i).isdigit() for i in v):
+                new = {str(j): shrink_config(v[str(i)]) for j, i in enumerate(picks) if str(i) in v}
+                new.update({f"{j:02d}": shrink_config(v[f"{i:02d}"]) for j, i in enumerate(picks) if f"{i:02d}" in v})
+                out[k] = new
     return out
 
 

@@ -42,7 +42,7 @@ ZERO_PRESERVING = [
     aten.contiguous, aten.alias, aten.detach, aten.dropout, aten.feature_dropout, aten._to_copy,
     aten.to, aten.type_as, aten.hardtanh, aten.hardtanh_, aten.leaky_relu, aten.elu, aten.sin,
     aten.sqrt, aten.abs, aten.erf, aten.hardswish, aten.mish, aten.lift_fresh_copy, aten.sign,
-    aten.relu6, aten.celu, aten.selu, aten.gelu_, aten.alias_copy, aten.positive,
+    aten.relu6, aten.celu, aten.selu, aten.gelu_, aten.alias_copy, aten.positive, aten.square, aten.detach_,
 ]  # fmt: skip
 """Unary ops with f(0) = 0: a zero channel stays zero; spaces pass through."""
 

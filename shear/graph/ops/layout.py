@@ -176,8 +176,8 @@ def slice_rule(a: DimAnalysis, node: torch.fx.Node) -> Dims:
     n = shape[dim]
     start = 0 if start is None else int(start)  # type: ignore[arg-type]
     end = n if end is None else min(int(end), n)  # type: ignore[arg-type]
-    start = start + n if start < 0 else start
-    end = end + n if end < 0 else end
+    start = min(max(start + n if start < 0 else start, 0), n)  # Python's clamping: x[-512:] of 12 is x[0:]
+    end = min(max(end + n if end < 0 else end, 0), n)
     out = list(d)
     sp = d[dim]
     length = a.out_shape(node)[dim]

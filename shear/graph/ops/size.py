@@ -40,6 +40,7 @@ __all__ = [
     "slice_sizes",
     "narrow_sizes",
     "mean_sizes",
+    "complex_view_input",
 ]
 
 aten = torch.ops.aten
@@ -69,32 +70,33 @@ def _symbolic_size(live: LiveDims, node: torch.fx.Node, i: int, size: torch.fx.N
     """A size the graph computes from a dynamic input size, over a pruned dimension: ``bsz * num_heads``
     of attention that folds its heads into the batch (``view(bsz * 4, -1, 16)``).
 
-    The dimension is ``coefficient * symbols``: the symbols are input sizes (never pruned), so every
-    erased position lies in the static ``coefficient`` block, and the same ones in each repetition.
-    The new size is ``size // coefficient * kept`` (``kept`` of the ``coefficient`` positions stay).
-    A size export kept static (``8``) is rewritten like a constant.
+    The dimension is ``coefficient * symbols``: the symbols are input sizes (never pruned), so the
+    erased positions are a static share of every value of them. The new size is
+    ``size // coefficient * kept``, ``kept`` of each ``coefficient`` positions staying (read off the
+    example's sizes). A size export kept static (``8``) is rewritten like a constant; any other
+    expression over a pruned dimension is refused.
     """
     keep = live.keep(node, i)
     if keep is None:
         return size
-    val = node.meta["val"].shape[i] if isinstance(node.meta.get("val"), torch.Tensor) else None
-    expr = getattr(getattr(val, "node", None), "expr", None)
+    expr = live.symbols.get(size)
     if expr is not None and expr.is_Integer:  # computed from sizes export kept static: a constant after all
         return live.size(node, i, int(expr))
-    coeff, rest = expr.as_coeff_Mul() if expr is not None else (None, None)
-    period = int(coeff) if coeff is not None and coeff.is_Integer and rest.is_Mul | rest.is_Symbol else 0
-    n = keep.numel()
-    if period < 1 or n % period or not bool((keep.view(-1, period) == keep[:period]).all()):
+    period = 0
+    if expr is not None:
+        coeff, rest = expr.as_coeff_Mul()
+        period = int(coeff) if coeff.is_Integer and (rest.is_Mul or rest.is_Symbol) else 0
+    n, kept = keep.numel(), int(keep.sum())
+    if period < 1 or n % period or (kept * period) % n:
         raise GraphError(
             f"{node.name}: {node.target} sets dimension {i} to {expr if expr is not None else size}, a dynamic size "
             "over a pruned dimension that is not (input size) x (pruned static factor); mark that space unprunable "
             "or pass example inputs whose size shear can keep fixed"
         )
-    kept = int(keep[:period].sum())
     graph = node.graph
     with graph.inserting_before(node):
         per = graph.call_function(operator.floordiv, (size, period))
-        return graph.call_function(operator.mul, (per, kept))
+        return graph.call_function(operator.mul, (per, kept * period // n))
 
 
 def shape_at(position: int) -> SizeRule:
@@ -241,6 +243,17 @@ def mean_sizes(live: LiveDims, node: torch.fx.Node) -> None:
     graph.erase_node(node)
 
 
+def complex_view_input(live: LiveDims, node: torch.fx.Node) -> None:
+    """``view_as_complex`` needs an even stride in every dimension but the last. A slice of a narrower
+    tensor (DeepSeek-V2's rotary part, cut from a latent whose width was erased) can have an odd
+    one: the op reads a contiguous copy (the same values)."""
+    del live
+    x = node.args[0]
+    with node.graph.inserting_before(node):
+        copy = node.graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+    node.args = (copy, *node.args[1:])
+
+
 def _packet(target: Any) -> Any:
     return getattr(target, "overloadpacket", target)
 
@@ -257,3 +270,4 @@ register_op(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, size=conv_g
 register_op(aten.slice, size=slice_sizes)
 register_op(aten.narrow, size=narrow_sizes)
 register_op(aten.mean, size=mean_sizes)
+register_op(aten.view_as_complex, size=complex_view_input)
