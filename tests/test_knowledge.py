@@ -326,3 +326,37 @@ def test_the_command_keeps_the_result_next_to_its_output(tmp_path: Path) -> None
         with_cache(resolve_pipeline("knowledge-distribution"), tmp_path / "o", str(tmp_path / "o" / "kd"))
     with pytest.raises(OutputError, match="is the input or inside it"):
         with_cache(resolve_pipeline("knowledge-distribution"), tmp_path / "o", str(model_dir / "kd"), (str(model_dir),))
+
+
+def test_blocks_before_the_zeroed_one_are_replayed_with_the_same_numbers(
+    planted: tuple[torch.nn.Module, TextData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A measurement of layer 1 reuses block 0's recorded output (block 0's MLP does not run) and gives
+    the perplexities of a full forward, bit for bit; a tied or outside tensor replays nothing."""
+    from contextlib import nullcontext
+
+    from shear.kernels.block_replay import BlockReplay, first_block_of, first_blocks
+
+    model, data = planted
+    spec = "knowledge-distribution{proxy=random,kinds=[channel,head],seq_len=32,max_windows=3,batch_size=2}"
+    ran: list[int] = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        replayed = _run(copy.deepcopy(model), data, spec).get(KnowledgeDistribution)
+        with_replay = list(ran)
+        monkeypatch.setattr(BlockReplay, "replay", lambda self, start: nullcontext())
+        ran.clear()
+        full = _run(copy.deepcopy(model), data, spec).get(KnowledgeDistribution)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert [e.ppl for e in replayed.entries] == [e.ppl for e in full.entries]  # bit for bit
+    assert with_replay.count(0) < ran.count(0) and with_replay.count(1) == ran.count(1)
+    starts = first_blocks(model)
+    layer1 = model.model.layers[1]
+    assert first_block_of([layer1.mlp.up_proj.weight, layer1.self_attn.q_proj.weight], starts) == 1
+    assert first_block_of([layer1.mlp.up_proj.weight, model.model.embed_tokens.weight], starts) == 0
+    replay = BlockReplay(model, max_bytes=1)  # no boundary fits: nothing is kept, nothing replayed
+    with replay.record():
+        data.perplexity(model, seq_len=32, max_windows=1)
+    assert replay.stride > len(model.model.layers) and replay.outputs == [{}] and replay.start_of(1) == 0

@@ -21,7 +21,9 @@ Each distinct set of zeroed slices is measured once (:attr:`~shear.kernels.knowl
 read from the IR): a gated MLP's channel group and its gate/up composites zero the same structures
 when the proxy picks them by score, so the three share one measurement and one deviation. The
 ranking and gamma still count every analysed node group. Each measurement evaluates every
-validation source in one forward per window batch (:func:`~shear.kernels.knowledge.source_perplexities`).
+validation source in one forward per window batch (:func:`~shear.kernels.knowledge.source_perplexities`),
+and the decoder blocks before the first one it zeroes replay their unperturbed outputs
+(:class:`~shear.kernels.block_replay.BlockReplay`: the same numbers as a full forward, bit for bit).
 
 The metric is the pooled perplexity over the validation sources (geometric mean of the
 per-source perplexities on the first ``max_windows`` windows of each, every token scored, as
@@ -53,6 +55,7 @@ from torch import nn
 from shear.errors import DataError, OutputError, PassError, PipelineError
 from shear.figures import plot_deviation
 from shear.graph.ir import Graph
+from shear.kernels.block_replay import BlockReplay, first_block_of, first_blocks
 from shear.kernels.knowledge import (
     Chooser,
     Perturbation,
@@ -227,13 +230,17 @@ class KnowledgeDistributionAnalysis(Pass):
         def evaluate(m: nn.Module) -> dict[str, float]:
             return source_perplexities(m, windows, batch_size=self.batch_size)
 
-        base_by_source = evaluate(model)
+        replay = BlockReplay(model)
+        with replay.record():
+            base_by_source = evaluate(model)
         base = pooled_perplexity(base_by_source)
         unique = distinct(todo)
+        starts = first_blocks(model)
         by_key: dict[str, float] = {}
         with ctx.progress(total=len(unique), description="knowledge-distribution") as bar:
             for key, p in unique.items():
-                by_key[key] = pooled_perplexity(measure_perturbed(model, p, evaluate))
+                with replay.replay(replay.start_of(first_block_of((t for t, _, _ in p.slices), starts))):
+                    by_key[key] = pooled_perplexity(measure_perturbed(model, p, evaluate))
                 bar.advance()
         measured: list[tuple[Perturbation, float]] = [(p, by_key[p.measurement]) for p in todo]
 
